@@ -1,0 +1,310 @@
+"""Every flag of DeepGen-RL, with its default, in one place.
+
+Three groups are parsed together by :func:`parse_args` with ``transformers.HfArgumentParser``:
+
+* :class:`GRPOConfig` -- a ``transformers.TrainingArguments`` with the GRPO, sampling and eval flags;
+* :class:`ModelArguments` -- where the weights live and which modules train;
+* :class:`DataArguments` -- dataset YAMLs and the reward / judge servers.
+
+Defaults follow the user guide (TRAINING_GUIDE.md, section 5) and the reference semantics of
+DESIGN.md section 4. Model paths and server URLs default to the environment variables the guide names,
+read once here (when a dataclass or the parser is built) and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from transformers import HfArgumentParser, TrainingArguments
+
+SD3_ENV = "SD3_5_MODEL_NAME_OR_PATH"
+QWEN_ENV = "QWEN2_5_VL_MODEL_NAME_OR_PATH"
+CLIP_ENV = "CLIP_MODEL_NAME_OR_PATH"
+CHECKPOINT_ENV = "CHECKPOINT"
+
+DEFAULT_OCR_PORT = 18082
+DEFAULT_UNIFIEDREWARD_PORT = 18087
+DEFAULT_UNIGENBENCH_PORT = 8000
+
+SDE_SAMPLERS = ("cps_sde", "flow_sde")
+ADVANTAGE_TYPES = ("gdpo", "grpo")
+KL_TYPES = ("v-based", "x-based")
+LOGPROB_VARIANTS = ("reference", "exact")
+TRAINABLE_MODULE_SETS = ("dit", "dit_connector", "dit_connector_llm")
+MODEL_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+# Reference defaults for the sampler noise level (DESIGN.md section 4): CPS re-noises x0_hat fully,
+# Flow-GRPO uses 0.7.
+DEFAULT_SDE_ETA = {"cps_sde": 1.0, "flow_sde": 0.7}
+
+
+def _env(name: str, default: str = "") -> str:
+    return os.environ.get(name, default)
+
+
+def _env_field(env_name: str, default: str, help_text: str):
+    return field(
+        default_factory=lambda: _env(env_name, default),
+        metadata={"help": f"{help_text} Default: ${env_name}" + (f", else {default}." if default else ".")},
+    )
+
+
+def _check_choice(flag: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"--{flag} must be one of {', '.join(map(str, allowed))}; got {value!r}.")
+
+
+def _check_range(flag: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
+    ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"--{flag} must be in {bracket}{low}, {high}]; got {value}.")
+
+
+def _check_positive(flag: str, value: int) -> None:
+    if value <= 0:
+        raise ValueError(f"--{flag} must be a positive integer; got {value}.")
+
+
+@dataclass
+class ModelArguments:
+    """Where the DeepGen weights are and which parts of the model train."""
+
+    sd3_model_name_or_path: str = _env_field(
+        SD3_ENV, "", "Local diffusers folder of the SD3.5-Medium-Kontext model (transformer/, vae/, scheduler/)."
+    )
+    qwen2_5_vl_model_name_or_path: str = _env_field(
+        QWEN_ENV, "", "Local transformers folder of Qwen2.5-VL-3B-Instruct (config, weights, tokenizer)."
+    )
+    clip_model_name_or_path: str = _env_field(
+        CLIP_ENV, "", "Local transformers folder of the CLIP model used by the clip_sim reward."
+    )
+    checkpoint: str = _env_field(
+        CHECKPOINT_ENV,
+        "",
+        "DeepGen_Image pretraining checkpoint (.pth with the reference key names) loaded on top of the model "
+        "paths. Empty: keep the freshly initialised connector (only sensible for tiny test models).",
+    )
+    num_queries: int = field(default=128, metadata={"help": "Number of learnable meta queries appended to the prompt."})
+    num_fusion_layers: int = field(
+        default=6,
+        metadata={"help": "How many LLM hidden states (layers L-1, L-7, L-13, ...) are concatenated for the connector."},
+    )
+    connector_hidden_size: int = field(default=2048, metadata={"help": "Connector (SigLIP-style encoder) width."})
+    connector_intermediate_size: int = field(default=11946, metadata={"help": "Connector MLP width."})
+    connector_num_layers: int = field(default=6, metadata={"help": "Connector encoder layers."})
+    connector_num_heads: int = field(default=32, metadata={"help": "Connector attention heads."})
+    max_prompt_length: int = field(default=1024, metadata={"help": "Prompt tokens kept (longer prompts are cut)."})
+    trainable_modules: Literal["dit", "dit_connector", "dit_connector_llm"] = field(
+        default="dit",
+        metadata={
+            "help": "What GRPO updates: 'dit' (the SD3 transformer only, as the reference), 'dit_connector' "
+            "(+ connector, projectors, meta queries) or 'dit_connector_llm' (+ the Qwen2.5-VL language model)."
+        },
+    )
+    use_lora: bool = field(
+        default=False,
+        metadata={"help": "Train LoRA adapters on the DiT attention instead of its full weights (reference = adapters off)."},
+    )
+    lora_rank: int = field(default=64, metadata={"help": "LoRA rank when --use_lora."})
+    lora_alpha: float = field(default=128.0, metadata={"help": "LoRA alpha when --use_lora."})
+    checkpoint_llm_lora_alpha: float = field(
+        default=128.0,
+        metadata={"help": "Alpha of an LLM LoRA found in CHECKPOINT (merged into the LLM weights at load; rank is read "
+                  "from the tensors)."},
+    )
+    model_dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
+        default="auto",
+        metadata={"help": "Weight dtype of the frozen parts and the rollout. 'auto': bfloat16 on GPU, float32 on CPU."},
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "Attention kernel of the Qwen2.5-VL model."})
+
+    def __post_init__(self) -> None:
+        for flag in ("num_queries", "num_fusion_layers", "connector_hidden_size", "connector_intermediate_size",
+                     "connector_num_layers", "connector_num_heads", "max_prompt_length", "lora_rank"):
+            _check_positive(flag, getattr(self, flag))
+        _check_choice("trainable_modules", self.trainable_modules, TRAINABLE_MODULE_SETS)
+        _check_choice("model_dtype", self.model_dtype, MODEL_DTYPES)
+        if self.connector_hidden_size % self.connector_num_heads:
+            raise ValueError(
+                f"--connector_hidden_size ({self.connector_hidden_size}) must be divisible by "
+                f"--connector_num_heads ({self.connector_num_heads})."
+            )
+
+
+@dataclass
+class DataArguments:
+    """Datasets and the servers that score and judge images."""
+
+    dataset_config: str = _env_field(
+        "DATASET_CONFIG", "assets/rl_datasets/deepgen/deepgen_train.yaml", "Training dataset YAML (prompts + rewards)."
+    )
+    eval_dataset_config: str = _env_field(
+        "EVAL_DATASET_CONFIG", "assets/rl_datasets/deepgen/eval/eval.yaml", "Evaluation dataset YAML (UniGenBench)."
+    )
+    sftaux_dataset_config: str = _env_field(
+        "SFTAUX_DATASET_CONFIG",
+        "deepgen_rl/sft/configs/datasets/deepgen/t2i_grpo_moretextdata.py",
+        "MMEngine config of the SFT-aux dataset.",
+    )
+    ocr_url: str = _env_field("OCR_URL", f"http://localhost:{DEFAULT_OCR_PORT}", "OCR reward server.")
+    unifiedreward_think_url: str = _env_field(
+        "UNIFIEDREWARD_THINK_URL", f"http://localhost:{DEFAULT_UNIFIEDREWARD_PORT}",
+        "vLLM server (OpenAI API) of UnifiedReward-Think.",
+    )
+    unigenbench_api_url: str = _env_field(
+        "UNIGENBENCH_API_URL", f"http://localhost:{DEFAULT_UNIGENBENCH_PORT}",
+        "vLLM server (OpenAI API) of the UniGenBench judge.",
+    )
+    unifiedreward_model_name: str = field(
+        default="UnifiedReward", metadata={"help": "Served model name of UnifiedReward-Think on its vLLM server."}
+    )
+    unigenbench_model_name: str = _env_field(
+        "UNIGENBENCH_MODEL_NAME", "UniGenBench-EvalModel-qwen3vl-32b-v1", "Served model name of the UniGenBench judge."
+    )
+    reward_timeout: float = field(default=300.0, metadata={"help": "Seconds before one reward/judge request is abandoned."})
+    reward_max_retries: int = field(default=3, metadata={"help": "Retries of a failed reward request (then reported)."})
+    reward_max_concurrency: int = field(default=64, metadata={"help": "Reward requests in flight at once per rank."})
+    reward_request_batch_size: int = field(default=16, metadata={"help": "Images per request to batched servers (OCR)."})
+
+    def __post_init__(self) -> None:
+        for flag in ("reward_max_concurrency", "reward_request_batch_size"):
+            _check_positive(flag, getattr(self, flag))
+        if self.reward_max_retries < 0:
+            raise ValueError(f"--reward_max_retries must be >= 0; got {self.reward_max_retries}.")
+        if self.reward_timeout <= 0:
+            raise ValueError(f"--reward_timeout must be > 0 seconds; got {self.reward_timeout}.")
+        for flag in ("ocr_url", "unifiedreward_think_url", "unigenbench_api_url"):
+            url = getattr(self, flag)
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"--{flag} must be an http(s):// URL; got {url!r}.")
+
+
+@dataclass
+class GRPOConfig(TrainingArguments):
+    """``TrainingArguments`` plus the GRPO flags of the guide (section 5) and DESIGN.md section 4."""
+
+    # --- overrides of TrainingArguments defaults (guide values) ---
+    learning_rate: float = field(default=2e-6, metadata={"help": "AdamW learning rate."})
+    gradient_checkpointing: bool = field(
+        default=True, metadata={"help": "Recompute activations in backward to save memory."}
+    )
+
+    # --- batch shape ---
+    rollout_n: int = field(default=8, metadata={"help": "Images sampled per prompt (the GRPO group size G)."})
+    rollout_micro_batch_size: int = field(default=32, metadata={"help": "Images per GPU per rollout forward."})
+    atrain_micro_batch_size: int = field(default=32, metadata={"help": "Samples per GPU per training forward/backward."})
+    global_batch_size: int = field(
+        default=256,
+        metadata={"help": "Images per optimizer step over all ranks (prompts x rollout_n); one optimizer step per rollout."},
+    )
+
+    # --- sampler ---
+    atrain_sde_sampler: Literal["cps_sde", "flow_sde"] = field(
+        default="cps_sde", metadata={"help": "SDE sampler of rollout and training (log-probs need noise)."}
+    )
+    sde_eta: Optional[float] = field(
+        default=None,
+        metadata={"help": "Sampler noise level eta. Default: 1.0 for cps_sde (reference), 0.7 for flow_sde (Flow-GRPO)."},
+    )
+    logprob_variant: Literal["reference", "exact"] = field(
+        default="reference",
+        metadata={"help": "CPS log-prob: 'reference' = -mean (x'-mean)^2 (what the defaults were tuned on); "
+                  "'exact' = the Gaussian log-density. Flow-SDE always uses the exact density."},
+    )
+    num_inference_steps: int = field(default=50, metadata={"help": "Denoising steps T of the rollout."})
+    image_height: int = field(default=512, metadata={"help": "Generated image height (pixels)."})
+    image_width: int = field(default=512, metadata={"help": "Generated image width (pixels)."})
+    rollout_cfg_scale: float = field(
+        default=0.0, metadata={"help": "CFG scale in rollout and training; 0 disables CFG (reference)."}
+    )
+    init_same_noise: bool = field(
+        default=True, metadata={"help": "All images of a prompt's group start from the same initial noise (reference)."}
+    )
+
+    # --- GRPO objective ---
+    timestep_fraction: float = field(
+        default=0.6, metadata={"help": "Fraction of the T steps trained per rollout (drawn from 0..T-2)."}
+    )
+    clip_range: float = field(default=1e-4, metadata={"help": "PPO-style ratio clip range c: ratio in [1-c, 1+c]."})
+    atrain_adv_type: Literal["gdpo", "grpo"] = field(
+        default="gdpo",
+        metadata={"help": "'gdpo': normalise each reward within the group, then the weighted sum over the batch; "
+                  "'grpo': normalise the weighted reward sum within the group."},
+    )
+    advantage_clip: float = field(default=5.0, metadata={"help": "Advantages are clipped to [-a, a]."})
+    reward_std_floor: float = field(
+        default=0.0,
+        metadata={"help": "Lower bound on a reward's group std in the advantage (0 = reference: std + 1e-4)."},
+    )
+    beta: float = field(default=5e-7, metadata={"help": "KL penalty coefficient."})
+    atrain_kl_type: Literal["v-based", "x-based"] = field(
+        default="v-based", metadata={"help": "KL to the reference policy on the velocity or on the step mean."}
+    )
+    sftaux_coef: float = field(
+        default=1e-4, metadata={"help": "lambda of the convex mix (1 - lambda) L_grpo + lambda L_sft; 0 disables SFT-aux."}
+    )
+    sftaux_batch_size: int = field(default=4, metadata={"help": "SFT-aux samples per GPU per optimizer step."})
+
+    # --- evaluation and logging ---
+    eval_freq: int = field(default=10, metadata={"help": "Run UniGenBench evaluation every N optimizer steps (0: never)."})
+    eval_timeout: float = field(
+        default=3600.0, metadata={"help": "Seconds one periodic evaluation may take before ranks give up waiting."}
+    )
+    sample_image_freq: int = field(default=10, metadata={"help": "Log a grid of rollout images every N steps (0: never)."})
+
+    def __post_init__(self) -> None:
+        self._validate_grpo_flags()
+        if self.sde_eta is None:
+            self.sde_eta = DEFAULT_SDE_ETA[self.atrain_sde_sampler]
+        super().__post_init__()
+
+    def _validate_grpo_flags(self) -> None:
+        _check_choice("atrain_sde_sampler", self.atrain_sde_sampler, SDE_SAMPLERS)
+        _check_choice("atrain_adv_type", self.atrain_adv_type, ADVANTAGE_TYPES)
+        _check_choice("atrain_kl_type", self.atrain_kl_type, KL_TYPES)
+        _check_choice("logprob_variant", self.logprob_variant, LOGPROB_VARIANTS)
+        for flag in ("rollout_n", "rollout_micro_batch_size", "atrain_micro_batch_size", "global_batch_size",
+                     "num_inference_steps", "image_height", "image_width", "sftaux_batch_size"):
+            _check_positive(flag, getattr(self, flag))
+        if self.rollout_n < 2:
+            raise ValueError(f"--rollout_n must be >= 2 (a group needs two samples to compare); got {self.rollout_n}.")
+        if self.global_batch_size % self.rollout_n:
+            raise ValueError(
+                f"--global_batch_size ({self.global_batch_size}) must be a multiple of --rollout_n ({self.rollout_n})."
+            )
+        if self.num_inference_steps < 2:
+            raise ValueError(f"--num_inference_steps must be >= 2 (the last step is never trained); got "
+                             f"{self.num_inference_steps}.")
+        for flag in ("image_height", "image_width"):
+            if getattr(self, flag) % 16:
+                raise ValueError(f"--{flag} must be a multiple of 16 (VAE x8, DiT patch x2); got {getattr(self, flag)}.")
+        _check_range("timestep_fraction", self.timestep_fraction, 0.0, 1.0, low_open=True)
+        _check_range("sftaux_coef", self.sftaux_coef, 0.0, 1.0)
+        if self.sde_eta is not None:
+            _check_range("sde_eta", self.sde_eta, 0.0, 1.0, low_open=True)
+        for flag in ("clip_range", "beta", "reward_std_floor", "rollout_cfg_scale", "eval_timeout"):
+            if getattr(self, flag) < 0:
+                raise ValueError(f"--{flag} must be >= 0; got {getattr(self, flag)}.")
+        if self.advantage_clip <= 0:
+            raise ValueError(f"--advantage_clip must be > 0; got {self.advantage_clip}.")
+        for flag in ("eval_freq", "sample_image_freq"):
+            if getattr(self, flag) < 0:
+                raise ValueError(f"--{flag} must be >= 0 (0 disables); got {getattr(self, flag)}.")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """How many of the T denoising steps one rollout trains on: int(T * timestep_fraction), at least 1."""
+        return max(1, min(int(self.num_inference_steps * self.timestep_fraction), self.num_inference_steps - 1))
+
+
+def build_parser() -> HfArgumentParser:
+    return HfArgumentParser((GRPOConfig, ModelArguments, DataArguments))
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[GRPOConfig, ModelArguments, DataArguments]:
+    """Parse command-line flags (``argv`` or ``sys.argv``) into the three argument groups."""
+    training_args, model_args, data_args = build_parser().parse_args_into_dataclasses(args=argv)
+    return training_args, model_args, data_args
