@@ -168,10 +168,27 @@ class DataArguments:
     reward_max_retries: int = field(default=3, metadata={"help": "Retries of a failed reward request (then reported)."})
     reward_max_concurrency: int = field(default=64, metadata={"help": "Reward requests in flight at once per rank."})
     reward_request_batch_size: int = field(default=16, metadata={"help": "Images per request to batched servers (OCR)."})
+    # --- reward client tuning (issue 4, deepgen_rl/rewards/) ---
+    reward_retry_backoff: float = field(
+        default=1.0,
+        metadata={"help": "Seconds before the first retry of a failed reward request; doubles per retry, capped at 30 s."},
+    )
+    reward_health_timeout: float = field(
+        default=30.0,
+        metadata={"help": "Seconds to wait at start-up for each reward server's /health before failing with how to start it."},
+    )
+    unifiedreward_max_tokens: int = field(
+        default=4096, metadata={"help": "max_tokens of one UnifiedReward-Think reply (its <think> reasoning is long)."}
+    )
+    # --- end reward client tuning ---
 
     def __post_init__(self) -> None:
-        for flag in ("reward_max_concurrency", "reward_request_batch_size"):
+        for flag in ("reward_max_concurrency", "reward_request_batch_size", "unifiedreward_max_tokens"):
             _check_positive(flag, getattr(self, flag))
+        if self.reward_retry_backoff < 0:
+            raise ValueError(f"--reward_retry_backoff must be >= 0 seconds; got {self.reward_retry_backoff}.")
+        if self.reward_health_timeout <= 0:
+            raise ValueError(f"--reward_health_timeout must be > 0 seconds; got {self.reward_health_timeout}.")
         if self.reward_max_retries < 0:
             raise ValueError(f"--reward_max_retries must be >= 0; got {self.reward_max_retries}.")
         if self.reward_timeout <= 0:
@@ -259,6 +276,11 @@ class GRPOConfig(TrainingArguments):
         self._validate_grpo_flags()
         if self.sde_eta is None:
             self.sde_eta = DEFAULT_SDE_ETA[self.atrain_sde_sampler]
+        # The guide's launcher passes `--report_to wandb,swanlab`; TrainingArguments expects a list.
+        if isinstance(self.report_to, str) and "," in self.report_to:
+            self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
+        elif isinstance(self.report_to, list):
+            self.report_to = [name.strip() for item in self.report_to for name in item.split(",") if name.strip()]
         super().__post_init__()
 
     def _validate_grpo_flags(self) -> None:

@@ -1,0 +1,203 @@
+"""The DeepGen joint model: Qwen2.5-VL -> meta queries -> multi-layer fusion -> connector -> SD3 DiT.
+
+Conditioning path (DESIGN.md section 8), for B prompts:
+
+    chat-formatted prompt tokens [B, P] ++ meta queries [B, Q]        (queries replace zero token ids)
+    -> Qwen2.5-VL decoder, hidden states of layers L-1, L-7, ... concatenated   [B, P+Q, n*H_llm]
+    -> projector_1 -> connector                                              [B, P+Q, D_conn]
+    -> projector_3 (sequence: encoder_hidden_states)                         [B, P+Q, D_joint]
+       projector_2 (mean over the sequence: pooled_projections)              [B, D_pooled]
+
+As in the reference, the whole sequence (left padding included) goes through the connector, so a prompt's
+embedding depends on the longest prompt of its batch: encode a group's prompts together and keep the
+embeddings (the rollout records them) rather than re-encoding in a different batch.
+
+Attribute names (``lmm``, ``transformer``, ``vae``, ``connector``, ``projector_1..3``, ``meta_queries``) are the
+key prefixes of real DeepGen checkpoints; do not rename them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from torch import nn
+from transformers import PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
+
+from .connector import ConnectorConfig, ConnectorEncoder
+
+CHAT_TEMPLATE = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"
+GENERATION_TEMPLATE = "Generate an image: {input}"
+NEGATIVE_PROMPT = "Generate an image."
+FUSION_LAYER_STRIDE = 6
+
+# Attribute names of each trainable set (config.TRAINABLE_MODULE_SETS).
+CONNECTOR_MODULES = ("connector", "projector_1", "projector_2", "projector_3", "meta_queries")
+TRAINABLE_MODULES = {
+    "dit": ("transformer",),
+    "dit_connector": ("transformer",) + CONNECTOR_MODULES,
+    "dit_connector_llm": ("transformer", "lmm") + CONNECTOR_MODULES,
+}
+
+
+def fusion_layer_indices(num_decoder_layers: int, num_fusion_layers: int) -> list[int]:
+    """Indices into the ``hidden_states`` tuple (entry 0 = embeddings): L-1, L-7, L-13, ..., first n of them."""
+    indices = list(range(num_decoder_layers - 1, 0, -FUSION_LAYER_STRIDE))[:num_fusion_layers]
+    if len(indices) < num_fusion_layers:
+        raise ValueError(
+            f"--num_fusion_layers {num_fusion_layers} needs an LLM with at least "
+            f"{FUSION_LAYER_STRIDE * (num_fusion_layers - 1) + 2} decoder layers; this one has {num_decoder_layers}."
+        )
+    return indices
+
+
+class DeepGenModel(nn.Module):
+    def __init__(
+        self,
+        lmm: Qwen2_5_VLForConditionalGeneration,
+        tokenizer: PreTrainedTokenizerBase,
+        transformer: SD3Transformer2DModel,
+        vae: AutoencoderKL,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        connector_config: ConnectorConfig,
+        num_queries: int = 128,
+        num_fusion_layers: int = 6,
+        max_prompt_length: int = 1024,
+    ):
+        super().__init__()
+        self.lmm = lmm
+        self.tokenizer = tokenizer
+        self.transformer = transformer
+        self.vae = vae
+        self.scheduler = scheduler
+        self.max_prompt_length = max_prompt_length
+
+        llm_hidden = lmm.config.text_config.hidden_size
+        self.fusion_layers = fusion_layer_indices(lmm.config.text_config.num_hidden_layers, num_fusion_layers)
+        self.connector = ConnectorEncoder(connector_config)
+        self.projector_1 = nn.Linear(llm_hidden * num_fusion_layers, connector_config.hidden_size)
+        self.projector_2 = nn.Linear(connector_config.hidden_size, transformer.config.pooled_projection_dim)
+        self.projector_3 = nn.Linear(connector_config.hidden_size, transformer.config.joint_attention_dim)
+        # Zero-initialised output projectors as the reference: a fresh connector starts as "no conditioning".
+        for projector in (self.projector_2, self.projector_3):
+            nn.init.zeros_(projector.weight)
+            nn.init.zeros_(projector.bias)
+        self.meta_queries = nn.Parameter(torch.randn(num_queries, llm_hidden) / math.sqrt(llm_hidden))
+        self.vae.requires_grad_(False)
+
+    # ----- properties -----
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def num_queries(self) -> int:
+        return self.meta_queries.shape[0]
+
+    # ----- training set-up -----
+    def set_trainable(self, trainable_modules: str) -> list[str]:
+        """Freeze everything, then unfreeze the attribute set named by ``--trainable_modules``; returns the names."""
+        if trainable_modules not in TRAINABLE_MODULES:
+            raise ValueError(
+                f"--trainable_modules must be one of {', '.join(TRAINABLE_MODULES)}; got {trainable_modules!r}."
+            )
+        self.requires_grad_(False)
+        names = list(TRAINABLE_MODULES[trainable_modules])
+        for name in names:
+            getattr(self, name).requires_grad_(True)
+        return names
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.transformer.enable_gradient_checkpointing()
+        self.connector.gradient_checkpointing = True
+        if any(p.requires_grad for p in self.lmm.parameters()):
+            self.lmm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # ----- conditioning -----
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> (prompt_embeds [B, P+Q, D_joint], pooled [B, D_pooled]).
+
+        Not wrapped in no_grad: gradients reach the LLM and connector when they are trainable.
+        """
+        texts = [CHAT_TEMPLATE.format(input=GENERATION_TEMPLATE.format(input=p)) for p in prompts]
+        return self._encode_chat_texts(texts)
+
+    def encode_negative_prompt(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CFG negative ``"Generate an image."`` (used as is, not wrapped in the generation template)."""
+        embeds, pooled = self._encode_chat_texts([CHAT_TEMPLATE.format(input=NEGATIVE_PROMPT)])
+        return embeds.expand(batch_size, -1, -1), pooled.expand(batch_size, -1)
+
+    def _encode_chat_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.tokenizer(
+            texts, return_tensors="pt", padding=True, padding_side="left", truncation=True,
+            max_length=self.max_prompt_length, add_special_tokens=True,
+        ).to(self.device)
+        batch = tokens.input_ids.shape[0]
+        text_embeds = self.lmm.get_input_embeddings()(tokens.input_ids)
+        queries = self.meta_queries[None].expand(batch, -1, -1).to(text_embeds.dtype)
+        inputs_embeds = torch.cat([text_embeds, queries], dim=1)
+        attention_mask = torch.cat([tokens.attention_mask, tokens.attention_mask.new_ones(batch, self.num_queries)], 1)
+        # Query positions carry token id 0; positions come from the LLM's own (m)RoPE index function.
+        input_ids = torch.cat([tokens.input_ids, tokens.input_ids.new_zeros(batch, self.num_queries)], dim=1)
+        position_ids, _ = self.lmm.model.get_rope_index(
+            input_ids, mm_token_type_ids=torch.zeros_like(input_ids), attention_mask=attention_mask
+        )
+        hidden_states = self.lmm.model.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+            output_hidden_states=True, use_cache=False,
+        ).hidden_states
+        fused = torch.cat([hidden_states[i] for i in self.fusion_layers], dim=-1)
+        connected = self.connector(self.projector_1(fused.to(self.projector_1.weight.dtype)))
+        return self.projector_3(connected), self.projector_2(connected.mean(dim=1))
+
+    # ----- diffusion -----
+    def predict_velocity(
+        self, latents: torch.Tensor, sigmas: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor
+    ) -> torch.Tensor:
+        """latents [N, C, h, w], sigmas [N] in [0, 1] -> v [N, C, h, w] (v = eps - x0), in the latents' dtype."""
+        dtype = self.transformer.dtype
+        velocity = self.transformer(
+            hidden_states=latents.to(dtype),
+            timestep=(sigmas * 1000.0).to(dtype),
+            encoder_hidden_states=prompt_embeds.to(dtype),
+            pooled_projections=pooled.to(dtype),
+            return_dict=False,
+        )[0]
+        return velocity.to(latents.dtype)
+
+    def sigma_schedule(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
+        """float32 [T + 1] sigmas from ~1 down to 0, with the scheduler's (possibly resolution-dependent) shift."""
+        config = self.scheduler.config
+        mu = None
+        if config.get("use_dynamic_shifting", False):
+            _, h, w = self.latent_shape(height, width)
+            seq_len = (h // self.transformer.config.patch_size) * (w // self.transformer.config.patch_size)
+            slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
+            mu = config.base_shift + slope * (seq_len - config.base_image_seq_len)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        scheduler.set_timesteps(num_inference_steps, device="cpu", mu=mu)
+        return scheduler.sigmas.to(torch.float32)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.transformer.config.in_channels, height // scale, width // scale
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents [N, C, h, w] -> images [N, 3, H, W] float in [0, 1]."""
+        config = self.vae.config
+        latents = latents.to(self.vae.dtype) / config.scaling_factor + (config.shift_factor or 0.0)
+        images = self.vae.decode(latents, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """images [N, 3, H, W] in [0, 1] -> latents [N, C, h, w], shifted and scaled for the DiT."""
+        config = self.vae.config
+        posterior = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
+        return (posterior.sample(generator) - (config.shift_factor or 0.0)) * config.scaling_factor

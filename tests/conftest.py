@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny DeepGen parts written once per test session in the real on-disk layouts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Real DeepGen files (read-only) live beside the repository in shared/reference-data on the team's machines;
+# a user's own clone does not have them, and tests that need them skip with this reason.
+REFERENCE_DATA = REPO_ROOT.parent / "shared" / "reference-data"
+REFERENCE_DATA_MISSING = f"reference data folder {REFERENCE_DATA} is absent (only on the team's machines)"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tmp_path_factory):
+    from deepgen_rl.model.tiny import save_tiny_deepgen
+
+    return save_tiny_deepgen(tmp_path_factory.mktemp("tiny_deepgen"), seed=0)
+
+
+@pytest.fixture()
+def tiny_model_args(tiny_paths):
+    """ModelArguments pointing at the tiny parts, as a user's exports + flags would."""
+    from deepgen_rl.config import ModelArguments
+    from deepgen_rl.model.tiny import TINY_MODEL_FLAGS
+
+    return ModelArguments(
+        sd3_model_name_or_path=str(tiny_paths.sd3_dir),
+        qwen2_5_vl_model_name_or_path=str(tiny_paths.qwen_dir),
+        checkpoint=str(tiny_paths.checkpoint),
+        model_dtype="float32",
+        **TINY_MODEL_FLAGS,
+    )

@@ -1,0 +1,135 @@
+"""Flags: every default of the user guide, env-variable defaults, help strings, and clear errors on bad values."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from deepgen_rl.config import DataArguments, GRPOConfig, ModelArguments, build_parser, parse_args
+
+# TRAINING_GUIDE.md section 5, "主要默认参数" table, verbatim.
+GUIDE_DEFAULTS = {
+    "learning_rate": 2e-6,
+    "rollout_n": 8,
+    "rollout_micro_batch_size": 32,
+    "atrain_micro_batch_size": 32,
+    "atrain_sde_sampler": "cps_sde",
+    "atrain_adv_type": "gdpo",
+    "beta": 5e-7,
+    "atrain_kl_type": "v-based",
+    "num_inference_steps": 50,
+    "image_height": 512,
+    "image_width": 512,
+    "timestep_fraction": 0.6,
+    "clip_range": 1e-4,
+    "sftaux_coef": 1e-4,
+    "eval_freq": 10,
+    "gradient_checkpointing": True,
+}
+
+ENV_VARS = ["SD3_5_MODEL_NAME_OR_PATH", "QWEN2_5_VL_MODEL_NAME_OR_PATH", "CLIP_MODEL_NAME_OR_PATH", "CHECKPOINT",
+            "OCR_URL", "UNIFIEDREWARD_THINK_URL", "UNIGENBENCH_API_URL", "DATASET_CONFIG", "EVAL_DATASET_CONFIG",
+            "SFTAUX_DATASET_CONFIG", "UNIGENBENCH_MODEL_NAME"]
+
+
+@pytest.fixture()
+def clean_env(monkeypatch):
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_every_guide_default(clean_env, tmp_path):
+    training, _, _ = parse_args(["--output_dir", str(tmp_path)])
+    for flag, expected in GUIDE_DEFAULTS.items():
+        assert getattr(training, flag) == expected, flag
+
+
+def test_reference_semantics_defaults(clean_env, tmp_path):
+    training, model, _ = parse_args(["--output_dir", str(tmp_path)])
+    assert training.sde_eta == 1.0  # CPS reference: full re-noise of x0_hat
+    assert training.logprob_variant == "reference"
+    assert training.rollout_cfg_scale == 0.0 and training.init_same_noise
+    assert training.advantage_clip == 5.0
+    assert training.num_train_timesteps == 30  # int(50 * 0.6)
+    assert model.trainable_modules == "dit" and not model.use_lora
+    assert (model.num_queries, model.connector_hidden_size, model.connector_intermediate_size,
+            model.connector_num_layers, model.connector_num_heads) == (128, 2048, 11946, 6, 32)
+
+
+def test_flow_sde_eta_default(clean_env, tmp_path):
+    training, _, _ = parse_args(["--output_dir", str(tmp_path), "--atrain_sde_sampler", "flow_sde"])
+    assert training.sde_eta == 0.7
+
+
+def test_server_urls_and_paths_default_to_localhost_and_env(clean_env, tmp_path):
+    _, model, data = parse_args(["--output_dir", str(tmp_path)])
+    assert data.ocr_url == "http://localhost:18082"
+    assert data.unifiedreward_think_url == "http://localhost:18087"
+    assert data.unigenbench_api_url == "http://localhost:8000"
+    assert data.dataset_config == "assets/rl_datasets/deepgen/deepgen_train.yaml"
+    assert data.eval_dataset_config == "assets/rl_datasets/deepgen/eval/eval.yaml"
+    assert data.sftaux_dataset_config == "deepgen_rl/sft/configs/datasets/deepgen/t2i_grpo_moretextdata.py"
+    assert model.sd3_model_name_or_path == "" and model.checkpoint == ""
+
+    clean_env.setenv("OCR_URL", "http://reward-host:18082")
+    clean_env.setenv("SD3_5_MODEL_NAME_OR_PATH", "/models/sd3")
+    clean_env.setenv("DATASET_CONFIG", "my.yaml")
+    _, model, data = parse_args(["--output_dir", str(tmp_path)])
+    assert data.ocr_url == "http://reward-host:18082"
+    assert model.sd3_model_name_or_path == "/models/sd3"
+    assert data.dataset_config == "my.yaml"
+
+
+def test_every_own_field_has_help():
+    inherited = {f.name for f in dataclasses.fields(GRPOConfig.__mro__[1])}
+    for cls in (GRPOConfig, ModelArguments, DataArguments):
+        for f in dataclasses.fields(cls):
+            if cls is GRPOConfig and f.name in inherited and f.name not in GUIDE_DEFAULTS:
+                continue
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help string"
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, flag",
+    [
+        (GRPOConfig, {"timestep_fraction": 1.5}, "--timestep_fraction"),
+        (GRPOConfig, {"timestep_fraction": 0.0}, "--timestep_fraction"),
+        (GRPOConfig, {"rollout_n": 1}, "--rollout_n"),
+        (GRPOConfig, {"global_batch_size": 12}, "--global_batch_size"),
+        (GRPOConfig, {"image_height": 500}, "--image_height"),
+        (GRPOConfig, {"sftaux_coef": 2.0}, "--sftaux_coef"),
+        (GRPOConfig, {"sde_eta": 0.0}, "--sde_eta"),
+        (GRPOConfig, {"clip_range": -1.0}, "--clip_range"),
+        (GRPOConfig, {"atrain_adv_type": "ppo"}, "--atrain_adv_type"),
+        (GRPOConfig, {"atrain_kl_type": "k3"}, "--atrain_kl_type"),
+        (GRPOConfig, {"atrain_sde_sampler": "ode"}, "--atrain_sde_sampler"),
+        (GRPOConfig, {"num_inference_steps": 1}, "--num_inference_steps"),
+        (ModelArguments, {"trainable_modules": "everything"}, "--trainable_modules"),
+        (ModelArguments, {"connector_hidden_size": 100, "connector_num_heads": 32}, "--connector_hidden_size"),
+        (ModelArguments, {"num_queries": 0}, "--num_queries"),
+        (DataArguments, {"ocr_url": "localhost:18082"}, "--ocr_url"),
+        (DataArguments, {"reward_timeout": 0}, "--reward_timeout"),
+    ],
+)
+def test_bad_value_names_the_flag(cls, kwargs, flag, tmp_path):
+    extra = {"output_dir": str(tmp_path)} if cls is GRPOConfig else {}
+    with pytest.raises(ValueError, match=flag):
+        cls(**extra, **kwargs)
+
+
+def test_parser_rejects_unknown_choice_naming_flag(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        parse_args(["--output_dir", str(tmp_path), "--atrain_kl_type", "k3"])
+    assert "--atrain_kl_type" in capsys.readouterr().err
+
+
+def test_guide_launcher_flags_parse(tmp_path):
+    training, _, _ = build_parser().parse_args_into_dataclasses(args=[
+        "--output_dir", str(tmp_path), "--num_train_epochs", "10", "--lr_scheduler_type", "constant_with_warmup",
+        "--report_to", "wandb,swanlab",
+    ])
+    assert training.num_train_epochs == 10
+    assert training.lr_scheduler_type == "constant_with_warmup"
+    assert training.report_to == ["wandb", "swanlab"]
