@@ -1,0 +1,106 @@
+"""RL checkpoint -> SFT ``.pth``: what ``scripts/utils/rlckpt_to_sftckpt.py`` does.
+
+An RL ``checkpoint-N`` folder is a DeepSpeed checkpoint (ZeRO-2 or ZeRO-3 shards, a ``latest`` file, frozen
+parameters excluded) or, for runs without DeepSpeed, a plain state dict (``model.safetensors``,
+``pytorch_model.bin``, ``*.pth``). The output is a flat ``{key: tensor}`` ``.pth`` with the DeepGen reference
+key names, which ``xtuner``'s ``guess_load_checkpoint`` + ``load_state_dict(strict=False)`` (and our own
+``load_checkpoint_into``) read. It holds what RL trained; it is meant to be loaded ON TOP of the pretraining
+checkpoint, which still provides everything else (connector when frozen, LLM LoRA, ...).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint_keys import normalize_checkpoint_keys, to_reference_keys, unwrap_state_dict
+
+PLAIN_STATE_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ConversionSummary:
+    output: Path
+    source_format: str
+    num_tensors: int
+    num_parameters: int
+    prefix_counts: dict[str, int]
+    includes_lmm: bool
+
+    def describe(self) -> str:
+        prefixes = ", ".join(f"{name}: {count}" for name, count in sorted(self.prefix_counts.items()))
+        return (
+            f"wrote {self.output} ({self.num_tensors} tensors, {self.num_parameters / 1e6:.2f}M parameters; "
+            f"read as {self.source_format})\n  keys by module: {prefixes}\n"
+            + ("  includes lmm.* weights (the LLM was trained)\n" if self.includes_lmm else "")
+            + "  Load it ON TOP of the pretraining checkpoint (CHECKPOINT): it holds only what RL trained, e.g.\n"
+            "    model.load_state_dict(guess_load_checkpoint(pretrain_pth), strict=False)\n"
+            f"    model.load_state_dict(guess_load_checkpoint('{self.output}'), strict=False)"
+        )
+
+
+def read_rl_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Read the trained weights of an RL checkpoint folder (or a state-dict file); returns (state, format)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--rl_checkpoint {str(path)!r} does not exist: expected a checkpoint-N folder "
+                                "written by the trainer (DeepSpeed ZeRO-2/3) or a state-dict file.")
+    if path.is_file():
+        return _read_state_file(path), f"state-dict file {path.name}"
+    if (path / "latest").is_file() or any(path.glob("global_step*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else _newest_tag(path)
+        # DeepSpeed's own shards hold optimizer objects, so its reader unpickles them: only convert
+        # checkpoints you (your training run) wrote.
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag, exclude_frozen_parameters=True)
+        return dict(state), f"DeepSpeed checkpoint (tag {tag})"
+    for name in PLAIN_STATE_FILES:
+        if (path / name).is_file():
+            return _read_state_file(path / name), f"state-dict file {name}"
+    raise FileNotFoundError(
+        f"--rl_checkpoint {str(path)!r} holds neither a DeepSpeed checkpoint (a 'latest' file or global_step*/) "
+        f"nor one of {', '.join(PLAIN_STATE_FILES)}."
+    )
+
+
+def _newest_tag(folder: Path) -> str:
+    steps = sorted(folder.glob("global_step*"), key=lambda p: int("".join(c for c in p.name if c.isdigit()) or 0))
+    return steps[-1].name
+
+
+def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def convert_rl_checkpoint(rl_checkpoint: str | Path, output: str | Path, dtype: str = "float32") -> ConversionSummary:
+    """Write the SFT-format ``.pth`` of ``rl_checkpoint`` to ``output`` (parent folders created)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
+    raw, source_format = read_rl_checkpoint(rl_checkpoint)
+    state = normalize_checkpoint_keys(raw)
+    includes_lmm = any(k.startswith("lmm.") for k in state)
+    sft_state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in to_reference_keys(state, include_lmm=includes_lmm).items()}
+    if not sft_state:
+        raise ValueError(f"{rl_checkpoint} holds no DeepGen weights to convert (keys seen: {list(state)[:5]})")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_name(output.name + ".tmp")
+    torch.save(sft_state, temporary)
+    temporary.replace(output)  # never leave a half-written .pth behind
+    return ConversionSummary(
+        output=output,
+        source_format=source_format,
+        num_tensors=len(sft_state),
+        num_parameters=sum(t.numel() for t in sft_state.values()),
+        prefix_counts=dict(Counter(k.split(".", 1)[0] for k in sft_state)),
+        includes_lmm=includes_lmm,
+    )

@@ -1,0 +1,37 @@
+#!/usr/bin/env python
+"""Convert an RL checkpoint (checkpoint-N folder: DeepSpeed ZeRO-2/3 or a plain state dict) to an SFT .pth.
+
+    python scripts/utils/rlckpt_to_sftckpt.py --rl_checkpoint outputs/run/checkpoint-40 --output rl_step40.pth
+
+The .pth has the DeepGen reference key names and holds what RL trained; load it on top of the pretraining
+checkpoint with xtuner's guess_load_checkpoint + model.load_state_dict(state_dict, strict=False).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a clone without `pip install -e .`
+
+from deepgen_rl.model.convert import DTYPES, convert_rl_checkpoint  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rl_checkpoint", required=True, help="checkpoint-N folder written by the GRPO trainer.")
+    parser.add_argument("--output", required=True, help="Path of the .pth to write.")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the saved tensors.")
+    args = parser.parse_args(argv)
+    try:
+        summary = convert_rl_checkpoint(args.rl_checkpoint, args.output, args.dtype)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summary.describe())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
