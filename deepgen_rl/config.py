@@ -181,9 +181,15 @@ class DataArguments:
         default=4096, metadata={"help": "max_tokens of one UnifiedReward-Think reply (its <think> reasoning is long)."}
     )
     # --- end reward client tuning ---
+    # --- UniGenBench judge (issue 7, deepgen_rl/eval/) ---
+    unigenbench_max_tokens: int = field(
+        default=4096, metadata={"help": "max_tokens of one UniGenBench judge reply (per-test-point analysis, then scores)."}
+    )
+    # --- end UniGenBench judge ---
 
     def __post_init__(self) -> None:
-        for flag in ("reward_max_concurrency", "reward_request_batch_size", "unifiedreward_max_tokens"):
+        for flag in ("reward_max_concurrency", "reward_request_batch_size", "unifiedreward_max_tokens",
+                     "unigenbench_max_tokens"):
             _check_positive(flag, getattr(self, flag))
         if self.reward_retry_backoff < 0:
             raise ValueError(f"--reward_retry_backoff must be >= 0 seconds; got {self.reward_retry_backoff}.")
@@ -271,6 +277,16 @@ class GRPOConfig(TrainingArguments):
         default=3600.0, metadata={"help": "Seconds one periodic evaluation may take before ranks give up waiting."}
     )
     sample_image_freq: int = field(default=10, metadata={"help": "Log a grid of rollout images every N steps (0: never)."})
+    # --- UniGenBench evaluation (issue 7, deepgen_rl/eval/) ---
+    eval_max_prompts: int = field(
+        default=0,
+        metadata={"help": "Evaluate only the first N prompts of each eval dataset (0: all of them, as the reference)."},
+    )
+    eval_num_sample_images: int = field(
+        default=8,
+        metadata={"help": "Generated eval images saved as PNG per dataset and evaluation (rank 0's first ones)."},
+    )
+    # --- end UniGenBench evaluation ---
 
     def __post_init__(self) -> None:
         self._validate_grpo_flags()
@@ -315,6 +331,9 @@ class GRPOConfig(TrainingArguments):
         for flag in ("eval_freq", "sample_image_freq"):
             if getattr(self, flag) < 0:
                 raise ValueError(f"--{flag} must be >= 0 (0 disables); got {getattr(self, flag)}.")
+        for flag in ("eval_max_prompts", "eval_num_sample_images"):
+            if getattr(self, flag) < 0:
+                raise ValueError(f"--{flag} must be >= 0; got {getattr(self, flag)}.")
 
     @property
     def num_train_timesteps(self) -> int:

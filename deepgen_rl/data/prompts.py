@@ -1,0 +1,115 @@
+"""Prompt datasets of a dataset YAML and the seeded, resumable sampler that draws training prompts.
+
+Each drawn ``PromptSample`` carries its dataset's name and reward weights, so the reward step knows which
+rewards to compute for it and with which weight.
+
+Sampling (DESIGN.md section 8): a dataset is drawn with probability
+
+    sample_proportional:  p_d = w_d n_d / sum_e w_e n_e       weight_only:  p_d = w_d / sum_e w_e
+
+(w = sample_weight, n = number of prompts), then a prompt uniformly within it, with replacement. Batch b of
+rank r uses its own generator seeded by (seed, rank, b): the sampler's whole state is the number of batches
+drawn, so resuming from a checkpoint continues the exact sequence, and ranks draw different prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+from deepgen_rl.data.dataset_yaml import DatasetConfig, DatasetEntry
+
+
+@dataclass(frozen=True)
+class PromptSample:
+    prompt: str
+    dataset: str
+    reward_weights: Mapping[str, float]
+    index: int  # line of the prompt in its dataset (0-based, blank lines skipped)
+
+
+def read_prompt_file(path: Path, dataset: str, config_source: Optional[Path] = None) -> list[str]:
+    """One prompt per non-blank line (surrounding whitespace stripped). Errors name the file and the dataset."""
+    where = f" (dataset {dataset!r} of {config_source})" if config_source else f" (dataset {dataset!r})"
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} not found{where}: fix its 'path' (relative to the YAML) "
+                                "or remove the dataset from the config.")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [line for line in prompts if line]
+    if not prompts:
+        raise ValueError(f"prompt file {path} has no prompts{where}.")
+    return prompts
+
+
+class PromptDataset:
+    """The prompts of one dataset entry, read on first use."""
+
+    def __init__(self, entry: DatasetEntry, config_source: Optional[Path] = None) -> None:
+        self.entry = entry
+        self._config_source = config_source
+        self._prompts: Optional[list[str]] = None
+
+    @property
+    def prompts(self) -> list[str]:
+        if self._prompts is None:
+            self._prompts = read_prompt_file(self.entry.path, self.entry.name, self._config_source)
+        return self._prompts
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: int) -> PromptSample:
+        return PromptSample(self.prompts[index], self.entry.name, self.entry.rewards, index)
+
+
+def dataset_probabilities(config: DatasetConfig, sizes: Sequence[int]) -> np.ndarray:
+    """[D] probability of drawing each dataset (see the module docstring)."""
+    weights = np.array([entry.sample_weight for entry in config.datasets], dtype=np.float64)
+    if config.sampling_mode == "sample_proportional":
+        weights = weights * np.asarray(sizes, dtype=np.float64)
+    return weights / weights.sum()
+
+
+class PromptSampler:
+    """Draws batches of prompts from every dataset of a config (reads all their prompt files at construction)."""
+
+    def __init__(self, config: DatasetConfig, seed: int, rank: int = 0) -> None:
+        self.config = config
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.datasets = [PromptDataset(entry, config.source) for entry in config.datasets]
+        missing = config.missing_files()
+        if missing:
+            raise FileNotFoundError(f"{config.source}: prompt file(s) not found: {', '.join(map(str, missing))}. "
+                                    "Fix their 'path' (relative to the YAML) or remove those datasets.")
+        self.sizes = [len(dataset) for dataset in self.datasets]
+        self.probabilities = dataset_probabilities(config, self.sizes)
+        self.batches_drawn = 0
+
+    def sample(self, batch_size: int) -> list[PromptSample]:
+        """The next ``batch_size`` prompts (with replacement)."""
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive; got {batch_size}")
+        rng = np.random.default_rng([self.seed, self.rank, self.batches_drawn])
+        self.batches_drawn += 1
+        chosen = rng.choice(len(self.datasets), size=batch_size, p=self.probabilities)
+        return [self.datasets[d][int(rng.integers(self.sizes[d]))] for d in chosen]
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to resume the exact prompt sequence."""
+        return {"seed": self.seed, "rank": self.rank, "batches_drawn": self.batches_drawn,
+                "datasets": [entry.name for entry in self.config.datasets], "sizes": list(self.sizes)}
+
+    def load_state_dict(self, state: dict) -> None:
+        expected = {"datasets": [entry.name for entry in self.config.datasets], "sizes": list(self.sizes)}
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise ValueError(f"prompt sampler checkpoint was saved with {key}={state.get(key)!r}, but the "
+                                 f"current dataset config {self.config.source} has {value!r}; resuming would draw "
+                                 "a different prompt sequence.")
+        # The rank stays this process's own: every rank resumes the same seed and batch count.
+        self.seed = int(state["seed"])
+        self.batches_drawn = int(state["batches_drawn"])

@@ -1,0 +1,74 @@
+"""``clip_sim``: CLIP image-text cosine similarity, computed in-process from a local CLIP folder.
+
+    r_i = <f_img(x_i), f_txt(p_i)> / (||f_img(x_i)|| ||f_txt(p_i)||)   in [-1, 1]
+
+with f_img = visual_projection(vision_model(x).pooler_output) and f_txt = text_projection(text_model(p).pooler_output)
+(CLIP, Radford et al. 2021, eq. of the contrastive logits without the temperature). The folder is the one the
+guide exports as CLIP_MODEL_NAME_OR_PATH (e.g. clip-vit-large-patch14: model + processor files); it is read with
+``local_files_only`` so nothing is downloaded at run time. Prompts longer than the text encoder's positions are
+truncated, as CLIP itself must.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from PIL import Image
+
+from deepgen_rl.rewards.base import RewardScores, check_batch
+
+
+class ClipSimilarityReward:
+    name = "clip_sim"
+
+    def __init__(self, model_path: str, device: str = "cpu", batch_size: int = 32) -> None:
+        from transformers import AutoProcessor, CLIPModel
+
+        if not model_path:
+            raise ValueError("the clip_sim reward needs a local CLIP model folder: export CLIP_MODEL_NAME_OR_PATH "
+                             "or pass --clip_model_name_or_path.")
+        if not Path(model_path).is_dir():
+            raise ValueError(f"--clip_model_name_or_path / CLIP_MODEL_NAME_OR_PATH={model_path!r} is not a folder "
+                             "(expected a local transformers CLIP folder with config.json and the processor files).")
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.model = CLIPModel.from_pretrained(model_path, local_files_only=True).to(self.device).eval()
+        self.processor = AutoProcessor.from_pretrained(model_path, local_files_only=True)
+        self.max_text_length = int(self.model.config.text_config.max_position_embeddings)
+        self._lock = threading.Lock()  # one scoring call at a time on the shared model
+
+    def check_ready(self) -> None:
+        """Nothing to check: the model was loaded (or failed loudly) in the constructor."""
+
+    @torch.no_grad()
+    def similarities(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
+        """Cosine similarities [n] of each image with its prompt."""
+        inputs = self.processor(text=list(prompts), images=[im.convert("RGB") for im in images], return_tensors="pt",
+                                padding=True, truncation=True, max_length=self.max_text_length)
+        inputs = {key: value.to(self.device) for key, value in inputs.items()}
+        vision = self.model.vision_model(pixel_values=inputs["pixel_values"].to(self.model.dtype))
+        image_features = self.model.visual_projection(vision.pooler_output)  # [n, D]
+        text = self.model.text_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        text_features = self.model.text_projection(text.pooler_output)  # [n, D]
+        return torch.nn.functional.cosine_similarity(image_features.float(), text_features.float(), dim=-1)
+
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str], group_ids: Sequence[int]) -> RewardScores:
+        n = check_batch(images, prompts, group_ids)
+        values: list[Optional[float]] = [None] * n
+        errors: list[Optional[str]] = [None] * n
+        with self._lock:
+            for start in range(0, n, self.batch_size):
+                stop = min(start + self.batch_size, n)
+                try:
+                    chunk = self.similarities(images[start:stop], prompts[start:stop]).tolist()
+                except (RuntimeError, ValueError, OSError) as err:
+                    errors[start:stop] = [f"CLIP similarity failed: {type(err).__name__}: {err}"] * (stop - start)
+                    continue
+                values[start:stop] = chunk
+        return RewardScores(values=values, errors=errors)
+
+    def close(self) -> None:
+        self.model = None

@@ -1,0 +1,193 @@
+"""The reward phase of a GRPO step: score a batch with every reward its datasets use, concurrently.
+
+Legend: N = B*G samples (B prompts x G images), K = number of reward columns (fixed for a run: the rewards
+the dataset YAML mentions, in first-seen order).
+
+Each sample carries its dataset's reward weights (``{name: weight}``); a reward is computed only for the
+samples whose dataset uses it (weight > 0), all rewards at the same time (one thread per reward; HTTP
+rewards are concurrent inside). A reward that fails on a sample leaves NaN in ``scores`` and marks the
+sample ``failed``: the advantage step excludes it from its group and the failure is counted in the logs.
+Nothing is ever filled in with 0 or 0.5.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+
+from deepgen_rl.rewards.base import RewardFunction, RewardScores
+
+logger = logging.getLogger(__name__)
+
+ImageBatch = Union[Sequence[Image.Image], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RewardFailure:
+    sample: int
+    reward: str
+    message: str
+
+
+@dataclass
+class RewardBatch:
+    """Rewards of one batch.
+
+    names:    K reward names (column order of the tensors)
+    scores:   [N, K] float32; NaN where the reward failed or the sample's dataset does not use it
+    weights:  [N, K] float32; the sample's dataset weight for each reward (0 = unused)
+    valid:    [N, K] bool; the reward was computed for the sample
+    failed:   [N] bool; a reward the sample uses (weight > 0) failed -> exclude the sample
+    failure_counts: per reward, how many samples it failed on
+    failures: every failure with its reason (for logs)
+    metrics:  scalars per reward (e.g. ``unifiedreward_think/answer_parse_rate``) and timings
+    """
+
+    names: tuple[str, ...]
+    scores: torch.Tensor
+    weights: torch.Tensor
+    valid: torch.Tensor
+    failed: torch.Tensor
+    failure_counts: dict[str, int]
+    failures: list[RewardFailure] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return self.scores.shape[0]
+
+    @property
+    def num_failed(self) -> int:
+        return int(self.failed.sum())
+
+    def column(self, name: str) -> torch.Tensor:
+        """[N] scores of one reward (NaN where not computed)."""
+        return self.scores[:, self.names.index(name)]
+
+    def weighted_sum(self) -> torch.Tensor:
+        """[N] sum_k w_k r_k over used rewards; NaN for failed samples."""
+        used = self.weights > 0
+        total = torch.where(used, self.scores.nan_to_num(0.0) * self.weights, torch.zeros_like(self.scores)).sum(1)
+        return torch.where(self.failed, torch.full_like(total, math.nan), total)
+
+    def log_metrics(self) -> dict[str, float]:
+        """Flat scalars for the logger: per-reward mean over valid samples and failures, plus client metrics."""
+        out = {f"reward/{key}": value for key, value in self.metrics.items()}
+        for k, name in enumerate(self.names):
+            valid = self.valid[:, k]
+            if valid.any():
+                out[f"reward/{name}/mean"] = float(self.scores[valid, k].mean())
+            out[f"reward/{name}/failed"] = float(self.failure_counts.get(name, 0))
+        out["reward/failed_samples"] = float(self.num_failed)
+        return out
+
+
+def images_to_pil(images: ImageBatch) -> list[Image.Image]:
+    """[N, 3, H, W] float in [0, 1] (as the VAE decodes) -> N RGB PIL images; PIL lists pass through."""
+    if not isinstance(images, torch.Tensor):
+        return list(images)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images [N, 3, H, W]; got shape {tuple(images.shape)}")
+    array = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(frame) for frame in array]
+
+
+class RewardStep:
+    """Scores batches with a fixed set of reward functions (built once by ``registry.build_rewards``)."""
+
+    def __init__(self, rewards: Mapping[str, RewardFunction], names: Optional[Sequence[str]] = None) -> None:
+        self.names: tuple[str, ...] = tuple(names if names is not None else rewards)
+        missing = [name for name in self.names if name not in rewards]
+        if missing:
+            raise ValueError(f"no reward function built for {missing}; built: {sorted(rewards)}")
+        self.rewards = dict(rewards)
+        # One thread per reward runs them side by side; one more lets submit() overlap the next rollout.
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.names)), thread_name_prefix="reward")
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-step")
+
+    def submit(self, images: ImageBatch, prompts: Sequence[str], reward_weights: Sequence[Mapping[str, float]],
+               group_ids: Sequence[int]) -> "Future[RewardBatch]":
+        """Start scoring in the background (e.g. while the next rollout runs); ``.result()`` gives the batch."""
+        pil_images = images_to_pil(images)  # convert now: the caller may reuse its tensor
+        return self._background.submit(self.score, pil_images, prompts, reward_weights, group_ids)
+
+    def score(self, images: ImageBatch, prompts: Sequence[str], reward_weights: Sequence[Mapping[str, float]],
+              group_ids: Sequence[int]) -> RewardBatch:
+        pil_images = images_to_pil(images)
+        n = len(pil_images)
+        if not (len(prompts) == len(reward_weights) == len(group_ids) == n):
+            raise ValueError(f"reward step inputs differ in length: {n} images, {len(prompts)} prompts, "
+                             f"{len(reward_weights)} reward weights, {len(group_ids)} group ids.")
+        weights = self._weight_matrix(reward_weights)  # [N, K]
+        started = time.perf_counter()
+        jobs = {}
+        for k, name in enumerate(self.names):
+            rows = torch.nonzero(weights[:, k] > 0).flatten().tolist()
+            if rows:
+                jobs[name] = (rows, self._pool.submit(
+                    self._run_reward, name, [pil_images[i] for i in rows], [prompts[i] for i in rows],
+                    [group_ids[i] for i in rows]))
+        batch = self._assemble(n, weights, {name: (rows, future.result()) for name, (rows, future) in jobs.items()})
+        batch.metrics["seconds"] = time.perf_counter() - started
+        return batch
+
+    def _weight_matrix(self, reward_weights: Sequence[Mapping[str, float]]) -> torch.Tensor:
+        weights = torch.zeros(len(reward_weights), len(self.names), dtype=torch.float32)
+        for i, sample_weights in enumerate(reward_weights):
+            for name, weight in sample_weights.items():
+                if name not in self.names:
+                    raise ValueError(f"sample {i} uses reward {name!r}, which this reward step was not built with "
+                                     f"({', '.join(self.names)}).")
+                weights[i, self.names.index(name)] = float(weight)
+        return weights
+
+    def _run_reward(self, name: str, images: list[Image.Image], prompts: list[str],
+                    group_ids: list[int]) -> RewardScores:
+        started = time.perf_counter()
+        try:
+            scores = self.rewards[name].score(images, prompts, group_ids)
+        except Exception as err:  # a crashing reward fails its samples loudly; the others still count
+            logger.exception("reward %s raised on a batch of %d samples", name, len(images))
+            scores = RewardScores.all_failed(len(images), f"reward {name} raised {type(err).__name__}: {err}")
+        if len(scores.values) != len(images):
+            scores = RewardScores.all_failed(len(images), f"reward {name} returned {len(scores.values)} values "
+                                                          f"for {len(images)} images")
+        scores.metrics["seconds"] = time.perf_counter() - started
+        return scores
+
+    def _assemble(self, n: int, weights: torch.Tensor,
+                  results: Mapping[str, tuple[list[int], RewardScores]]) -> RewardBatch:
+        scores = torch.full((n, len(self.names)), math.nan, dtype=torch.float32)
+        failures: list[RewardFailure] = []
+        metrics: dict[str, float] = {}
+        for k, name in enumerate(self.names):
+            if name not in results:
+                continue
+            rows, reward_scores = results[name]
+            for row, value, error in zip(rows, reward_scores.values, reward_scores.errors):
+                if value is None or not math.isfinite(value):
+                    failures.append(RewardFailure(row, name, error or f"non-finite value {value!r}"))
+                else:
+                    scores[row, k] = float(value)
+            metrics.update({f"{name}/{key}": value for key, value in reward_scores.metrics.items()})
+        valid = ~torch.isnan(scores)
+        failed = ((weights > 0) & ~valid).any(dim=1)
+        counts = {name: sum(f.reward == name for f in failures) for name in self.names}
+        for failure in failures[:5]:
+            logger.warning("reward %s failed on sample %d: %s", failure.reward, failure.sample, failure.message)
+        if len(failures) > 5:
+            logger.warning("... %d more reward failures this batch (counts: %s)", len(failures) - 5, counts)
+        return RewardBatch(self.names, scores, weights, valid, failed, counts, failures, metrics)
+
+    def close(self) -> None:
+        self._background.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
+        for reward in self.rewards.values():
+            reward.close()

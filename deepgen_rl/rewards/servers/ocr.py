@@ -1,0 +1,233 @@
+"""OCR reward server: FastAPI + uvicorn, JSON in and out (never pickle).
+
+    python -m deepgen_rl.rewards.servers.ocr --port 18082          # or: bash scripts/reward_ocr.sh
+
+``GET /health`` answers once the engine is loaded. ``POST /score`` takes a batch of base64 images with their
+prompts (or explicit target texts) and returns, per image, the OCR reward in [0, 1] and the recognised text
+(contract: ``deepgen_rl.rewards.protocol``; scoring: ``deepgen_rl.rewards.ocr_scoring``).
+
+A malformed request (bad JSON, a missing or unknown field, a payload that is not an image) gets HTTP 400 whose
+``errors`` name every bad item, e.g. ``items[2].image``. In a valid request an image the engine fails on, or a
+prompt without a quoted target, gets an ``error`` in its own result; the rest of the batch is still scored.
+
+Options are flags, each with an environment fallback (read here only): OCR_HOST, OCR_PORT, OCR_ENGINE,
+OCR_CASE_SENSITIVE, OCR_IGNORE_PUNCT, OCR_USE_CONFUSION_FOLD, OCR_MIN_CONF, OCR_NGRAM_MAX (the reference's
+names), OCR_MAX_BATCH_ITEMS, OCR_MAX_IMAGE_PIXELS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import io
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from PIL import Image
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from deepgen_rl.rewards.ocr_scoring import NoTargetError, OcrScoringOptions, extract_targets, ocr_reward
+from deepgen_rl.rewards.protocol import (
+    OCR_HEALTH_PATH,
+    OCR_SCORE_PATH,
+    ErrorItem,
+    ErrorResponse,
+    HealthResponse,
+    OcrItem,
+    OcrItemResult,
+    OcrScoreRequest,
+    OcrScoreResponse,
+)
+from deepgen_rl.rewards.servers.ocr_engines import ENGINE_NAMES, OcrEngine, build_engine
+
+logger = logging.getLogger("deepgen_rl.ocr_server")
+
+DEFAULT_HOST = "0.0.0.0"
+DEFAULT_PORT = 18082
+# Only formats a generator produces; never let PIL guess among its dozens of decoders for untrusted bytes.
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_batch_items: int = 256
+    max_image_pixels: int = 4096 * 4096
+
+
+class BadRequest(Exception):
+    def __init__(self, detail: str, errors: list[ErrorItem]) -> None:
+        super().__init__(detail)
+        self.response = ErrorResponse(detail=detail, errors=errors)
+
+
+def parse_request(body: bytes, limits: ServerLimits) -> tuple[OcrScoreRequest, list[Image.Image]]:
+    """Validate a /score body and decode its images; raise BadRequest naming every bad item."""
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadRequest("request body is not valid JSON", [ErrorItem(loc="body", msg=str(err))]) from None
+    try:
+        request = OcrScoreRequest.model_validate(payload)
+    except ValidationError as err:
+        errors = [ErrorItem(loc=_format_loc(e["loc"]), msg=e["msg"]) for e in err.errors()]
+        raise BadRequest("request does not match the /score contract: " + "; ".join(
+            f"{e.loc}: {e.msg}" for e in errors), errors) from None
+    if len(request.items) > limits.max_batch_items:
+        raise BadRequest(f"too many items: {len(request.items)} > {limits.max_batch_items} (split the batch)",
+                         [ErrorItem(loc="items", msg=f"at most {limits.max_batch_items} items per request")])
+    images, errors = [], []
+    for index, item in enumerate(request.items):
+        try:
+            images.append(decode_image(item.image, limits.max_image_pixels))
+        except ValueError as err:
+            errors.append(ErrorItem(loc=f"items[{index}].image", msg=str(err)))
+    if errors:
+        raise BadRequest("bad image(s): " + "; ".join(f"{e.loc}: {e.msg}" for e in errors), errors)
+    return request, images
+
+
+def _format_loc(loc: Sequence) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "body"
+
+
+def decode_image(data: str, max_pixels: int) -> Image.Image:
+    """base64 (optionally a data URL) -> RGB PIL image; ValueError saying what is wrong."""
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ValueError(f"not valid base64 ({err})") from None
+    try:
+        with Image.open(io.BytesIO(raw), formats=ALLOWED_FORMATS) as image:
+            if image.width * image.height > max_pixels:
+                raise ValueError(f"image of {image.width}x{image.height} pixels exceeds the {max_pixels}-pixel limit")
+            return image.convert("RGB")
+    except ValueError:
+        raise
+    except Exception as err:  # PIL raises several types for undecodable bytes
+        raise ValueError(f"not a decodable {'/'.join(ALLOWED_FORMATS)} image ({type(err).__name__}: {err})") from None
+
+
+def score_item(engine: OcrEngine, item: OcrItem, image: Image.Image, options: OcrScoringOptions) -> OcrItemResult:
+    """OCR one image and score it; failures become the item's ``error``."""
+    targets = list(item.targets) if item.targets is not None else extract_targets(item.prompt or "")
+    if not targets:
+        return OcrItemResult(targets=[], error="no double-quoted target text in the prompt (and no 'targets')")
+    try:
+        tokens = engine.recognize(image)
+    except Exception as err:  # one bad image never fails the batch
+        logger.exception("OCR engine failed on an image")
+        return OcrItemResult(targets=targets, error=f"OCR engine failed: {type(err).__name__}: {err}")
+    recognized = " ".join(token.text for token in tokens)
+    try:
+        score = ocr_reward(targets, tokens, options)
+    except NoTargetError as err:
+        return OcrItemResult(recognized_text=recognized, targets=targets, error=str(err))
+    return OcrItemResult(score=score, recognized_text=recognized, targets=targets)
+
+
+def create_app(engine: OcrEngine, options: OcrScoringOptions, limits: Optional[ServerLimits] = None) -> FastAPI:
+    """The FastAPI app around an already-loaded engine."""
+    limits = limits or ServerLimits()
+    app = FastAPI(title="DeepGen-RL OCR reward server")
+
+    @app.get(OCR_HEALTH_PATH, response_model=HealthResponse)
+    def health() -> HealthResponse:
+        return HealthResponse(engine=engine.name)
+
+    @app.post(OCR_SCORE_PATH, response_model=OcrScoreResponse, responses={400: {"model": ErrorResponse}})
+    async def score(request: Request):
+        try:
+            parsed, images = parse_request(await request.body(), limits)
+        except BadRequest as err:
+            return JSONResponse(status_code=400, content=err.response.model_dump())
+
+        def run() -> list[OcrItemResult]:
+            return [score_item(engine, item, image, options) for item, image in zip(parsed.items, images)]
+
+        # OCR is CPU-bound: keep the event loop free for /health while a batch runs.
+        results = await run_in_threadpool(run)
+        return OcrScoreResponse(results=results, engine=engine.name)
+
+    return app
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if value.strip().lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if value.strip().lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise SystemExit(f"error: environment variable {name}={value!r} must be a boolean (1/0, true/false).")
+
+
+def _env_number(name: str, default, kind):
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        raise SystemExit(f"error: environment variable {name}={value!r} must be a {kind.__name__}.") from None
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    d = OcrScoringOptions()
+    limits = ServerLimits()
+    p = argparse.ArgumentParser(prog="python -m deepgen_rl.rewards.servers.ocr", description=__doc__.split("\n")[0])
+    p.add_argument("--host", default=os.environ.get("OCR_HOST", DEFAULT_HOST), help="bind address ($OCR_HOST)")
+    p.add_argument("--port", type=int, default=_env_number("OCR_PORT", DEFAULT_PORT, int), help="port ($OCR_PORT)")
+    p.add_argument("--engine", choices=ENGINE_NAMES, default=os.environ.get("OCR_ENGINE", "auto"),
+                   help="auto = paddleocr when installed, else rapidocr ($OCR_ENGINE)")
+    p.add_argument("--case-sensitive", action=argparse.BooleanOptionalAction,
+                   default=_env_bool("OCR_CASE_SENSITIVE", d.case_sensitive), help="($OCR_CASE_SENSITIVE)")
+    p.add_argument("--ignore-punct", action=argparse.BooleanOptionalAction,
+                   default=_env_bool("OCR_IGNORE_PUNCT", d.ignore_punctuation), help="($OCR_IGNORE_PUNCT)")
+    p.add_argument("--confusion-fold", action=argparse.BooleanOptionalAction,
+                   default=_env_bool("OCR_USE_CONFUSION_FOLD", d.confusion_fold), help="($OCR_USE_CONFUSION_FOLD)")
+    p.add_argument("--min-conf", type=float, default=_env_number("OCR_MIN_CONF", d.min_confidence, float),
+                   help="drop text boxes below this engine confidence ($OCR_MIN_CONF)")
+    p.add_argument("--ngram-max", type=int, default=_env_number("OCR_NGRAM_MAX", d.ngram_max, int),
+                   help="longest run of adjacent boxes tried as one candidate ($OCR_NGRAM_MAX)")
+    p.add_argument("--max-batch-items", type=int,
+                   default=_env_number("OCR_MAX_BATCH_ITEMS", limits.max_batch_items, int), help="($OCR_MAX_BATCH_ITEMS)")
+    p.add_argument("--max-image-pixels", type=int,
+                   default=_env_number("OCR_MAX_IMAGE_PIXELS", limits.max_image_pixels, int),
+                   help="($OCR_MAX_IMAGE_PIXELS)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = build_arg_parser().parse_args(argv)
+    try:
+        options = OcrScoringOptions(case_sensitive=args.case_sensitive, ignore_punctuation=args.ignore_punct,
+                                    confusion_fold=args.confusion_fold, min_confidence=args.min_conf,
+                                    ngram_max=args.ngram_max)
+        engine = build_engine(args.engine)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.info("OCR engine %s loaded; scoring options %s", engine.name, options)
+    import uvicorn
+
+    app = create_app(engine, options, ServerLimits(args.max_batch_items, args.max_image_pixels))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
