@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# DeepGen-RL GRPO training (TRAINING_GUIDE.md section 4).
+#
+#   bash scripts/train.sh                         # one node, all its GPUs
+#   NNODES=4 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29700 NGPUS=8 bash scripts/train.sh
+#   bash scripts/train.sh --learning_rate 1e-6    # any extra flag is passed to deepgen_rl/grpo_deepgen.py
+#
+# Model paths come from SD3_5_MODEL_NAME_OR_PATH, QWEN2_5_VL_MODEL_NAME_OR_PATH, CLIP_MODEL_NAME_OR_PATH and
+# CHECKPOINT; reward/judge servers from OCR_URL, UNIFIEDREWARD_THINK_URL, UNIGENBENCH_API_URL (default
+# http://localhost:<port>). Before launching, every path and every server the dataset YAML needs is checked
+# (deepgen_rl/preflight.py) so a typo fails here, in seconds, not after eight processes loaded a 3B model.
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo_root"
+
+detect_gpus() {
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        nvidia-smi -L | wc -l
+    else
+        echo 8
+    fi
+}
+
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+NGPUS="${NGPUS:-$(detect_gpus)}"
+OUTPUT_DIR="${OUTPUT_DIR:-outputs/deepgen_grpo}"
+DATASET_CONFIG="${DATASET_CONFIG:-assets/rl_datasets/deepgen/deepgen_train.yaml}"
+EVAL_DATASET_CONFIG="${EVAL_DATASET_CONFIG:-assets/rl_datasets/deepgen/eval/eval.yaml}"
+SFTAUX_DATASET_CONFIG="${SFTAUX_DATASET_CONFIG:-deepgen_rl/sft/configs/datasets/deepgen/t2i_grpo_moretextdata.py}"
+DEEPSPEED_CONFIG="${DEEPSPEED_CONFIG:-scripts/deepspeed/zero2.json}"
+PYTHON="${PYTHON:-python}"
+
+# Experiment tracking is offline unless you say otherwise (guide section 5).
+export WANDB_MODE="${WANDB_MODE:-offline}"
+export WANDB_PROJECT="${WANDB_PROJECT:-DeepGen-RL}"
+export SWANLAB_MODE="${SWANLAB_MODE:-offline}"
+export SWANLAB_PROJ_NAME="${SWANLAB_PROJ_NAME:-DeepGen-RL}"
+
+for name in NNODES NODE_RANK NGPUS MASTER_PORT; do
+    value="${!name}"
+    if ! [[ "$value" =~ ^[0-9]+$ ]]; then
+        echo "error: $name must be a non-negative integer, got '$value'" >&2
+        exit 2
+    fi
+done
+if [ "$NODE_RANK" -ge "$NNODES" ]; then
+    echo "error: NODE_RANK ($NODE_RANK) must be smaller than NNODES ($NNODES)" >&2
+    exit 2
+fi
+
+args=(
+    --output_dir "$OUTPUT_DIR"
+    --dataset_config "$DATASET_CONFIG"
+    --eval_dataset_config "$EVAL_DATASET_CONFIG"
+    --sftaux_dataset_config "$SFTAUX_DATASET_CONFIG"
+    --num_train_epochs 10
+    --lr_scheduler_type constant_with_warmup
+    --deepspeed "$DEEPSPEED_CONFIG"
+    --report_to wandb,swanlab
+    "$@"
+)
+
+"$PYTHON" -m deepgen_rl.preflight "${args[@]}"
+
+exec "$PYTHON" -m torch.distributed.run \
+    --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+    --nproc_per_node "$NGPUS" \
+    deepgen_rl/grpo_deepgen.py "${args[@]}"
