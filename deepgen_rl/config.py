@@ -274,7 +274,8 @@ class GRPOConfig(TrainingArguments):
     # --- evaluation and logging ---
     eval_freq: int = field(default=10, metadata={"help": "Run UniGenBench evaluation every N optimizer steps (0: never)."})
     eval_timeout: float = field(
-        default=3600.0, metadata={"help": "Seconds one periodic evaluation may take before ranks give up waiting."}
+        default=3600.0,
+        metadata={"help": "Seconds one periodic evaluation may take before ranks give up waiting (0: no limit)."},
     )
     sample_image_freq: int = field(default=10, metadata={"help": "Log a grid of rollout images every N steps (0: never)."})
     # --- UniGenBench evaluation (issue 7, deepgen_rl/eval/) ---

@@ -125,12 +125,21 @@ class DeepGenModel(nn.Module):
         Not wrapped in no_grad: gradients reach the LLM and connector when they are trainable.
         """
         texts = [CHAT_TEMPLATE.format(input=GENERATION_TEMPLATE.format(input=p)) for p in prompts]
-        return self._encode_chat_texts(texts)
+        return self(texts)
 
     def encode_negative_prompt(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The CFG negative ``"Generate an image."`` (used as is, not wrapped in the generation template)."""
-        embeds, pooled = self._encode_chat_texts([CHAT_TEMPLATE.format(input=NEGATIVE_PROMPT)])
+        embeds, pooled = self([CHAT_TEMPLATE.format(input=NEGATIVE_PROMPT)])
         return embeds.expand(batch_size, -1, -1), pooled.expand(batch_size, -1)
+
+    def forward(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chat-formatted texts -> (prompt_embeds, pooled). Use ``encode_prompt`` / ``encode_negative_prompt``.
+
+        The conditioning runs as this module's forward, not a plain method, because it reads the top-level
+        parameter ``meta_queries`` directly: under DeepSpeed ZeRO-3 a module's own parameters are gathered only
+        inside its forward (and re-gathered for its backward), elsewhere they are empty partitions.
+        """
+        return self._encode_chat_texts(texts)
 
     def _encode_chat_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.tokenizer(
@@ -160,7 +169,9 @@ class DeepGenModel(nn.Module):
         self, latents: torch.Tensor, sigmas: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor
     ) -> torch.Tensor:
         """latents [N, C, h, w], sigmas [N] in [0, 1] -> v [N, C, h, w] (v = eps - x0), in the latents' dtype."""
-        dtype = self.transformer.dtype
+        # Not `self.transformer.dtype`: diffusers computes that by walking every submodule, a measurable cost
+        # on each of the T denoising steps.
+        dtype = next(self.transformer.parameters()).dtype
         velocity = self.transformer(
             hidden_states=latents.to(dtype),
             timestep=(sigmas * 1000.0).to(dtype),

@@ -1,0 +1,168 @@
+"""Evaluate a DeepGen checkpoint (or the built-in tiny model) on UniGenBench against a running judge.
+
+    # the judge: bash scripts/eval_unigenbench_evalmodel.sh   (vLLM, port 8000)
+    export SD3_5_MODEL_NAME_OR_PATH=... QWEN2_5_VL_MODEL_NAME_OR_PATH=... CHECKPOINT=...
+    python -m deepgen_rl.eval --output_dir outputs/eval_ckpt [--unigenbench_api_url http://host:8000]
+    torchrun --nproc_per_node 8 -m deepgen_rl.eval --output_dir ...      # prompts and judge calls over 8 GPUs
+
+    # no weights: a tiny random model, for checking the plumbing end to end
+    python -m deepgen_rl.eval --tiny --output_dir /tmp/eval_tiny --eval_max_prompts 4
+
+Writes report.json, summary.csv, judgements.csv and samples/ into --output_dir and prints the accuracies.
+Model flags (--sd3_model_name_or_path, --checkpoint, ...) and judge flags (--unigenbench_api_url,
+--unigenbench_model_name, --reward_timeout, ...) are the training run's; --eval_dataset_config picks the YAML.
+Exit status: 0 when every dataset got at least one judged image, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import HfArgumentParser
+
+from deepgen_rl.config import DataArguments, GRPOConfig, ModelArguments
+
+logger = logging.getLogger("deepgen_rl.eval")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+@dataclass
+class EvalCliArguments:
+    """Flags of the standalone evaluation; defaults not set here are the training run's (GRPOConfig)."""
+
+    output_dir: str = field(metadata={"help": "Folder for report.json, summary.csv, judgements.csv and samples/."})
+    tiny: bool = field(
+        default=False,
+        metadata={"help": "Evaluate a tiny random DeepGen model built in memory instead of the model paths + "
+                  "CHECKPOINT (no weights needed; scores are meaningless, the plumbing is real)."},
+    )
+    step: int = field(default=0, metadata={"help": "Training step recorded in the report."})
+    image_height: Optional[int] = field(
+        default=None, metadata={"help": f"Image height. Default: {GRPOConfig.image_height} (64 with --tiny)."}
+    )
+    image_width: Optional[int] = field(
+        default=None, metadata={"help": f"Image width. Default: {GRPOConfig.image_width} (64 with --tiny)."}
+    )
+    seed: int = field(default=GRPOConfig.seed, metadata={"help": "Seed of the initial noise (and the tiny model)."})
+    eval_max_prompts: int = field(
+        default=GRPOConfig.eval_max_prompts, metadata={"help": "Evaluate the first N prompts per dataset (0: all)."}
+    )
+    eval_num_sample_images: int = field(
+        default=GRPOConfig.eval_num_sample_images, metadata={"help": "Generated images saved per dataset."}
+    )
+    eval_timeout: float = field(
+        default=GRPOConfig.eval_timeout, metadata={"help": "Seconds before unfinished work is abandoned (0: none)."}
+    )
+    micro_batch_size: int = field(
+        default=GRPOConfig.rollout_micro_batch_size, metadata={"help": "Images per generation forward per GPU."}
+    )
+    device: str = field(default="auto", metadata={"help": "'auto' (cuda:LOCAL_RANK when available, else cpu), "
+                                                          "'cpu' or 'cuda'."})
+
+    def __post_init__(self) -> None:
+        for flag in ("image_height", "image_width"):
+            value = getattr(self, flag)
+            if value is not None and (value <= 0 or value % 16):
+                raise ValueError(f"--{flag} must be a positive multiple of 16; got {value}.")
+        for flag in ("micro_batch_size",):
+            if getattr(self, flag) <= 0:
+                raise ValueError(f"--{flag} must be a positive integer; got {getattr(self, flag)}.")
+        for flag in ("eval_max_prompts", "eval_num_sample_images", "eval_timeout"):
+            if getattr(self, flag) < 0:
+                raise ValueError(f"--{flag} must be >= 0; got {getattr(self, flag)}.")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda; got {self.device!r}.")
+
+
+def _setup_distributed(device_flag: str):
+    """Join the torchrun group when launched with WORLD_SIZE > 1; returns the torch device to use."""
+    import torch
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return device
+
+
+def _build_model(cli: EvalCliArguments, model_args: ModelArguments, device):
+    if cli.tiny:
+        from deepgen_rl.model.tiny import build_tiny_deepgen
+
+        model = build_tiny_deepgen(seed=cli.seed)
+    else:
+        from deepgen_rl.model import load_deepgen_model
+
+        model = load_deepgen_model(model_args)
+    return model.to(device).eval()
+
+
+def _print_summary(report) -> None:
+    from deepgen_rl.eval.report import metrics_for_logging
+
+    for entry in report.datasets:
+        scores = entry.scores
+        overall = scores.overall.value
+        print(f"[{entry.spec.name}] overall {'n/a' if overall is None else f'{overall:.4f}'} "
+              f"({scores.overall.correct}/{scores.overall.total} test points; images: {entry.planned_images} planned, "
+              f"{scores.failed_images} failed, {entry.missing_images} missing)")
+        for dimension, accuracy in scores.per_dimension.items():
+            print(f"    {dimension}: {accuracy.value:.4f} ({accuracy.correct}/{accuracy.total})")
+        for error in scores.errors[:3]:
+            print(f"    failure: {error}")
+    print(json.dumps(metrics_for_logging(report), indent=1, ensure_ascii=False))
+    print(f"report: {report.output_dir}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = HfArgumentParser((EvalCliArguments, ModelArguments, DataArguments), prog="python -m deepgen_rl.eval",
+                              description=__doc__, formatter_class=_HelpFormatter)
+    cli, model_args, data_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per judge request otherwise
+
+    from deepgen_rl.eval.dataset import load_eval_datasets
+
+    datasets = load_eval_datasets(data_args.eval_dataset_config, cli.eval_max_prompts)  # bad YAML fails first
+    device = _setup_distributed(cli.device)
+    try:
+        return _evaluate(cli, model_args, data_args, datasets, device)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _evaluate(cli: EvalCliArguments, model_args: ModelArguments, data_args: DataArguments, datasets, device) -> int:
+    from deepgen_rl.eval.judge import JudgeSettings
+    from deepgen_rl.eval.runner import EvalSettings, distributed_info, model_generate_fn, run_evaluation
+
+    default_size = 64 if cli.tiny else None
+    height = cli.image_height or default_size or GRPOConfig.image_height
+    width = cli.image_width or default_size or GRPOConfig.image_width
+    settings = EvalSettings(height=height, width=width, seed=cli.seed, micro_batch_size=cli.micro_batch_size,
+                            num_sample_images=cli.eval_num_sample_images, timeout_s=cli.eval_timeout)
+    model = _build_model(cli, model_args, device)
+    report = run_evaluation(model_generate_fn(model, height, width, cli.micro_batch_size),
+                            JudgeSettings.from_data_args(data_args), datasets, settings, cli.output_dir, cli.step)
+    if distributed_info()[0] == 0:
+        _print_summary(report)
+    return 0 if all(entry.scores.overall.total > 0 for entry in report.datasets) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

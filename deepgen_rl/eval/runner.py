@@ -1,0 +1,314 @@
+"""UniGenBench evaluation: generate with the eval settings, judge every image, aggregate, report.
+
+Work plan: every (dataset, prompt, duplicate) is one image; the global list is dealt round-robin over the
+ranks (image k -> rank k % world_size), so each rank generates AND judges its own share (the reference
+generated everywhere but judged all 2,400 images on rank 0 while the other ranks waited at a barrier). A
+rank overlaps its work: the judge requests of one generated batch run in the thread pool while the next
+batch is generated. At the end the per-image judgements are all-gathered (every rank gets the same
+report; rank 0 writes the files).
+
+Deadline (``--eval_timeout``, 0 = none): local work stops by ``deadline - reserve`` (no new batch is generated,
+no judge attempt starts, unanswered requests are abandoned and reported as failed), and the gather waits
+behind a ``monitored_barrier`` (on a gloo group made for this evaluation) whose timeout ends at the deadline;
+a rank that did not arrive is reported (``EvalReport.complete = False``, its images counted as missing)
+instead of blocking the others. Not for ZeRO-3 (sharded parameters): there every forward is collective, and
+ranks here run different numbers of batches (uneven shares, deadline, judge down); ZeRO-2 (the default) is fine.
+
+Generation is a callable ``generate_fn(prompts, cfg_scale, num_inference_steps, seed) -> list[PIL.Image]`` so
+the loop is testable without a model; :func:`model_generate_fn` builds it on the DeepGen model with the ODE
+sampler of ``deepgen_rl.sampling.generate_images``. A batch's seed is ``seed + id of its first image``:
+results repeat for the same world size and micro-batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, wait
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from deepgen_rl.eval.aggregate import ImageJudgement, aggregate_dataset, sort_judgements
+from deepgen_rl.eval.dataset import BenchPrompt, EvalDataset, load_eval_datasets
+from deepgen_rl.eval.judge import JudgeSettings, UniGenBenchJudge, failed_judgement
+from deepgen_rl.eval.report import SAMPLES_DIR, DatasetReport, EvalReport, metrics_for_logging, write_report
+from deepgen_rl.rewards.http_utils import RewardServerUnavailable
+
+logger = logging.getLogger(__name__)
+
+GenerateFn = Callable[[list[str], float, int, int], list[Image.Image]]
+# Part of --eval_timeout kept for the final gather: min(this fraction, MAX_GATHER_RESERVE_S).
+GATHER_RESERVE_FRACTION = 0.1
+MAX_GATHER_RESERVE_S = 60.0
+MIN_BARRIER_WAIT_S = 1.0  # a rank that reaches the gather just after the deadline still gets this long
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How to generate and how long to take (defaults: GRPOConfig in config.py). timeout_s 0 = no deadline."""
+
+    height: int
+    width: int
+    seed: int
+    micro_batch_size: int
+    num_sample_images: int
+    timeout_s: float
+
+    @classmethod
+    def from_training_args(cls, args) -> "EvalSettings":
+        return cls(height=args.image_height, width=args.image_width, seed=args.seed,
+                   micro_batch_size=args.rollout_micro_batch_size, num_sample_images=args.eval_num_sample_images,
+                   timeout_s=args.eval_timeout)
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One image to generate and judge; ``item_id`` is its position in the global plan."""
+
+    dataset: int  # position in the datasets list
+    prompt: BenchPrompt
+    duplicate: int
+    item_id: int
+
+
+def plan_work(datasets: Sequence[EvalDataset]) -> list[WorkItem]:
+    """Every (dataset, prompt, duplicate) in a fixed order: the same on every rank."""
+    items = []
+    for position, dataset in enumerate(datasets):
+        for prompt in dataset.prompts:
+            for duplicate in range(dataset.spec.duplicates):
+                items.append(WorkItem(position, prompt, duplicate, len(items)))
+    return items
+
+
+def shard_work(items: Sequence[WorkItem], rank: int, world_size: int) -> list[WorkItem]:
+    """This rank's share, round-robin: shares differ by at most one image."""
+    return list(items[rank::world_size])
+
+
+def generation_batches(items: Sequence[WorkItem], micro_batch_size: int) -> list[list[WorkItem]]:
+    """Consecutive items of one dataset (same cfg_scale and steps), at most ``micro_batch_size`` per batch."""
+    batches: list[list[WorkItem]] = []
+    for item in items:
+        if batches and batches[-1][0].dataset == item.dataset and len(batches[-1]) < micro_batch_size:
+            batches[-1].append(item)
+        else:
+            batches.append([item])
+    return batches
+
+
+def distributed_info() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def run_evaluation(generate_fn: GenerateFn, judge_settings: JudgeSettings, datasets: Sequence[EvalDataset],
+                   settings: EvalSettings, output_dir: Optional[str | Path], step: int) -> EvalReport:
+    """Evaluate this rank's share, gather every rank's judgements and aggregate; rank 0 writes the files."""
+    start = time.monotonic()
+    deadline = start + settings.timeout_s if settings.timeout_s > 0 else None
+    work_deadline = None
+    if deadline is not None:
+        work_deadline = deadline - min(GATHER_RESERVE_FRACTION * settings.timeout_s, MAX_GATHER_RESERVE_S)
+    rank, world_size = distributed_info()
+    group = new_gather_group() if world_size > 1 else None  # now, while every rank is here
+    plan = plan_work(datasets)
+    sample_dir = Path(output_dir) / SAMPLES_DIR if output_dir is not None and rank == 0 else None
+    try:
+        local = _evaluate_shard(generate_fn, judge_settings, datasets, shard_work(plan, rank, world_size), settings,
+                                work_deadline, sample_dir)
+        judgements, complete = gather_judgements(local, deadline, group)
+    finally:
+        if group is not None:
+            dist.destroy_process_group(group)
+    judgements = sort_judgements(judgements)
+    reports = [DatasetReport(spec=d.spec, scores=aggregate_dataset(d.spec.name, judgements),
+                             planned_images=len(d.prompts) * d.spec.duplicates) for d in datasets]
+    report = EvalReport(step=step, datasets=reports, elapsed_s=time.monotonic() - start, world_size=world_size,
+                        complete=complete, output_dir=None if output_dir is None else str(output_dir),
+                        judgements=judgements)
+    if rank == 0 and output_dir is not None:
+        write_report(report, output_dir)
+    return report
+
+
+def _evaluate_shard(generate_fn: GenerateFn, judge_settings: JudgeSettings, datasets: Sequence[EvalDataset],
+                    items: Sequence[WorkItem], settings: EvalSettings, deadline: Optional[float],
+                    sample_dir: Optional[Path]) -> list[ImageJudgement]:
+    """Generate and judge ``items``; every item comes back as a judgement (scored or failed with a reason)."""
+    def failed(item: WorkItem, error: str) -> ImageJudgement:
+        spec = datasets[item.dataset].spec
+        return failed_judgement(spec.name, item.prompt, item.duplicate, spec.language, error)
+
+    if not items:
+        return []
+    with UniGenBenchJudge(judge_settings) as judge:
+        try:
+            health_wait = judge_settings.health_timeout_s
+            if deadline is not None:
+                health_wait = max(min(health_wait, deadline - time.monotonic()), MIN_BARRIER_WAIT_S)
+            judge.check_ready(timeout_s=health_wait)
+        except RewardServerUnavailable as err:
+            logger.error("UniGenBench evaluation skipped on this rank (%d images not generated): %s", len(items), err)
+            return [failed(item, f"judge unavailable: {err}") for item in items]
+        pending: list[tuple[WorkItem, Future]] = []
+        results: list[ImageJudgement] = []
+        saved: dict[int, int] = {}
+        generation_error: Optional[str] = None
+        for batch in generation_batches(items, settings.micro_batch_size):
+            if generation_error is not None:
+                reason = f"not generated: an earlier batch failed ({generation_error})"
+                results += [failed(item, reason) for item in batch]
+                continue
+            if deadline is not None and time.monotonic() >= deadline:
+                reason = "not generated: evaluation deadline (--eval_timeout) passed"
+                results += [failed(item, reason) for item in batch]
+                continue
+            spec = datasets[batch[0].dataset].spec
+            try:
+                images = generate_fn([item.prompt.prompt for item in batch], spec.cfg_scale, spec.num_inference_steps,
+                                     settings.seed + batch[0].item_id)
+                if len(images) != len(batch):
+                    raise RuntimeError(f"generate_fn returned {len(images)} images for {len(batch)} prompts")
+            except Exception as err:  # keep the trainer alive; the report says what happened
+                logger.exception("UniGenBench generation failed on %s", spec.name)
+                generation_error = f"{type(err).__name__}: {err}"
+                results += [failed(item, f"generation failed: {generation_error}") for item in batch]
+                continue
+            for item, image in zip(batch, images):
+                if sample_dir is not None and saved.get(item.dataset, 0) < settings.num_sample_images:
+                    saved[item.dataset] = saved.get(item.dataset, 0) + 1
+                    _save_sample(sample_dir / spec.name, item, image)
+                pending.append((item, judge.submit(spec.name, item.prompt, item.duplicate, image, spec.language,
+                                                   deadline)))
+        results += _collect(pending, deadline, failed)
+    return results
+
+
+def _collect(pending: Sequence[tuple[WorkItem, Future]], deadline: Optional[float],
+             failed: Callable[[WorkItem, str], ImageJudgement]) -> list[ImageJudgement]:
+    """Wait for the judge futures until the deadline; unanswered ones are reported as failed."""
+    timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+    wait([future for _, future in pending], timeout=timeout)
+    results = []
+    for item, future in pending:
+        if not future.done():
+            future.cancel()
+            results.append(failed(item, "judge did not answer before the evaluation deadline (--eval_timeout)"))
+        elif future.cancelled():
+            results.append(failed(item, "judge request was cancelled"))
+        elif future.exception() is not None:
+            results.append(failed(item, f"judge request crashed: {future.exception()!r}"))
+        else:
+            results.append(future.result())
+    return results
+
+
+def _save_sample(folder: Path, item: WorkItem, image: Image.Image) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    image.save(folder / f"{item.prompt.index}_{item.duplicate}.png")
+
+
+def new_gather_group():
+    """A fresh gloo group of all ranks for one evaluation's monitored_barrier (gloo only) and object gather.
+
+    Fresh each time because a barrier that timed out leaves a late rank's message in flight on its group; the
+    next evaluation must not read it. Every rank must call this at the same point (the start of an evaluation).
+    """
+    return dist.new_group(backend="gloo")
+
+
+def gather_judgements(local: Sequence[ImageJudgement], deadline: Optional[float],
+                      group=None) -> tuple[list[ImageJudgement], bool]:
+    """Every rank's judgements on every rank; (this rank's only, False) if some rank misses the deadline.
+    ``group``: a gloo group of all ranks (None: the default group, which must then be gloo)."""
+    rank, world_size = distributed_info()
+    if world_size == 1:
+        return list(local), True
+    if deadline is not None:
+        wait_s = max(deadline - time.monotonic(), MIN_BARRIER_WAIT_S)
+        try:
+            dist.monitored_barrier(group=group, timeout=timedelta(seconds=wait_s), wait_all_ranks=True)
+        except RuntimeError as err:
+            logger.error("UniGenBench evaluation: not every rank finished by --eval_timeout; rank %d reports its own "
+                         "%d images only. %s", rank, len(local), err)
+            return list(local), False
+    gathered: list[Optional[list[ImageJudgement]]] = [None] * world_size
+    dist.all_gather_object(gathered, list(local), group=group)
+    return [judgement for part in gathered for judgement in (part or [])], True
+
+
+# ---- the model-backed generate_fn and the trainer hook ----
+
+def images_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[N, 3, H, W] float in [0, 1] -> N RGB PIL images."""
+    array = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(frame) for frame in array]
+
+
+def model_generate_fn(model, height: int, width: int, micro_batch_size: Optional[int] = None) -> GenerateFn:
+    """generate_fn on a DeepGen model: ODE (Euler) sampling with CFG against "Generate an image." (DESIGN.md
+    section 4, evaluation), one image per prompt, initial noise from a CPU generator seeded with ``seed``."""
+    from deepgen_rl.sampling import generate_images
+
+    def generate(prompts: list[str], cfg_scale: float, num_inference_steps: int, seed: int) -> list[Image.Image]:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        images = generate_images(model, prompts, num_inference_steps=num_inference_steps, height=height, width=width,
+                                 cfg_scale=cfg_scale, generator=generator, micro_batch_size=micro_batch_size)
+        return images_to_pil(images)
+
+    return generate
+
+
+def should_evaluate(step: int, eval_freq: int) -> bool:
+    """Every ``eval_freq`` optimizer steps (0 disables)."""
+    return eval_freq > 0 and step % eval_freq == 0
+
+
+def periodic_eval(model, training_args, data_args, step: int, output_dir: Optional[str | Path] = None,
+                  datasets: Optional[Sequence[EvalDataset]] = None) -> Optional[EvalReport]:
+    """The trainer's hook: call it on EVERY rank after each optimizer step; it evaluates when
+    ``step % eval_freq == 0`` (else returns None) and gives every rank the same report. Log
+    ``metrics_for_logging(report)`` on the main process. ``model`` is the bare DeepGen model (not the
+    DeepSpeed engine); it is put in eval mode and restored. Files go to ``output_dir`` (default
+    ``<training output_dir>/eval/step_<step>``)."""
+    if not should_evaluate(step, training_args.eval_freq):
+        return None
+    if datasets is None:
+        datasets = load_eval_datasets(data_args.eval_dataset_config, training_args.eval_max_prompts)
+    return evaluate_model(model, training_args, data_args, step, datasets, output_dir)
+
+
+def evaluate_model(model, training_args, data_args, step: int, datasets: Sequence[EvalDataset],
+                   output_dir: Optional[str | Path] = None) -> EvalReport:
+    """Evaluate ``model`` now (every rank calls it), with the settings of the training flags."""
+    settings = EvalSettings.from_training_args(training_args)
+    folder = Path(output_dir) if output_dir is not None else Path(training_args.output_dir) / "eval" / f"step_{step}"
+    generate_fn = model_generate_fn(model, settings.height, settings.width, settings.micro_batch_size)
+    was_training = model.training
+    model.eval()
+    try:
+        return run_evaluation(generate_fn, JudgeSettings.from_data_args(data_args), datasets, settings, folder, step)
+    finally:
+        model.train(was_training)
+
+
+def make_eval_hook(training_args, data_args) -> Callable[[torch.nn.Module, int], dict[str, float]]:
+    """``hook(model, step) -> metrics`` for a trainer that decides itself when to evaluate (every rank calls it).
+
+    The eval YAML and CSVs are read here, once, so a bad eval config fails at start-up rather than at the
+    first evaluation hours later."""
+    datasets = load_eval_datasets(data_args.eval_dataset_config, training_args.eval_max_prompts)
+
+    def hook(model: torch.nn.Module, step: int) -> dict[str, float]:
+        return metrics_for_logging(evaluate_model(model, training_args, data_args, step, datasets))
+
+    return hook

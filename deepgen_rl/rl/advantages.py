@@ -1,0 +1,178 @@
+"""Group-relative advantages: GRPO (normalise the weighted reward sum) and GDPO (normalise each reward, then sum).
+
+Shape legend: B prompts, G group size, N = B * G samples (a prompt's G samples adjacent), K rewards.
+
+Inputs are per-reward scores ``rewards`` [N, K], per-sample reward weights ``weights`` [N, K] (from the prompt's
+dataset; 0 where that dataset does not use the reward, whose score may then be NaN) and a ``valid`` mask [N]
+(False for a sample whose reward could not be computed after retries). Invalid samples are left out of every
+statistic, get advantage 0 and must be left out of the loss: the mask is returned with the advantages.
+
+Statistics use the unbiased (n - 1) std, as ``torch.Tensor.std`` (and TRL) do; a group with fewer than two valid
+samples has std 0 (and every advantage in it is 0 anyway). Math runs in float64; results are float32.
+Stats in the result describe this rank's samples; GDPO's batch normalisation alone spans all ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+AdvantageType = Literal["grpo", "gdpo"]
+ADVANTAGE_TYPES = ("grpo", "gdpo")
+STD_EPS = 1e-4  # added to every std (DESIGN.md section 4), as in the reference
+_ZERO_STD = 1e-8  # a group whose std is below this carries no signal
+
+
+@dataclass(frozen=True)
+class AdvantageResult:
+    """advantages: [N] fp32 (clipped; 0 for invalid samples); valid: [N] bool, the samples the loss may use.
+
+    zero_variance_group_fraction: fraction of groups with no learning signal (every used reward constant over the
+    group's valid samples, or fewer than 2 valid samples). clip_fraction: fraction of valid samples whose
+    advantage was clipped. num_valid / num_groups: counts on this rank.
+    """
+
+    advantages: Tensor
+    valid: Tensor
+    zero_variance_group_fraction: float
+    clip_fraction: float
+    num_valid: int
+    num_groups: int
+
+
+def _check_inputs(rewards: Tensor, weights: Tensor, group_size: int, valid: Optional[Tensor]) -> Tensor:
+    if rewards.ndim != 2:
+        raise ValueError(f"rewards must be [N, K] (samples x reward functions); got shape {tuple(rewards.shape)}.")
+    if weights.shape != rewards.shape:
+        raise ValueError(f"weights must match rewards' shape {tuple(rewards.shape)}; got {tuple(weights.shape)}.")
+    if group_size < 1 or rewards.shape[0] % group_size:
+        raise ValueError(f"N = {rewards.shape[0]} samples is not a whole number of groups of group_size "
+                         f"(--rollout_n) = {group_size}.")
+    if valid is None:
+        return torch.ones(rewards.shape[0], dtype=torch.bool, device=rewards.device)
+    if valid.shape != rewards.shape[:1]:
+        raise ValueError(f"valid must be [N] = [{rewards.shape[0]}]; got {tuple(valid.shape)}.")
+    return valid.to(device=rewards.device, dtype=torch.bool)
+
+
+def _clean_rewards(rewards: Tensor, weights: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Zero the scores that do not count (invalid sample or unused reward); a used score must be finite."""
+    used = (weights != 0) & valid[:, None]
+    bad = used & ~torch.isfinite(rewards)
+    if bool(bad.any()):
+        sample, reward = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"reward {reward} of sample {sample} is {rewards[sample, reward].item()} but the sample is "
+                         "marked valid: mark failed samples invalid instead of scoring them.")
+    zero = torch.zeros((), dtype=torch.float64, device=rewards.device)
+    return torch.where(used, rewards.double(), zero), torch.where(valid[:, None], weights.double(), zero)
+
+
+def group_normalize(values: Tensor, valid: Tensor, group_size: int, std_floor: float) -> tuple[Tensor, Tensor]:
+    """(x - mean_G x) / (max(std_G x, floor) + 1e-4) per group over valid samples (Flow-GRPO eq. 4 / GDPO eq. 5).
+
+    values: [N, K] float64; valid: [N] bool -> (normalised [N, K] (0 at invalid rows), group std [B, K]).
+    """
+    num, k = values.shape
+    x = values.view(num // group_size, group_size, k)
+    m = valid.view(num // group_size, group_size, 1).to(values.dtype)
+    count = m.sum(dim=1)  # [B, 1]
+    mean = (x * m).sum(dim=1) / count.clamp_min(1)
+    var = ((x - mean[:, None]) ** 2 * m).sum(dim=1) / (count - 1).clamp_min(1)
+    std = torch.where(count >= 2, var.sqrt(), torch.zeros_like(var))  # [B, K]
+    normalised = (x - mean[:, None]) / (std.clamp_min(std_floor)[:, None] + STD_EPS) * m
+    return normalised.view(num, k), std
+
+
+def _zero_variance_fraction(std: Tensor, used: Tensor, valid: Tensor, group_size: int) -> float:
+    """std: [B, K] group stds; used: [B, K] reward used by the group. A group without signal: every used reward's
+    std ~ 0, or fewer than 2 valid samples."""
+    counts = valid.view(-1, group_size).sum(dim=1)
+    flat = ((std < _ZERO_STD) | ~used).all(dim=1) | (counts < 2)
+    return float(flat.double().mean()) if flat.numel() else 0.0
+
+
+def _reduce_sum(values: Tensor, process_group) -> Tensor:
+    """all_reduce(SUM) a small float64 vector across ranks when torch.distributed is initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    work = values
+    if dist.get_backend(process_group) == "nccl" and values.device.type != "cuda":
+        work = values.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(work, op=dist.ReduceOp.SUM, group=process_group)
+    return work.to(values.device)
+
+
+def batch_normalize(values: Tensor, valid: Tensor, process_group=None) -> Tensor:
+    """(x - mean) / (std + 1e-4) over the valid samples of ALL ranks (GDPO eq. 6). values: [N] float64.
+
+    Two all_reduces of two scalars (sum and count, then the centred sum of squares): exactly the statistics of
+    the concatenated batch without gathering it. Every rank must call this (it is a collective).
+    """
+    m = valid.to(values.dtype)
+    total = _reduce_sum(torch.stack([(values * m).sum(), m.sum()]), process_group)
+    count = total[1]
+    mean = total[0] / count.clamp_min(1)
+    sq = _reduce_sum(((values - mean) ** 2 * m).sum().reshape(1), process_group)[0]
+    std = torch.where(count >= 2, (sq / (count - 1).clamp_min(1)).sqrt(), torch.zeros_like(sq))
+    return (values - mean) / (std + STD_EPS) * m
+
+
+def _finish(raw: Tensor, valid: Tensor, zero_fraction: float, clip: float, group_size: int) -> AdvantageResult:
+    if clip <= 0:
+        raise ValueError(f"advantage clip (--advantage_clip) must be > 0; got {clip}.")
+    clipped = (raw.abs() > clip) & valid
+    num_valid = int(valid.sum())
+    return AdvantageResult(
+        advantages=raw.clamp(-clip, clip).float() * valid,
+        valid=valid,
+        zero_variance_group_fraction=zero_fraction,
+        clip_fraction=float(clipped.sum()) / max(num_valid, 1),
+        num_valid=num_valid,
+        num_groups=valid.shape[0] // group_size,
+    )
+
+
+def grpo_advantages(rewards: Tensor, weights: Tensor, group_size: int, *, valid: Optional[Tensor] = None,
+                    std_floor: float, clip: float) -> AdvantageResult:
+    """GRPO: r = sum_k w_k r_k; A = (r - mean_G r) / (max(std_G r, floor) + 1e-4); clip to [-clip, clip].
+
+    rewards, weights: [N, K]; valid: [N] bool (None = all valid). No batch normalisation, no collective.
+    """
+    valid = _check_inputs(rewards, weights, group_size, valid)
+    r, w = _clean_rewards(rewards, weights, valid)
+    total = (w * r).sum(dim=1, keepdim=True)  # [N, 1]
+    adv, std = group_normalize(total, valid, group_size, std_floor)
+    used = (w != 0).view(-1, group_size, w.shape[1]).any(dim=1).any(dim=1, keepdim=True)  # [B, 1]
+    return _finish(adv[:, 0], valid, _zero_variance_fraction(std, used, valid, group_size), clip, group_size)
+
+
+def gdpo_advantages(rewards: Tensor, weights: Tensor, group_size: int, *, valid: Optional[Tensor] = None,
+                    std_floor: float, clip: float, process_group=None) -> AdvantageResult:
+    """GDPO (arXiv 2601.05242): A_k = group-normalised r_k; S = sum_k w_k A_k; A = batch-normalised S over all
+    ranks (when torch.distributed is initialised; collective: call on every rank); clip to [-clip, clip].
+
+    rewards, weights: [N, K]; valid: [N] bool (None = all valid); std_floor bounds each reward's group std.
+    """
+    valid = _check_inputs(rewards, weights, group_size, valid)
+    r, w = _clean_rewards(rewards, weights, valid)
+    per_reward, std = group_normalize(r, valid, group_size, std_floor)  # [N, K], [B, K]
+    summed = (w * per_reward).sum(dim=1)  # [N]
+    adv = batch_normalize(summed, valid, process_group)
+    used = (w != 0).view(-1, group_size, w.shape[1]).any(dim=1)  # [B, K]
+    return _finish(adv, valid, _zero_variance_fraction(std, used, valid, group_size), clip, group_size)
+
+
+def compute_advantages(adv_type: AdvantageType, rewards: Tensor, weights: Tensor, group_size: int, *,
+                       valid: Optional[Tensor] = None, std_floor: float, clip: float,
+                       process_group=None) -> AdvantageResult:
+    """Dispatch on ``--atrain_adv_type``."""
+    if adv_type == "grpo":
+        return grpo_advantages(rewards, weights, group_size, valid=valid, std_floor=std_floor, clip=clip)
+    if adv_type == "gdpo":
+        return gdpo_advantages(rewards, weights, group_size, valid=valid, std_floor=std_floor, clip=clip,
+                               process_group=process_group)
+    raise ValueError(f"--atrain_adv_type must be one of {', '.join(ADVANTAGE_TYPES)}; got {adv_type!r}.")

@@ -1,0 +1,246 @@
+"""The rollout loop (SDE sampling with recorded log-probs), its recompute twin, and ODE generation for evaluation.
+
+``rollout`` takes the B UNIQUE prompts of this rank and the group size G; it encodes them once, repeats the
+embeddings G times (the G copies of a prompt adjacent: N = B * G rows) and samples on the chosen sampler.
+Everything runs under ``torch.no_grad()`` (not ``inference_mode``: the recorded latents feed the training
+forward, and inference tensors cannot be saved for backward).
+
+The loop is lean on purpose (benchmarks/bench_rollout.py holds it to <= 5% over a bare Euler loop): step
+coefficients are python floats computed once, sigmas are looked up by index, there is no host sync per step
+and the only per-step allocations are the model output, the noise and the step's results.
+
+Shape legend: B prompts, G group size, N = B * G, T steps, C/h/w latent, H/W image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from deepgen_rl.sampling.steps import (
+    LOGPROB_VARIANTS,
+    SAMPLERS,
+    LogProbVariant,
+    Sampler,
+    effective_logprob_variant,
+    gaussian_log_prob,
+    sample_with_coefficients,
+    sampler_std_schedule,
+    step_coefficients,
+    step_mean,
+)
+from deepgen_rl.sampling.trajectory import (
+    Conditioning,
+    Rows,
+    SamplerSettings,
+    Trajectory,
+    repeat_groups,
+    split_rows,
+)
+
+
+def guided_velocity(model, latents: Tensor, sigma: Tensor, cond: Conditioning, cfg_scale: float,
+                    model_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Model velocity with optional classifier-free guidance, in fp32.
+
+    latents: [n, C, h, w] (fp32; cast to the model dtype for the forward); sigma: [n]; cond: n rows.
+    cfg_scale > 0: v = v_neg + cfg * (v_pos - v_neg) (one batched forward when the prompt and negative sequences
+    have the same length, else two). Rollout and training both call this, so their velocities match exactly.
+    """
+    dtype = model.dtype if model_dtype is None else model_dtype
+    x = latents.to(dtype)
+    if cfg_scale <= 0:
+        return model.predict_velocity(x, sigma, cond.prompt_embeds, cond.pooled).float()
+    neg, neg_pooled = cond.negative_prompt_embeds, cond.negative_pooled
+    if neg is None or neg_pooled is None:
+        raise ValueError("cfg_scale > 0 needs negative-prompt embeddings in the conditioning "
+                         "(encode_conditioning with cfg_scale > 0 adds them).")
+    if neg.shape[1:] == cond.prompt_embeds.shape[1:]:
+        v = model.predict_velocity(
+            torch.cat([x, x]), torch.cat([sigma, sigma]),
+            torch.cat([cond.prompt_embeds, neg]), torch.cat([cond.pooled, neg_pooled]),
+        ).float()
+        v_pos, v_neg = v.chunk(2)
+    else:
+        v_pos = model.predict_velocity(x, sigma, cond.prompt_embeds, cond.pooled).float()
+        v_neg = model.predict_velocity(x, sigma, neg, neg_pooled).float()
+    return v_neg + cfg_scale * (v_pos - v_neg)
+
+
+def encode_conditioning(model, prompts: Sequence[str], group_size: int, cfg_scale: float) -> Conditioning:
+    """Encode the B unique prompts once (one ``encode_prompt`` call) and repeat each G times -> N rows.
+
+    With cfg_scale > 0 the negative prompt is encoded once and expanded (a view) to N rows.
+    """
+    prompt_embeds, pooled = model.encode_prompt(list(prompts))  # [B, L, D], [B, D']
+    num = len(prompts) * group_size
+    neg = neg_pooled = None
+    if cfg_scale > 0:
+        neg_one, neg_pooled_one = model.encode_negative_prompt(1)  # [1, L', D], [1, D']
+        neg = neg_one.expand(num, *neg_one.shape[1:])
+        neg_pooled = neg_pooled_one.expand(num, *neg_pooled_one.shape[1:])
+    return Conditioning(
+        prompt_embeds=repeat_groups(prompt_embeds, group_size), pooled=repeat_groups(pooled, group_size),
+        negative_prompt_embeds=neg, negative_pooled=neg_pooled,
+    )
+
+
+def initial_noise(num_prompts: int, group_size: int, latent_shape: tuple[int, int, int], *, same_in_group: bool,
+                  generator: torch.Generator, device: torch.device) -> Tensor:
+    """x_0 ~ N(0, I): [N, C, h, w] fp32; with ``same_in_group`` one draw per prompt shared by its G samples."""
+    rows = num_prompts if same_in_group else num_prompts * group_size
+    noise = torch.randn((rows, *latent_shape), generator=generator, device=generator.device, dtype=torch.float32)
+    noise = noise.to(device)
+    return repeat_groups(noise, group_size) if same_in_group else noise
+
+
+def denoise_loop(model, x: Tensor, cond: Conditioning, sigmas: Tensor, settings: SamplerSettings,
+                 generator: Optional[torch.Generator], latents_out: Optional[Tensor] = None,
+                 log_probs_out: Optional[Tensor] = None) -> Tensor:
+    """Run all T steps on one micro-batch of n samples and return x_T [n, C, h, w] fp32.
+
+    x: [n, C, h, w] fp32 initial noise; cond: n rows; sigmas: [T + 1] fp32 (CPU). When given, x_0..x_T are
+    written into the STEP-MAJOR ``latents_out`` [T + 1, n, C, h, w] (each step's slot is contiguous, so the
+    sampler writes x' in place: no copy per step) and the step log-probs into ``log_probs_out`` [T, n].
+    """
+    sigma_list = sigmas.tolist()  # one host read for the whole loop; the step math uses these floats
+    num_steps = len(sigma_list) - 1
+    n = x.shape[0]
+    # Row i is sigma_i repeated n times: views made once, indexed by step (never looked up by float timestep).
+    sigma_rows = sigmas.to(x.device).unsqueeze(1).expand(num_steps + 1, n).unbind(0)
+    coefs = [step_coefficients(settings.sampler, sigma_list[i], sigma_list[i + 1], eta=settings.eta,
+                               sigma_max=sigma_list[1], ndim=x.ndim) for i in range(num_steps)]
+    variant = effective_logprob_variant(settings.sampler, settings.logprob_variant)
+    dtype = model.dtype
+    if latents_out is not None:
+        x = latents_out[0].copy_(x)
+    for i in range(num_steps):
+        v = guided_velocity(model, x, sigma_rows[i], cond, settings.cfg_scale, dtype)
+        slot = None if latents_out is None else latents_out[i + 1]
+        if settings.sampler == "ode":
+            x = step_mean(x, v, coefs[i])
+            if slot is not None:
+                x = slot.copy_(x)
+        else:
+            result = sample_with_coefficients(x, v, coefs[i], variant, generator, None, out=slot)
+            x = result.next_latents
+            if log_probs_out is not None:
+                log_probs_out[i] = result.log_prob
+    return x
+
+
+def _validate(sampler: str, logprob_variant: str, eta: float, num_inference_steps: int, group_size: int,
+              cfg_scale: float, num_prompts: int) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler (--atrain_sde_sampler) must be one of {', '.join(SAMPLERS)}; got {sampler!r}.")
+    if logprob_variant not in LOGPROB_VARIANTS:
+        raise ValueError(f"--logprob_variant must be one of {', '.join(LOGPROB_VARIANTS)}; got {logprob_variant!r}.")
+    if sampler != "ode" and not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta (--sde_eta) must be in [0, 1]; got {eta}.")
+    if num_inference_steps < 1:
+        raise ValueError(f"--num_inference_steps must be >= 1; got {num_inference_steps}.")
+    if group_size < 1:
+        raise ValueError(f"group_size (--rollout_n) must be >= 1; got {group_size}.")
+    if cfg_scale < 0:
+        raise ValueError(f"cfg_scale (--rollout_cfg_scale) must be >= 0 (0 disables CFG); got {cfg_scale}.")
+    if num_prompts < 1:
+        raise ValueError("rollout needs at least one prompt.")
+
+
+def decode_images(model, latents: Tensor, micro_batch_size: Optional[int]) -> Tensor:
+    """VAE-decode [N, C, h, w] latents in micro-batches -> images [N, 3, H, W] fp32 in [0, 1]."""
+    dtype = model.dtype
+    chunks = [model.decode_latents(latents[rows].to(dtype)).float()
+              for rows in split_rows(len(latents), micro_batch_size)]
+    return torch.cat(chunks).clamp_(0.0, 1.0)
+
+
+def rollout(model, prompts: Sequence[str], *, group_size: int, sampler: Sampler, eta: float,
+            logprob_variant: LogProbVariant, num_inference_steps: int, height: int, width: int, cfg_scale: float,
+            init_same_noise: bool, generator: torch.Generator, micro_batch_size: Optional[int] = None,
+            decode: bool = True) -> Trajectory:
+    """Sample G images for each of the B unique ``prompts`` and record the trajectory.
+
+    Returns a :class:`Trajectory` with N = B * G rows (prompt b's samples at rows b*G .. b*G + G - 1).
+    ``micro_batch_size`` bounds the rows per model forward (None: all at once). ``generator`` drives the
+    initial and per-step noise (put it on the model's device to avoid host-to-device copies per step).
+    """
+    _validate(sampler, logprob_variant, eta, num_inference_steps, group_size, cfg_scale, len(prompts))
+    settings = SamplerSettings(sampler=sampler, eta=float(eta), logprob_variant=logprob_variant,
+                               cfg_scale=float(cfg_scale))
+    device = model.device
+    with torch.no_grad():
+        cond = encode_conditioning(model, prompts, group_size, cfg_scale)
+        sigmas = model.sigma_schedule(num_inference_steps, height, width).detach().to("cpu", torch.float32)
+        latent_shape = tuple(model.latent_shape(height, width))
+        x0 = initial_noise(len(prompts), group_size, latent_shape, same_in_group=init_same_noise,
+                           generator=generator, device=device)
+        num = x0.shape[0]
+        # Step-major storage (see denoise_loop); the Trajectory sees [N, T + 1, ...] / [N, T] views of it.
+        latents = torch.empty((num_inference_steps + 1, num, *latent_shape), dtype=torch.float32, device=device)
+        log_probs = None if sampler == "ode" else torch.empty((num_inference_steps, num), dtype=torch.float32,
+                                                              device=device)
+        for rows in split_rows(num, micro_batch_size):
+            denoise_loop(model, x0[rows], cond.select(rows), sigmas, settings, generator, latents[:, rows],
+                         None if log_probs is None else log_probs[:, rows])
+        images = decode_images(model, latents[-1], micro_batch_size) if decode else None
+    return Trajectory(
+        prompts=[p for p in prompts for _ in range(group_size)], group_size=group_size, conditioning=cond,
+        latents=latents.transpose(0, 1), log_probs=None if log_probs is None else log_probs.transpose(0, 1),
+        sigmas=sigmas,
+        sampler_stds=sampler_std_schedule(sampler, sigmas, eta=settings.eta), settings=settings, images=images,
+    )
+
+
+@dataclass(frozen=True)
+class RecomputedStep:
+    """One step re-evaluated under the current model (grad mode is the caller's).
+
+    log_prob: [n] of the recorded transition; velocity: [n, C, h, w] fp32 (for the v-based KL);
+    mean: [n, C, h, w] fp32 Gaussian mean (for the x-based KL); sampler_std: s_t of the step (float).
+    """
+
+    log_prob: Tensor
+    velocity: Tensor
+    mean: Tensor
+    sampler_std: float
+
+
+def recompute_step(model, trajectory: Trajectory, step: int, rows: Rows = slice(None)) -> RecomputedStep:
+    """Re-run the model on the recorded x_step of ``rows`` and score the recorded transition (same arithmetic as
+    the rollout, so with unchanged weights and the same micro-batch the log-prob equals the recorded one)."""
+    settings = trajectory.settings
+    if settings.sampler == "ode":
+        raise ValueError("an ODE trajectory has no log-probs to recompute; roll out with cps_sde or flow_sde.")
+    x, x_next = trajectory.transition(step, rows)
+    sigma, sigma_next = trajectory.sigma_pair(step)
+    sigma_vec = trajectory.sigmas[step].to(x.device).expand(x.shape[0])
+    v = guided_velocity(model, x, sigma_vec, trajectory.conditioning.select(rows), settings.cfg_scale)
+    coefs = step_coefficients(settings.sampler, sigma, sigma_next, eta=settings.eta,
+                              sigma_max=trajectory.sigma_max, ndim=x.ndim)
+    mean = step_mean(x, v, coefs)
+    variant = effective_logprob_variant(settings.sampler, settings.logprob_variant)
+    log_prob = gaussian_log_prob(x_next, mean, coefs.noise_std, variant)
+    return RecomputedStep(log_prob=log_prob, velocity=v, mean=mean, sampler_std=float(coefs.sampler_std))
+
+
+def generate_images(model, prompts: Sequence[str], *, num_inference_steps: int, height: int, width: int,
+                    cfg_scale: float, generator: torch.Generator, micro_batch_size: Optional[int] = None) -> Tensor:
+    """Deterministic ODE (Euler) generation for evaluation: one image per prompt -> [len(prompts), 3, H, W] in [0, 1].
+
+    The reference evaluates with cfg_scale 4.0 and 50 steps (eval.yaml carries both per dataset).
+    """
+    _validate("ode", "reference", 0.0, num_inference_steps, 1, cfg_scale, len(prompts))
+    settings = SamplerSettings(sampler="ode", eta=0.0, logprob_variant="reference", cfg_scale=float(cfg_scale))
+    with torch.no_grad():
+        cond = encode_conditioning(model, prompts, 1, cfg_scale)
+        sigmas = model.sigma_schedule(num_inference_steps, height, width).detach().to("cpu", torch.float32)
+        latent_shape = tuple(model.latent_shape(height, width))
+        x0 = initial_noise(len(prompts), 1, latent_shape, same_in_group=False, generator=generator,
+                           device=model.device)
+        finals = [denoise_loop(model, x0[rows], cond.select(rows), sigmas, settings, None, None, None)
+                  for rows in split_rows(len(prompts), micro_batch_size)]
+        return decode_images(model, torch.cat(finals), micro_batch_size)

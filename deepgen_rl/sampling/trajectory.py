@@ -1,0 +1,131 @@
+"""Typed records passed from the rollout to the trainer.
+
+Shape legend: B prompts, G group size, N = B * G samples (the G copies of a prompt adjacent), T steps,
+C/h/w latent channels/height/width, L/L' prompt/negative-prompt tokens, D/D' sequence/pooled widths,
+H/W image height/width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from deepgen_rl.sampling.steps import LogProbVariant, Sampler
+
+Rows = Union[slice, Sequence[int], Tensor]
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How a trajectory was sampled; training must recompute with the very same settings (ratio 1 at step one)."""
+
+    sampler: Sampler
+    eta: float
+    logprob_variant: LogProbVariant
+    cfg_scale: float  # 0 = no CFG
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Text conditioning of n samples (n = N or a micro-batch of it).
+
+    prompt_embeds: [n, L, D]; pooled: [n, D']; negative_*: the CFG "Generate an image." embeddings
+    ([n, L', D], [n, D'], possibly expanded views) or None when CFG is off.
+    """
+
+    prompt_embeds: Tensor
+    pooled: Tensor
+    negative_prompt_embeds: Optional[Tensor] = None
+    negative_pooled: Optional[Tensor] = None
+
+    def select(self, rows: Rows) -> "Conditioning":
+        """The conditioning of a subset of samples (slice, index list or index tensor)."""
+        neg = self.negative_prompt_embeds
+        neg_pooled = self.negative_pooled
+        return Conditioning(
+            prompt_embeds=self.prompt_embeds[rows],
+            pooled=self.pooled[rows],
+            negative_prompt_embeds=None if neg is None else neg[rows],
+            negative_pooled=None if neg_pooled is None else neg_pooled[rows],
+        )
+
+
+@dataclass
+class Trajectory:
+    """One rollout of N samples (T steps), recorded for the GRPO update.
+
+    latents: [N, T + 1, C, h, w] fp32, x_0 (pure noise, sigma_0) .. x_T (the sample). A transposed view of
+        step-major storage (each step's [N, C, h, w] block contiguous): index it, or ``.reshape``, not ``.view``.
+    log_probs: [N, T] fp32 log-prob of each recorded transition (None for the ODE); same layout note.
+    sigmas: [T + 1] fp32 on CPU, sigma of each latent (sigmas[T] == 0).
+    sampler_stds: [T] fp32 on CPU, the sampler std s_t of each step (what the KL divides by).
+    images: [N, 3, H, W] float in [0, 1], or None when decoding was skipped.
+    prompts: N prompts (each unique prompt repeated G times, adjacent).
+    """
+
+    prompts: list[str]
+    group_size: int
+    conditioning: Conditioning
+    latents: Tensor
+    log_probs: Optional[Tensor]
+    sigmas: Tensor
+    sampler_stds: Tensor
+    settings: SamplerSettings
+    images: Optional[Tensor] = None
+
+    @property
+    def num_samples(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.latents.shape[1] - 1
+
+    @property
+    def prompt_embeds(self) -> Tensor:
+        return self.conditioning.prompt_embeds
+
+    @property
+    def pooled(self) -> Tensor:
+        return self.conditioning.pooled
+
+    @property
+    def sigma_max(self) -> float:
+        """sigmas[1]: Flow-SDE's stand-in denominator where sigma == 1."""
+        return float(self.sigmas[1])
+
+    def sigma_pair(self, step: int) -> tuple[float, float]:
+        """(sigma, sigma_next) of step ``step`` as python floats (exactly the values the rollout used)."""
+        self._check_step(step)
+        return float(self.sigmas[step]), float(self.sigmas[step + 1])
+
+    def transition(self, step: int, rows: Rows = slice(None)) -> tuple[Tensor, Tensor]:
+        """(x, x_next) of step ``step`` for ``rows``: two contiguous fp32 tensors [n, C, h, w]."""
+        self._check_step(step)
+        x = self.latents[rows, step].contiguous()
+        x_next = self.latents[rows, step + 1].contiguous()
+        return x, x_next
+
+    def _check_step(self, step: int) -> None:
+        if not 0 <= step < self.num_steps:
+            raise IndexError(f"step {step} is outside 0..{self.num_steps - 1} of this "
+                             f"{self.num_steps}-step trajectory.")
+
+
+def split_rows(num_samples: int, micro_batch_size: Optional[int]) -> list[slice]:
+    """Consecutive row slices of at most ``micro_batch_size`` (all rows in one slice when None)."""
+    if micro_batch_size is not None and micro_batch_size <= 0:
+        raise ValueError(f"micro_batch_size must be a positive integer; got {micro_batch_size}.")
+    size = num_samples if micro_batch_size is None else micro_batch_size
+    return [slice(start, min(start + size, num_samples)) for start in range(0, num_samples, max(size, 1))]
+
+
+def repeat_groups(tensor: Tensor, group_size: int) -> Tensor:
+    """[B, ...] -> [B * G, ...], each row repeated G times in place (the G copies adjacent)."""
+    return torch.repeat_interleave(tensor, group_size, dim=0)
+
+
+__all__ = ["Conditioning", "Rows", "SamplerSettings", "Trajectory", "repeat_groups", "split_rows"]

@@ -1,0 +1,135 @@
+"""GRPO / GDPO advantages against values worked out here with plain Python arithmetic."""
+
+import math
+
+import pytest
+import torch
+
+from deepgen_rl.rl.advantages import compute_advantages, gdpo_advantages, grpo_advantages
+
+NAN = float("nan")
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def _std(xs):  # unbiased, as torch.Tensor.std
+    m = _mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _normalise(xs, floor=0.0):
+    m, sd = _mean(xs), _std(xs)
+    return [(x - m) / (max(sd, floor) + 1e-4) for x in xs]
+
+
+# 2 prompts x 4 samples, 2 rewards. Prompt A's dataset uses both rewards (weights 1.0 and 0.5); prompt B's
+# dataset uses only reward 0, so its reward-1 scores were never computed (NaN).
+REWARDS = [[0.2, 1.0], [0.4, 0.0], [0.6, 0.0], [0.8, 1.0],
+           [0.5, NAN], [0.5, NAN], [0.9, NAN], [0.1, NAN]]
+WEIGHTS = [[1.0, 0.5]] * 4 + [[1.0, 0.0]] * 4
+
+
+def test_gdpo_hand_worked_two_prompts_four_samples_two_rewards():
+    res = gdpo_advantages(torch.tensor(REWARDS), torch.tensor(WEIGHTS), 4, std_floor=0.0, clip=5.0)
+
+    # Prompt A, reward 0: mean 0.5, deviations -0.3 -0.1 0.1 0.3, unbiased var 0.2 / 3.
+    sd = math.sqrt(0.2 / 3)
+    a_r0 = [-0.3 / (sd + 1e-4), -0.1 / (sd + 1e-4), 0.1 / (sd + 1e-4), 0.3 / (sd + 1e-4)]
+    assert a_r0 == pytest.approx(_normalise([0.2, 0.4, 0.6, 0.8]))
+    # Prompt A, reward 1: mean 0.5, deviations +-0.5, unbiased var 1 / 3.
+    sd1 = math.sqrt(1 / 3)
+    a_r1 = [0.5 / (sd1 + 1e-4), -0.5 / (sd1 + 1e-4), -0.5 / (sd1 + 1e-4), 0.5 / (sd1 + 1e-4)]
+    # Prompt B, reward 0 only: mean 0.5, deviations 0 0 0.4 -0.4, unbiased var 0.32 / 3.
+    sd_b = math.sqrt(0.32 / 3)
+    b_r0 = [0.0, 0.0, 0.4 / (sd_b + 1e-4), -0.4 / (sd_b + 1e-4)]
+    summed = [1.0 * a + 0.5 * b for a, b in zip(a_r0, a_r1)] + b_r0
+    expected = [max(-5.0, min(5.0, x)) for x in _normalise(summed)]
+
+    assert res.advantages.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert res.valid.all() and res.num_valid == 8 and res.num_groups == 2
+    assert res.zero_variance_group_fraction == 0.0 and res.clip_fraction == 0.0
+
+
+def test_grpo_hand_worked_weighted_sum_then_group_normalisation():
+    res = grpo_advantages(torch.tensor(REWARDS), torch.tensor(WEIGHTS), 4, std_floor=0.0, clip=5.0)
+    total_a = [0.2 + 0.5, 0.4, 0.6, 0.8 + 0.5]  # r0 + 0.5 r1
+    total_b = [0.5, 0.5, 0.9, 0.1]
+    expected = _normalise(total_a) + _normalise(total_b)
+    assert res.advantages.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_gdpo_with_one_reward_is_grpo_then_batch_normalised():
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.rand(12, 1, generator=g)
+    weights = torch.ones(12, 1)
+    grpo = grpo_advantages(rewards, weights, 3, std_floor=0.0, clip=100.0).advantages.double()
+    gdpo = gdpo_advantages(rewards, weights, 3, std_floor=0.0, clip=100.0).advantages
+    torch.testing.assert_close(gdpo, ((grpo - grpo.mean()) / (grpo.std() + 1e-4)).float(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(gdpo, grpo.float())  # the batch normalisation does change the scale
+
+
+def test_invalid_samples_are_excluded_from_their_group_and_get_zero():
+    rewards = [row[:] for row in REWARDS]
+    rewards[2] = [NAN, NAN]  # the reward server failed on sample 2
+    valid = torch.tensor([True, True, False, True, True, True, True, True])
+    res = gdpo_advantages(torch.tensor(rewards), torch.tensor(WEIGHTS), 4, valid=valid, std_floor=0.0, clip=5.0)
+    a_r0 = _normalise([0.2, 0.4, 0.8])
+    a_r1 = _normalise([1.0, 0.0, 1.0])
+    summed = [a + 0.5 * b for a, b in zip(a_r0, a_r1)] + _normalise([0.5, 0.5, 0.9, 0.1])
+    batch = _normalise(summed)
+    expected = batch[:2] + [0.0] + batch[2:]
+    assert res.advantages.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert res.valid.tolist() == valid.tolist() and res.num_valid == 7
+
+
+def test_group_with_one_valid_sample_carries_no_signal():
+    rewards = torch.tensor([[1.0], [0.0], [0.3], [0.9]])
+    valid = torch.tensor([True, False, True, True])
+    res = grpo_advantages(rewards, torch.ones(4, 1), 2, valid=valid, std_floor=0.0, clip=5.0)
+    assert res.advantages[:2].tolist() == [0.0, 0.0]
+    assert res.advantages[2:].tolist() == pytest.approx(_normalise([0.3, 0.9]), rel=1e-5)
+    assert res.zero_variance_group_fraction == 0.5
+
+
+def test_std_floor_bounds_near_constant_rewards():
+    rewards = torch.tensor([[0.5], [0.5], [0.5], [0.5003]])
+    plain = grpo_advantages(rewards, torch.ones(4, 1), 4, std_floor=0.0, clip=5.0).advantages
+    floored = grpo_advantages(rewards, torch.ones(4, 1), 4, std_floor=0.1, clip=5.0).advantages
+    xs = [0.5, 0.5, 0.5, 0.5003]
+    m = _mean(xs)
+    assert floored.tolist() == pytest.approx([(x - m) / (0.1 + 1e-4) for x in xs], rel=1e-4, abs=1e-7)
+    assert plain.tolist() == pytest.approx(_normalise(xs), rel=1e-4)
+    assert plain.abs().max() > 0.5 > 100 * floored.abs().max()
+
+
+def test_clipping_and_clip_fraction():
+    rewards = torch.tensor([[0.0], [0.0], [0.0], [1.0]])
+    res = grpo_advantages(rewards, torch.ones(4, 1), 4, std_floor=0.0, clip=1.0)
+    raw = _normalise([0.0, 0.0, 0.0, 1.0])  # -0.5, -0.5, -0.5, 1.5 (up to the 1e-4)
+    assert res.advantages.tolist() == pytest.approx([max(-1.0, min(1.0, x)) for x in raw], rel=1e-5)
+    assert res.clip_fraction == 0.25
+
+
+def test_zero_variance_group_fraction():
+    # Three groups: constant; varying; reward 0 constant but unused reward 1 varying (still no signal).
+    rewards = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.2, 0.0], [0.7, 0.0], [0.5, 0.1], [0.5, 0.9]])
+    weights = torch.tensor([[1.0, 0.0]] * 6)
+    for fn in (gdpo_advantages, grpo_advantages):
+        res = fn(rewards, weights, 2, std_floor=0.0, clip=5.0)
+        assert res.zero_variance_group_fraction == pytest.approx(2 / 3)
+        assert res.advantages[[0, 1, 4, 5]].abs().max() < 1e-6
+
+
+def test_bad_inputs_are_reported():
+    with pytest.raises(ValueError, match="marked valid"):
+        gdpo_advantages(torch.tensor([[NAN], [1.0]]), torch.ones(2, 1), 2, std_floor=0.0, clip=5.0)
+    with pytest.raises(ValueError, match="group_size"):
+        grpo_advantages(torch.zeros(5, 1), torch.ones(5, 1), 2, std_floor=0.0, clip=5.0)
+    with pytest.raises(ValueError, match="weights must match"):
+        grpo_advantages(torch.zeros(4, 2), torch.ones(4, 1), 2, std_floor=0.0, clip=5.0)
+    with pytest.raises(ValueError, match="--atrain_adv_type"):
+        compute_advantages("ppo", torch.zeros(4, 1), torch.ones(4, 1), 2, std_floor=0.0, clip=5.0)
+    with pytest.raises(ValueError, match="--advantage_clip"):
+        grpo_advantages(torch.rand(4, 1), torch.ones(4, 1), 2, std_floor=0.0, clip=0.0)

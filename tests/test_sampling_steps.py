@@ -1,0 +1,200 @@
+"""One-step samplers against closed forms written out here (DESIGN.md section 4), torch.distributions and
+empirical statistics."""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal
+
+from deepgen_rl.sampling.steps import (
+    cps_sde_step,
+    flow_sde_step,
+    gaussian_log_prob,
+    ode_step,
+    sampler_std_schedule,
+    sampler_step,
+    step_coefficients,
+    transition_log_prob,
+    transition_mean,
+)
+
+DIMS = (1, 2, 3)
+
+
+def _xv(seed=0, n=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, 3, 5, generator=g), torch.randn(n, 4, 3, 5, generator=g)
+
+
+def _cps_by_hand(x, v, s, s_next, eta):
+    """The CPS paper / reference formula: x0_hat, eps_hat, s_t = s' sin(eta pi / 2)."""
+    s_t = s_next * math.sin(eta * math.pi / 2)
+    x0_hat = x - s * v
+    eps_hat = x + (1 - s) * v
+    mean = (1 - s_next) * x0_hat + math.sqrt(s_next ** 2 - s_t ** 2) * eps_hat
+    return mean, s_t
+
+
+def _flow_by_hand(x, v, s, s_next, eta, sigma_max):
+    """Flow-GRPO: a = eta sqrt(s / (1 - s)) (sigma_max in the denominator at s == 1)."""
+    dt = s_next - s
+    a = eta * math.sqrt(s / (1 - (sigma_max if s == 1 else s)))
+    mean = x * (1 + a ** 2 * dt / (2 * s)) + v * (1 + a ** 2 * (1 - s) / (2 * s)) * dt
+    return mean, a, a * math.sqrt(-dt)
+
+
+@pytest.mark.parametrize("s,s_next,eta", [(0.9, 0.75, 1.0), (0.5, 0.3, 0.6), (0.2, 0.05, 0.3)])
+def test_cps_exact_log_prob_is_the_gaussian_density(s, s_next, eta):
+    x, v = _xv()
+    g = torch.Generator().manual_seed(1)
+    res = cps_sde_step(x, v, s, s_next, eta=eta, logprob_variant="exact", generator=g)
+    mean, s_t = _cps_by_hand(x, v, s, s_next, eta)
+    torch.testing.assert_close(res.mean, mean, rtol=1e-5, atol=1e-6)
+    assert res.sampler_std == pytest.approx(s_t) and res.noise_std == pytest.approx(s_t)
+    expected = Normal(mean, s_t).log_prob(res.next_latents).mean(DIMS)
+    torch.testing.assert_close(res.log_prob, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("s,s_next,eta", [(0.9, 0.75, 1.0), (0.5, 0.3, 0.6)])
+def test_cps_reference_log_prob_matches_the_reference_formula(s, s_next, eta):
+    x, v = _xv(2)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    res = cps_sde_step(x, v, s, s_next, eta=eta, logprob_variant="reference", noise=noise)
+    mean, s_t = _cps_by_hand(x, v, s, s_next, eta)
+    x_next = mean + s_t * noise
+    torch.testing.assert_close(res.next_latents, x_next, rtol=1e-5, atol=1e-6)
+    # reference: log_prob = -((prev_sample - prev_sample_mean) ** 2), averaged over all but the batch dim
+    expected = -((x_next - mean) ** 2).mean(DIMS)
+    torch.testing.assert_close(res.log_prob, expected, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(res.log_prob, Normal(mean, s_t).log_prob(x_next).mean(DIMS))
+
+
+@pytest.mark.parametrize("s,s_next,eta", [(1.0, 0.93, 0.7), (0.6, 0.45, 0.7), (0.3, 0.0, 0.5)])
+def test_flow_sde_log_prob_is_the_gaussian_density(s, s_next, eta):
+    x, v = _xv(4)
+    sigma_max = 0.93
+    res = flow_sde_step(x, v, s, s_next, eta=eta, sigma_max=sigma_max, generator=torch.Generator().manual_seed(5))
+    mean, a, std = _flow_by_hand(x, v, s, s_next, eta, sigma_max)
+    torch.testing.assert_close(res.mean, mean, rtol=1e-5, atol=1e-6)
+    assert res.sampler_std == pytest.approx(a) and res.noise_std == pytest.approx(std)
+    expected = Normal(mean, std).log_prob(res.next_latents).mean(DIMS)
+    torch.testing.assert_close(res.log_prob, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cps_step_statistics_match_the_closed_form():
+    torch.manual_seed(0)
+    x, v = torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2)
+    s, s_next, eta, draws = 0.8, 0.6, 0.7, 40000
+    res = cps_sde_step(x.expand(draws, -1, -1, -1), v.expand(draws, -1, -1, -1), s, s_next, eta=eta,
+                       logprob_variant="reference", generator=torch.Generator().manual_seed(6))
+    mean, s_t = _cps_by_hand(x, v, s, s_next, eta)
+    emp_mean, emp_std = res.next_latents.mean(0), res.next_latents.std(0)
+    assert torch.allclose(emp_mean, mean[0], atol=5 * s_t / math.sqrt(draws))
+    assert torch.allclose(emp_std, torch.full_like(emp_std, s_t), rtol=0.03)
+
+
+def test_flow_sde_step_statistics_match_the_closed_form():
+    torch.manual_seed(1)
+    x, v = torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2)
+    s, s_next, eta, draws = 0.7, 0.5, 0.7, 40000
+    res = flow_sde_step(x.expand(draws, -1, -1, -1), v.expand(draws, -1, -1, -1), s, s_next, eta=eta,
+                        sigma_max=0.95, generator=torch.Generator().manual_seed(7))
+    mean, _, std = _flow_by_hand(x, v, s, s_next, eta, 0.95)
+    assert torch.allclose(res.next_latents.mean(0), mean[0], atol=5 * std / math.sqrt(draws))
+    assert torch.allclose(res.next_latents.std(0), torch.full((2, 2, 2), std), rtol=0.03)
+
+
+def test_flow_sde_at_eta_zero_is_the_ode_step():
+    x, v = _xv(8)
+    for s, s_next in [(1.0, 0.9), (0.55, 0.4), (0.2, 0.0)]:
+        sde = flow_sde_step(x, v, s, s_next, eta=0.0, sigma_max=0.9, generator=torch.Generator().manual_seed(0))
+        ode = ode_step(x, v, s, s_next)
+        assert torch.equal(sde.next_latents, ode.next_latents)
+        torch.testing.assert_close(ode.next_latents, x + (s_next - s) * v)
+        assert ode.log_prob is None and ode.sampler_std == 0.0
+
+
+def test_cps_at_eta_zero_is_deterministic_ddim():
+    x, v = _xv(9)
+    res = cps_sde_step(x, v, 0.7, 0.4, eta=0.0, logprob_variant="exact", generator=torch.Generator().manual_seed(0))
+    # eta = 0: x' = (1 - s') x0_hat + s' eps_hat (deterministic), the degenerate log-prob is reported as 0
+    torch.testing.assert_close(res.next_latents, 0.6 * (x - 0.7 * v) + 0.4 * (x + 0.3 * v))
+    assert torch.equal(res.log_prob, torch.zeros(3))
+
+
+def test_given_noise_and_generator_paths_agree():
+    x, v = _xv(10)
+    g1, g2 = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    by_gen = cps_sde_step(x, v, 0.5, 0.4, eta=1.0, logprob_variant="reference", generator=g1)
+    noise = torch.randn(x.shape, generator=g2)
+    by_noise = cps_sde_step(x, v, 0.5, 0.4, eta=1.0, logprob_variant="reference", noise=noise)
+    assert torch.equal(by_gen.next_latents, by_noise.next_latents)
+    with pytest.raises(ValueError, match="noise has shape"):
+        cps_sde_step(x, v, 0.5, 0.4, eta=1.0, logprob_variant="reference", noise=torch.randn(2, 4, 3, 5))
+
+
+@pytest.mark.parametrize("sampler,variant", [("cps_sde", "reference"), ("cps_sde", "exact"), ("flow_sde", "exact")])
+def test_transition_log_prob_recomputes_the_step_exactly(sampler, variant):
+    x, v = _xv(12)
+    res = sampler_step(sampler, x, v, 0.8, 0.65, eta=0.8, sigma_max=0.9, logprob_variant=variant,
+                       generator=torch.Generator().manual_seed(13))
+    again = transition_log_prob(x, res.next_latents, v, 0.8, 0.65, sampler=sampler, eta=0.8, sigma_max=0.9,
+                                logprob_variant=variant)
+    assert torch.equal(again, res.log_prob)
+    assert torch.equal(transition_mean(x, v, 0.8, 0.65, sampler=sampler, eta=0.8, sigma_max=0.9), res.mean)
+    # Under another model output the same transition is scored with that output's mean (by hand here).
+    v2 = v + 0.5
+    other = transition_log_prob(x, res.next_latents, v2, 0.8, 0.65, sampler=sampler, eta=0.8, sigma_max=0.9,
+                                logprob_variant=variant)
+    if sampler == "cps_sde":
+        mean2, std = _cps_by_hand(x, v2, 0.8, 0.65, 0.8)
+    else:
+        mean2, _, std = _flow_by_hand(x, v2, 0.8, 0.65, 0.8, 0.9)
+    if variant == "reference":
+        expected = -((res.next_latents - mean2) ** 2).mean(DIMS)
+    else:
+        expected = Normal(mean2, std).log_prob(res.next_latents).mean(DIMS)
+    torch.testing.assert_close(other, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(other, res.log_prob)
+
+
+def test_per_sample_tensor_sigmas_match_the_float_path():
+    x, v = _xv(14, n=3)
+    sig = torch.tensor([1.0, 0.6, 0.3])
+    sig_next = torch.tensor([0.9, 0.5, 0.0])
+    x_next = x + 0.1
+    for sampler, variant in [("cps_sde", "reference"), ("cps_sde", "exact"), ("flow_sde", "exact")]:
+        batched = transition_log_prob(x, x_next, v, sig, sig_next, sampler=sampler, eta=0.7, sigma_max=0.9,
+                                      logprob_variant=variant)
+        rows = [transition_log_prob(x[i:i + 1], x_next[i:i + 1], v[i:i + 1], float(sig[i]), float(sig_next[i]),
+                                    sampler=sampler, eta=0.7, sigma_max=0.9, logprob_variant=variant)
+                for i in range(3)]
+        torch.testing.assert_close(batched, torch.cat(rows), rtol=1e-5, atol=1e-6)
+
+
+def test_sampler_std_schedule_by_hand():
+    sigmas = torch.tensor([1.0, 0.8, 0.5, 0.0])
+    cps = sampler_std_schedule("cps_sde", sigmas, eta=0.5)
+    torch.testing.assert_close(cps, torch.tensor([0.8, 0.5, 0.0]) * math.sin(0.25 * math.pi))
+    flow = sampler_std_schedule("flow_sde", sigmas, eta=0.7)
+    expected = [0.7 * math.sqrt(1.0 / (1 - 0.8)), 0.7 * math.sqrt(0.8 / 0.2), 0.7 * math.sqrt(0.5 / 0.5)]
+    torch.testing.assert_close(flow, torch.tensor(expected))
+
+
+def test_exact_log_prob_with_zero_std_is_zero_and_reference_is_minus_msd():
+    x = torch.ones(2, 1, 2, 2)
+    assert torch.equal(gaussian_log_prob(x, x, 0.0, "exact"), torch.zeros(2))
+    assert torch.equal(gaussian_log_prob(x + 2, x, 0.0, "reference"), torch.full((2,), -4.0))
+
+
+def test_bad_arguments_name_the_problem():
+    x, v = _xv()
+    with pytest.raises(ValueError, match="sigma_max"):
+        flow_sde_step(x, v, 1.0, 0.9, eta=0.7, sigma_max=None)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        step_coefficients("ddim", 0.5, 0.4, eta=1.0, sigma_max=None)
+    with pytest.raises(ValueError, match="logprob_variant"):
+        cps_sde_step(x, v, 0.5, 0.4, eta=1.0, logprob_variant="approx")
+    with pytest.raises(ValueError, match="no transition log-prob"):
+        transition_log_prob(x, x, v, 0.5, 0.4, sampler="ode", eta=0.0, sigma_max=None, logprob_variant="exact")
