@@ -24,59 +24,18 @@
 # VLLM_SERVER_DEV_MODE=1, set here); prefix caching is on because every request repeats the same long instructions.
 set -euo pipefail
 
-die() { echo "error: $*" >&2; exit 2; }
-
-dry_run=0
-extra_args=()
-for arg in "$@"; do
-    case "$arg" in
-        --dry-run) dry_run=1 ;;
-        --) ;;
-        *) extra_args+=("$arg") ;;
-    esac
-done
-
-visible_gpus() {
-    if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
-        local ids
-        IFS=',' read -r -a ids <<< "$CUDA_VISIBLE_DEVICES"
-        echo "${#ids[@]}"
-    elif command -v nvidia-smi > /dev/null 2>&1; then
-        local n
-        n="$(nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true)"
-        echo "${n:-1}" | awk '{print ($1 > 0) ? $1 : 1}'
-    else
-        echo 1
-    fi
-}
-
-require_positive_int() {  # NAME VALUE
-    [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'."
-}
+source "$(dirname "${BASH_SOURCE[0]}")/utils/vllm_common.sh"
+vllm_parse_args "$@"
 
 model="${UNIGENBENCH_MODEL_PATH:-${UNIGENBENCH_MODEL:-CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1}}"
 served_name="${UNIGENBENCH_MODEL_NAME:-UniGenBench-EvalModel-qwen3vl-32b-v1}"
 port="${UNIGENBENCH_PORT:-8000}"
 host="${UNIGENBENCH_HOST:-0.0.0.0}"
-mode="${VLLM_PARALLEL_MODE:-dp}"
-gpu_util="${VLLM_GPU_MEMORY_UTILIZATION:-0.9}"
 [ -n "$model" ] || die "UNIGENBENCH_MODEL_PATH is empty: set it to the judge's model name or local folder."
 [ -n "$served_name" ] || die "UNIGENBENCH_MODEL_NAME is empty: set it to the name training asks for."
 require_positive_int UNIGENBENCH_PORT "$port"
-[[ "$gpu_util" =~ ^(0(\.[0-9]+)?|1(\.0+)?)$ ]] || die "VLLM_GPU_MEMORY_UTILIZATION must be a fraction in (0, 1], got '$gpu_util'."
 
-case "$mode" in
-    dp)
-        size="${VLLM_DATA_PARALLEL_SIZE:-$(visible_gpus)}"
-        require_positive_int VLLM_DATA_PARALLEL_SIZE "$size"
-        parallel_args=(--data-parallel-size "$size") ;;
-    tp)
-        size="${VLLM_TENSOR_PARALLEL_SIZE:-$(visible_gpus)}"
-        require_positive_int VLLM_TENSOR_PARALLEL_SIZE "$size"
-        parallel_args=(--tensor-parallel-size "$size") ;;
-    *)
-        die "VLLM_PARALLEL_MODE must be 'dp' (data parallel: one replica per GPU) or 'tp' (tensor parallel), got '$mode'." ;;
-esac
+vllm_parallel_args
 
 cmd=(vllm serve "$model"
      --host "$host" --port "$port"
@@ -87,16 +46,4 @@ cmd=(vllm serve "$model"
      --enable-prefix-caching
      "${extra_args[@]}")
 
-if [ "$dry_run" = 1 ]; then
-    printf 'VLLM_SERVER_DEV_MODE=1'
-    printf ' %q' "${cmd[@]}"
-    printf '\n'
-    exit 0
-fi
-
-command -v vllm > /dev/null 2>&1 || die "vllm is not on PATH: activate the environment that has vLLM (it is not a training dependency)."
-# vLLM lives in its own environment: do not let the training environment's paths leak into it.
-unset PYTHONPATH PYTHONHOME PYTORCH_CUDA_ALLOC_CONF
-export PYTHONNOUSERSITE=1 VLLM_SERVER_DEV_MODE=1
-echo "[eval_unigenbench_evalmodel.sh] serving $model as '$served_name' on $host:$port ($mode, size $size)" >&2
-exec "${cmd[@]}"
+vllm_run eval_unigenbench_evalmodel.sh "${cmd[@]}"

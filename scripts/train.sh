@@ -70,4 +70,4 @@ exec "$PYTHON" -m torch.distributed.run \
     --nnodes "$NNODES" --node_rank "$NODE_RANK" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
     --nproc_per_node "$NGPUS" \
-    deepgen_rl/grpo_deepgen.py "${args[@]}"
+    -m deepgen_rl.grpo_deepgen "${args[@]}"

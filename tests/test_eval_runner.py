@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from deepgen_rl.eval.dataset import BenchPrompt, load_eval_datasets
+from deepgen_rl.eval.dataset import load_eval_datasets
 from deepgen_rl.eval.judge import JudgeSettings
 from deepgen_rl.eval.report import JUDGEMENTS_CSV, REPORT_JSON, SAMPLES_DIR, SUMMARY_CSV, metrics_for_logging
 from deepgen_rl.eval.runner import EvalSettings, plan_work, run_evaluation, shard_work

@@ -29,12 +29,12 @@ from deepgen_rl.rewards.http_utils import (
     PermanentError,
     RetryableError,
     RetryPolicy,
-    RewardServerUnavailable,
     call_with_retries,
     join_url,
     make_client,
     parse_reply,
     png_data_url,
+    require_served_model,
     wait_for_health,
 )
 from deepgen_rl.rewards.protocol import (
@@ -46,7 +46,6 @@ from deepgen_rl.rewards.protocol import (
     ChatMessage,
     ImageContent,
     ImageUrl,
-    ModelList,
     TextContent,
 )
 
@@ -105,14 +104,10 @@ class UniGenBenchJudge:
         url = self.settings.url
         wait_for_health(url, VLLM_HEALTH_PATH, timeout_s or self.settings.health_timeout_s, "UniGenBench judge",
                         UNIGENBENCH_START_HINT)
-        outcome = call_with_retries(lambda: parse_reply(self._client.get(join_url(url, VLLM_MODELS_PATH)), ModelList),
-                                    self.policy, f"GET {VLLM_MODELS_PATH}")
-        served = [card.id for card in outcome.value.data] if outcome.value else []
-        if self.settings.model_name not in served:
-            raise RewardServerUnavailable(
-                f"UniGenBench judge at {url} serves {served or 'no readable model list'}, not "
-                f"{self.settings.model_name!r}: start vLLM with --served-model-name {self.settings.model_name} (the "
-                "script does) or set UNIGENBENCH_MODEL_NAME / --unigenbench_model_name.")
+        require_served_model(self._client, url, VLLM_MODELS_PATH, self.settings.model_name, self.policy,
+                             "UniGenBench judge",
+                             f"start vLLM with --served-model-name {self.settings.model_name} (the script does) or "
+                             "set UNIGENBENCH_MODEL_NAME / --unigenbench_model_name.")
 
     def submit(self, dataset: str, item: BenchPrompt, duplicate: int, image: Image.Image, language: Language,
                deadline: Optional[float] = None) -> "Future[ImageJudgement]":

@@ -166,3 +166,16 @@ def encode_png_base64(image: Image.Image) -> str:
 def png_data_url(image: Image.Image) -> str:
     """``data:image/png;base64,...`` as vLLM's OpenAI API accepts in ``image_url``."""
     return "data:image/png;base64," + encode_png_base64(image)
+
+
+def require_served_model(client: httpx.Client, url: str, models_path: str, model_name: str, policy: RetryPolicy,
+                         service: str, how_to_fix: str) -> None:
+    """Raise RewardServerUnavailable unless the vLLM server at ``url`` lists ``model_name`` (--served-model-name)."""
+    from deepgen_rl.rewards.protocol import ModelList  # protocol imports nothing from here; keep it one-way
+
+    outcome = call_with_retries(lambda: parse_reply(client.get(join_url(url, models_path)), ModelList), policy,
+                                f"GET {models_path}")
+    served = [card.id for card in outcome.value.data] if outcome.value else []
+    if model_name not in served:
+        raise RewardServerUnavailable(
+            f"{service} at {url} serves {served or 'no readable model list'}, not {model_name!r}: {how_to_fix}")

@@ -24,13 +24,12 @@ from deepgen_rl.rewards.base import RewardScores, check_batch, groups_by_id
 from deepgen_rl.rewards.http_utils import (
     RetryableError,
     RetryPolicy,
-    RewardServerUnavailable,
     call_with_retries,
     join_url,
     make_client,
-    parse_reply,
     png_data_url,
     post_json,
+    require_served_model,
     wait_for_health,
 )
 from deepgen_rl.rewards.protocol import (
@@ -42,7 +41,6 @@ from deepgen_rl.rewards.protocol import (
     ChatMessage,
     ImageContent,
     ImageUrl,
-    ModelList,
     TextContent,
 )
 from deepgen_rl.rewards.unifiedreward_template import (
@@ -120,14 +118,10 @@ class UnifiedRewardThinkClient:
         """The server answers /health and serves ``model_name`` (vLLM's --served-model-name)."""
         wait_for_health(self.url, VLLM_HEALTH_PATH, self.health_timeout_s, "UnifiedReward-Think server",
                         UNIFIEDREWARD_START_HINT)
-        outcome = call_with_retries(lambda: parse_reply(self._client.get(join_url(self.url, VLLM_MODELS_PATH)),
-                                                        ModelList), self.policy, f"GET {VLLM_MODELS_PATH}")
-        served = [card.id for card in outcome.value.data] if outcome.value else []
-        if self.model_name not in served:
-            raise RewardServerUnavailable(
-                f"UnifiedReward-Think server at {self.url} serves {served or 'no readable model list'}, not "
-                f"{self.model_name!r}: start vLLM with --served-model-name {self.model_name} (the script does) or "
-                f"set --unifiedreward_model_name.")
+        require_served_model(self._client, self.url, VLLM_MODELS_PATH, self.model_name, self.policy,
+                             "UnifiedReward-Think server",
+                             f"start vLLM with --served-model-name {self.model_name} (the script does) or set "
+                             "--unifiedreward_model_name.")
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str], group_ids: Sequence[int]) -> RewardScores:
         n = check_batch(images, prompts, group_ids)

@@ -1,0 +1,78 @@
+# Shared by scripts/reward_unifiedreward.sh and scripts/eval_unigenbench_evalmodel.sh (sourced, not run):
+# argument parsing, the dp/tp parallel flags, validation, and the dry-run / exec of a `vllm serve` command.
+#
+# After `source`, call:   vllm_parse_args "$@"     -> sets dry_run (0/1) and extra_args (passed to vLLM)
+#                          vllm_parallel_args       -> sets parallel_args, parallel_size from VLLM_PARALLEL_MODE
+#                          vllm_run NAME cmd...     -> prints the command (--dry-run) or execs it
+
+die() { echo "error: $*" >&2; exit 2; }
+
+require_positive_int() {  # NAME VALUE
+    [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'."
+}
+
+vllm_parse_args() {
+    dry_run=0
+    extra_args=()
+    local arg
+    for arg in "$@"; do
+        case "$arg" in
+            --dry-run) dry_run=1 ;;
+            --) ;;
+            *) extra_args+=("$arg") ;;
+        esac
+    done
+}
+
+visible_gpus() {
+    if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+        local ids
+        IFS=',' read -r -a ids <<< "$CUDA_VISIBLE_DEVICES"
+        echo "${#ids[@]}"
+    elif command -v nvidia-smi > /dev/null 2>&1; then
+        local n
+        n="$(nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true)"
+        echo "${n:-1}" | awk '{print ($1 > 0) ? $1 : 1}'
+    else
+        echo 1
+    fi
+}
+
+vllm_parallel_args() {
+    local mode="${VLLM_PARALLEL_MODE:-dp}"
+    gpu_util="${VLLM_GPU_MEMORY_UTILIZATION:-0.9}"
+    [[ "$gpu_util" =~ ^(0(\.[0-9]+)?|1(\.0+)?)$ ]] \
+        || die "VLLM_GPU_MEMORY_UTILIZATION must be a fraction in (0, 1], got '$gpu_util'."
+    case "$mode" in
+        dp)
+            parallel_size="${VLLM_DATA_PARALLEL_SIZE:-$(visible_gpus)}"
+            require_positive_int VLLM_DATA_PARALLEL_SIZE "$parallel_size"
+            parallel_args=(--data-parallel-size "$parallel_size") ;;
+        tp)
+            parallel_size="${VLLM_TENSOR_PARALLEL_SIZE:-$(visible_gpus)}"
+            require_positive_int VLLM_TENSOR_PARALLEL_SIZE "$parallel_size"
+            parallel_args=(--tensor-parallel-size "$parallel_size") ;;
+        *)
+            die "VLLM_PARALLEL_MODE must be 'dp' (data parallel: one replica per GPU) or 'tp' (tensor parallel), got '$mode'." ;;
+    esac
+    parallel_mode="$mode"
+}
+
+vllm_run() {  # NAME cmd...
+    local name="$1"
+    shift
+    if [ "$dry_run" = 1 ]; then
+        printf 'VLLM_SERVER_DEV_MODE=1'
+        printf ' %q' "$@"
+        printf '\n'
+        exit 0
+    fi
+    command -v vllm > /dev/null 2>&1 \
+        || die "vllm is not on PATH: activate the environment that has vLLM (it is not a training dependency)."
+    # vLLM lives in its own environment: do not let the training environment's paths leak into it.
+    unset PYTHONPATH PYTHONHOME PYTORCH_CUDA_ALLOC_CONF
+    # Sleep mode's /sleep and /wake_up endpoints exist only in vLLM's dev mode.
+    export PYTHONNOUSERSITE=1 VLLM_SERVER_DEV_MODE=1
+    echo "[$name] serving on ${host}:${port} ($parallel_mode, size $parallel_size): $*" >&2
+    exec "$@"
+}
