@@ -72,7 +72,7 @@ def test_real_reference_yaml_loads(reference_yaml):
     config = load_dataset_config(reference_yaml)
     assert [e.name for e in config.datasets][:2] == ["unigenbench_train_data_ocr", "qwenimage_textrender"]
     assert dict(config.datasets[0].rewards) == {"unifiedreward_think": 0.2, "clip_sim": 0.1, "ocr": 0.7}
-    assert config.datasets[0].path == reference_yaml.parent / "unigenbench_train_data_ocr.txt"
+    assert config.datasets[0].path.resolve() == (reference_yaml.parent / "unigenbench_train_data_ocr.txt").resolve()
 
 
 def test_real_reference_yaml_missing_prompt_files_are_named(reference_yaml):
