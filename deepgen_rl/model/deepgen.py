@@ -93,7 +93,9 @@ class DeepGenModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        # One parameter's dtype, as predict_velocity: diffusers' `transformer.dtype` walks every submodule, a cost
+        # paid on every sampler step and training chunk (benchmarks/bench_train_step.py).
+        return next(self.transformer.parameters()).dtype
 
     @property
     def num_queries(self) -> int:

@@ -1,0 +1,117 @@
+"""Entry point of GRPO training (torchrun): parse flags, build the parts, train, close.
+
+    torchrun --nproc_per_node $NGPUS -m deepgen_rl.grpo_deepgen --output_dir outputs/run \\
+        --deepspeed scripts/deepspeed/zero2.json --report_to wandb,swanlab ...
+
+Also runs as a single process without torchrun (``python -m deepgen_rl.grpo_deepgen ...``). Every flag and its
+default: deepgen_rl/config.py (``--help``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from typing import Optional
+
+# The guide: wandb and swanlab log OFFLINE unless the user exports another mode.
+TRACKER_MODE_DEFAULTS = {"WANDB_MODE": "offline", "SWANLAB_MODE": "offline"}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_single_process_env(environ) -> None:
+    """Outside torchrun, describe a one-process group so DeepSpeed and accelerate can initialise."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return
+    environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+    environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s rank{rank} %(name)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
+
+
+def _init_distributed():
+    """The process group (gloo on CPU, the accelerator's backend otherwise) and this rank's device."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed()
+    accelerator = get_accelerator()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(local_rank)
+    return accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu"
+
+
+def build_trainer(args, model_args, data_args, device: str):
+    """Model, prompt sampler, rewards, SFT-aux data and the trainer, from the parsed flags."""
+    import torch.distributed as dist
+    from transformers import set_seed
+
+    from deepgen_rl.data import PromptSampler, load_dataset_config
+    from deepgen_rl.model import load_deepgen_model
+    from deepgen_rl.rewards import RewardSettings, build_rewards
+    from deepgen_rl.rewards.reward_step import RewardStep
+    from deepgen_rl.trainer import DeepGenGRPOTrainer, LoraSettings, TrackerSettings
+    from deepgen_rl.trainer.eval_hook import build_eval_hook
+
+    rank = dist.get_rank()
+    set_seed(args.seed)
+    # Parsing --deepspeed registered the JSON with transformers, which would then build every from_pretrained
+    # model under deepspeed.zero.Init (ZeRO-3): partitioned before CHECKPOINT is loaded, with HF's own batch
+    # arithmetic. The trainer loads whole weights and lets deepspeed.initialize partition them.
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    dataset_config = load_dataset_config(data_args.dataset_config)
+    prompt_sampler = PromptSampler(dataset_config, seed=args.seed, rank=rank)
+    rewards = build_rewards(dataset_config.reward_names, RewardSettings.from_args(data_args, model_args, device))
+    reward_step = RewardStep(rewards, dataset_config.reward_names)
+    try:
+        sftaux_sampler = None
+        if args.sftaux_coef > 0:
+            from deepgen_rl.sft import SftAuxSampler, load_sftaux_config
+
+            sftaux_sampler = SftAuxSampler(load_sftaux_config(data_args.sftaux_dataset_config), seed=args.seed,
+                                           rank=rank, height=args.image_height, width=args.image_width)
+        model = load_deepgen_model(model_args)
+        lora = LoraSettings(model_args.lora_rank, model_args.lora_alpha) if model_args.use_lora else None
+        return DeepGenGRPOTrainer(
+            model, args, prompt_sampler=prompt_sampler, reward_step=reward_step,
+            num_prompts=sum(prompt_sampler.sizes), trainable_modules=model_args.trainable_modules, lora=lora,
+            sftaux_sampler=sftaux_sampler, eval_hook=build_eval_hook(args, data_args),
+            tracker=TrackerSettings.from_env(args.report_to, args.run_name, os.environ),
+        )
+    except BaseException:
+        reward_step.close()
+        raise
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    for name, value in TRACKER_MODE_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    ensure_single_process_env(os.environ)
+    from deepgen_rl.config import parse_args
+
+    args, model_args, data_args = parse_args(argv)
+    device = _init_distributed()
+    _setup_logging(int(os.environ.get("RANK", "0")))
+    trainer = build_trainer(args, model_args, data_args, device)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

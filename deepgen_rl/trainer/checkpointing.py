@@ -1,0 +1,221 @@
+"""Atomic ``checkpoint-N`` folders and exact resume (model, optimizer, scheduler, RNG, data position).
+
+Layout of ``<output_dir>/checkpoint-N/`` (a normal DeepSpeed checkpoint folder plus the trainer's files):
+
+    latest                          DeepSpeed tag file: "global_stepN"
+    global_stepN/                   engine.save_checkpoint(exclude_frozen_parameters=True): trainable weights
+                                    (mp_rank_00_model_states.pt, keys = DeepGenModel state-dict names such as
+                                    transformer.*), ZeRO optimizer partitions, LR scheduler
+    zero_to_fp32.py                 DeepSpeed's consolidation script (copied by DeepSpeed)
+    trainer_state.json              global step, data sampler states, metrics history, run shape
+    rng_state_{rank}.pth            python / numpy / torch / accelerator RNG of each rank
+
+Atomicity: every rank writes into ``tmp-checkpoint-N``; after a barrier one process renames it to
+``checkpoint-N`` (a rename within a directory is atomic), then a second barrier. A crash mid-save leaves only a
+``tmp-checkpoint-*`` folder, which resume ignores and the next save of that step replaces.
+
+Resume uses DeepSpeed's own ``load_checkpoint`` (strict=False, since frozen weights are not saved and come
+from the model paths): no DeepSpeed patch is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TMP_PREFIX = "tmp-checkpoint-"
+TRAINER_STATE_NAME = "trainer_state.json"
+_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """What the trainer itself must restore on resume (DeepSpeed restores weights, optimizer, scheduler)."""
+
+    global_step: int = 0
+    max_steps: int = 0
+    world_size: int = 1
+    global_batch_size: int = 0
+    prompt_sampler: dict = field(default_factory=dict)
+    sftaux_sampler: dict = field(default_factory=dict)
+    log_history: list = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, default=_json_default)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainerState":
+        data = json.loads(text)
+        known = {name for name in cls.__dataclass_fields__}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to trainer_state.json")
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoint_step(path: Path) -> Optional[int]:
+    match = _CHECKPOINT_RE.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete ``checkpoint-N`` folders (with a ``latest`` file), oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None and (p / "latest").is_file()]
+    return sorted(found, key=lambda p: checkpoint_step(p))
+
+
+def resolve_resume_path(resume_from_checkpoint: Optional[str], output_dir: str | Path) -> Optional[Path]:
+    """--resume_from_checkpoint: a checkpoint folder, or "latest"/"true" for the newest one in --output_dir
+    (None when there is none yet, so an auto-restarted job starts fresh), or empty/None/"false" for no resume."""
+    if resume_from_checkpoint is None:
+        return None
+    value = str(resume_from_checkpoint).strip()
+    if value.lower() in ("", "false", "none", "no"):
+        return None
+    if value.lower() in ("latest", "true", "last", "yes"):
+        found = list_checkpoints(output_dir)
+        if not found:
+            logger.warning("--resume_from_checkpoint %s: no checkpoint-N in %s yet; starting from step 0.",
+                           value, output_dir)
+            return None
+        return found[-1]
+    path = Path(value).expanduser()
+    if not (path / "latest").is_file() or not (path / TRAINER_STATE_NAME).is_file():
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {value!r} is not a complete checkpoint folder (expected 'latest' and "
+            f"'{TRAINER_STATE_NAME}' inside, as in <output_dir>/checkpoint-N), or pass 'latest'."
+        )
+    return path
+
+
+# ----- RNG -----------------------------------------------------------------------------------------------
+
+
+def capture_rng_state() -> dict:
+    """Every RNG the training loop may touch, as tensors / plain values (loadable with weights_only=True)."""
+    version, mt_state, gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [version, list(mt_state), gauss],
+        "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    accelerator = _accelerator()
+    if accelerator is not None:
+        state["accelerator"] = accelerator.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_kind, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    accelerator = _accelerator()
+    if accelerator is not None and "accelerator" in state:
+        accelerator.set_rng_state(state["accelerator"])
+
+
+def _accelerator():
+    """DeepSpeed's accelerator when it is a device with its own RNG (not the CPU)."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+    except ImportError:  # pragma: no cover - deepspeed is a dependency
+        return None
+    accelerator = get_accelerator()
+    return None if accelerator.device_name() == "cpu" else accelerator
+
+
+# ----- save / load ---------------------------------------------------------------------------------------
+
+
+def save_checkpoint(engine, output_dir: str | Path, state: TrainerState, *, rank: int, renamer: bool,
+                    save_total_limit: Optional[int]) -> Path:
+    """Collective: every rank calls it. Writes ``checkpoint-{state.global_step}`` atomically; returns its path.
+
+    ``renamer``: whether this process renames the finished folder (global rank 0, or each node's local rank 0
+    with node-local storage); it also prunes old checkpoints beyond ``save_total_limit``.
+    """
+    root = Path(output_dir)
+    step = state.global_step
+    final = root / f"{CHECKPOINT_PREFIX}{step}"
+    if final.is_dir() and (final / "latest").is_file():
+        return final  # already saved at this step (e.g. a signal right after a periodic save)
+    tmp = root / f"{TMP_PREFIX}{step}"
+    if renamer:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+    engine.save_checkpoint(str(tmp), tag=f"global_step{step}", exclude_frozen_parameters=True)
+    torch.save(capture_rng_state(), tmp / f"rng_state_{rank}.pth")
+    if rank == 0:
+        (tmp / TRAINER_STATE_NAME).write_text(state.to_json())
+    _barrier()
+    if renamer:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if save_total_limit:
+            rotate_checkpoints(root, save_total_limit, keep=final)
+    _barrier()
+    logger.info("saved %s", final)
+    return final
+
+
+def rotate_checkpoints(output_dir: Path, limit: int, keep: Optional[Path] = None) -> list[Path]:
+    """Delete the oldest complete checkpoints so that at most ``limit`` remain (never ``keep``)."""
+    checkpoints = list_checkpoints(output_dir)
+    excess = max(0, len(checkpoints) - limit)
+    removed = []
+    for path in checkpoints:
+        if len(removed) >= excess:
+            break
+        if keep is not None and path.resolve() == keep.resolve():
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def load_checkpoint(engine, checkpoint_dir: str | Path, *, rank: int) -> TrainerState:
+    """Restore weights, optimizer and scheduler (DeepSpeed), this rank's RNG and the trainer state."""
+    path = Path(checkpoint_dir)
+    load_path, _ = engine.load_checkpoint(str(path), load_module_strict=False, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path} (see its log above).")
+    state = TrainerState.from_json((path / TRAINER_STATE_NAME).read_text())
+    rng_file = path / f"rng_state_{rank}.pth"
+    if rng_file.is_file():
+        restore_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    else:
+        logger.warning("%s has no RNG state for rank %d (saved with fewer ranks?); RNG not restored.", path, rank)
+    return state

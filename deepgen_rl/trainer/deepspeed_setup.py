@@ -1,0 +1,212 @@
+"""The DeepSpeed engine of the trainer: the ``--deepspeed`` JSON with its "auto" values filled, AdamW, the LR schedule.
+
+The JSON files in scripts/deepspeed/ use the accelerate / HF Trainer convention: a value of ``"auto"`` is
+filled from the flags. The batch keys are DERIVED here (one optimizer step per rollout, see batching.py),
+so an explicit number there that disagrees with the derivation is an error that says to write "auto".
+
+The engine wraps the whole ``DeepGenModel`` (checkpoint keys are its state-dict names: ``transformer.*``,
+``connector.*``, ...). The optimizer is AdamW over the trainable parameters (no weight decay on 1-D
+parameters: biases and norms) unless the JSON has its own ``optimizer`` section; the schedule is
+``transformers.get_scheduler(--lr_scheduler_type)`` with the warm-up of ``--warmup_steps`` /
+``--warmup_ratio``, unless the JSON has a ``scheduler`` section.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import torch
+from transformers import get_scheduler
+
+from .batching import BatchPlan
+
+logger = logging.getLogger(__name__)
+
+AUTO = "auto"
+# Used when --deepspeed is not given: ZeRO-2 as the guide's default (scripts/deepspeed/zero2.json).
+DEFAULT_DEEPSPEED_CONFIG: dict[str, Any] = {
+    "bf16": {"enabled": AUTO},
+    "fp16": {"enabled": AUTO},
+    "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
+                          "reduce_bucket_size": AUTO},
+    "gradient_accumulation_steps": AUTO,
+    "gradient_clipping": AUTO,
+    "train_batch_size": AUTO,
+    "train_micro_batch_size_per_gpu": AUTO,
+    "steps_per_print": 10**9,
+    "wall_clock_breakdown": False,
+}
+
+
+def load_deepspeed_config(source: Union[str, Path, dict, None]) -> dict:
+    """--deepspeed as a path to a JSON file or an already-parsed dict; None -> the built-in ZeRO-2 config."""
+    if source is None or source == "":
+        return copy.deepcopy(DEFAULT_DEEPSPEED_CONFIG)
+    if isinstance(source, dict):
+        return copy.deepcopy(source)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--deepspeed {source!r} is not a file: pass one of scripts/deepspeed/"
+                                "{zero2,zero3,zero3_offload,zero3_sd3}.json or your own DeepSpeed JSON.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--deepspeed {source}: not valid JSON ({err}).") from err
+
+
+def _get(config: dict, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _set(config: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[last] = value
+
+
+def _fill(config: dict, dotted: str, value: Any, flag: str, derived: bool = False) -> None:
+    """Replace "auto" at ``dotted`` with ``value``; a derived key with a different explicit value is an error."""
+    current = _get(config, dotted)
+    if current == AUTO:
+        _set(config, dotted, value)
+    elif derived and current is not None and current != value:
+        raise ValueError(
+            f"--deepspeed: {dotted} = {current!r}, but the trainer derives {value!r} from {flag}. "
+            f'Write "{dotted.split(".")[-1]}": "auto" in the JSON (the value follows from the flags and the world '
+            "size)."
+        )
+
+
+def _find_auto(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [key for name, value in node.items() for key in _find_auto(value, f"{prefix}{name}.")]
+    return [prefix.rstrip(".")] if node == AUTO else []
+
+
+def fill_deepspeed_config(config: dict, *, args, plan: BatchPlan, num_training_steps: int, hidden_size: int,
+                          trainable_dtype: torch.dtype) -> dict:
+    """A copy of ``config`` with every "auto" replaced (HF Trainer semantics), from the flags and the batch plan.
+
+    ``hidden_size``: the DiT's width (sizes ZeRO buckets as the HF integration does);
+    ``trainable_dtype``: the dtype of the trained weights (bf16 weights turn "auto" bf16 on).
+    """
+    config = copy.deepcopy(config)
+    batch_flags = "--global_batch_size / --rollout_n / --atrain_micro_batch_size / --timestep_fraction"
+    _fill(config, "train_micro_batch_size_per_gpu", plan.train_micro_batch_size, batch_flags, derived=True)
+    _fill(config, "gradient_accumulation_steps", plan.gradient_accumulation_steps, batch_flags, derived=True)
+    _fill(config, "train_batch_size", plan.deepspeed_train_batch_size, batch_flags, derived=True)
+    for key, value in (("train_micro_batch_size_per_gpu", plan.train_micro_batch_size),
+                       ("gradient_accumulation_steps", plan.gradient_accumulation_steps),
+                       ("train_batch_size", plan.deepspeed_train_batch_size)):
+        config.setdefault(key, value)
+    _fill(config, "gradient_clipping", float(args.max_grad_norm or 0.0), "--max_grad_norm")
+    _fill(config, "bf16.enabled", bool(args.bf16 or (trainable_dtype == torch.bfloat16 and not args.fp16)), "--bf16")
+    _fill(config, "fp16.enabled", bool(args.fp16 or trainable_dtype == torch.float16), "--fp16")
+    _fill(config, "optimizer.params.lr", args.learning_rate, "--learning_rate")
+    _fill(config, "optimizer.params.betas", [args.adam_beta1, args.adam_beta2], "--adam_beta1/--adam_beta2")
+    _fill(config, "optimizer.params.eps", args.adam_epsilon, "--adam_epsilon")
+    _fill(config, "optimizer.params.weight_decay", args.weight_decay, "--weight_decay")
+    _fill(config, "scheduler.params.warmup_min_lr", 0.0, "(fixed)")
+    _fill(config, "scheduler.params.warmup_max_lr", args.learning_rate, "--learning_rate")
+    _fill(config, "scheduler.params.warmup_num_steps", args.get_warmup_steps(num_training_steps), "--warmup_steps")
+    _fill(config, "scheduler.params.total_num_steps", num_training_steps, "--max_steps / --num_train_epochs")
+    _fill(config, "zero_optimization.reduce_bucket_size", hidden_size * hidden_size, "(DiT width^2)")
+    _fill(config, "zero_optimization.stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size),
+          "(0.9 width^2)")
+    _fill(config, "zero_optimization.stage3_param_persistence_threshold", 10 * hidden_size, "(10 x DiT width)")
+    left = _find_auto(config)
+    if left:
+        raise ValueError(f"--deepspeed: no rule fills \"auto\" at {', '.join(left)}; give explicit values there.")
+    return config
+
+
+def zero_stage(config: dict) -> int:
+    return int(_get(config, "zero_optimization.stage") or 0)
+
+
+def offloads_optimizer(config: dict) -> bool:
+    return (_get(config, "zero_optimization.offload_optimizer.device") or "none") not in ("none", None)
+
+
+def trainable_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups over the trainable parameters: weight decay on matrices, none on 1-D tensors (bias, norms)."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters: check --trainable_modules.")
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, args, config: dict) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; DeepSpeed's CPU Adam when the optimizer is offloaded and it builds."""
+    groups = trainable_parameter_groups(model, args.weight_decay)
+    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    if offloads_optimizer(config):
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+        except Exception as err:  # the op needs a C++ toolchain; torch's AdamW on the offloaded fp32 states still works
+            logger.warning("DeepSpeedCPUAdam is unavailable (%s); using torch AdamW on the offloaded states.", err)
+            config["zero_force_ds_cpu_optimizer"] = False
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def scheduler_factory(args, num_training_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
+    """The LR schedule DeepSpeed steps after each applied optimizer step (not after a skipped one)."""
+    def build(optimizer: torch.optim.Optimizer):
+        return get_scheduler(
+            args.lr_scheduler_type, optimizer=optimizer,
+            num_warmup_steps=args.get_warmup_steps(num_training_steps), num_training_steps=num_training_steps,
+            scheduler_specific_kwargs=dict(args.lr_scheduler_kwargs or {}),
+        )
+    return build
+
+
+@dataclass
+class EngineParts:
+    engine: Any  # deepspeed.DeepSpeedEngine
+    optimizer: Any
+    lr_scheduler: Any
+    config: dict
+
+
+def initialize_engine(model: torch.nn.Module, args, plan: BatchPlan, num_training_steps: int) -> EngineParts:
+    """deepspeed.initialize over the whole model with the filled config, our AdamW and LR schedule."""
+    import deepspeed
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    config = fill_deepspeed_config(
+        load_deepspeed_config(args.deepspeed), args=args, plan=plan, num_training_steps=num_training_steps,
+        hidden_size=_dit_width(model), trainable_dtype=trainable[0].dtype if trainable else torch.float32,
+    )
+    optimizer = None if "optimizer" in config else build_optimizer(model, args, config)
+    scheduler = None if "scheduler" in config else scheduler_factory(args, num_training_steps)
+    engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+        model_parameters=trainable if optimizer is None else None,
+    )
+    return EngineParts(engine=engine, optimizer=ds_optimizer, lr_scheduler=ds_scheduler, config=config)
+
+
+def _dit_width(model: torch.nn.Module) -> int:
+    transformer = getattr(model, "transformer", None)
+    cfg = getattr(transformer, "config", None)
+    if cfg is not None and hasattr(cfg, "num_attention_heads") and hasattr(cfg, "attention_head_dim"):
+        return int(cfg.num_attention_heads * cfg.attention_head_dim)
+    return 1024

@@ -1,0 +1,100 @@
+"""Two real processes (torchrun, gloo on 127.0.0.1, DS_ACCELERATOR=cpu) train the tiny DeepGen model for 2 GRPO
+steps under DeepSpeed ZeRO-2 and ZeRO-3, through the real entry point code (tests/trainer_utils.py wraps
+deepgen_rl.grpo_deepgen and dumps a SHA-256 of every parameter before and after training).
+
+Checked: every trainable parameter changed and every frozen one did not (ZeRO-2: the DiT; ZeRO-3: DiT +
+connector + meta queries + LLM with gradient checkpointing, which also exercises meta_queries under parameter
+partitioning); the first
+chunk's ratio is 1; the checkpoint-N layout; metrics, sample grids and offline wandb / swanlab runs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tests.trainer_utils import REPO_ROOT, ZERO2, ZERO3, run_env, tiny_run_flags, torchrun
+
+SCRIPT = str(REPO_ROOT / "tests" / "trainer_utils.py")
+TIMEOUT_S = 400
+
+
+def _launch(tiny_paths, tmp_path, deepspeed_config, **overrides):
+    out = tmp_path / "run"
+    dump = tmp_path / "params.json"
+    env = run_env(tiny_paths)
+    for name in ("WANDB_MODE", "SWANLAB_MODE"):  # the entry point's default (offline) must apply
+        env.pop(name, None)
+    flags = tiny_run_flags(tiny_paths, out, deepspeed=str(deepspeed_config), max_steps=2, **overrides)
+    result = torchrun(2, [SCRIPT, "--param_dump", str(dump), *flags], env, TIMEOUT_S)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return out, json.loads(dump.read_text())
+
+
+def _changed(dump) -> tuple[dict[str, bool], dict[str, bool]]:
+    trainable = {n: d["sha256"] != dump["after"][n]["sha256"] for n, d in dump["before"].items() if d["trainable"]}
+    frozen = {n: d["sha256"] != dump["after"][n]["sha256"] for n, d in dump["before"].items() if not d["trainable"]}
+    return trainable, frozen
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_zero2_dit_two_steps_checkpoint_and_logs(tiny_paths, tmp_path):
+    out, dump = _launch(tiny_paths, tmp_path, ZERO2, trainable_modules="dit", save_strategy="steps", save_steps=2,
+                        sample_image_freq=1, report_to="wandb,swanlab")
+    assert dump["steps"] == 2
+    trainable, frozen = _changed(dump)
+    # The whole DiT but the text-stream query of its last (context_pre_only) block, whose outputs SD3 discards.
+    dead = {f"transformer.transformer_blocks.1.attn.add_q_proj.{kind}" for kind in ("weight", "bias")}
+    assert set(trainable) == {n for n in dump["before"] if n.startswith("transformer.")} - dead
+    assert all(trainable.values()), [n for n, c in trainable.items() if not c]
+    assert not any(frozen.values()), [n for n, c in frozen.items() if c]
+
+    metrics = _metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["train/step_applied"] == 1.0 and m["reward/num_samples"] == 8.0  # 2 ranks x 1 prompt x 4
+        assert m["policy/first_chunk_ratio_max_dev"] <= 1e-6  # rollout and recompute agree: ratio 1
+        for key in ("loss/policy", "loss/kl", "loss/sft", "reward/jpeg_compressibility/mean", "adv/std",
+                    "adv/zero_variance_group_fraction", "policy/clip_fraction", "reward/failed_samples",
+                    "time/rollout", "time/decode", "time/rewards", "time/advantages", "time/train"):
+            assert key in m, key
+    assert (out / "samples" / "step_000002.png").is_file() and (out / "reward_curve.png").is_file()
+    assert list((out / "wandb").glob("offline-run-*")), "wandb did not log offline by default"
+    assert list((out / "swanlog").iterdir()), "swanlab did not log offline by default"
+
+    checkpoint = out / "checkpoint-2"
+    assert (checkpoint / "latest").read_text().strip() == "global_step2"
+    for name in ("trainer_state.json", "rng_state_0.pth", "rng_state_1.pth", "global_step2/mp_rank_00_model_states.pt",
+                 "global_step2/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                 "global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+        assert (checkpoint / name).is_file(), name
+    assert not list(out.glob("tmp-checkpoint-*"))
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["prompt_sampler"]["batches_drawn"] == 2
+    assert state["sftaux_sampler"]["batches_drawn"] == 2 and len(state["log_history"]) == 2
+    module = torch.load(checkpoint / "global_step2" / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)["module"]
+    # DeepGenModel state-dict names; every trainable weight in, every frozen one out (buffers ride along).
+    assert set(trainable) <= set(module) and not set(frozen) & set(module)
+    assert all(name.startswith("transformer.") for name in module)
+
+
+def test_zero3_dit_connector_llm_two_steps(tiny_paths, tmp_path):
+    out, dump = _launch(tiny_paths, tmp_path, ZERO3, trainable_modules="dit_connector_llm",
+                        gradient_checkpointing=True)
+    trainable, frozen = _changed(dump)
+    assert all(trainable.values()), [n for n, c in trainable.items() if not c]
+    assert not any(frozen.values()), [n for n, c in frozen.items() if c]
+    assert "meta_queries" in trainable and any(n.startswith("connector.") for n in trainable)
+    llm = [n for n in trainable if n.startswith("lmm.model.language_model.")]
+    assert llm and "lmm.model.language_model.embed_tokens.weight" in llm
+    # Parts text-to-image never reaches stay frozen: the vision tower and the VAE.
+    assert any(n.startswith("lmm.model.visual.") for n in frozen) and any(n.startswith("vae.") for n in frozen)
+    metrics = _metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(m["policy/first_chunk_ratio_max_dev"] <= 1e-6 for m in metrics)
+    assert not (out / "checkpoint-2").exists()  # --save_strategy no

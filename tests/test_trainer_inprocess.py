@@ -1,0 +1,246 @@
+"""The trainer on one process (gloo group of size 1, DeepSpeed ZeRO-2 on CPU), built by the entry point's own
+``build_trainer``: seeded golden values, exact resume after SIGTERM, skipped steps on a non-finite loss,
+failed rewards masked out of the advantages.
+
+For golden values that do not hinge on last-bit differences between CPUs, these runs score images with a
+smooth stand-in reward (mean brightness of the 8-bit image, registered under the quick-start dataset's reward
+name): JPEG sizes jump by whole bytes when one pixel rounds differently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from deepgen_rl import grpo_deepgen
+from deepgen_rl.config import parse_args
+from deepgen_rl.rewards.base import RewardScores
+from deepgen_rl.rewards.reward_step import RewardStep
+from deepgen_rl.trainer import grpo_trainer
+from tests.trainer_utils import ZERO2, free_port, tiny_run_flags
+
+METRIC_KEYS = ("reward/mean", "reward/std", "loss/kl", "loss/sft", "train/grad_norm", "adv/std")
+
+# Golden values of the straight run (the `straight_run` fixture: 4 steps, seed 0, lr 1e-3 linear decay, CPS-SDE,
+# GDPO, beta 5e-7 v-based KL, SFT-aux 1e-4 on the shipped config), recorded on torch 2.13.0 CPU. After an INTENDED
+# change of the training semantics, rerun `pytest tests/test_trainer_inprocess.py -k golden`: the failure message
+# prints each step's new values (`got`); paste them here. The first step's loss/kl is 0 by construction
+# (policy == reference before the first update).
+GOLDEN = {
+    1: {"reward/mean": 0.5060270428657532, "reward/std": 0.0011901743710041046, "loss/kl": 0.0,
+        "loss/sft": 4.512502670288086, "train/grad_norm": 0.009332302026450634, "adv/std": 0.9353058934211731},
+    2: {"reward/mean": 0.5047783851623535, "reward/std": 0.0006559642497450113, "loss/kl": 5.875842509946476,
+        "loss/sft": 4.412296295166016, "train/grad_norm": 0.011094246990978718, "adv/std": 0.9352973103523254},
+    3: {"reward/mean": 0.5060228109359741, "reward/std": 0.000690594082698226, "loss/kl": 14.702801333429912,
+        "loss/sft": 4.5747175216674805, "train/grad_norm": 0.015624664723873138, "adv/std": 0.9353005886077881},
+    4: {"reward/mean": 0.5061465501785278, "reward/std": 0.001030018087476492, "loss/kl": 18.153035203615826,
+        "loss/sft": 4.549427032470703, "train/grad_norm": 0.012430851347744465, "adv/std": 0.9353041648864746},
+}
+
+
+class Brightness:
+    """r = mean 8-bit pixel value / 255 (smooth in the model's output)."""
+
+    name = "jpeg_compressibility"
+
+    def __init__(self, fail_rows=()):
+        self.fail_rows = set(fail_rows)
+
+    def check_ready(self):
+        pass
+
+    def score(self, images, prompts, group_ids):
+        values, errors = [], []
+        for row, image in enumerate(images):
+            if row in self.fail_rows:
+                values.append(None), errors.append("test failure")
+            else:
+                values.append(float(np.asarray(image, dtype=np.float64).mean() / 255.0)), errors.append(None)
+        return RewardScores(values=values, errors=errors)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A one-process gloo group for the module; the environment is restored afterwards."""
+    import deepspeed
+    import torch.distributed as dist
+
+    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                                             "MASTER_PORT", "DS_ACCELERATOR")}
+    created = not dist.is_initialized()
+    if created:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        deepspeed.init_distributed(dist_backend="gloo")
+    assert dist.get_world_size() == 1
+    yield
+    if created:
+        dist.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def build(tiny_paths, out, reward=None, **overrides):
+    flags = tiny_run_flags(tiny_paths, out, deepspeed=str(ZERO2), learning_rate=1e-3, **overrides)
+    args, model_args, data_args = parse_args(flags)
+    trainer = grpo_deepgen.build_trainer(args, model_args, data_args, "cpu")
+    trainer.reward_step.close()
+    trainer.reward_step = RewardStep({"jpeg_compressibility": reward or Brightness()})
+    return trainer
+
+
+def digest(model) -> dict[str, str]:
+    return {n: hashlib.sha256(p.detach().float().numpy().tobytes()).hexdigest() for n, p in model.named_parameters()}
+
+
+def history(trainer) -> dict[int, dict]:
+    return {record["step"]: record for record in trainer.state.log_history}
+
+
+@pytest.fixture(scope="module")
+def straight_run(process_group, tiny_paths, tmp_path_factory):
+    trainer = build(tiny_paths, tmp_path_factory.mktemp("straight"), max_steps=4)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return history(trainer)
+
+
+def test_golden_values(straight_run):
+    for step, expected in GOLDEN.items():
+        got = {key: straight_run[step][key] for key in METRIC_KEYS}
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-9), f"step {step}: {got}"
+
+
+def test_first_chunk_ratio_is_one_and_each_step_applies(straight_run):
+    for record in straight_run.values():
+        assert record["policy/first_chunk_ratio_max_dev"] <= 1e-6
+        assert record["train/step_applied"] == 1.0
+
+
+def test_sigterm_checkpoints_and_resume_repeats_the_run(straight_run, tiny_paths, tmp_path):
+    out = tmp_path / "interrupted"
+    first = build(tiny_paths, out, max_steps=4)
+    original = first.reward_phase
+
+    def reward_then_sigterm(batch):
+        if first.state.global_step == 1:  # during step 2: the step finishes, checkpoints, and train() returns
+            signal.raise_signal(signal.SIGTERM)
+        return original(batch)
+
+    first.reward_phase = reward_then_sigterm
+    try:
+        state = first.train()
+    finally:
+        first.close()
+    assert state.global_step == 2
+    assert (out / "checkpoint-2" / "latest").is_file() and not (out / "checkpoint-4").exists()
+    assert signal.getsignal(signal.SIGTERM) is not first  # handler restored (no stray handler left)
+
+    second = build(tiny_paths, out, max_steps=4)
+    try:
+        second.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    finally:
+        second.close()
+    resumed = {**history(first), **history(second)}
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        for key in METRIC_KEYS + ("train/lr",):
+            assert resumed[step][key] == pytest.approx(straight_run[step][key], rel=1e-6, abs=1e-12), (step, key)
+
+
+def test_nonfinite_loss_skips_the_optimizer_step(process_group, tiny_paths, tmp_path, monkeypatch):
+    trainer = build(tiny_paths, tmp_path, max_steps=3)
+    real_objective = grpo_trainer.policy_chunk_objective
+
+    def nan_on_step_two(*args, **kwargs):
+        out = real_objective(*args, **kwargs)
+        if trainer.state.global_step == 1:
+            return type(out)(**{**out.__dict__, "loss": out.loss * float("nan")})
+        return out
+
+    monkeypatch.setattr(grpo_trainer, "policy_chunk_objective", nan_on_step_two)
+    try:
+        for _ in range(3):
+            before = digest(trainer.model)
+            metrics, _, _ = trainer.training_step()
+            trainer.state.global_step += 1
+            changed = before != digest(trainer.model)
+            if trainer.state.global_step == 2:
+                assert metrics["train/skipped"] == 1.0 and metrics["train/nonfinite_losses"] > 0
+                assert not changed, "a NaN loss reached the weights"
+                lr_at_skip = metrics["train/lr"]
+            else:
+                assert metrics["train/skipped"] == 0.0 and changed
+        # The skipped step did not advance the LR schedule: step 3 runs at step 2's learning rate.
+        assert metrics["train/lr"] == pytest.approx(lr_at_skip)
+        assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    finally:
+        trainer.close()
+
+
+def test_failed_rewards_are_masked_and_an_all_failed_step_is_skipped(process_group, tiny_paths, tmp_path):
+    # 2 prompts x 4 images; rows 0 and 5 fail (one per group).
+    trainer = build(tiny_paths, tmp_path, max_steps=2, reward=Brightness(fail_rows={0, 5}))
+    try:
+        batch = trainer.rollout_phase(0)
+        trainer.decode_phase(batch)
+        rewards = trainer.reward_phase(batch)
+        advantages, metrics = trainer.advantage_phase(rewards)
+        assert rewards.failed.tolist() == [True, False, False, False, False, True, False, False]
+        assert metrics["reward/failed_samples"] == 2.0 and metrics["reward/jpeg_compressibility/failed"] == 2.0
+        assert advantages.valid.tolist() == (~rewards.failed).tolist()
+        assert advantages.advantages[rewards.failed].abs().sum() == 0.0
+        # The valid samples' advantages are exactly those of the batch without the failed ones (GDPO, one
+        # reward: group z-score then batch z-score, unbiased stds, +1e-4 as DESIGN.md section 4).
+        r = rewards.scores[:, 0].double()
+        z = torch.zeros(8, dtype=torch.float64)
+        for rows in ([1, 2, 3], [4, 6, 7]):
+            g = r[rows]
+            z[rows] = (g - g.mean()) / (g.std() + 1e-4)
+        valid = ~rewards.failed
+        expected = (z[valid] - z[valid].mean()) / (z[valid].std() + 1e-4)
+        assert torch.allclose(advantages.advantages[valid].double(), expected.clamp(-5, 5), atol=1e-5)
+
+        trainer.reward_step = RewardStep({"jpeg_compressibility": Brightness(fail_rows=set(range(8)))})
+        before = digest(trainer.model)
+        metrics, _, _ = trainer.training_step()
+        assert metrics["train/skipped"] == 1.0 and metrics["reward/failed_samples"] == 8.0
+        assert digest(trainer.model) == before
+    finally:
+        trainer.close()
+
+
+def test_eval_hook_every_eval_freq_steps_and_a_failing_eval_does_not_stop_training(process_group, tiny_paths,
+                                                                                   tmp_path):
+    trainer = build(tiny_paths, tmp_path, max_steps=2, eval_freq=1)
+    calls = []
+
+    def hook(model, step):
+        calls.append(step)
+        if step == 2:
+            raise RuntimeError("judge went away")
+        return {"eval/unigenbench/overall": 0.25}
+
+    trainer.eval_hook = hook
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    records = history(trainer)
+    assert calls == [1, 2]
+    assert records[1]["eval/unigenbench/overall"] == 0.25 and "time/eval" in records[1]
+    assert records[2]["eval/failed"] == 1.0 and records[2]["train/step_applied"] == 1.0
