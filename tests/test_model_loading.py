@@ -238,3 +238,21 @@ def test_llm_lora_in_checkpoint_is_added_to_path_weights(tiny_model_args, tmp_pa
     expected = base + (8.0 / 4) * (lora_b @ lora_a)  # every entry: base + 2 * 4 * 0.01 * 0.02
     torch.testing.assert_close(model.lmm.state_dict()["model.language_model.layers.1.self_attn.v_proj.weight"],
                                expected)
+
+
+def test_parameters_no_gradient_reaches_are_not_demanded(tiny_model_args, tmp_path):
+    """SD3's last block drops its text stream, so its add_q_proj never trains and RL checkpoints omit it."""
+    model = build_tiny_deepgen(seed=0)
+    model.set_trainable("dit_connector_llm")
+    last = len(model.transformer.transformer_blocks) - 1
+    assert f"transformer.transformer_blocks.{last}.attn.add_q_proj" in model.unreachable_parameters
+    assert not model.transformer.transformer_blocks[last].attn.add_q_proj.weight.requires_grad
+    assert not any(p.requires_grad for p in model.lmm.model.visual.parameters())
+    assert model.transformer.transformer_blocks[0].attn.add_q_proj.weight.requires_grad
+
+    state = to_reference_keys(model.state_dict())
+    for suffix in ("weight", "bias"):
+        del state[f"transformer.transformer_blocks.{last}.attn.add_q_proj.{suffix}"]
+    path = tmp_path / "rl_like.pth"
+    torch.save(state, path)
+    load_deepgen_model(dataclasses.replace(tiny_model_args, checkpoint=str(path)))  # no CheckpointError

@@ -26,6 +26,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
 
 from .connector import ConnectorConfig, ConnectorEncoder
+from .unreachable import freeze_dead_dit_parts, freeze_unreachable_llm_parts
 
 CHAT_TEMPLATE = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"
 GENERATION_TEMPLATE = "Generate an image: {input}"
@@ -85,6 +86,7 @@ class DeepGenModel(nn.Module):
             nn.init.zeros_(projector.bias)
         self.meta_queries = nn.Parameter(torch.randn(num_queries, llm_hidden) / math.sqrt(llm_hidden))
         self.vae.requires_grad_(False)
+        self.unreachable_parameters: list[str] = []
 
     # ----- properties -----
     @property
@@ -103,7 +105,8 @@ class DeepGenModel(nn.Module):
 
     # ----- training set-up -----
     def set_trainable(self, trainable_modules: str) -> list[str]:
-        """Freeze everything, then unfreeze the attribute set named by ``--trainable_modules``; returns the names."""
+        """Freeze everything, then unfreeze the attribute set named by ``--trainable_modules`` except the parts no
+        gradient can reach (model/unreachable.py); returns the attribute names."""
         if trainable_modules not in TRAINABLE_MODULES:
             raise ValueError(
                 f"--trainable_modules must be one of {', '.join(TRAINABLE_MODULES)}; got {trainable_modules!r}."
@@ -112,6 +115,9 @@ class DeepGenModel(nn.Module):
         names = list(TRAINABLE_MODULES[trainable_modules])
         for name in names:
             getattr(self, name).requires_grad_(True)
+        self.unreachable_parameters = freeze_dead_dit_parts(self.transformer)
+        if "lmm" in names:
+            self.unreachable_parameters += freeze_unreachable_llm_parts(self.lmm, self.fusion_layers)
         return names
 
     def enable_gradient_checkpointing(self) -> None:

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 from ..config import CHECKPOINT_ENV, QWEN_ENV, SD3_ENV, ModelArguments
 from .checkpoint_keys import merge_lora_weights, normalize_checkpoint_keys, unwrap_state_dict
 from .connector import ConnectorConfig
-from .deepgen import TRAINABLE_MODULES, DeepGenModel
+from .deepgen import DeepGenModel
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +135,11 @@ def load_checkpoint_into(
             f"{path} does not fit the model (check --num_queries, --num_fusion_layers and the --connector_* flags):\n  "
             + "\n  ".join(wrong_shapes[:20]) + (f"\n  ... and {len(wrong_shapes) - 20} more" if len(wrong_shapes) > 20 else "")
         )
-    required = [name for name, _ in model.named_parameters()
-                if name.split(".", 1)[0] in TRAINABLE_MODULES[trainable_modules] and not name.startswith("lmm.")]
+    # Exactly what training updates (set_trainable leaves out the parts no gradient reaches); LLM weights come
+    # from the model path, so they are never demanded from the checkpoint.
+    model.set_trainable(trainable_modules)
+    required = [name for name, p in model.named_parameters() if p.requires_grad and not name.startswith("lmm.")]
+    model.requires_grad_(False)
     missing_required = [k for k in required if k not in state_dict]
     if missing_required:
         raise CheckpointError(
