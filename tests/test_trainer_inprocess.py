@@ -32,14 +32,14 @@ METRIC_KEYS = ("reward/mean", "reward/std", "loss/kl", "loss/sft", "train/grad_n
 # prints each step's new values (`got`); paste them here. The first step's loss/kl is 0 by construction
 # (policy == reference before the first update).
 GOLDEN = {
-    1: {"reward/mean": 0.5060270428657532, "reward/std": 0.0011901743710041046, "loss/kl": 0.0,
-        "loss/sft": 4.512502670288086, "train/grad_norm": 0.009332302026450634, "adv/std": 0.9353058934211731},
-    2: {"reward/mean": 0.5047783851623535, "reward/std": 0.0006559642497450113, "loss/kl": 5.875842509946476,
-        "loss/sft": 4.412296295166016, "train/grad_norm": 0.011094246990978718, "adv/std": 0.9352973103523254},
-    3: {"reward/mean": 0.5060228109359741, "reward/std": 0.000690594082698226, "loss/kl": 14.702801333429912,
-        "loss/sft": 4.5747175216674805, "train/grad_norm": 0.015624664723873138, "adv/std": 0.9353005886077881},
-    4: {"reward/mean": 0.5061465501785278, "reward/std": 0.001030018087476492, "loss/kl": 18.153035203615826,
-        "loss/sft": 4.549427032470703, "train/grad_norm": 0.012430851347744465, "adv/std": 0.9353041648864746},
+    1: {"reward/mean": 0.50282883644104, "reward/std": 0.0023913937620818615, "loss/kl": 0.0,
+        "loss/sft": 6.248884201049805, "train/grad_norm": 0.02360309474170208, "adv/std": 0.9353095889091492},
+    2: {"reward/mean": 0.5055078864097595, "reward/std": 0.003031776286661625, "loss/kl": 61.32632461066047,
+        "loss/sft": 6.289281845092773, "train/grad_norm": 0.027662064880132675, "adv/std": 0.9353100061416626},
+    3: {"reward/mean": 0.5024680495262146, "reward/std": 0.002169992309063673, "loss/kl": 155.60462827980518,
+        "loss/sft": 6.735738754272461, "train/grad_norm": 0.03667977452278137, "adv/std": 0.935308575630188},
+    4: {"reward/mean": 0.5021675825119019, "reward/std": 0.003661609021946788, "loss/kl": 199.0497013280789,
+        "loss/sft": 6.7842302322387695, "train/grad_norm": 0.03148011118173599, "adv/std": 0.935308575630188},
 }
 
 

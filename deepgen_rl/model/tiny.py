@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.upsampling import Upsample2D
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -88,18 +90,84 @@ def build_tiny_lmm(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLForCondition
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
+# The tiny VAE: 8 channels per level, 4 levels (8x upsampling as SD3's VAE), one ResNet per level
+# (layers_per_block=0: half the convolutions of 1; decoding 64 images 0.30 s -> 0.14 s on one core, which is
+# otherwise longer than the whole 4-step rollout of those images).
+TINY_VAE_GROUPS = 4  # GroupNorm groups of 2 channels: one "signal" and one "carrier" (make_decoder_track_latents)
+TINY_VAE_CARRIER_OFFSET = 2.0  # the carrier's +A / -A constants
+# The untrained DiT's velocity head is scaled up so that its random output adds visible structure to the images:
+# the headroom a few dozen GRPO steps can remove (see build_tiny_sd3).
+TINY_DIT_OUTPUT_GAIN = 3.0
+
+
+def make_decoder_track_latents(vae: AutoencoderKL) -> None:
+    """Re-initialise ``vae.decoder`` (in place, from the global RNG) as a smooth, nearly linear decoder.
+
+    WHY: a randomly initialised VAE decoder turns ANY latent, even an all-zero one, into a full-contrast texture:
+    its random convolutions and biases create spatial patterns and every GroupNorm rescales them back to unit
+    variance. Image statistics then hardly depend on the latent, so no image reward (the quick start's JPEG
+    compressibility) can teach the DiT anything. Here the decoder is instead
+
+        random 1x1 projection of the 16 latent channels onto one "signal" channel per GroupNorm group
+        -> 3 x (nearest 2x upsampling + fixed [1, 2, 1] x [1, 2, 1] / 16 blur)      (bilinear-like, smooth)
+        -> + per-channel constants (+A on the signal, -A on the other, "carrier", channel of its group)
+        -> GroupNorm -> SiLU -> random 1x1 projection of the signal channels to RGB
+
+    with every ResNet block an identity (conv2 zeroed: out = x + conv2(...) = x). The carrier makes each group's
+    variance ~A^2 whatever the latent, so the last GroupNorm divides by a near-constant instead of re-amplifying
+    small latent contrast, and the signal sits at ~+1 where SiLU is nearly linear. Net effect: a flat latent
+    decodes to a flat grey image, latent contrast maps to image contrast (smooth colour blobs for noise latents),
+    and the JPEG reward is monotone in the latent's contrast (seed 0: ~0.85 for N(0, 1) latents, ~0.88 at half
+    that contrast, ~0.93 for a flat latent). The encoder keeps its random weights (only SFT-aux uses it).
+    """
+    decoder = vae.decoder
+    channels, latent_channels = decoder.conv_in.out_channels, decoder.conv_in.in_channels
+    per_group = channels // decoder.conv_norm_out.num_groups
+    signal = torch.arange(channels) % per_group == 0
+    num_signal = int(signal.sum())
+    blur = torch.outer(torch.tensor([1.0, 2.0, 1.0]), torch.tensor([1.0, 2.0, 1.0])) / 16
+    with torch.no_grad():
+        for module in decoder.modules():
+            if isinstance(module, ResnetBlock2D):
+                module.conv2.weight.zero_()
+                module.conv2.bias.zero_()
+            elif isinstance(module, Upsample2D):
+                module.conv.weight.zero_()
+                module.conv.bias.zero_()
+                for channel in range(channels):
+                    module.conv.weight[channel, channel] = blur
+        decoder.conv_in.weight.zero_()
+        decoder.conv_in.bias.zero_()
+        decoder.conv_in.weight[signal, :, 1, 1] = torch.randn(num_signal, latent_channels) / latent_channels ** 0.5
+        decoder.up_blocks[-1].resnets[-1].conv2.bias.copy_(
+            torch.where(signal, TINY_VAE_CARRIER_OFFSET, -TINY_VAE_CARRIER_OFFSET))
+        to_rgb = torch.randn(decoder.conv_out.out_channels, num_signal)
+        decoder.conv_out.weight.zero_()
+        decoder.conv_out.weight[:, signal, 1, 1] = to_rgb
+        # Centre the output: a zero-contrast latent gives normalised signal +1, i.e. SiLU(1) before conv_out.
+        decoder.conv_out.bias.copy_(-to_rgb.sum(dim=1) * torch.nn.functional.silu(torch.tensor(1.0)))
+
+
 def build_tiny_sd3() -> tuple[SD3Transformer2DModel, AutoencoderKL, FlowMatchEulerDiscreteScheduler]:
     transformer = SD3Transformer2DModel(
         sample_size=TINY_IMAGE_SIZE // 8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
         pooled_projection_dim=32, pos_embed_max_size=32,
     )
+    # WHY: a 2-layer random DiT cannot learn to denoise in a few dozen RL steps; what GRPO does learn quickly is
+    # to stop its random velocity from adding structure to x0_hat = x - sigma v. At the default init that random
+    # part is small (the policy starts near its quick optimum: +0.004 JPEG reward in 30 steps); scaled 3x, the
+    # untrained policy makes busier images and the learning test / quick start see a clear rise (+0.011 to +0.023
+    # in 30 steps, ~20x the step-to-step noise; tests/test_trainer_learning.py has the measurements).
+    with torch.no_grad():
+        transformer.proj_out.weight.mul_(TINY_DIT_OUTPUT_GAIN)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=8,
+        in_channels=3, out_channels=3, latent_channels=16, layers_per_block=0, norm_num_groups=TINY_VAE_GROUPS,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16), shift_factor=0.0609, scaling_factor=1.5305,
-        use_quant_conv=False, use_post_quant_conv=False,
+        block_out_channels=(8, 8, 8, 8), shift_factor=0.0609, scaling_factor=1.5305,
+        use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False,
     )
+    make_decoder_track_latents(vae)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     return transformer, vae, scheduler
 
