@@ -244,7 +244,8 @@ def test_failed_rewards_are_masked_and_an_all_failed_step_is_skipped(process_gro
 
 def test_eval_hook_every_eval_freq_steps_and_a_failing_eval_does_not_stop_training(process_group, tiny_paths,
                                                                                    tmp_path):
-    trainer = build(tiny_paths, tmp_path, max_steps=2, eval_freq=1)
+    # No judge runs here: a short health timeout keeps the start-up probe (whose hook is replaced below) brief.
+    trainer = build(tiny_paths, tmp_path, max_steps=2, eval_freq=1, reward_health_timeout=1)
     calls = []
 
     def hook(model, step):
