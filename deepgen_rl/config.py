@@ -262,6 +262,11 @@ class GRPOConfig(TrainingArguments):
         default=0.0,
         metadata={"help": "Lower bound on a reward's group std in the advantage (0 = reference: std + 1e-4)."},
     )
+    zero_variance_rtol: float = field(
+        default=1e-5,
+        metadata={"help": "A group whose reward std is <= this x its largest |reward| (+ 1e-8) is zero-variance: "
+                  "advantage 0 and counted, for grpo and gdpo (float noise otherwise becomes unit-scale advantages)."},
+    )
     beta: float = field(default=5e-7, metadata={"help": "KL penalty coefficient."})
     atrain_kl_type: Literal["v-based", "x-based"] = field(
         default="v-based", metadata={"help": "KL to the reference policy on the velocity or on the step mean."}
@@ -324,7 +329,8 @@ class GRPOConfig(TrainingArguments):
         _check_range("sftaux_coef", self.sftaux_coef, 0.0, 1.0)
         if self.sde_eta is not None:
             _check_range("sde_eta", self.sde_eta, 0.0, 1.0, low_open=True)
-        for flag in ("clip_range", "beta", "reward_std_floor", "rollout_cfg_scale", "eval_timeout"):
+        for flag in ("clip_range", "beta", "reward_std_floor", "rollout_cfg_scale", "eval_timeout",
+                     "zero_variance_rtol"):
             if getattr(self, flag) < 0:
                 raise ValueError(f"--{flag} must be >= 0; got {getattr(self, flag)}.")
         if self.advantage_clip <= 0:

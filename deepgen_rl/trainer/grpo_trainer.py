@@ -139,7 +139,8 @@ class DeepGenGRPOTrainer:
             logger.warning("every reward of step %d failed on every rank: the step is skipped.", self.state.global_step)
             return None, metrics
         result = compute_advantages(self.args.atrain_adv_type, rewards.scores, rewards.weights, self.args.rollout_n,
-                                    valid=valid, std_floor=self.args.reward_std_floor, clip=self.args.advantage_clip)
+                                    valid=valid, std_floor=self.args.reward_std_floor, clip=self.args.advantage_clip,
+                                    zero_variance_rtol=self.args.zero_variance_rtol)
         counts = all_reduce_sum(torch.tensor([result.zero_variance_group_fraction * result.num_groups,
                                               result.num_groups, result.clip_fraction * result.num_valid,
                                               result.num_valid], dtype=torch.float64), self.device)
