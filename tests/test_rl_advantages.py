@@ -32,7 +32,8 @@ WEIGHTS = [[1.0, 0.5]] * 4 + [[1.0, 0.0]] * 4
 
 
 def test_gdpo_hand_worked_two_prompts_four_samples_two_rewards():
-    res = gdpo_advantages(torch.tensor(REWARDS), torch.tensor(WEIGHTS), 4, std_floor=0.0, zero_variance_rtol=0.0, clip=5.0)
+    res = gdpo_advantages(torch.tensor(REWARDS), torch.tensor(WEIGHTS), 4, std_floor=0.0, zero_variance_rtol=0.0,
+        clip=5.0)
 
     # Prompt A, reward 0: mean 0.5, deviations -0.3 -0.1 0.1 0.3, unbiased var 0.2 / 3.
     sd = math.sqrt(0.2 / 3)
@@ -53,7 +54,8 @@ def test_gdpo_hand_worked_two_prompts_four_samples_two_rewards():
 
 
 def test_grpo_hand_worked_weighted_sum_then_group_normalisation():
-    res = grpo_advantages(torch.tensor(REWARDS), torch.tensor(WEIGHTS), 4, std_floor=0.0, zero_variance_rtol=0.0, clip=5.0)
+    res = grpo_advantages(torch.tensor(REWARDS), torch.tensor(WEIGHTS), 4, std_floor=0.0, zero_variance_rtol=0.0,
+        clip=5.0)
     total_a = [0.2 + 0.5, 0.4, 0.6, 0.8 + 0.5]  # r0 + 0.5 r1
     total_b = [0.5, 0.5, 0.9, 0.1]
     expected = _normalise(total_a) + _normalise(total_b)
@@ -74,7 +76,8 @@ def test_invalid_samples_are_excluded_from_their_group_and_get_zero():
     rewards = [row[:] for row in REWARDS]
     rewards[2] = [NAN, NAN]  # the reward server failed on sample 2
     valid = torch.tensor([True, True, False, True, True, True, True, True])
-    res = gdpo_advantages(torch.tensor(rewards), torch.tensor(WEIGHTS), 4, valid=valid, std_floor=0.0, zero_variance_rtol=0.0, clip=5.0)
+    res = gdpo_advantages(torch.tensor(rewards), torch.tensor(WEIGHTS), 4, valid=valid, std_floor=0.0, zero_variance_rtol=0.0,
+        clip=5.0)
     a_r0 = _normalise([0.2, 0.4, 0.8])
     a_r1 = _normalise([1.0, 0.0, 1.0])
     summed = [a + 0.5 * b for a, b in zip(a_r0, a_r1)] + _normalise([0.5, 0.5, 0.9, 0.1])
@@ -124,13 +127,15 @@ def test_zero_variance_group_fraction():
 
 def test_bad_inputs_are_reported():
     with pytest.raises(ValueError, match="marked valid"):
-        gdpo_advantages(torch.tensor([[NAN], [1.0]]), torch.ones(2, 1), 2, std_floor=0.0, zero_variance_rtol=0.0, clip=5.0)
+        gdpo_advantages(torch.tensor([[NAN], [1.0]]), torch.ones(2, 1), 2, std_floor=0.0, zero_variance_rtol=0.0,
+            clip=5.0)
     with pytest.raises(ValueError, match="group_size"):
         grpo_advantages(torch.zeros(5, 1), torch.ones(5, 1), 2, std_floor=0.0, zero_variance_rtol=0.0, clip=5.0)
     with pytest.raises(ValueError, match="weights must match"):
         grpo_advantages(torch.zeros(4, 2), torch.ones(4, 1), 2, std_floor=0.0, zero_variance_rtol=0.0, clip=5.0)
     with pytest.raises(ValueError, match="--atrain_adv_type"):
-        compute_advantages("ppo", torch.zeros(4, 1), torch.ones(4, 1), 2, std_floor=0.0, zero_variance_rtol=0.0, clip=5.0)
+        compute_advantages("ppo", torch.zeros(4, 1), torch.ones(4, 1), 2, std_floor=0.0, zero_variance_rtol=0.0,
+            clip=5.0)
     with pytest.raises(ValueError, match="--advantage_clip"):
         grpo_advantages(torch.rand(4, 1), torch.ones(4, 1), 2, std_floor=0.0, zero_variance_rtol=0.0, clip=0.0)
 
