@@ -73,6 +73,10 @@ def build_trainer(args, model_args, data_args, device: str):
 
     unset_hf_deepspeed_config()
     dataset_config = load_dataset_config(data_args.dataset_config)
+    from deepgen_rl.preflight_content import require_valid_contents
+
+    require_valid_contents(dataset_config, model_args.checkpoint,
+                           data_args.eval_dataset_config if args.eval_freq else "")
     prompt_sampler = PromptSampler(dataset_config, seed=args.seed, rank=rank)
     rewards = build_rewards(dataset_config.reward_names, RewardSettings.from_args(data_args, model_args, device))
     reward_step = RewardStep(rewards, dataset_config.reward_names)
