@@ -293,6 +293,26 @@ class GRPOConfig(TrainingArguments):
         metadata={"help": "Generated eval images saved as PNG per dataset and evaluation (rank 0's first ones)."},
     )
     # --- end UniGenBench evaluation ---
+    # --- reward failure budget (issue 11, deepgen_rl/trainer/failure_budget.py) ---
+    max_failed_reward_steps: int = field(
+        default=3,
+        metadata={"help": "Stop (non-zero exit, after a checkpoint) when a reward failed on all its samples in this "
+                  "many consecutive steps and its server's /health still fails (0: never)."},
+    )
+    max_reward_failure_rate: float = field(
+        default=0.5,
+        metadata={"help": "Stop when a reward failed on more than this fraction of its samples over the last "
+                  "--reward_failure_window steps (1: never)."},
+    )
+    reward_failure_window: int = field(
+        default=20, metadata={"help": "Steps over which --max_reward_failure_rate is measured."}
+    )
+    reward_step_deadline: float = field(
+        default=1200.0,
+        metadata={"help": "Seconds the reward phase of one step may take; a reward still running then fails its "
+                  "samples for that step (0: no limit). Raise it if time/rewards is legitimately longer."},
+    )
+    # --- end reward failure budget ---
 
     def __post_init__(self) -> None:
         self._validate_grpo_flags()
@@ -338,9 +358,12 @@ class GRPOConfig(TrainingArguments):
         for flag in ("eval_freq", "sample_image_freq"):
             if getattr(self, flag) < 0:
                 raise ValueError(f"--{flag} must be >= 0 (0 disables); got {getattr(self, flag)}.")
-        for flag in ("eval_max_prompts", "eval_num_sample_images"):
+        for flag in ("eval_max_prompts", "eval_num_sample_images", "max_failed_reward_steps",
+                     "reward_step_deadline"):
             if getattr(self, flag) < 0:
                 raise ValueError(f"--{flag} must be >= 0; got {getattr(self, flag)}.")
+        _check_range("max_reward_failure_rate", self.max_reward_failure_rate, 0.0, 1.0, low_open=True)
+        _check_positive("reward_failure_window", self.reward_failure_window)
 
     @property
     def num_train_timesteps(self) -> int:
