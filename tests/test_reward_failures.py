@@ -9,7 +9,7 @@ from PIL import Image
 from deepgen_rl.rewards.http_utils import RetryPolicy
 from deepgen_rl.rewards.ocr_client import OcrRewardClient
 from deepgen_rl.rewards.reward_step import RewardStep
-from deepgen_rl.trainer.failure_budget import FailureBudget, RunSummary
+from deepgen_rl.trainer.failure_budget import FailureBudget, RunSummary, budget_verdict
 from tests.reward_servers import fake_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -100,3 +100,19 @@ def test_run_summary_text():
     summary.add(False, {"ocr": (8, 8), "jpeg_compressibility": (0, 0)})
     assert summary.text() == ("run summary: 1 step(s) trained, 1 skipped; failed samples per reward: ocr 8/16, "
                               "jpeg_compressibility 0/8")
+
+
+def test_a_server_that_answers_health_gets_one_more_budget_then_the_message_names_it(slow_server):
+    step = _ocr_step(slow_server.url)
+    budget = FailureBudget(max_failed_steps=1, max_failure_rate=1.0, window=5)
+    try:
+        batch = _score(step, ['a sign "HUGE"', 'a sign "HUGE"'])  # the server is up but talks nonsense
+        counts = {"ocr": (2, int(batch.failed.sum()))}
+        assert budget_verdict(budget, step, 1, counts, batch.failures, "cpu") is None  # /health answers: go on
+        message = budget_verdict(budget, step, 2, counts, batch.failures, "cpu")
+    finally:
+        step.close()
+    assert message.startswith("reward 'ocr' failed on every one of its samples in 1 consecutive steps (steps 2-2")
+    assert f"although it answers its health check (OCR server at {slow_server.url}: start it with `bash " \
+           "scripts/reward_ocr.sh`" in message
+    assert message.endswith("last error: ocr returned 1e+30, outside its declared range [0, 1].")
