@@ -296,8 +296,9 @@ class GRPOConfig(TrainingArguments):
     # --- reward failure budget (issue 11, deepgen_rl/trainer/failure_budget.py) ---
     max_failed_reward_steps: int = field(
         default=3,
-        metadata={"help": "Stop (non-zero exit, after a checkpoint) when a reward failed on all its samples in this "
-                  "many consecutive steps and its server's /health still fails (0: never)."},
+        metadata={"help": "Stop (exit 3, after a checkpoint) when a reward failed on all its samples in this many "
+                  "consecutive steps and a /health re-check fails (a server answering again gets one more budget; "
+                  "0: never)."},
     )
     max_reward_failure_rate: float = field(
         default=0.5,
