@@ -116,3 +116,14 @@ def test_a_server_that_answers_health_gets_one_more_budget_then_the_message_name
     assert f"although it answers its health check (OCR server at {slow_server.url}: start it with `bash " \
            "scripts/reward_ocr.sh`" in message
     assert message.endswith("last error: ocr returned 1e+30, outside its declared range [0, 1].")
+
+
+def test_a_reward_must_declare_its_range_and_service():
+    class Undeclared:
+        name = "mystery"
+
+    with pytest.raises(TypeError, match=r"reward 'mystery' \(Undeclared\) must declare score_range"):
+        RewardStep({"mystery": Undeclared()})
+    Undeclared.score_range = (0.0, 1.0)
+    with pytest.raises(TypeError, match=r"reward 'mystery' \(Undeclared\) must declare service"):
+        RewardStep({"mystery": Undeclared()})
