@@ -262,6 +262,11 @@ class GRPOConfig(TrainingArguments):
         default=0.0,
         metadata={"help": "Lower bound on a reward's group std in the advantage (0 = reference: std + 1e-4)."},
     )
+    zero_variance_rtol: float = field(
+        default=1e-5,
+        metadata={"help": "A group whose reward std is <= this x its largest |reward| (+ 1e-8) is zero-variance: "
+                  "advantage 0 and counted, for grpo and gdpo (float noise otherwise becomes unit-scale advantages)."},
+    )
     beta: float = field(default=5e-7, metadata={"help": "KL penalty coefficient."})
     atrain_kl_type: Literal["v-based", "x-based"] = field(
         default="v-based", metadata={"help": "KL to the reference policy on the velocity or on the step mean."}
@@ -288,6 +293,27 @@ class GRPOConfig(TrainingArguments):
         metadata={"help": "Generated eval images saved as PNG per dataset and evaluation (rank 0's first ones)."},
     )
     # --- end UniGenBench evaluation ---
+    # --- reward failure budget (issue 11, deepgen_rl/trainer/failure_budget.py) ---
+    max_failed_reward_steps: int = field(
+        default=3,
+        metadata={"help": "Stop (exit 3, after a checkpoint) when a reward failed on all its samples in this many "
+                  "consecutive steps and a /health re-check fails (a server answering again gets one more budget; "
+                  "0: never)."},
+    )
+    max_reward_failure_rate: float = field(
+        default=0.5,
+        metadata={"help": "Stop when a reward failed on more than this fraction of its samples over the last "
+                  "--reward_failure_window steps (1: never)."},
+    )
+    reward_failure_window: int = field(
+        default=20, metadata={"help": "Steps over which --max_reward_failure_rate is measured."}
+    )
+    reward_step_deadline: float = field(
+        default=1200.0,
+        metadata={"help": "Seconds the reward phase of one step may take; a reward still running then fails its "
+                  "samples for that step (0: no limit). Raise it if time/rewards is legitimately longer."},
+    )
+    # --- end reward failure budget ---
 
     def __post_init__(self) -> None:
         self._validate_grpo_flags()
@@ -324,7 +350,8 @@ class GRPOConfig(TrainingArguments):
         _check_range("sftaux_coef", self.sftaux_coef, 0.0, 1.0)
         if self.sde_eta is not None:
             _check_range("sde_eta", self.sde_eta, 0.0, 1.0, low_open=True)
-        for flag in ("clip_range", "beta", "reward_std_floor", "rollout_cfg_scale", "eval_timeout"):
+        for flag in ("clip_range", "beta", "reward_std_floor", "rollout_cfg_scale", "eval_timeout",
+                     "zero_variance_rtol"):
             if getattr(self, flag) < 0:
                 raise ValueError(f"--{flag} must be >= 0; got {getattr(self, flag)}.")
         if self.advantage_clip <= 0:
@@ -332,9 +359,12 @@ class GRPOConfig(TrainingArguments):
         for flag in ("eval_freq", "sample_image_freq"):
             if getattr(self, flag) < 0:
                 raise ValueError(f"--{flag} must be >= 0 (0 disables); got {getattr(self, flag)}.")
-        for flag in ("eval_max_prompts", "eval_num_sample_images"):
+        for flag in ("eval_max_prompts", "eval_num_sample_images", "max_failed_reward_steps",
+                     "reward_step_deadline"):
             if getattr(self, flag) < 0:
                 raise ValueError(f"--{flag} must be >= 0; got {getattr(self, flag)}.")
+        _check_range("max_reward_failure_rate", self.max_reward_failure_rate, 0.0, 1.0, low_open=True)
+        _check_positive("reward_failure_window", self.reward_failure_window)
 
     @property
     def num_train_timesteps(self) -> int:

@@ -15,6 +15,8 @@ import socket
 import sys
 from typing import Optional
 
+# Exit status of a run stopped because a reward kept failing (1 stays "crashed"; torchrun passes either on).
+EXIT_REWARD_FAILURE = 3
 # The guide: wandb and swanlab log OFFLINE unless the user exports another mode.
 TRACKER_MODE_DEFAULTS = {"WANDB_MODE": "offline", "SWANLAB_MODE": "offline"}
 
@@ -73,9 +75,13 @@ def build_trainer(args, model_args, data_args, device: str):
 
     unset_hf_deepspeed_config()
     dataset_config = load_dataset_config(data_args.dataset_config)
+    from deepgen_rl.preflight_content import require_valid_contents
+
+    require_valid_contents(dataset_config, model_args.checkpoint,
+                           data_args.eval_dataset_config if args.eval_freq else "")
     prompt_sampler = PromptSampler(dataset_config, seed=args.seed, rank=rank)
     rewards = build_rewards(dataset_config.reward_names, RewardSettings.from_args(data_args, model_args, device))
-    reward_step = RewardStep(rewards, dataset_config.reward_names)
+    reward_step = RewardStep(rewards, dataset_config.reward_names, deadline_s=args.reward_step_deadline or None)
     try:
         sftaux_sampler = None
         if args.sftaux_coef > 0:
@@ -106,8 +112,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = _init_distributed()
     _setup_logging(int(os.environ.get("RANK", "0")))
     trainer = build_trainer(args, model_args, data_args, device)
+    from deepgen_rl.trainer.failure_budget import RewardFailureBudgetExceeded
+
     try:
         trainer.train()
+    except RewardFailureBudgetExceeded as err:
+        logging.getLogger("deepgen_rl").error("training stopped: %s", err)
+        return EXIT_REWARD_FAILURE
     finally:
         trainer.close()
     return 0

@@ -4,9 +4,10 @@
 path, a missing prompt file or a reward server that is down is reported in seconds, every problem at once,
 each naming the variable or URL and how to fix it, instead of failing after every rank has loaded the model.
 
-Checked: the model folders and CHECKPOINT (by the loader's own checks), the dataset YAML and its prompt
-files, the CLIP folder when a dataset uses ``clip_sim``, the reward servers the YAML's rewards need, and the
-UniGenBench judge when periodic evaluation is on.
+Checked: the model folders and CHECKPOINT (by the loader's own checks, then a weights-only open), the dataset
+YAML and its prompt files (their contents too: ``preflight_content``), the CLIP folder when a dataset uses
+``clip_sim``, the reward servers the YAML's rewards need, and, when periodic evaluation is on, the eval CSVs and
+the UniGenBench judge.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable, Optional
 from .config import CLIP_ENV, DataArguments, GRPOConfig, ModelArguments, parse_args
 from .data.dataset_yaml import DatasetConfigError, load_dataset_config
 from .model.loading import ModelPathError, check_checkpoint_path, check_qwen_path, check_sd3_path
+from .preflight_content import check_checkpoint_loads, check_eval_contents, check_prompt_contents
 from .rewards.http_utils import RewardServerUnavailable
 from .rewards.registry import RewardSettings, build_rewards
 
@@ -37,7 +39,10 @@ def check_model_paths(model_args: ModelArguments) -> list[str]:
               lambda: check_qwen_path(model_args.qwen2_5_vl_model_name_or_path)]
     if model_args.checkpoint:
         checks.append(lambda: check_checkpoint_path(model_args.checkpoint))
-    return [p for p in (_problem(c, ModelPathError) for c in checks) if p]
+    problems = [p for p in (_problem(c, ModelPathError) for c in checks) if p]
+    if model_args.checkpoint and Path(model_args.checkpoint).expanduser().is_file():
+        problems += [p for p in [check_checkpoint_loads(str(Path(model_args.checkpoint).expanduser()))] if p]
+    return problems
 
 
 def check_clip_path(path: str) -> Optional[str]:
@@ -84,6 +89,7 @@ def collect_problems(training_args: GRPOConfig, model_args: ModelArguments, data
         dataset = None
     if dataset is not None:
         names = set(dataset.reward_names)
+        problems += check_prompt_contents(dataset)
         if "clip_sim" in names:
             problems += [p for p in [check_clip_path(model_args.clip_model_name_or_path)] if p]
         problems += check_reward_servers(names, data_args, model_args)
@@ -92,7 +98,7 @@ def collect_problems(training_args: GRPOConfig, model_args: ModelArguments, data
             problems.append(f"EVAL_DATASET_CONFIG (--eval_dataset_config) = {data_args.eval_dataset_config!r} is "
                             "not a file (or pass --eval_freq 0 to train without periodic evaluation).")
         else:
-            problems += [p for p in [check_judge(data_args)] if p]
+            problems += [p for p in [check_eval_contents(data_args.eval_dataset_config), check_judge(data_args)] if p]
     return problems
 
 

@@ -35,7 +35,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                             timeout=timedelta(seconds=60))
     try:
         rewards, weights, valid = _rank_data(rank)
-        result = gdpo_advantages(rewards, weights, GROUP, valid=valid, std_floor=0.0, clip=5.0)
+        result = gdpo_advantages(rewards, weights, GROUP, valid=valid, std_floor=0.0, zero_variance_rtol=0.0, clip=5.0)
         torch.save(result.advantages, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -69,10 +69,11 @@ def test_gdpo_batch_normalisation_uses_all_ranks(tmp_path):
 
     data = [_rank_data(r) for r in range(WORLD)]
     rewards, weights, valid = (torch.cat([d[i] for d in data]) for i in range(3))
-    single = gdpo_advantages(rewards, weights, GROUP, valid=valid, std_floor=0.0, clip=5.0).advantages
+    single = gdpo_advantages(rewards, weights, GROUP, valid=valid, std_floor=0.0, zero_variance_rtol=0.0,
+                             clip=5.0).advantages
     torch.testing.assert_close(distributed, single, rtol=1e-6, atol=1e-6)
     assert distributed[8 + 5].item() == 0.0  # the failed sample
 
-    per_rank = torch.cat([gdpo_advantages(*d[:2], GROUP, valid=d[2], std_floor=0.0, clip=5.0).advantages
-                          for d in data])
+    per_rank = torch.cat([gdpo_advantages(*d[:2], GROUP, valid=d[2], std_floor=0.0, zero_variance_rtol=0.0,
+                                          clip=5.0).advantages for d in data])
     assert not torch.allclose(distributed, per_rank, atol=1e-3)

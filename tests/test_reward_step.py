@@ -19,6 +19,9 @@ pytestmark = pytest.mark.timeout(60)
 class RecordingReward:
     """Scores an image by its red channel / 255 (+ offset); fails on prompts containing ``fail_word``."""
 
+    score_range = (0.0, 2.0)  # red / 255 + an offset of at most 1
+    service = "in-process test reward"
+
     def __init__(self, name: str, offset: float = 0.0, fail_word: str = "", barrier=None) -> None:
         self.name = name
         self.offset = offset

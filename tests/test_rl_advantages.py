@@ -32,7 +32,8 @@ WEIGHTS = [[1.0, 0.5]] * 4 + [[1.0, 0.0]] * 4
 
 
 def test_gdpo_hand_worked_two_prompts_four_samples_two_rewards():
-    res = gdpo_advantages(torch.tensor(REWARDS), torch.tensor(WEIGHTS), 4, std_floor=0.0, clip=5.0)
+    res = gdpo_advantages(torch.tensor(REWARDS), torch.tensor(WEIGHTS), 4, std_floor=0.0, zero_variance_rtol=0.0,
+        clip=5.0)
 
     # Prompt A, reward 0: mean 0.5, deviations -0.3 -0.1 0.1 0.3, unbiased var 0.2 / 3.
     sd = math.sqrt(0.2 / 3)
@@ -53,7 +54,8 @@ def test_gdpo_hand_worked_two_prompts_four_samples_two_rewards():
 
 
 def test_grpo_hand_worked_weighted_sum_then_group_normalisation():
-    res = grpo_advantages(torch.tensor(REWARDS), torch.tensor(WEIGHTS), 4, std_floor=0.0, clip=5.0)
+    res = grpo_advantages(torch.tensor(REWARDS), torch.tensor(WEIGHTS), 4, std_floor=0.0, zero_variance_rtol=0.0,
+        clip=5.0)
     total_a = [0.2 + 0.5, 0.4, 0.6, 0.8 + 0.5]  # r0 + 0.5 r1
     total_b = [0.5, 0.5, 0.9, 0.1]
     expected = _normalise(total_a) + _normalise(total_b)
@@ -64,8 +66,8 @@ def test_gdpo_with_one_reward_is_grpo_then_batch_normalised():
     g = torch.Generator().manual_seed(0)
     rewards = torch.rand(12, 1, generator=g)
     weights = torch.ones(12, 1)
-    grpo = grpo_advantages(rewards, weights, 3, std_floor=0.0, clip=100.0).advantages.double()
-    gdpo = gdpo_advantages(rewards, weights, 3, std_floor=0.0, clip=100.0).advantages
+    grpo = grpo_advantages(rewards, weights, 3, std_floor=0.0, zero_variance_rtol=0.0, clip=100.0).advantages.double()
+    gdpo = gdpo_advantages(rewards, weights, 3, std_floor=0.0, zero_variance_rtol=0.0, clip=100.0).advantages
     torch.testing.assert_close(gdpo, ((grpo - grpo.mean()) / (grpo.std() + 1e-4)).float(), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(gdpo, grpo.float())  # the batch normalisation does change the scale
 
@@ -74,7 +76,8 @@ def test_invalid_samples_are_excluded_from_their_group_and_get_zero():
     rewards = [row[:] for row in REWARDS]
     rewards[2] = [NAN, NAN]  # the reward server failed on sample 2
     valid = torch.tensor([True, True, False, True, True, True, True, True])
-    res = gdpo_advantages(torch.tensor(rewards), torch.tensor(WEIGHTS), 4, valid=valid, std_floor=0.0, clip=5.0)
+    res = gdpo_advantages(torch.tensor(rewards), torch.tensor(WEIGHTS), 4, valid=valid, std_floor=0.0, zero_variance_rtol=0.0,
+        clip=5.0)
     a_r0 = _normalise([0.2, 0.4, 0.8])
     a_r1 = _normalise([1.0, 0.0, 1.0])
     summed = [a + 0.5 * b for a, b in zip(a_r0, a_r1)] + _normalise([0.5, 0.5, 0.9, 0.1])
@@ -87,7 +90,7 @@ def test_invalid_samples_are_excluded_from_their_group_and_get_zero():
 def test_group_with_one_valid_sample_carries_no_signal():
     rewards = torch.tensor([[1.0], [0.0], [0.3], [0.9]])
     valid = torch.tensor([True, False, True, True])
-    res = grpo_advantages(rewards, torch.ones(4, 1), 2, valid=valid, std_floor=0.0, clip=5.0)
+    res = grpo_advantages(rewards, torch.ones(4, 1), 2, valid=valid, std_floor=0.0, zero_variance_rtol=0.0, clip=5.0)
     assert res.advantages[:2].tolist() == [0.0, 0.0]
     assert res.advantages[2:].tolist() == pytest.approx(_normalise([0.3, 0.9]), rel=1e-5)
     assert res.zero_variance_group_fraction == 0.5
@@ -95,8 +98,8 @@ def test_group_with_one_valid_sample_carries_no_signal():
 
 def test_std_floor_bounds_near_constant_rewards():
     rewards = torch.tensor([[0.5], [0.5], [0.5], [0.5003]])
-    plain = grpo_advantages(rewards, torch.ones(4, 1), 4, std_floor=0.0, clip=5.0).advantages
-    floored = grpo_advantages(rewards, torch.ones(4, 1), 4, std_floor=0.1, clip=5.0).advantages
+    plain = grpo_advantages(rewards, torch.ones(4, 1), 4, std_floor=0.0, zero_variance_rtol=0.0, clip=5.0).advantages
+    floored = grpo_advantages(rewards, torch.ones(4, 1), 4, std_floor=0.1, zero_variance_rtol=0.0, clip=5.0).advantages
     xs = [0.5, 0.5, 0.5, 0.5003]
     m = _mean(xs)
     assert floored.tolist() == pytest.approx([(x - m) / (0.1 + 1e-4) for x in xs], rel=1e-4, abs=1e-7)
@@ -106,7 +109,7 @@ def test_std_floor_bounds_near_constant_rewards():
 
 def test_clipping_and_clip_fraction():
     rewards = torch.tensor([[0.0], [0.0], [0.0], [1.0]])
-    res = grpo_advantages(rewards, torch.ones(4, 1), 4, std_floor=0.0, clip=1.0)
+    res = grpo_advantages(rewards, torch.ones(4, 1), 4, std_floor=0.0, zero_variance_rtol=0.0, clip=1.0)
     raw = _normalise([0.0, 0.0, 0.0, 1.0])  # -0.5, -0.5, -0.5, 1.5 (up to the 1e-4)
     assert res.advantages.tolist() == pytest.approx([max(-1.0, min(1.0, x)) for x in raw], rel=1e-5)
     assert res.clip_fraction == 0.25
@@ -117,19 +120,72 @@ def test_zero_variance_group_fraction():
     rewards = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.2, 0.0], [0.7, 0.0], [0.5, 0.1], [0.5, 0.9]])
     weights = torch.tensor([[1.0, 0.0]] * 6)
     for fn in (gdpo_advantages, grpo_advantages):
-        res = fn(rewards, weights, 2, std_floor=0.0, clip=5.0)
+        res = fn(rewards, weights, 2, std_floor=0.0, zero_variance_rtol=0.0, clip=5.0)
         assert res.zero_variance_group_fraction == pytest.approx(2 / 3)
         assert res.advantages[[0, 1, 4, 5]].abs().max() < 1e-6
 
 
 def test_bad_inputs_are_reported():
     with pytest.raises(ValueError, match="marked valid"):
-        gdpo_advantages(torch.tensor([[NAN], [1.0]]), torch.ones(2, 1), 2, std_floor=0.0, clip=5.0)
+        gdpo_advantages(torch.tensor([[NAN], [1.0]]), torch.ones(2, 1), 2, std_floor=0.0, zero_variance_rtol=0.0,
+            clip=5.0)
     with pytest.raises(ValueError, match="group_size"):
-        grpo_advantages(torch.zeros(5, 1), torch.ones(5, 1), 2, std_floor=0.0, clip=5.0)
+        grpo_advantages(torch.zeros(5, 1), torch.ones(5, 1), 2, std_floor=0.0, zero_variance_rtol=0.0, clip=5.0)
     with pytest.raises(ValueError, match="weights must match"):
-        grpo_advantages(torch.zeros(4, 2), torch.ones(4, 1), 2, std_floor=0.0, clip=5.0)
+        grpo_advantages(torch.zeros(4, 2), torch.ones(4, 1), 2, std_floor=0.0, zero_variance_rtol=0.0, clip=5.0)
     with pytest.raises(ValueError, match="--atrain_adv_type"):
-        compute_advantages("ppo", torch.zeros(4, 1), torch.ones(4, 1), 2, std_floor=0.0, clip=5.0)
+        compute_advantages("ppo", torch.zeros(4, 1), torch.ones(4, 1), 2, std_floor=0.0, zero_variance_rtol=0.0,
+            clip=5.0)
     with pytest.raises(ValueError, match="--advantage_clip"):
-        grpo_advantages(torch.rand(4, 1), torch.ones(4, 1), 2, std_floor=0.0, clip=0.0)
+        grpo_advantages(torch.rand(4, 1), torch.ones(4, 1), 2, std_floor=0.0, zero_variance_rtol=0.0, clip=0.0)
+
+
+# Issue 11 item 9: float noise must not become an advantage. Group 0: seven 0.35 and one 0.35 + 1 float32 ulp
+# (3e-8); group 1: a real 0.05 gap. Rewards are float32 as the reward step produces them.
+NOISE_GROUP = [0.35] * 7 + [0.35 + 3e-8]
+REAL_GROUP = [0.35] * 7 + [0.40]
+
+
+@pytest.mark.parametrize("adv_type", ["gdpo", "grpo"])
+def test_float_noise_group_is_zero_variance_for_every_advantage_type(adv_type):
+    rewards = torch.tensor([[x] for x in NOISE_GROUP + REAL_GROUP])
+    assert rewards[7, 0] != rewards[0, 0]  # the noise survives float32: without the tolerance it would count
+    res = compute_advantages(adv_type, rewards, torch.ones(16, 1), 8, std_floor=0.0, zero_variance_rtol=1e-5,
+                             clip=5.0)
+    real = _normalise([float(x) for x in rewards[8:, 0]])  # group z-scores of the real gap
+    if adv_type == "gdpo":  # the noise group's S is 0; batch normalisation over all 16 samples
+        expected = [max(-5.0, min(5.0, x)) for x in _normalise([0.0] * 8 + real)]
+        expected[:8] = [0.0] * 8
+    else:
+        expected = [0.0] * 8 + real
+    assert res.advantages.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert res.advantages[:8].abs().max() == 0.0
+    assert res.zero_variance_group_fraction == 0.5
+
+
+def test_zero_variance_tolerance_is_relative_to_the_rewards_magnitude():
+    # The same 1e-4 gap: noise on rewards of magnitude 100 (rel 1e-6), a signal on rewards of magnitude 1e-3.
+    big = torch.tensor([[100.0]] * 3 + [[100.0001]], dtype=torch.float64)
+    small = torch.tensor([[0.001]] * 3 + [[0.0011]], dtype=torch.float64)
+    for adv_type in ("gdpo", "grpo"):
+        flat = compute_advantages(adv_type, big, torch.ones(4, 1), 4, std_floor=0.0, zero_variance_rtol=1e-5, clip=5.0)
+        kept = compute_advantages(adv_type, small, torch.ones(4, 1), 4, std_floor=0.0, zero_variance_rtol=1e-5,
+                                  clip=5.0)
+        assert flat.zero_variance_group_fraction == 1.0 and flat.advantages.abs().max() == 0.0
+        assert kept.zero_variance_group_fraction == 0.0 and kept.advantages.abs().max() > 0.1
+    # With the tolerance off, the big group's 1e-6 relative gap is (wrongly) a signal: the tolerance is what acts.
+    off = grpo_advantages(big, torch.ones(4, 1), 4, std_floor=0.0, zero_variance_rtol=0.0, clip=5.0)
+    assert off.zero_variance_group_fraction == 0.0 and off.advantages.abs().max() > 0.1
+
+
+def test_gdpo_group_is_zero_variance_only_when_every_used_reward_is():
+    # Group 0: reward 0 is noise, reward 1 really varies -> keeps its signal from reward 1 only.
+    # Group 1: both rewards are noise -> zero-variance.
+    r0 = [0.35, 0.35, 0.35, 0.35 + 3e-8] + [0.6, 0.6, 0.6 + 6e-8, 0.6]
+    r1 = [0.1, 0.9, 0.5, 0.5] + [0.2, 0.2 + 2e-8, 0.2, 0.2]
+    rewards = torch.tensor([[a, b] for a, b in zip(r0, r1)])
+    res = gdpo_advantages(rewards, torch.ones(8, 2), 4, std_floor=0.0, zero_variance_rtol=1e-5, clip=5.0)
+    summed = [0.0 + x for x in _normalise([float(v) for v in rewards[:4, 1]])] + [0.0] * 4
+    expected = _normalise(summed)[:4] + [0.0] * 4
+    assert res.advantages.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert res.zero_variance_group_fraction == 0.5

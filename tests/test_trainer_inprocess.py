@@ -59,6 +59,8 @@ class Brightness:
     """r = mean 8-bit pixel value / 255 (smooth in the model's output)."""
 
     name = "jpeg_compressibility"
+    score_range = (0.0, 1.0)
+    service = "in-process test reward"
 
     def __init__(self, fail_rows=()):
         self.fail_rows = set(fail_rows)

@@ -52,9 +52,16 @@ class RewardScores:
 
 @runtime_checkable
 class RewardFunction(Protocol):
-    """The interface the reward step calls. ``name`` is the reward's name in the dataset YAML."""
+    """The interface the reward step calls. ``name`` is the reward's name in the dataset YAML.
+
+    ``score_range``: the (low, high) every valid score lies in; a value outside it (a broken server's 1e30) is a
+    failure, never a reward. ``service``: where the reward is computed and how to bring it back (a server's URL
+    and start script), for the messages of a run that stops because the reward keeps failing.
+    """
 
     name: str
+    score_range: tuple[float, float]
+    service: str
 
     def check_ready(self) -> None:
         """Raise a clear error if the reward cannot work (server down, model missing); no-op for local rewards."""

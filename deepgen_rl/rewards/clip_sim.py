@@ -23,6 +23,7 @@ from deepgen_rl.rewards.base import RewardScores, check_batch
 
 class ClipSimilarityReward:
     name = "clip_sim"
+    score_range = (-1.0, 1.0)  # a cosine similarity
 
     def __init__(self, model_path: str, device: str = "cpu", batch_size: int = 32) -> None:
         from transformers import AutoProcessor, CLIPModel
@@ -34,6 +35,7 @@ class ClipSimilarityReward:
             raise ValueError(f"--clip_model_name_or_path / CLIP_MODEL_NAME_OR_PATH={model_path!r} is not a folder "
                              "(expected a local transformers CLIP folder with config.json and the processor files).")
         self.device = torch.device(device)
+        self.service = f"in-process CLIP model {model_path} (CLIP_MODEL_NAME_OR_PATH)"
         self.batch_size = batch_size
         self.model = CLIPModel.from_pretrained(model_path, local_files_only=True).to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(model_path, local_files_only=True)

@@ -31,6 +31,9 @@ def jpeg_compressibility(image: Image.Image) -> float:
 
 class JpegCompressibilityReward:
     name = "jpeg_compressibility"
+    # 1 - jpeg/raw bytes: below 0 only when JPEG is larger than the raw pixels (tiny or pure-noise images).
+    score_range = (float("-inf"), 1.0)
+    service = "in-process JPEG encoder (no server)"
 
     def check_ready(self) -> None:
         """Nothing to check: the reward is computed in-process."""

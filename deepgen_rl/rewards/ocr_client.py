@@ -50,12 +50,14 @@ class OcrRewardClient:
     """``ocr`` reward: 1 - normalised edit distance between the quoted target text and what OCR reads."""
 
     name = "ocr"
+    score_range = (0.0, 1.0)  # 1 - normalised edit distance
 
     def __init__(self, url: str, policy: RetryPolicy, max_concurrency: int, request_batch_size: int,
                  health_timeout_s: float) -> None:
         if request_batch_size <= 0 or max_concurrency <= 0:
             raise ValueError("request_batch_size and max_concurrency must be positive.")
         self.url = url
+        self.service = f"OCR server at {url}: {OCR_START_HINT}"
         self.policy = policy
         self.request_batch_size = request_batch_size
         self.health_timeout_s = health_timeout_s

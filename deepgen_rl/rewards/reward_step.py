@@ -8,14 +8,22 @@ samples whose dataset uses it (weight > 0), all rewards at the same time (one th
 rewards are concurrent inside). A reward that fails on a sample leaves NaN in ``scores`` and marks the
 sample ``failed``: the advantage step excludes it from its group and the failure is counted in the logs.
 Nothing is ever filled in with 0 or 0.5.
+
+A value outside the reward's declared ``score_range`` is a failure too (a broken server's 1e30 is not a score).
+``deadline_s`` (--reward_step_deadline) bounds the whole phase: a reward still running then fails its samples,
+its call is abandoned (a daemon thread, so it cannot hold the process open) and, while it still runs, later
+steps fail that reward's samples at once instead of queueing behind it. The trainer's failure budget decides
+when failures mean the run must stop.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence, Union
 
@@ -27,6 +35,14 @@ from deepgen_rl.rewards.base import RewardFunction, RewardScores
 logger = logging.getLogger(__name__)
 
 ImageBatch = Union[Sequence[Image.Image], torch.Tensor]
+# A score within this (relative) distance of its range's bound is float rounding (a cosine of 1 + 1 ulp), not a
+# broken server.
+RANGE_SLACK = 1e-6
+
+
+def out_of_range(value: float, score_range: tuple[float, float]) -> bool:
+    low, high = score_range
+    return value < low - RANGE_SLACK * max(1.0, abs(low)) or value > high + RANGE_SLACK * max(1.0, abs(high))
 
 
 @dataclass(frozen=True)
@@ -100,16 +116,25 @@ def images_to_pil(images: ImageBatch) -> list[Image.Image]:
 
 
 class RewardStep:
-    """Scores batches with a fixed set of reward functions (built once by ``registry.build_rewards``)."""
+    """Scores batches with a fixed set of reward functions (built once by ``registry.build_rewards``).
 
-    def __init__(self, rewards: Mapping[str, RewardFunction], names: Optional[Sequence[str]] = None) -> None:
+    ``deadline_s``: seconds the whole reward phase of one batch may take (None: no limit).
+    """
+
+    def __init__(self, rewards: Mapping[str, RewardFunction], names: Optional[Sequence[str]] = None,
+                 deadline_s: Optional[float] = None) -> None:
         self.names: tuple[str, ...] = tuple(names if names is not None else rewards)
         missing = [name for name in self.names if name not in rewards]
         if missing:
             raise ValueError(f"no reward function built for {missing}; built: {sorted(rewards)}")
+        for name in self.names:
+            _check_declarations(name, rewards[name])
+        if deadline_s is not None and deadline_s <= 0:
+            raise ValueError(f"--reward_step_deadline must be > 0 seconds (or unset); got {deadline_s}.")
         self.rewards = dict(rewards)
-        # One thread per reward runs them side by side; one more lets submit() overlap the next rollout.
-        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.names)), thread_name_prefix="reward")
+        self.deadline_s = deadline_s
+        self._in_flight: dict[str, Future] = {}  # each reward's last call, possibly abandoned at the deadline
+        # One thread lets submit() overlap the next rollout; each reward call gets its own daemon thread.
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-step")
 
     def submit(self, images: ImageBatch, prompts: Sequence[str], reward_weights: Sequence[Mapping[str, float]],
@@ -127,16 +152,57 @@ class RewardStep:
                              f"{len(reward_weights)} reward weights, {len(group_ids)} group ids.")
         weights = self._weight_matrix(reward_weights)  # [N, K]
         started = time.perf_counter()
-        jobs = {}
+        jobs: dict[str, tuple[list[int], Future]] = {}
+        busy: dict[str, list[int]] = {}
         for k, name in enumerate(self.names):
             rows = torch.nonzero(weights[:, k] > 0).flatten().tolist()
-            if rows:
-                jobs[name] = (rows, self._pool.submit(
-                    self._run_reward, name, [pil_images[i] for i in rows], [prompts[i] for i in rows],
-                    [group_ids[i] for i in rows]))
-        batch = self._assemble(n, weights, {name: (rows, future.result()) for name, (rows, future) in jobs.items()})
+            if not rows:
+                continue
+            if name in self._in_flight and not self._in_flight[name].done():
+                busy[name] = rows
+                continue
+            jobs[name] = (rows, self._start(name, [pil_images[i] for i in rows], [prompts[i] for i in rows],
+                                            [group_ids[i] for i in rows]))
+        results = {name: (rows, self._wait(name, future, len(rows), started)) for name, (rows, future) in jobs.items()}
+        for name, rows in busy.items():
+            results[name] = (rows, RewardScores.all_failed(
+                len(rows), f"reward {name} is still busy with a call that overran --reward_step_deadline "
+                           f"({self.deadline_s:g} s); not called this step"))
+        batch = self._assemble(n, weights, results)
         batch.metrics["seconds"] = time.perf_counter() - started
         return batch
+
+    def _start(self, name: str, images: list[Image.Image], prompts: list[str], group_ids: list[int]) -> Future:
+        """Run one reward on a daemon thread: a call abandoned at the deadline cannot keep the process alive."""
+        future: Future = Future()
+
+        def run() -> None:
+            future.set_result(self._run_reward(name, images, prompts, group_ids))  # _run_reward never raises
+
+        self._in_flight[name] = future
+        threading.Thread(target=run, name=f"reward-{name}", daemon=True).start()
+        return future
+
+    def _wait(self, name: str, future: Future, num_rows: int, started: float) -> RewardScores:
+        timeout = None if self.deadline_s is None else max(0.0, started + self.deadline_s - time.perf_counter())
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout:
+            logger.warning("reward %s did not finish within --reward_step_deadline %g s: its %d samples fail this "
+                           "step", name, self.deadline_s, num_rows)
+            scores = RewardScores.all_failed(num_rows, f"reward {name} did not finish within --reward_step_deadline "
+                                                       f"({self.deadline_s:g} s): its server is slow or hung")
+            scores.metrics["deadline_exceeded"] = 1.0
+            return scores
+
+    def recheck(self, name: str) -> Optional[str]:
+        """Ask reward ``name`` whether it works now (its server's /health): None if so, else the reason, which
+        names the URL and how to start the server."""
+        try:
+            self.rewards[name].check_ready()
+        except Exception as err:  # any failure to answer means "not ready"; the message is the point
+            return str(err) or type(err).__name__
+        return None
 
     def _weight_matrix(self, reward_weights: Sequence[Mapping[str, float]]) -> torch.Tensor:
         weights = torch.zeros(len(reward_weights), len(self.names), dtype=torch.float32)
@@ -171,9 +237,13 @@ class RewardStep:
             if name not in results:
                 continue
             rows, reward_scores = results[name]
+            score_range = self.rewards[name].score_range
             for row, value, error in zip(rows, reward_scores.values, reward_scores.errors):
                 if value is None or not math.isfinite(value):
                     failures.append(RewardFailure(row, name, error or f"non-finite value {value!r}"))
+                elif out_of_range(value, score_range):
+                    failures.append(RewardFailure(row, name, f"{name} returned {value!r}, outside its declared "
+                                                             f"range [{score_range[0]:g}, {score_range[1]:g}]"))
                 else:
                     scores[row, k] = float(value)
             metrics.update({f"{name}/{key}": value for key, value in reward_scores.metrics.items()})
@@ -188,6 +258,16 @@ class RewardStep:
 
     def close(self) -> None:
         self._background.shutdown(wait=True)
-        self._pool.shutdown(wait=True)
         for reward in self.rewards.values():
             reward.close()
+
+
+def _check_declarations(name: str, reward: RewardFunction) -> None:
+    """Every reward declares its score range and where it runs (see ``RewardFunction``)."""
+    score_range = getattr(reward, "score_range", None)
+    if not (isinstance(score_range, tuple) and len(score_range) == 2 and score_range[0] < score_range[1]):
+        raise TypeError(f"reward {name!r} ({type(reward).__name__}) must declare score_range = (low, high), "
+                        f"low < high; got {score_range!r}.")
+    if not isinstance(getattr(reward, "service", None), str):
+        raise TypeError(f"reward {name!r} ({type(reward).__name__}) must declare service: a str saying where it "
+                        "runs and how to start it.")

@@ -100,12 +100,14 @@ def win_rates(num_samples: int, group_ids: Sequence[int], verdicts: Sequence[Pai
 
 class UnifiedRewardThinkClient:
     name = "unifiedreward_think"
+    score_range = (0.0, 1.0)  # a win rate
 
     def __init__(self, url: str, model_name: str, policy: RetryPolicy, max_concurrency: int, max_tokens: int,
                  health_timeout_s: float, template: str = PAIRWISE_THINK_TEMPLATE) -> None:
         if "{prompt}" not in template:
             raise ValueError("the UnifiedReward template must contain '{prompt}' where the caption goes.")
         self.url = url
+        self.service = f"UnifiedReward-Think server at {url}: {UNIFIEDREWARD_START_HINT}"
         self.model_name = model_name
         self.policy = policy
         self.max_tokens = max_tokens

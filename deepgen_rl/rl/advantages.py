@@ -9,6 +9,12 @@ statistic, get advantage 0 and must be left out of the loss: the mask is returne
 
 Statistics use the unbiased (n - 1) std, as ``torch.Tensor.std`` (and TRL) do; a group with fewer than two valid
 samples has std 0 (and every advantage in it is 0 anyway). Math runs in float64; results are float32.
+
+Zero-variance groups: a group whose spread is float noise carries no signal, but dividing by (std + 1e-4) and
+(GDPO) batch-normalising again turns it into unit-scale advantages (seven 0.35 and one 0.35 + 1 float32 ulp gave
+|A| = 1.27 under GDPO). So a group is zero-variance when its std <= rtol * max|r| + 1e-8 over its valid samples
+(``zero_variance_rtol``, RELATIVE to the rewards' magnitude, because float32 noise scales with it): its
+normalised values are 0, its advantages are 0 and it is counted, for GRPO and GDPO alike.
 Stats in the result describe this rank's samples; GDPO's batch normalisation alone spans all ranks.
 """
 
@@ -24,7 +30,7 @@ from torch import Tensor
 AdvantageType = Literal["grpo", "gdpo"]
 ADVANTAGE_TYPES = ("grpo", "gdpo")
 STD_EPS = 1e-4  # added to every std (DESIGN.md section 4), as in the reference
-_ZERO_STD = 1e-8  # a group whose std is below this carries no signal
+ZERO_VARIANCE_ATOL = 1e-8  # below this absolute std a group carries no signal, whatever its magnitude
 
 
 @dataclass(frozen=True)
@@ -71,10 +77,12 @@ def _clean_rewards(rewards: Tensor, weights: Tensor, valid: Tensor) -> tuple[Ten
     return torch.where(used, rewards.double(), zero), torch.where(valid[:, None], weights.double(), zero)
 
 
-def group_normalize(values: Tensor, valid: Tensor, group_size: int, std_floor: float) -> tuple[Tensor, Tensor]:
-    """(x - mean_G x) / (max(std_G x, floor) + 1e-4) per group over valid samples (Flow-GRPO eq. 4 / GDPO eq. 5).
+def group_normalize(values: Tensor, valid: Tensor, group_size: int, std_floor: float,
+                    zero_variance_rtol: float) -> tuple[Tensor, Tensor]:
+    """(x - mean_G x) / (max(std_G x, floor) + 1e-4) per group over valid samples (Flow-GRPO eq. 4 / GDPO eq. 5);
+    0 for a zero-variance group (std <= rtol * max|x| + atol, or fewer than 2 valid samples).
 
-    values: [N, K] float64; valid: [N] bool -> (normalised [N, K] (0 at invalid rows), group std [B, K]).
+    values: [N, K] float64; valid: [N] bool -> (normalised [N, K] (0 at invalid rows), flat [B, K] bool).
     """
     num, k = values.shape
     x = values.view(num // group_size, group_size, k)
@@ -83,16 +91,20 @@ def group_normalize(values: Tensor, valid: Tensor, group_size: int, std_floor: f
     mean = (x * m).sum(dim=1) / count.clamp_min(1)
     var = ((x - mean[:, None]) ** 2 * m).sum(dim=1) / (count - 1).clamp_min(1)
     std = torch.where(count >= 2, var.sqrt(), torch.zeros_like(var))  # [B, K]
-    normalised = (x - mean[:, None]) / (std.clamp_min(std_floor)[:, None] + STD_EPS) * m
-    return normalised.view(num, k), std
+    magnitude = (x.abs() * m).amax(dim=1)  # [B, K]
+    flat = (std <= zero_variance_rtol * magnitude + ZERO_VARIANCE_ATOL) | (count < 2)  # [B, K]
+    normalised = (x - mean[:, None]) / (std.clamp_min(std_floor)[:, None] + STD_EPS) * m * ~flat[:, None]
+    return normalised.view(num, k), flat
 
 
-def _zero_variance_fraction(std: Tensor, used: Tensor, valid: Tensor, group_size: int) -> float:
-    """std: [B, K] group stds; used: [B, K] reward used by the group. A group without signal: every used reward's
-    std ~ 0, or fewer than 2 valid samples."""
-    counts = valid.view(-1, group_size).sum(dim=1)
-    flat = ((std < _ZERO_STD) | ~used).all(dim=1) | (counts < 2)
-    return float(flat.double().mean()) if flat.numel() else 0.0
+def _flat_groups(flat: Tensor, used: Tensor) -> Tensor:
+    """flat: [B, K] per-reward zero-variance; used: [B, K] reward used by the group -> [B] groups without signal
+    (every used reward flat; a group with fewer than 2 valid samples is flat in every column)."""
+    return (flat | ~used).all(dim=1)
+
+
+def _zero_variance_fraction(flat_groups: Tensor) -> float:
+    return float(flat_groups.double().mean()) if flat_groups.numel() else 0.0
 
 
 def _reduce_sum(values: Tensor, process_group) -> Tensor:
@@ -137,7 +149,7 @@ def _finish(raw: Tensor, valid: Tensor, zero_fraction: float, clip: float, group
 
 
 def grpo_advantages(rewards: Tensor, weights: Tensor, group_size: int, *, valid: Optional[Tensor] = None,
-                    std_floor: float, clip: float) -> AdvantageResult:
+                    std_floor: float, clip: float, zero_variance_rtol: float) -> AdvantageResult:
     """GRPO: r = sum_k w_k r_k; A = (r - mean_G r) / (max(std_G r, floor) + 1e-4); clip to [-clip, clip].
 
     rewards, weights: [N, K]; valid: [N] bool (None = all valid). No batch normalisation, no collective.
@@ -145,13 +157,14 @@ def grpo_advantages(rewards: Tensor, weights: Tensor, group_size: int, *, valid:
     valid = _check_inputs(rewards, weights, group_size, valid)
     r, w = _clean_rewards(rewards, weights, valid)
     total = (w * r).sum(dim=1, keepdim=True)  # [N, 1]
-    adv, std = group_normalize(total, valid, group_size, std_floor)
+    adv, flat = group_normalize(total, valid, group_size, std_floor, zero_variance_rtol)
     used = (w != 0).view(-1, group_size, w.shape[1]).any(dim=1).any(dim=1, keepdim=True)  # [B, 1]
-    return _finish(adv[:, 0], valid, _zero_variance_fraction(std, used, valid, group_size), clip, group_size)
+    return _finish(adv[:, 0], valid, _zero_variance_fraction(_flat_groups(flat, used)), clip, group_size)
 
 
 def gdpo_advantages(rewards: Tensor, weights: Tensor, group_size: int, *, valid: Optional[Tensor] = None,
-                    std_floor: float, clip: float, process_group=None) -> AdvantageResult:
+                    std_floor: float, clip: float, zero_variance_rtol: float,
+                    process_group=None) -> AdvantageResult:
     """GDPO (arXiv 2601.05242): A_k = group-normalised r_k; S = sum_k w_k A_k; A = batch-normalised S over all
     ranks (when torch.distributed is initialised; collective: call on every rank); clip to [-clip, clip].
 
@@ -159,20 +172,24 @@ def gdpo_advantages(rewards: Tensor, weights: Tensor, group_size: int, *, valid:
     """
     valid = _check_inputs(rewards, weights, group_size, valid)
     r, w = _clean_rewards(rewards, weights, valid)
-    per_reward, std = group_normalize(r, valid, group_size, std_floor)  # [N, K], [B, K]
+    per_reward, flat = group_normalize(r, valid, group_size, std_floor, zero_variance_rtol)  # [N, K], [B, K]
     summed = (w * per_reward).sum(dim=1)  # [N]
     adv = batch_normalize(summed, valid, process_group)
     used = (w != 0).view(-1, group_size, w.shape[1]).any(dim=1)  # [B, K]
-    return _finish(adv, valid, _zero_variance_fraction(std, used, valid, group_size), clip, group_size)
+    flat_groups = _flat_groups(flat, used)  # [B]
+    # A flat group's S is 0, but the batch mean it is centred on is 0 only up to rounding: zero it exactly.
+    adv = adv * ~flat_groups.repeat_interleave(group_size)
+    return _finish(adv, valid, _zero_variance_fraction(flat_groups), clip, group_size)
 
 
 def compute_advantages(adv_type: AdvantageType, rewards: Tensor, weights: Tensor, group_size: int, *,
-                       valid: Optional[Tensor] = None, std_floor: float, clip: float,
+                       valid: Optional[Tensor] = None, std_floor: float, clip: float, zero_variance_rtol: float,
                        process_group=None) -> AdvantageResult:
-    """Dispatch on ``--atrain_adv_type``."""
+    """Dispatch on ``--atrain_adv_type`` (``zero_variance_rtol``: ``--zero_variance_rtol``)."""
     if adv_type == "grpo":
-        return grpo_advantages(rewards, weights, group_size, valid=valid, std_floor=std_floor, clip=clip)
+        return grpo_advantages(rewards, weights, group_size, valid=valid, std_floor=std_floor, clip=clip,
+                               zero_variance_rtol=zero_variance_rtol)
     if adv_type == "gdpo":
         return gdpo_advantages(rewards, weights, group_size, valid=valid, std_floor=std_floor, clip=clip,
-                               process_group=process_group)
+                               zero_variance_rtol=zero_variance_rtol, process_group=process_group)
     raise ValueError(f"--atrain_adv_type must be one of {', '.join(ADVANTAGE_TYPES)}; got {adv_type!r}.")

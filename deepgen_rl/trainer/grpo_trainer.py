@@ -39,6 +39,7 @@ from .deepspeed_setup import initialize_engine
 from .distributed import (SEED_ROLLOUT, SEED_SFTAUX, SEED_TRAIN_STEPS, all_gather_cat, all_reduce_sum, derive_seed,
                           rank_and_world, seeded_generator)
 from .eval_hook import EvalHook
+from .failure_budget import FailureBudget, RewardFailureBudgetExceeded, RunSummary, budget_verdict, step_counts
 from .logging_utils import MetricsLogger, TrackerSettings
 from .objective import ObjectiveSettings, policy_chunk_objective, sftaux_objective
 from .reference_policy import ReferencePolicy
@@ -99,6 +100,9 @@ class DeepGenGRPOTrainer:
         self.state = checkpointing.TrainerState(max_steps=self.max_steps, world_size=self.world_size,
                                                 global_batch_size=args.global_batch_size)
         self.timer = PhaseTimer()
+        self.failure_budget = FailureBudget(args.max_failed_reward_steps, args.max_reward_failure_rate,
+                                            args.reward_failure_window)
+        self.summary = RunSummary()
         if self.rank == 0:
             logger.info("batch plan: %s; %d optimizer steps", self.plan, self.max_steps)
 
@@ -139,7 +143,8 @@ class DeepGenGRPOTrainer:
             logger.warning("every reward of step %d failed on every rank: the step is skipped.", self.state.global_step)
             return None, metrics
         result = compute_advantages(self.args.atrain_adv_type, rewards.scores, rewards.weights, self.args.rollout_n,
-                                    valid=valid, std_floor=self.args.reward_std_floor, clip=self.args.advantage_clip)
+                                    valid=valid, std_floor=self.args.reward_std_floor, clip=self.args.advantage_clip,
+                                    zero_variance_rtol=self.args.zero_variance_rtol)
         counts = all_reduce_sum(torch.tensor([result.zero_variance_group_fraction * result.num_groups,
                                               result.num_groups, result.clip_fraction * result.num_valid,
                                               result.num_valid], dtype=torch.float64), self.device)
@@ -272,6 +277,7 @@ class DeepGenGRPOTrainer:
                     metrics, batch, rewards = self.training_step()
                     self.state.global_step += 1
                     self._after_step(metrics, batch, rewards, metrics_logger, bar)
+                    self._enforce_failure_budget(metrics, rewards)
                     if stop.should_stop(self.device):
                         stopped = True
                         break
@@ -280,7 +286,25 @@ class DeepGenGRPOTrainer:
         finally:
             bar.close()
             metrics_logger.close()
+            if self.rank == 0:
+                logger.info("%s", self.summary.text())
+                self.summary.write(args.output_dir)
         return self.state
+
+    def _enforce_failure_budget(self, metrics: dict, rewards: RewardBatch) -> None:
+        """Count the step in the run summary; stop (checkpoint first) when a reward has spent its failure budget."""
+        step = self.state.global_step
+        counts = step_counts(self.reward_step.names, metrics)
+        self.summary.add(metrics.get("train/step_applied") == 1.0, counts)
+        message = budget_verdict(self.failure_budget, self.reward_step, step, counts, rewards.failures, self.device)
+        if message is None:
+            return
+        if self._save_strategy() != "no":
+            message += (f" {self.save()} holds the run up to step {step}: bring the server back, then resume with "
+                        "--resume_from_checkpoint latest.")
+        message += " (--max_failed_reward_steps / --max_reward_failure_rate set the budget; 0 / 1 disable them.)"
+        self.summary.stopped_because = message
+        raise RewardFailureBudgetExceeded(message)
 
     def _after_step(self, metrics: dict, batch: RolloutBatch, rewards: RewardBatch, metrics_logger: MetricsLogger,
                     bar) -> None:

@@ -28,7 +28,8 @@ def weighted_reward(scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
 def reward_metrics(names: Sequence[str], scores: torch.Tensor, weights: torch.Tensor,
                    failed: torch.Tensor) -> dict[str, float]:
     """scores/weights [N_all, K], failed [N_all] -> reward/mean, reward/std (weighted sum over valid samples),
-    reward/<name>/mean|std over the samples that computed it, reward/<name>/failed, reward/failed_samples."""
+    reward/<name>/mean|std over the samples that computed it, reward/<name>/failed|num_samples (failed / used it),
+    reward/failed_samples."""
     valid = ~failed
     metrics: dict[str, float] = {}
     metrics["reward/mean"], metrics["reward/std"] = _mean_std(weighted_reward(scores, weights)[valid])
@@ -37,6 +38,7 @@ def reward_metrics(names: Sequence[str], scores: torch.Tensor, weights: torch.Te
         computed = used & torch.isfinite(scores[:, k])
         metrics[f"reward/{name}/mean"], metrics[f"reward/{name}/std"] = _mean_std(scores[computed, k])
         metrics[f"reward/{name}/failed"] = float((used & ~torch.isfinite(scores[:, k])).sum())
+        metrics[f"reward/{name}/num_samples"] = float(used.sum())
     metrics["reward/failed_samples"] = float(failed.sum())
     metrics["reward/num_samples"] = float(failed.numel())
     return metrics

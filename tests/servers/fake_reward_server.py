@@ -10,7 +10,8 @@ in the prompt / caption, so one server covers every case:
   answer), ERROR500 (HTTP 500), BADJSON (200 with a non-JSON body), SLOW (answers after --slow-seconds),
   LAG (answers after --lag-seconds), FLAKY (HTTP 500 on the first attempt of each pair, then a real answer).
 * OCR /score: score = mean brightness / 255 of the image. Keywords: ERROR500, GARBAGE (JSON not matching the
-  contract), SLOW, REJECT (400 naming that item as our OCR server does), ITEMERR (a per-item error).
+  contract), SLOW, REJECT (400 naming that item as our OCR server does), ITEMERR (a per-item error), HUGE (a
+  score of 1e30, as a broken server might send).
 
 ``GET /stats`` returns counters: requests per keyword (attempts, retries included), answered requests per
 keyword, the largest number of requests in flight at once, and the OCR batch sizes seen.
@@ -40,7 +41,7 @@ from deepgen_rl.rewards.protocol import (  # noqa: E402  (the repo root must be 
     OcrScoreResponse,
 )
 
-KEYWORDS = ("GARBAGE", "ERROR500", "BADJSON", "SLOW", "LAG", "FLAKY", "REJECT", "ITEMERR")
+KEYWORDS = ("GARBAGE", "ERROR500", "BADJSON", "SLOW", "LAG", "FLAKY", "REJECT", "ITEMERR", "HUGE")
 CAPTION = re.compile(r"「(.*?)」", re.DOTALL)
 
 
@@ -62,6 +63,7 @@ def think_reply(winner: int) -> str:
 
 def ocr_results(parsed: OcrScoreRequest, keywords: list[str]) -> list[OcrItemResult]:
     return [OcrItemResult(targets=["x"], error="engine failed on this image") if keyword == "ITEMERR" else
+            OcrItemResult(score=1e30, recognized_text="x", targets=["x"]) if keyword == "HUGE" else
             OcrItemResult(score=brightness(item.image) / 255.0, recognized_text="x", targets=["x"])
             for item, keyword in zip(parsed.items, keywords)]
 
