@@ -34,17 +34,30 @@ def ensure_single_process_env(environ) -> None:
     environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
-def _setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+def log_level_for(rank: int, log_level: str, log_level_replica: str) -> int:
+    """--log_level on rank 0, --log_level_replica elsewhere; 'passive' keeps our defaults (INFO / WARNING)."""
+    from transformers.training_args import trainer_log_levels  # the flags' names -> logging levels
+
+    name = log_level if rank == 0 else log_level_replica
+    if name == "passive":
+        return logging.INFO if rank == 0 else logging.WARNING
+    return trainer_log_levels[name]
+
+
+def _setup_logging(rank: int, args) -> None:
+    logging.basicConfig(level=log_level_for(rank, args.log_level, args.log_level_replica),
                         format=f"[%(asctime)s rank{rank} %(name)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
 
 
-def _init_distributed():
-    """The process group (gloo on CPU, the accelerator's backend otherwise) and this rank's device."""
+def _init_distributed(ddp_timeout_s: int):
+    """The process group (gloo on CPU, the accelerator's backend otherwise; collectives time out after --ddp_timeout
+    seconds) and this rank's device."""
+    from datetime import timedelta
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    deepspeed.init_distributed()
+    deepspeed.init_distributed(timeout=timedelta(seconds=ddp_timeout_s))
     accelerator = get_accelerator()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accelerator.device_name() != "cpu":
@@ -103,8 +116,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from deepgen_rl.config import parse_args
 
     args, model_args, data_args = parse_args(argv)
-    device = _init_distributed()
-    _setup_logging(int(os.environ.get("RANK", "0")))
+    device = _init_distributed(args.ddp_timeout)
+    _setup_logging(int(os.environ.get("RANK", "0")), args)
     trainer = build_trainer(args, model_args, data_args, device)
     try:
         trainer.train()

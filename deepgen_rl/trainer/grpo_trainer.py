@@ -264,7 +264,8 @@ class DeepGenGRPOTrainer:
             self.load(resume)
         metrics_logger = MetricsLogger(args.output_dir, self.tracker, is_main=self.rank == 0,
                                        run_config=self._run_config(), resume_step=self.state.global_step)
-        bar = tqdm(total=self.max_steps, initial=self.state.global_step, disable=self.rank != 0, desc="GRPO")
+        bar = tqdm(total=self.max_steps, initial=self.state.global_step, desc="GRPO",
+                   disable=self.rank != 0 or bool(args.disable_tqdm))
         stopped = False
         try:
             with GracefulStop() as stop:
