@@ -44,20 +44,21 @@ def log_level_for(rank: int, log_level: str, log_level_replica: str) -> int:
     return trainer_log_levels[name]
 
 
-def _setup_logging(rank: int, args) -> None:
-    logging.basicConfig(level=log_level_for(rank, args.log_level, args.log_level_replica),
+def _setup_logging(rank: int, args=None) -> None:
+    levels = (args.log_level, args.log_level_replica) if args is not None else ("passive", "passive")
+    logging.basicConfig(level=log_level_for(rank, *levels),
                         format=f"[%(asctime)s rank{rank} %(name)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
 
 
-def _init_distributed(ddp_timeout_s: int):
+def _init_distributed(ddp_timeout_s: Optional[int] = None):
     """The process group (gloo on CPU, the accelerator's backend otherwise; collectives time out after --ddp_timeout
-    seconds) and this rank's device."""
+    seconds, DeepSpeed's default when None) and this rank's device."""
     from datetime import timedelta
 
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    deepspeed.init_distributed(timeout=timedelta(seconds=ddp_timeout_s))
+    deepspeed.init_distributed(**({} if ddp_timeout_s is None else {"timeout": timedelta(seconds=ddp_timeout_s)}))
     accelerator = get_accelerator()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accelerator.device_name() != "cpu":
