@@ -33,7 +33,8 @@ def rendezvous_failure_message(args, err: BaseException) -> str:
     role = ("node 0 hosts the rendezvous there and waited for the others" if int(args.node_rank) == 0
             else f"node {args.node_rank} could not join node 0 there")
     return (f"error: the nodes did not meet: NNODES={args.nnodes}, rendezvous at MASTER_ADDR:MASTER_PORT = {where}; "
-            f"{role} for {rendezvous_timeout(args.rdzv_conf or '')} s ({type(err).__name__}: {_first_line(err)}). Start "
+            f"{role} for {rendezvous_timeout(args.rdzv_conf or '')} s ({type(err).__name__}: {_first_line(err)}). "
+            "Start "
             "scripts/train.sh on every node with the same NNODES, MASTER_ADDR (node 0's address, reachable from "
             "every node) and MASTER_PORT, and NODE_RANK 0..NNODES-1; check that MASTER_PORT is open between the "
             "nodes. RDZV_TIMEOUT (seconds) sets how long a node waits for the others.")

@@ -118,8 +118,8 @@ def refused_flag_errors(config: Any) -> list[str]:
     return errors
 
 
-HELP_EPILOG = ("Other transformers.TrainingArguments flags (--per_device_train_batch_size, --gradient_accumulation_steps, "
-               "--optim, --torch_compile, ...) are not used by the GRPO loop: given a non-default value they stop the "
+HELP_EPILOG = ("Other transformers.TrainingArguments flags (--per_device_train_batch_size, "
+               "--gradient_accumulation_steps, --optim, --torch_compile, ...) are not used by the GRPO loop: given a non-default value they stop the "
                "run, naming what to use instead (deepgen_rl/trainer_flags.py).")
 
 

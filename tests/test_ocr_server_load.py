@@ -144,7 +144,8 @@ def test_oversized_body_is_refused_from_its_content_length_before_reading(limit_
 
 
 def test_oversized_chunked_body_is_refused_once_past_the_limit(limit_server):
-    head = b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    head = (b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
     chunk = b"x" * (256 * 1024)
     parts = [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * (4 * BODY_LIMIT_MB + 1)  # just past the limit, no final chunk
     reply = _raw_exchange(limit_server.port, head, parts)

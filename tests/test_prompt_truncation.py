@@ -75,7 +75,7 @@ def test_max_prompt_length_without_room_for_the_prompt_names_the_flag(short_mode
     from deepgen_rl.model import load_deepgen_model
 
     _, args = short_model
-    with pytest.raises(ValueError, match=r"--max_prompt_length 13 leaves no room.*alone takes 13 tokens; use at least 14"):
+    with pytest.raises(ValueError, match=r"--max_prompt_length 13 leaves no room.*takes 13 tokens; use at least 14"):
         load_deepgen_model(dataclasses.replace(args, max_prompt_length=13))
 
 

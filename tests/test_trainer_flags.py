@@ -63,7 +63,8 @@ def test_honoured_inherited_flags_are_accepted(tmp_path):
 
 @pytest.mark.parametrize("rank, level, replica, expected", [
     (0, "passive", "warning", logging.INFO), (1, "passive", "passive", logging.WARNING),
-    (0, "debug", "warning", logging.DEBUG), (1, "info", "error", logging.ERROR), (0, "critical", "info", logging.CRITICAL),
+    (0, "debug", "warning", logging.DEBUG), (1, "info", "error", logging.ERROR),
+    (0, "critical", "info", logging.CRITICAL),
 ])
 def test_log_level_flags(rank, level, replica, expected):
     assert log_level_for(rank, level, replica) == expected

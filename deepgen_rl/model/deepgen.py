@@ -76,8 +76,8 @@ class DeepGenModel(nn.Module):
         self.scheduler = scheduler
         minimum = template_tokens(tokenizer) + 1
         if max_prompt_length < minimum:
-            raise ValueError(f"--max_prompt_length {max_prompt_length} leaves no room for the prompt: the chat template "
-                             f"alone takes {minimum - 1} tokens; use at least {minimum} (default 1024).")
+            raise ValueError(f"--max_prompt_length {max_prompt_length} leaves no room for the prompt: the chat "
+                             f"template alone takes {minimum - 1} tokens; use at least {minimum} (default 1024).")
         self.max_prompt_length = max_prompt_length
         self._warned_truncation = False
 

@@ -93,11 +93,12 @@ def _too_large(size: str, limit: int) -> BadRequest:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) from its Content-Length before reading, or once a chunked body passes ``limit``."""
+    """The request body; 413 from its Content-Length before reading, or once a chunked body passes ``limit``."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.strip().isdigit():
-            raise BadRequest(f"bad Content-Length header {declared!r}", [ErrorItem(loc="body", msg="bad Content-Length")])
+            raise BadRequest(f"bad Content-Length header {declared!r}",
+                             [ErrorItem(loc="body", msg="bad Content-Length")])
         if int(declared) > limit:
             raise _too_large(f"{int(declared)} bytes", limit)
     body = bytearray()
