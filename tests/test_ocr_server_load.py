@@ -143,6 +143,18 @@ def test_oversized_body_is_refused_from_its_content_length_before_reading(limit_
     assert "--max-body-mb" in detail and "--reward_request_batch_size" in detail
 
 
+def test_client_leaving_during_the_upload_is_not_an_error(limit_server):
+    received = limit_server.stats()["requests_received"]
+    head = b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", limit_server.port), timeout=30) as sock:
+        sock.sendall(head + b'{"items": [')  # 11 of the 1000 bytes announced, then the client is gone
+        time.sleep(0.5)  # (while the server waits for the rest of the body)
+    # A full request made after it is served (so the server has long seen the first one go).
+    assert httpx.post(limit_server.url + "/score", json=_request(2, 1), timeout=60).status_code == 200
+    assert limit_server.stats()["requests_received"] == received + 1  # the abandoned upload queued nothing
+    assert "ClientDisconnect" not in limit_server.log()  # the tail of the traceback it used to log
+
+
 def test_oversized_chunked_body_is_refused_once_past_the_limit(limit_server):
     head = (b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")

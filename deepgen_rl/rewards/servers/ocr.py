@@ -40,6 +40,7 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from deepgen_rl.rewards.ocr_scoring import NoTargetError, OcrScoringOptions, extract_targets, ocr_reward
 from deepgen_rl.rewards.protocol import (
@@ -229,6 +230,8 @@ def create_app(engine: OcrEngine, options: OcrScoringOptions, limits: Optional[S
             parsed, images = await run_in_threadpool(parse_request, body, limits)
         except BadRequest as err:
             return err.json_response()
+        except ClientDisconnect:  # the client left during the upload: nothing to score, nobody to answer
+            return Response(status_code=499)
         job = scorer.submit(list(zip(parsed.items, images)))
         results = await results_unless_abandoned(request, scorer, job)
         if results is None:
