@@ -91,6 +91,13 @@ REFUSED_TRAINING_FLAGS: dict[str, str] = {
 }
 
 
+# Honoured inherited flags of which the loop supports only some values -> (values, what they do).
+SUPPORTED_VALUES: dict[str, tuple[tuple[str, ...], str]] = {
+    "save_strategy": (("steps", "no"), "'steps' checkpoints every --save_steps steps and at the end, 'no' only when "
+                                       "SIGTERM stops the run"),
+}
+
+
 def _plain(value: Any) -> Any:
     """Enum members as their value; every "off" spelling as None: the parser turns some defaults into another one
     (``debug`` '' -> None, ``include_num_input_tokens_seen`` 'no' -> False)."""
@@ -107,8 +114,14 @@ def _field_default(field: dataclasses.Field) -> Any:
 
 
 def refused_flag_errors(config: Any) -> list[str]:
-    """One line per refused inherited flag whose value differs from its default (``config``: a GRPOConfig)."""
+    """One line per refused inherited flag whose value differs from its default, and per honoured one set to a value
+    the loop does not support (``config``: a GRPOConfig)."""
     errors = []
+    for name, (values, meaning) in SUPPORTED_VALUES.items():
+        value = getattr(getattr(config, name), "value", getattr(config, name))
+        if value not in values:
+            errors.append(f"--{name} {value!r} is not supported by the GRPO loop: use {' or '.join(values)} "
+                          f"({meaning}).")
     for field in dataclasses.fields(config):
         if field.name in REFUSED_TRAINING_FLAGS:
             value = getattr(config, field.name)

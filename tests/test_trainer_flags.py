@@ -54,6 +54,11 @@ def test_ignored_trainer_flags_are_refused(flags, named, instead, tmp_path):
     assert str(err.value).startswith(named) and instead in str(err.value)
 
 
+def test_unsupported_value_of_an_honoured_flag_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"^--save_strategy 'epoch' is not supported by the GRPO loop: use steps or no"):
+        parse_args(["--output_dir", str(tmp_path), "--save_strategy", "epoch"])
+
+
 def test_honoured_inherited_flags_are_accepted(tmp_path):
     args, _, _ = parse_args(["--output_dir", str(tmp_path), "--ddp_timeout", "60", "--log_level", "debug",
                              "--log_level_replica", "error", "--disable_tqdm", "true", "--save_total_limit", "2",
