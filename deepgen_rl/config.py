@@ -19,6 +19,9 @@ from typing import Literal, Optional
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from .deepspeed_json import read_deepspeed_json
+from .trainer_flags import HELP_EPILOG, GroupedArgumentParser, refused_flag_errors
+
 SD3_ENV = "SD3_5_MODEL_NAME_OR_PATH"
 QWEN_ENV = "QWEN2_5_VL_MODEL_NAME_OR_PATH"
 CLIP_ENV = "CLIP_MODEL_NAME_OR_PATH"
@@ -317,6 +320,13 @@ class GRPOConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         self._validate_grpo_flags()
+        # Inherited Trainer flags our loop does not read stop the run instead of being ignored (trainer_flags.py).
+        refused = refused_flag_errors(self)
+        if refused:
+            raise ValueError("\n".join(refused))
+        # Type-check the DeepSpeed JSON now, not at the first optimizer step ("gradient_clipping": "1.0").
+        if isinstance(self.deepspeed, str) and self.deepspeed:
+            read_deepspeed_json(self.deepspeed)
         if self.sde_eta is None:
             self.sde_eta = DEFAULT_SDE_ETA[self.atrain_sde_sampler]
         # The guide's launcher passes `--report_to wandb,swanlab`; TrainingArguments expects a list.
@@ -373,7 +383,10 @@ class GRPOConfig(TrainingArguments):
 
 
 def build_parser() -> HfArgumentParser:
-    return HfArgumentParser((GRPOConfig, ModelArguments, DataArguments))
+    """Our flags first, grouped by dataclass; inherited Trainer flags the loop ignores are hidden (and refused)."""
+    return GroupedArgumentParser((GRPOConfig, ModelArguments, DataArguments), prog="python -m deepgen_rl.grpo_deepgen",
+                                 usage="%(prog)s --output_dir DIR [flags]  (all flags, by group: --help)",
+                                 epilog=HELP_EPILOG)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[GRPOConfig, ModelArguments, DataArguments]:

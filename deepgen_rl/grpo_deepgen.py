@@ -36,17 +36,31 @@ def ensure_single_process_env(environ) -> None:
     environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
-def _setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+def log_level_for(rank: int, log_level: str, log_level_replica: str) -> int:
+    """--log_level on rank 0, --log_level_replica elsewhere; 'passive' keeps our defaults (INFO / WARNING)."""
+    from transformers.training_args import trainer_log_levels  # the flags' names -> logging levels
+
+    name = log_level if rank == 0 else log_level_replica
+    if name == "passive":
+        return logging.INFO if rank == 0 else logging.WARNING
+    return trainer_log_levels[name]
+
+
+def _setup_logging(rank: int, args=None) -> None:
+    levels = (args.log_level, args.log_level_replica) if args is not None else ("passive", "passive")
+    logging.basicConfig(level=log_level_for(rank, *levels),
                         format=f"[%(asctime)s rank{rank} %(name)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
 
 
-def _init_distributed():
-    """The process group (gloo on CPU, the accelerator's backend otherwise) and this rank's device."""
+def _init_distributed(ddp_timeout_s: Optional[int] = None):
+    """The process group (gloo on CPU, the accelerator's backend otherwise; collectives time out after --ddp_timeout
+    seconds, DeepSpeed's default when None) and this rank's device."""
+    from datetime import timedelta
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    deepspeed.init_distributed()
+    deepspeed.init_distributed(**({} if ddp_timeout_s is None else {"timeout": timedelta(seconds=ddp_timeout_s)}))
     accelerator = get_accelerator()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accelerator.device_name() != "cpu":
@@ -109,8 +123,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from deepgen_rl.config import parse_args
 
     args, model_args, data_args = parse_args(argv)
-    device = _init_distributed()
-    _setup_logging(int(os.environ.get("RANK", "0")))
+    device = _init_distributed(args.ddp_timeout)
+    _setup_logging(int(os.environ.get("RANK", "0")), args)
     trainer = build_trainer(args, model_args, data_args, device)
     from deepgen_rl.trainer.failure_budget import RewardFailureBudgetExceeded
 

@@ -64,8 +64,9 @@ def test_prompt_template_reaches_the_tokenizer(tiny_model_args):
     with torch.no_grad():
         model.encode_prompt(["a cat"])
         model.encode_negative_prompt(2)
-    assert seen[0] == ["<|im_start|>user\nGenerate an image: a cat<|im_end|>\n<|im_start|>assistant\n"]
-    assert seen[1] == ["<|im_start|>user\nGenerate an image.<|im_end|>\n<|im_start|>assistant\n"]
+    # encode_prompt tokenizes the chat texts twice: to count them against --max_prompt_length, then to encode.
+    assert seen[:-1] == [["<|im_start|>user\nGenerate an image: a cat<|im_end|>\n<|im_start|>assistant\n"]] * 2
+    assert seen[-1] == ["<|im_start|>user\nGenerate an image.<|im_end|>\n<|im_start|>assistant\n"]
 
 
 def test_fusion_layers_of_the_real_model():

@@ -18,6 +18,7 @@ key prefixes of real DeepGen checkpoints; do not rename them.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -26,11 +27,12 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
 
 from .connector import ConnectorConfig, ConnectorEncoder
+# The templates live in prompt_format.py; tiny.py and model/__init__.py import them from here too.
+from .prompt_format import (CHAT_TEMPLATE, GENERATION_TEMPLATE, NEGATIVE_PROMPT, FormattedPrompts,  # noqa: F401
+                            format_prompts, template_tokens)
 from .unreachable import freeze_dead_dit_parts, freeze_unreachable_llm_parts
 
-CHAT_TEMPLATE = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"
-GENERATION_TEMPLATE = "Generate an image: {input}"
-NEGATIVE_PROMPT = "Generate an image."
+logger = logging.getLogger(__name__)
 FUSION_LAYER_STRIDE = 6
 
 # Attribute names of each trainable set (config.TRAINABLE_MODULE_SETS).
@@ -72,7 +74,12 @@ class DeepGenModel(nn.Module):
         self.transformer = transformer
         self.vae = vae
         self.scheduler = scheduler
+        minimum = template_tokens(tokenizer) + 1
+        if max_prompt_length < minimum:
+            raise ValueError(f"--max_prompt_length {max_prompt_length} leaves no room for the prompt: the chat "
+                             f"template alone takes {minimum - 1} tokens; use at least {minimum} (default 1024).")
         self.max_prompt_length = max_prompt_length
+        self._warned_truncation = False
 
         llm_hidden = lmm.config.text_config.hidden_size
         self.fusion_layers = fusion_layer_indices(lmm.config.text_config.num_hidden_layers, num_fusion_layers)
@@ -128,12 +135,24 @@ class DeepGenModel(nn.Module):
 
     # ----- conditioning -----
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts -> (prompt_embeds [B, P+Q, D_joint], pooled [B, D_pooled]).
+        """Prompts -> (prompt_embeds [B, P+Q, D_joint], pooled [B, D_pooled]); P <= --max_prompt_length.
 
         Not wrapped in no_grad: gradients reach the LLM and connector when they are trainable.
         """
-        texts = [CHAT_TEMPLATE.format(input=GENERATION_TEMPLATE.format(input=p)) for p in prompts]
-        return self(texts)
+        return self(self.format_prompts(prompts).texts)
+
+    def format_prompts(self, prompts: list[str]) -> FormattedPrompts:
+        """Chat texts within --max_prompt_length tokens: a long prompt loses the end of its own text, never the
+        template (prompt_format.py). Warns once per process; the trainer counts truncated prompts per step."""
+        formatted = format_prompts(self.tokenizer, prompts, self.max_prompt_length)
+        if any(formatted.truncated) and not self._warned_truncation:
+            self._warned_truncation = True
+            index = formatted.truncated.index(True)
+            logger.warning("prompts longer than --max_prompt_length %d tokens (chat template included) lose the end "
+                           "of their text, e.g. %r -> %r; raise --max_prompt_length to keep them whole (the "
+                           "data/truncated_prompts metric counts them).", self.max_prompt_length, prompts[index],
+                           formatted.texts[index])
+        return formatted
 
     def encode_negative_prompt(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The CFG negative ``"Generate an image."`` (used as is, not wrapped in the generation template)."""
@@ -150,9 +169,9 @@ class DeepGenModel(nn.Module):
         return self._encode_chat_texts(texts)
 
     def _encode_chat_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        # No tokenizer truncation: it would cut the template's end; encode_prompt already fitted the texts.
         tokens = self.tokenizer(
-            texts, return_tensors="pt", padding=True, padding_side="left", truncation=True,
-            max_length=self.max_prompt_length, add_special_tokens=True,
+            texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=True,
         ).to(self.device)
         batch = tokens.input_ids.shape[0]
         text_embeds = self.lmm.get_input_embeddings()(tokens.input_ids)

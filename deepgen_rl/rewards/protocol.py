@@ -3,8 +3,10 @@
 OCR server (ours, ``deepgen_rl.rewards.servers.ocr``)::
 
     GET  /health -> HealthResponse
+    GET  /stats  -> OcrStatsResponse                         (queue and drop counters, for operators and tests)
     POST /score  OcrScoreRequest -> OcrScoreResponse         (JSON only; images are base64-encoded PNG/JPEG)
                  400 ErrorResponse naming every bad item     (bad JSON, missing/unknown field, non-image, ...)
+                 413 ErrorResponse                           (body over the server's --max-body-mb, unread)
 
 A request is validated as a whole (400 lists every bad item, e.g. ``items[3].image``); once valid, one image
 that the OCR engine cannot process gets an ``error`` in its own result and never fails the batch.
@@ -21,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 OCR_HEALTH_PATH = "/health"
 OCR_SCORE_PATH = "/score"
+OCR_STATS_PATH = "/stats"
 CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
 VLLM_HEALTH_PATH = "/health"
 VLLM_MODELS_PATH = "/v1/models"
@@ -65,6 +68,17 @@ class OcrItemResult(BaseModel):
 class OcrScoreResponse(BaseModel):
     results: list[OcrItemResult]
     engine: str
+
+
+class OcrStatsResponse(BaseModel):
+    """Totals since the OCR server started; requests are scored whole, first in first out."""
+
+    requests_received: int
+    requests_completed: int
+    requests_dropped: int = Field(description="abandoned by their client (disconnect) before their last image")
+    images_scored: int
+    images_dropped: int = Field(description="never read because their request was abandoned")
+    queue_depth: int = Field(description="requests waiting or running now")
 
 
 class HealthResponse(BaseModel):

@@ -14,7 +14,6 @@ parameters: biases and norms) unless the JSON has its own ``optimizer`` section;
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any, Callable, Union
 
 import torch
 from transformers import get_scheduler
+
+from deepgen_rl.deepspeed_json import check_deepspeed_types, read_deepspeed_json
 
 from .batching import BatchPlan
 
@@ -44,19 +45,14 @@ DEFAULT_DEEPSPEED_CONFIG: dict[str, Any] = {
 
 
 def load_deepspeed_config(source: Union[str, Path, dict, None]) -> dict:
-    """--deepspeed as a path to a JSON file or an already-parsed dict; None -> the built-in ZeRO-2 config."""
+    """--deepspeed as a path to a JSON file or an already-parsed dict, type-checked (deepspeed_json.py); None -> the
+    built-in ZeRO-2 config."""
     if source is None or source == "":
         return copy.deepcopy(DEFAULT_DEEPSPEED_CONFIG)
     if isinstance(source, dict):
+        check_deepspeed_types(source, "(a dict)")
         return copy.deepcopy(source)
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"--deepspeed {source!r} is not a file: pass one of scripts/deepspeed/"
-                                "{zero2,zero3,zero3_offload,zero3_sd3}.json or your own DeepSpeed JSON.")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--deepspeed {source}: not valid JSON ({err}).") from err
+    return read_deepspeed_json(source)
 
 
 def _get(config: dict, dotted: str) -> Any:

@@ -57,6 +57,7 @@ class RolloutBatch:
     samples: list[PromptSample]
     trajectory: Trajectory
     images: Optional[torch.Tensor] = None  # [N, 3, H, W] in [0, 1]
+    truncated_prompts: int = 0  # of the B prompts, cut to --max_prompt_length (their user text only)
 
     @property
     def unique_prompts(self) -> list[str]:
@@ -120,7 +121,8 @@ class DeepGenGRPOTrainer:
             height=args.image_height, width=args.image_width, cfg_scale=args.rollout_cfg_scale,
             init_same_noise=args.init_same_noise, generator=generator,
             micro_batch_size=args.rollout_micro_batch_size, decode=False)
-        return RolloutBatch(samples=samples, trajectory=trajectory)
+        truncated = sum(self.model.format_prompts([s.prompt for s in samples]).truncated)
+        return RolloutBatch(samples=samples, trajectory=trajectory, truncated_prompts=truncated)
 
     def decode_phase(self, batch: RolloutBatch) -> None:
         batch.images = decode_images(self.model, batch.trajectory.latents[:, -1], self.args.rollout_micro_batch_size)
@@ -259,6 +261,9 @@ class DeepGenGRPOTrainer:
         with self.timer("train"):
             metrics.update(self.train_phase(batch, advantages, step))
         metrics.update({f"reward/{k}": v for k, v in rewards.metrics.items() if isinstance(v, (int, float))})
+        # Prompts of all ranks whose text was cut to fit --max_prompt_length (the model warned once, with an example).
+        metrics["data/truncated_prompts"] = float(all_reduce_sum(
+            torch.tensor([float(batch.truncated_prompts)], dtype=torch.float64), self.device)[0])
         return metrics, batch, rewards
 
     def train(self, resume_from_checkpoint: Optional[str] = None) -> checkpointing.TrainerState:
@@ -269,7 +274,8 @@ class DeepGenGRPOTrainer:
             self.load(resume)
         metrics_logger = MetricsLogger(args.output_dir, self.tracker, is_main=self.rank == 0,
                                        run_config=self._run_config(), resume_step=self.state.global_step)
-        bar = tqdm(total=self.max_steps, initial=self.state.global_step, disable=self.rank != 0, desc="GRPO")
+        bar = tqdm(total=self.max_steps, initial=self.state.global_step, desc="GRPO",
+                   disable=self.rank != 0 or bool(args.disable_tqdm))
         stopped = False
         try:
             with GracefulStop() as stop:

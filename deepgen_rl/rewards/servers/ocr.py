@@ -10,14 +10,20 @@ A malformed request (bad JSON, a missing or unknown field, a payload that is not
 ``errors`` name every bad item, e.g. ``items[2].image``. In a valid request an image the engine fails on, or a
 prompt without a quoted target, gets an ``error`` in its own result; the rest of the batch is still scored.
 
+Under load: requests are scored whole, first in first out (``ocr_queue.FifoScorer``), so the first ones answer in
+time instead of all ending with the queue; a request whose client disconnects (its timeout) is dropped from the
+queue or stopped after its current image; a body over ``--max-body-mb`` gets HTTP 413 from its Content-Length
+before any of it is read (or as soon as a chunked body passes the limit). ``GET /stats`` counts all of this.
+
 Options are flags, each with an environment fallback (read here only): OCR_HOST, OCR_PORT, OCR_ENGINE,
 OCR_CASE_SENSITIVE, OCR_IGNORE_PUNCT, OCR_USE_CONFUSION_FOLD, OCR_MIN_CONF, OCR_NGRAM_MAX (the reference's
-names), OCR_MAX_BATCH_ITEMS, OCR_MAX_IMAGE_PIXELS.
+names), OCR_MAX_BATCH_ITEMS, OCR_MAX_IMAGE_PIXELS, OCR_MAX_BODY_MB.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import binascii
 import io
@@ -25,19 +31,22 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from deepgen_rl.rewards.ocr_scoring import NoTargetError, OcrScoringOptions, extract_targets, ocr_reward
 from deepgen_rl.rewards.protocol import (
     OCR_HEALTH_PATH,
     OCR_SCORE_PATH,
+    OCR_STATS_PATH,
     ErrorItem,
     ErrorResponse,
     HealthResponse,
@@ -45,8 +54,10 @@ from deepgen_rl.rewards.protocol import (
     OcrItemResult,
     OcrScoreRequest,
     OcrScoreResponse,
+    OcrStatsResponse,
 )
 from deepgen_rl.rewards.servers.ocr_engines import ENGINE_NAMES, OcrEngine, build_engine
+from deepgen_rl.rewards.servers.ocr_queue import FifoScorer, Job
 
 logger = logging.getLogger("deepgen_rl.ocr_server")
 
@@ -60,12 +71,64 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 class ServerLimits:
     max_batch_items: int = 256
     max_image_pixels: int = 4096 * 4096
+    # 16 PNGs of 512x512 (the client's default batch) are ~10-20 MB of base64; far beyond that is a mistake or abuse.
+    max_body_bytes: int = 64 * 2**20
 
 
 class BadRequest(Exception):
-    def __init__(self, detail: str, errors: list[ErrorItem]) -> None:
+    def __init__(self, detail: str, errors: list[ErrorItem], status_code: int = 400) -> None:
         super().__init__(detail)
         self.response = ErrorResponse(detail=detail, errors=errors)
+        self.status_code = status_code
+
+    def json_response(self) -> JSONResponse:
+        # A 413 leaves the body unread: the connection cannot be reused, say so rather than let the client guess.
+        headers = {"Connection": "close"} if self.status_code == 413 else None
+        return JSONResponse(status_code=self.status_code, content=self.response.model_dump(), headers=headers)
+
+
+def _too_large(size: str, limit: int) -> BadRequest:
+    detail = (f"request body of {size} exceeds the server's limit of {limit} bytes (--max-body-mb / OCR_MAX_BODY_MB): "
+              "send fewer images per request (the trainer's --reward_request_batch_size) or raise the limit")
+    return BadRequest(detail, [ErrorItem(loc="body", msg=detail)], status_code=413)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body; 413 from its Content-Length before reading, or once a chunked body passes ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise BadRequest(f"bad Content-Length header {declared!r}",
+                             [ErrorItem(loc="body", msg="bad Content-Length")])
+        if int(declared) > limit:
+            raise _too_large(f"{int(declared)} bytes", limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(f"more than {limit} bytes (chunked)", limit)
+    return bytes(body)
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (after the body is read, the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def results_unless_abandoned(request: Request, scorer: FifoScorer, job: Job) -> Optional[list[OcrItemResult]]:
+    """The job's results, or None (job abandoned) when its client disconnects first."""
+    work = asyncio.wrap_future(job.future)
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if work in done and not work.cancelled():
+        return work.result()
+    scorer.abandon(job)
+    logger.info("a client left before its %d image(s) were scored: its request is dropped", len(job.items))
+    return None
 
 
 def parse_request(body: bytes, limits: ServerLimits) -> tuple[OcrScoreRequest, list[Image.Image]]:
@@ -141,24 +204,38 @@ def score_item(engine: OcrEngine, item: OcrItem, image: Image.Image, options: Oc
 def create_app(engine: OcrEngine, options: OcrScoringOptions, limits: Optional[ServerLimits] = None) -> FastAPI:
     """The FastAPI app around an already-loaded engine."""
     limits = limits or ServerLimits()
-    app = FastAPI(title="DeepGen-RL OCR reward server")
+    # OCR is CPU-bound: it runs on the scorer's worker thread, the event loop stays free for /health and uploads.
+    scorer: FifoScorer = FifoScorer(lambda pair: score_item(engine, pair[0], pair[1], options))
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        scorer.close()
+
+    app = FastAPI(title="DeepGen-RL OCR reward server", lifespan=lifespan)
 
     @app.get(OCR_HEALTH_PATH, response_model=HealthResponse)
     def health() -> HealthResponse:
         return HealthResponse(engine=engine.name)
 
-    @app.post(OCR_SCORE_PATH, response_model=OcrScoreResponse, responses={400: {"model": ErrorResponse}})
+    @app.get(OCR_STATS_PATH, response_model=OcrStatsResponse)
+    def stats() -> OcrStatsResponse:
+        return OcrStatsResponse(**asdict(scorer.counters()))
+
+    @app.post(OCR_SCORE_PATH, response_model=OcrScoreResponse,
+              responses={400: {"model": ErrorResponse}, 413: {"model": ErrorResponse}})
     async def score(request: Request):
         try:
-            parsed, images = parse_request(await request.body(), limits)
+            body = await read_body(request, limits.max_body_bytes)
+            parsed, images = await run_in_threadpool(parse_request, body, limits)
         except BadRequest as err:
-            return JSONResponse(status_code=400, content=err.response.model_dump())
-
-        def run() -> list[OcrItemResult]:
-            return [score_item(engine, item, image, options) for item, image in zip(parsed.items, images)]
-
-        # OCR is CPU-bound: keep the event loop free for /health while a batch runs.
-        results = await run_in_threadpool(run)
+            return err.json_response()
+        except ClientDisconnect:  # the client left during the upload: nothing to score, nobody to answer
+            return Response(status_code=499)
+        job = scorer.submit(list(zip(parsed.items, images)))
+        results = await results_unless_abandoned(request, scorer, job)
+        if results is None:
+            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         return OcrScoreResponse(results=results, engine=engine.name)
 
     return app
@@ -208,6 +285,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-pixels", type=int,
                    default=_env_number("OCR_MAX_IMAGE_PIXELS", limits.max_image_pixels, int),
                    help="($OCR_MAX_IMAGE_PIXELS)")
+    p.add_argument("--max-body-mb", type=float,
+                   default=_env_number("OCR_MAX_BODY_MB", limits.max_body_bytes / 2**20, float),
+                   help="largest request body in MiB; larger ones get HTTP 413 before being read ($OCR_MAX_BODY_MB)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -225,7 +305,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     logger.info("OCR engine %s loaded; scoring options %s", engine.name, options)
     import uvicorn
 
-    app = create_app(engine, options, ServerLimits(args.max_batch_items, args.max_image_pixels))
+    if args.max_body_mb <= 0:
+        raise SystemExit(f"error: --max-body-mb (OCR_MAX_BODY_MB) must be > 0; got {args.max_body_mb}.")
+    app = create_app(engine, options, ServerLimits(max_batch_items=args.max_batch_items,
+                                                   max_image_pixels=args.max_image_pixels,
+                                                   max_body_bytes=int(args.max_body_mb * 2**20)))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 

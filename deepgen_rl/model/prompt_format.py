@@ -1,0 +1,61 @@
+"""Chat-formatted prompts that fit ``--max_prompt_length`` by cutting only the user's prompt text.
+
+The LLM reads ``<|im_start|>user\\nGenerate an image: {prompt}<|im_end|>\\n<|im_start|>assistant\\n`` and then the meta
+queries (DESIGN.md section 8). The tokenizer's own truncation cuts the END of that string: the ``<|im_end|>`` and the
+assistant header go first, so a long prompt conditions the model on a sequence it never saw in training. Here the
+template is always whole and only the prompt's tail is dropped, to the longest prefix whose formatted text fits;
+the meta queries are appended after the text by the model, untouched. Callers count the truncated prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+CHAT_TEMPLATE = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"
+GENERATION_TEMPLATE = "Generate an image: {input}"
+NEGATIVE_PROMPT = "Generate an image."
+
+
+def chat_text(prompt: str) -> str:
+    """The LLM input text of a generation prompt."""
+    return CHAT_TEMPLATE.format(input=GENERATION_TEMPLATE.format(input=prompt))
+
+
+def num_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=True).input_ids)
+
+
+def template_tokens(tokenizer) -> int:
+    """Tokens the template takes with an empty prompt: --max_prompt_length must leave room beyond this."""
+    return num_tokens(tokenizer, chat_text(""))
+
+
+@dataclass
+class FormattedPrompts:
+    texts: list[str]  # chat-formatted, each at most max_length tokens
+    truncated: list[bool]  # whose prompt text was cut
+
+
+def fit_prompt(tokenizer, prompt: str, max_length: int) -> str:
+    """The longest prefix of ``prompt`` whose chat text has at most ``max_length`` tokens (binary search over the
+    prefix length in characters; each candidate is tokenized in its template, so merges at the cut are counted)."""
+    low, high = 0, len(prompt)  # invariant: prompt[:low] fits; prompt[:high + 1] does not (or high == len)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if num_tokens(tokenizer, chat_text(prompt[:middle])) <= max_length:
+            low = middle
+        else:
+            high = middle - 1
+    return prompt[:low]
+
+
+def format_prompts(tokenizer, prompts: Sequence[str], max_length: int) -> FormattedPrompts:
+    """Chat texts of ``prompts``, each cut (prompt text only) to fit ``max_length`` tokens."""
+    texts = [chat_text(p) for p in prompts]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True).input_ids] if texts else []
+    truncated = [n > max_length for n in lengths]
+    for index, too_long in enumerate(truncated):
+        if too_long:
+            texts[index] = chat_text(fit_prompt(tokenizer, prompts[index], max_length))
+    return FormattedPrompts(texts=texts, truncated=truncated)
