@@ -80,20 +80,12 @@ def _require_dir(path: str, env_name: str, flag: str, what: str) -> Path:
     return folder
 
 
-def load_deepgen_model(model_args: ModelArguments, dtype: torch.dtype | None = None) -> DeepGenModel:
-    """Load every part from the paths in ``model_args``, then CHECKPOINT on top; parameters stay frozen."""
-    dtype = dtype or resolve_dtype(model_args.model_dtype)
-    sd3 = check_sd3_path(model_args.sd3_model_name_or_path)
-    qwen = check_qwen_path(model_args.qwen2_5_vl_model_name_or_path)
-    checkpoint = check_checkpoint_path(model_args.checkpoint) if model_args.checkpoint else None
-
-    model = DeepGenModel(
-        lmm=Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            qwen, dtype=dtype, attn_implementation=model_args.attn_implementation),
-        tokenizer=AutoTokenizer.from_pretrained(qwen),
-        transformer=SD3Transformer2DModel.from_pretrained(sd3, subfolder="transformer", torch_dtype=dtype),
-        vae=AutoencoderKL.from_pretrained(sd3, subfolder="vae", torch_dtype=dtype),
-        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(sd3, subfolder="scheduler"),
+def assemble_deepgen_model(model_args: ModelArguments, **parts) -> DeepGenModel:
+    """The joint model around its parts (``lmm``, ``tokenizer``, ``transformer``, ``vae``, ``scheduler``), with the
+    connector, projectors and meta queries sized by the flags. Shared by :func:`load_deepgen_model` and the
+    weight-less real-size build (model/meta.py)."""
+    return DeepGenModel(
+        **parts,
         connector_config=ConnectorConfig(
             hidden_size=model_args.connector_hidden_size,
             intermediate_size=model_args.connector_intermediate_size,
@@ -103,6 +95,24 @@ def load_deepgen_model(model_args: ModelArguments, dtype: torch.dtype | None = N
         num_queries=model_args.num_queries,
         num_fusion_layers=model_args.num_fusion_layers,
         max_prompt_length=model_args.max_prompt_length,
+    )
+
+
+def load_deepgen_model(model_args: ModelArguments, dtype: torch.dtype | None = None) -> DeepGenModel:
+    """Load every part from the paths in ``model_args``, then CHECKPOINT on top; parameters stay frozen."""
+    dtype = dtype or resolve_dtype(model_args.model_dtype)
+    sd3 = check_sd3_path(model_args.sd3_model_name_or_path)
+    qwen = check_qwen_path(model_args.qwen2_5_vl_model_name_or_path)
+    checkpoint = check_checkpoint_path(model_args.checkpoint) if model_args.checkpoint else None
+
+    model = assemble_deepgen_model(
+        model_args,
+        lmm=Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            qwen, dtype=dtype, attn_implementation=model_args.attn_implementation),
+        tokenizer=AutoTokenizer.from_pretrained(qwen),
+        transformer=SD3Transformer2DModel.from_pretrained(sd3, subfolder="transformer", torch_dtype=dtype),
+        vae=AutoencoderKL.from_pretrained(sd3, subfolder="vae", torch_dtype=dtype),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(sd3, subfolder="scheduler"),
     ).to(dtype)
     model.requires_grad_(False)
     if checkpoint is None:
