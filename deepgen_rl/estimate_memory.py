@@ -13,14 +13,20 @@ How each figure is obtained (B = bytes per weight: 2 in bf16):
   trainable parameters (ZeRO-2: 18 bytes / parameter / rank = bf16 and fp32 gradients, fp32 master weights,
   Adam m and v; ZeRO-3 partitions the weights too and gathers the largest layer);
 * rollout storage: the recorded latents fp32 [T + 1, N, C, h, w], log-probs, prompt embeddings, decoded images;
-* decode peak: MEASURED on the real-size meta VAE with torch's MemTracker at the decode micro-batch (the meta
-  device runs attention unfused, so the figure is an upper bound by ~32 MB per image);
-* train-chunk peak and rollout forward: CLOSED FORMS, not measured (a meta run of the 24-block DiT forward and
-  backward takes minutes on a CPU and meta SDPA materialises the attention matrices a GPU kernel never holds):
-  with gradient checkpointing the DiT keeps each block's input, n x S x D x B per block (S = image + text tokens,
-  D = DiT width), and one recomputed block's working set, ~BLOCK_WORKING_SET block-widths per token; without it
-  every block keeps ~BLOCK_SAVED of them. These constants come from counting an SD3.5 (MMDiT-X) block's saved
-  tensors; benchmarks/gpu_check.py compares the total with a real peak when a GPU is lent.
+* activations, MEASURED with torch's MemTracker on the real-size meta model: the VAE decode at the decode
+  micro-batch; one DiT block of each kind (dual-attention, plain, last) forward + backward at the train chunk and
+  forward under no_grad at the rollout micro-batch. The meta device has no fused attention kernel (it runs the
+  math path, materialising [n, heads, S, S]); during the measurement ``scaled_dot_product_attention`` is routed
+  to the memory-efficient kernel's own meta implementation, as a GPU runs it. The whole train chunk is then
+  composed in closed form: with gradient checkpointing the DiT keeps each other block's inputs
+  ((L - 1) x n x S x D x B, S = image + text tokens, D = DiT width) plus the largest block working set (measured),
+  plus the chunk's fp32 loss tensors; without it, every block's measured peak is summed (an upper bound). A
+  whole 24-block meta run agrees (7.66 vs 7.59 GiB at the guide's defaults) but takes minutes on a CPU.
+  (Measurements: deepgen_rl/model/meta_memory.py.)
+
+Not counted: the prompt encoding's LLM forward (B unique prompts, ~0.1 GiB), the CUDA context and allocator
+fragmentation (typically 1-3 GiB), DeepSpeed's communication buckets. The decode micro-batch is read from
+``--vae_decode_micro_batch_size`` when that flag exists (else the rollout micro-batch, which decode uses today).
 
 Peak per rank = static (weights, reference, model states, rollout storage) + the largest phase transient.
 """
@@ -31,15 +37,14 @@ import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
+from deepgen_rl.model.meta_memory import block_peak_bytes, decode_peak_bytes, distinct_blocks
+
 GIB = 2**30
-BLOCK_WORKING_SET = 40  # one checkpointed block recomputed in backward: its saved tensors + their gradients
-BLOCK_SAVED = 25  # tensors (in units of n x S x D) one MMDiT-X block saves for backward without checkpointing
-ROLLOUT_BLOCK_TRANSIENT = 12  # live tensors of one block's forward under no_grad
-LOSS_TENSORS = 8  # fp32 [n, C, h, w] tensors of the chunk loss: x, x_next, v, v_ref, mean, their grads
+LOSS_TENSORS = 8  # fp32 [n, C, h, w] tensors of a chunk's step math: x, x_next, v, v_ref, mean, their grads
 DTYPE_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -132,46 +137,17 @@ def rollout_storage_bytes(n: int, steps: int, latent: tuple[int, int, int], text
             + n * 3 * height * width * 4)
 
 
-def dit_activation_bytes(n: int, tokens: int, width: int, layers: int, latent_elems: int, weight_bytes: int,
-                         gradient_checkpointing: bool) -> int:
-    """Peak activations of one training chunk of n samples through the DiT (forward + backward) + its fp32 loss
-    tensors. tokens = image + text tokens S; width = DiT width D; latent_elems = C x h x w."""
-    unit = n * tokens * width * weight_bytes  # one [n, S, D] tensor
-    blocks = layers * unit + BLOCK_WORKING_SET * unit if gradient_checkpointing else layers * BLOCK_SAVED * unit
+def dit_train_activation_bytes(block_peaks: list[int], block_input_bytes: int, layers: int, latent_elems: int,
+                               n: int, gradient_checkpointing: bool) -> int:
+    """Peak activations of one training chunk of n samples through an L-block DiT, forward + backward.
+
+    block_peaks: measured fwd+bwd peak of each block kind; block_input_bytes: one block's inputs n x S x D x B;
+    latent_elems: C x h x w (the chunk's fp32 step tensors)."""
+    if gradient_checkpointing:
+        blocks = (layers - 1) * block_input_bytes + max(block_peaks)
+    else:
+        blocks = layers * max(block_peaks)
     return blocks + LOSS_TENSORS * n * latent_elems * 4
-
-
-def rollout_forward_bytes(n: int, tokens: int, width: int, latent_elems: int, weight_bytes: int) -> int:
-    """Live tensors of one no-grad DiT forward on a rollout micro-batch of n (one block at a time) + the sampler's
-    fp32 [n, C, h, w] step tensors."""
-    return ROLLOUT_BLOCK_TRANSIENT * n * tokens * width * weight_bytes + LOSS_TENSORS * n * latent_elems * 4
-
-
-# ----- measured on the meta model -----
-
-def measured_activation_peak(run: Callable[[], object], module: torch.nn.Module) -> int:
-    """Bytes of activations and temporaries alive at the peak of ``run()``, which calls ``module`` (torch's
-    MemTracker; works on meta)."""
-    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
-
-    tracker = MemTracker()
-    frozen = [p for p in module.parameters() if not p.requires_grad]
-    for param in frozen:  # MemTracker hooks every parameter's gradient; under no_grad none is ever made
-        param.requires_grad_(True)
-    try:
-        with tracker:
-            run()
-    finally:
-        for param in frozen:
-            param.requires_grad_(False)
-    kinds = (_MemRefType.ACT, _MemRefType.TEMP, _MemRefType.OTH)
-    return max(sum(stats.get(kind, 0) for kind in kinds) for stats in tracker.get_tracker_snapshot("peak").values())
-
-
-def decode_peak_bytes(model, n: int, latent: tuple[int, int, int]) -> int:
-    """Peak of ``model.decode_latents`` on n latents (the trainer decodes micro-batch by micro-batch)."""
-    latents = torch.empty((n, *latent), device="meta", dtype=torch.float32)
-    return measured_activation_peak(lambda: model.decode_latents(latents), model.vae)
 
 
 # ----- the estimate -----
@@ -250,11 +226,16 @@ def estimate_memory(model_args, args, num_gpus: int, zero_stage: int, *, model=N
     train_n = min(args.atrain_micro_batch_size, n)
     rollout_n = min(args.rollout_micro_batch_size, n)
     decode_n = min(getattr(args, "vae_decode_micro_batch_size", None) or args.rollout_micro_batch_size, n)
-    components[f"train chunk activations, n={train_n} (closed form)"] = dit_activation_bytes(
-        train_n, tokens, width, config.num_layers, latent_elems, weight_bytes, args.gradient_checkpointing)
-    components[f"rollout forward, n={rollout_n} (closed form)"] = rollout_forward_bytes(
-        rollout_n, tokens, width, latent_elems, weight_bytes)
-    components[f"VAE decode, n={decode_n} (measured on meta)"] = decode_peak_bytes(model, decode_n, latent)
+    image_tokens = tokens - text_tokens
+    blocks = distinct_blocks(model.transformer)
+    train_peaks = [block_peak_bytes(b, train_n, image_tokens, text_tokens, True) for b in blocks]
+    components[f"train chunk activations, n={train_n}"] = dit_train_activation_bytes(
+        train_peaks, train_n * tokens * width * weight_bytes, config.num_layers, latent_elems, train_n,
+        args.gradient_checkpointing)
+    components[f"rollout forward, n={rollout_n}"] = max(
+        block_peak_bytes(b, rollout_n, image_tokens, text_tokens, False) for b in blocks
+    ) + LOSS_TENSORS * rollout_n * latent_elems * 4
+    components[f"VAE decode, n={decode_n}"] = decode_peak_bytes(model, decode_n, latent)
     settings = (f"ZeRO-{zero_stage}, {num_gpus} GPUs, {n} images/rank, {args.image_height}x{args.image_width}, "
                 f"trainable {model_args.trainable_modules}{' (LoRA)' if model_args.use_lora else ''}, "
                 f"{trainable / 1e9:.2f} B trainable parameters")
