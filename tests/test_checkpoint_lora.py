@@ -156,3 +156,17 @@ def test_embedding_lora_delta_by_hand():
     (pair,) = split_lora(state).pairs
     assert pair.kind == "embedding" and pair.target == "lmm.model.language_model.embed_tokens.weight"
     torch.testing.assert_close(pair.delta(lora_alpha=2.0), torch.tensor([[2.0, 0.0], [4.0, 0.0], [6.0, 0.0]]))
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+def test_row_blocks_of_the_delta_tile_the_whole_delta(kind):
+    """The loader merges a row block at a time; the blocks must tile (alpha / r) B A (resp. its transpose)."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 7, generator=generator), torch.randn(5, 3, generator=generator)
+    suffix = ("lora_A.default.weight", "lora_B.default.weight") if kind == "linear" else (
+        "lora_embedding_A.default", "lora_embedding_B.default")
+    (pair,) = split_lora({f"m.{suffix[0]}": a, f"m.{suffix[1]}": b}).pairs
+    whole = (4.0 / 3) * (b @ a if kind == "linear" else (b @ a).T)
+    assert pair.target_shape == whole.shape
+    blocks = [pair.delta_rows(slice(start, start + 2), lora_alpha=4.0) for start in range(0, whole.shape[0], 2)]
+    torch.testing.assert_close(torch.cat(blocks), whole)
