@@ -8,6 +8,6 @@ from .meta import build_deepgen_model_on_meta
 
 __all__ = [
     "CheckpointError", "ConnectorConfig", "ConnectorEncoder", "DeepGenModel", "ModelPathError", "NEGATIVE_PROMPT",
-    "TRAINABLE_MODULES", "build_deepgen_model_on_meta", "load_checkpoint_into", "load_deepgen_model", "normalize_checkpoint_keys",
-    "to_reference_keys",
+    "TRAINABLE_MODULES", "build_deepgen_model_on_meta", "load_checkpoint_into", "load_deepgen_model",
+    "normalize_checkpoint_keys", "to_reference_keys",
 ]

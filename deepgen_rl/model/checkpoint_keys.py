@@ -27,12 +27,14 @@ WRAPPER_PREFIXES = ("module.", "model.")
 # Keys the SFT .pth never carries: they come from the model paths (and EMA is not trained by RL).
 OMITTED_PREFIXES = ("vae.", "lmm.", "ema.")
 
-# peft's factor names: Linear ``<module>.lora_A[.<adapter>].weight``; Embedding ``<module>.lora_embedding_A[.<adapter>]``
-# (a ParameterDict entry, hence no ``.weight``). The adapter name is absent in peft's own saved adapters.
+# peft's factor names: Linear ``<module>.lora_A[.<adapter>].weight``; Embedding
+# ``<module>.lora_embedding_A[.<adapter>]`` (a ParameterDict entry, hence no ``.weight``). The adapter name is
+# absent in peft's own saved adapters; it is never ``weight``/``bias`` (those are the suffix).
 _LORA_FACTOR = re.compile(
-    r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>(?!(?:weight|bias)$)[^.]+))?"
-    r"(?P<suffix>\.weight|\.bias)?$")
-_FACTOR_KIND = {"lora_A": "linear", "lora_B": "linear", "lora_embedding_A": "embedding", "lora_embedding_B": "embedding"}
+    r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+    r"(?:\.(?P<adapter>(?!(?:weight|bias)$)[^.]+))?(?P<suffix>\.weight|\.bias)?$")
+_FACTOR_KIND = {"lora_A": "linear", "lora_B": "linear",
+                "lora_embedding_A": "embedding", "lora_embedding_B": "embedding"}
 
 
 def unwrap_state_dict(obj: object) -> dict[str, torch.Tensor]:
