@@ -11,11 +11,10 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 import deepgen_rl.estimate_memory as estimate_module
-from deepgen_rl.config import GRPOConfig, ModelArguments
+from deepgen_rl.config import GRPOConfig
 from deepgen_rl.estimate_memory import GIB, dit_train_activation_bytes, estimate_memory, main
 from deepgen_rl.model.meta_memory import block_peak_bytes, distinct_blocks, measured_activation_peak
-from deepgen_rl.model.meta import build_deepgen_model_on_meta
-from deepgen_rl.model.published_configs import SD35M_KONTEXT_TRANSFORMER_CONFIG, write_published_configs
+from deepgen_rl.model.published_configs import SD35M_KONTEXT_TRANSFORMER_CONFIG
 
 # Qwen2.5-VL-3B language model (tied embeddings counted once), closed form.
 H, I, V, LAYERS, KV = 2048, 11008, 151936, 36, 2 * 128
@@ -27,12 +26,9 @@ CONNECTOR = 6 * (4 * (D * D + D) + 4 * D + (D * F + F) + (F * D + D)) + (6 * D *
 UNREACHABLE = 1536 * 1536 + 1536  # the last DiT block's text-stream query projection (never trained)
 
 
-@pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    sd3, qwen = write_published_configs(tmp_path_factory.mktemp("published"))
-    model_args = ModelArguments(sd3_model_name_or_path=str(sd3), qwen2_5_vl_model_name_or_path=str(qwen),
-                                checkpoint="", model_dtype="bfloat16")
-    return model_args, build_deepgen_model_on_meta(model_args)
+@pytest.fixture()
+def real(real_size_model):
+    return real_size_model  # (ModelArguments, real-size meta model), built once per session in conftest.py
 
 
 @pytest.fixture()

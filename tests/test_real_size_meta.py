@@ -13,11 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from deepgen_rl.config import ModelArguments
 from deepgen_rl.model.checkpoint_keys import qwen_key_to_reference, to_reference_keys
 from deepgen_rl.model.checkpoint_loading import load_checkpoint_into
-from deepgen_rl.model.meta import build_deepgen_model_on_meta
-from deepgen_rl.model.published_configs import write_published_configs
 
 # Loading into meta parameters is a shape check; torch says so once per key.
 pytestmark = pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter:UserWarning")
@@ -25,16 +22,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:for .*copying from a non-meta pa
 LORA_RANK = 64  # the reference SFT model: r 64, alpha 128
 
 
-@pytest.fixture(scope="module")
-def real_paths(tmp_path_factory):
-    return write_published_configs(tmp_path_factory.mktemp("published_configs"))
+@pytest.fixture()
+def real_paths(published_config_paths):
+    return published_config_paths  # written by conftest.py's session fixture
 
 
-@pytest.fixture(scope="module")
-def real_model(real_paths):
-    sd3, qwen = real_paths
-    args = ModelArguments(sd3_model_name_or_path=str(sd3), qwen2_5_vl_model_name_or_path=str(qwen), checkpoint="")
-    return build_deepgen_model_on_meta(args)
+@pytest.fixture()
+def real_model(real_size_model):
+    """Built once per session (conftest.py) by build_deepgen_model_on_meta from the written config files."""
+    return real_size_model[1]
 
 
 def _count(*modules: nn.Module) -> int:
