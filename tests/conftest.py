@@ -37,3 +37,24 @@ def tiny_model_args(tiny_paths):
         model_dtype="float32",
         **TINY_MODEL_FLAGS,
     )
+
+
+@pytest.fixture(scope="session")
+def published_config_paths(tmp_path_factory):
+    """(sd3_dir, qwen_dir) holding the published Qwen2.5-VL-3B / SD3.5-Medium configs (no weights)."""
+    from deepgen_rl.model.published_configs import write_published_configs
+
+    return write_published_configs(tmp_path_factory.mktemp("published_configs"))
+
+
+@pytest.fixture(scope="session")
+def real_size_model(published_config_paths):
+    """(ModelArguments, the joint model at real size on the meta device): built once, shared (tests that change
+    requires_grad restore it; loading into meta parameters changes nothing)."""
+    from deepgen_rl.config import ModelArguments
+    from deepgen_rl.model.meta import build_deepgen_model_on_meta
+
+    sd3, qwen = published_config_paths
+    model_args = ModelArguments(sd3_model_name_or_path=str(sd3), qwen2_5_vl_model_name_or_path=str(qwen),
+                                checkpoint="", model_dtype="bfloat16")
+    return model_args, build_deepgen_model_on_meta(model_args)

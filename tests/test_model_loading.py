@@ -9,10 +9,10 @@ import torch
 
 from deepgen_rl.model import CheckpointError, ModelPathError, load_deepgen_model
 from deepgen_rl.model.checkpoint_keys import (
-    merge_lora_weights,
     normalize_checkpoint_keys,
     qwen_key_to_current,
     qwen_key_to_reference,
+    split_lora,
     to_reference_keys,
 )
 from deepgen_rl.model.deepgen import fusion_layer_indices
@@ -208,20 +208,18 @@ def test_sft_pth_omits_vae_lmm_ema():
 
 
 def test_lora_merge_by_hand():
-    # W = I (2x2), A = [[1, 2]] (rank 1), B = [[1], [0]], alpha 2 -> W + (2/1) B A = [[3, 4], [0, 1]].
+    # W = I (2x2), A = [[1, 2]] (rank 1), B = [[1], [0]], alpha 2 -> delta (2/1) B A = [[2, 4], [0, 0]].
     state = {
         "lmm.model.language_model.layers.0.q_proj.base_layer.weight": torch.eye(2),
         "lmm.model.language_model.layers.0.q_proj.lora_A.default.weight": torch.tensor([[1.0, 2.0]]),
         "lmm.model.language_model.layers.0.q_proj.lora_B.default.weight": torch.tensor([[1.0], [0.0]]),
     }
-    merged = merge_lora_weights(state, lora_alpha=2.0)
-    assert list(merged) == ["lmm.model.language_model.layers.0.q_proj.weight"]
-    torch.testing.assert_close(merged["lmm.model.language_model.layers.0.q_proj.weight"],
-                               torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
-    # Without the base weight the delta is kept for the loader to add onto the weight from the model path.
-    del state["lmm.model.language_model.layers.0.q_proj.base_layer.weight"]
-    delta = merge_lora_weights(state, lora_alpha=2.0)["lmm.model.language_model.layers.0.q_proj.weight@lora_delta"]
-    torch.testing.assert_close(delta, torch.tensor([[2.0, 4.0], [0.0, 0.0]]))
+    split = split_lora(state)
+    assert list(split.plain) == ["lmm.model.language_model.layers.0.q_proj.weight"]  # base_layer. removed
+    torch.testing.assert_close(split.plain["lmm.model.language_model.layers.0.q_proj.weight"], torch.eye(2))
+    (pair,) = split.pairs
+    assert pair.target == "lmm.model.language_model.layers.0.q_proj.weight" and pair.kind == "linear"
+    torch.testing.assert_close(pair.delta(lora_alpha=2.0), torch.tensor([[2.0, 4.0], [0.0, 0.0]]))
 
 
 def test_llm_lora_in_checkpoint_is_added_to_path_weights(tiny_model_args, tmp_path):

@@ -172,17 +172,20 @@ class DeepGenModel(nn.Module):
         # No tokenizer truncation: it would cut the template's end; encode_prompt already fitted the texts.
         tokens = self.tokenizer(
             texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=True,
-        ).to(self.device)
+        )
         batch = tokens.input_ids.shape[0]
-        text_embeds = self.lmm.get_input_embeddings()(tokens.input_ids)
-        queries = self.meta_queries[None].expand(batch, -1, -1).to(text_embeds.dtype)
-        inputs_embeds = torch.cat([text_embeds, queries], dim=1)
-        attention_mask = torch.cat([tokens.attention_mask, tokens.attention_mask.new_ones(batch, self.num_queries)], 1)
-        # Query positions carry token id 0; positions come from the LLM's own (m)RoPE index function.
+        # Query positions carry token id 0; positions come from the LLM's own (m)RoPE index function, run on the
+        # CPU token ids: its per-row masking and .tolist() would be host syncs on a GPU and cannot run on the
+        # real-size ``meta`` model (model/meta.py) at all.
         input_ids = torch.cat([tokens.input_ids, tokens.input_ids.new_zeros(batch, self.num_queries)], dim=1)
+        attention_mask = torch.cat([tokens.attention_mask, tokens.attention_mask.new_ones(batch, self.num_queries)], 1)
         position_ids, _ = self.lmm.model.get_rope_index(
             input_ids, mm_token_type_ids=torch.zeros_like(input_ids), attention_mask=attention_mask
         )
+        position_ids, attention_mask = position_ids.to(self.device), attention_mask.to(self.device)
+        text_embeds = self.lmm.get_input_embeddings()(tokens.input_ids.to(self.device))
+        queries = self.meta_queries[None].expand(batch, -1, -1).to(text_embeds.dtype)
+        inputs_embeds = torch.cat([text_embeds, queries], dim=1)
         hidden_states = self.lmm.model.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
             output_hidden_states=True, use_cache=False,

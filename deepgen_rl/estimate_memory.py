@@ -1,0 +1,370 @@
+"""Per-rank GPU memory of a GRPO run, by component, before renting the GPUs.
+
+    python -m deepgen_rl.estimate_memory --num_gpus 8 --deepspeed scripts/deepspeed/zero2.json [training flags]
+
+Takes the training flags (same parser as deepgen_rl/grpo_deepgen.py) plus ``--num_gpus`` (ranks in total) and
+``--gpu_memory_gib``; builds the model at real size on the ``meta`` device from the config files of the model
+paths (or, when they are unset, from the published Qwen2.5-VL-3B / SD3.5-Medium configs), so no weight is read.
+
+How each figure is obtained (B = bytes per weight: 2 in bf16):
+* weights by module: parameter counts of the meta model x B (the tied LM head counted once);
+* reference copy (KL, --beta > 0, no LoRA): the trained attributes again, x B;
+* gradients + optimizer states: DeepSpeed's own ``estimate_zero{2,3}_model_states_mem_needs`` over the
+  trainable parameters (ZeRO-2: 18 bytes / parameter / rank = bf16 and fp32 gradients, fp32 master weights,
+  Adam m and v; ZeRO-3 partitions the weights too and gathers the largest layer);
+* rollout storage: the recorded latents fp32 [T + 1, N, C, h, w], log-probs, prompt embeddings, decoded images;
+* activations, MEASURED with torch's MemTracker on the real-size meta model: the VAE decode at the decode
+  micro-batch; one DiT block of each kind (dual-attention, plain, last) forward + backward at the train chunk and
+  forward under no_grad at the rollout micro-batch. The meta device has no fused attention kernel (it runs the
+  math path, materialising [n, heads, S, S]); during the measurement ``scaled_dot_product_attention`` is routed
+  to the memory-efficient kernel's own meta implementation, as a GPU runs it. The whole train chunk is then
+  composed in closed form: with gradient checkpointing the DiT keeps each other block's inputs
+  ((L - 1) x n x S x D x B, S = image + text tokens, D = DiT width) plus the largest block working set (measured),
+  plus the chunk's fp32 loss tensors; without it, every block's measured peak is summed (an upper bound). A
+  whole 24-block meta run agrees (7.66 vs 7.59 GiB at the guide's defaults) but takes minutes on a CPU.
+  (Measurements: deepgen_rl/model/meta_memory.py.)
+
+Not counted: the prompt encoding's LLM forward (B unique prompts, ~0.1 GiB), the CUDA context and allocator
+fragmentation (typically 1-3 GiB), DeepSpeed's communication buckets. The decode micro-batch is read from
+``--vae_decode_micro_batch_size`` when that flag exists (else the rollout micro-batch, which decode uses today).
+
+Peak per rank = static (weights, reference, model states, rollout storage) + the largest phase transient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from deepgen_rl.model.meta_memory import block_peak_bytes, decode_peak_bytes, distinct_blocks
+
+GIB = 2**30
+LOSS_TENSORS = 8  # fp32 [n, C, h, w] tensors of a chunk's step math: x, x_next, v, v_ref, mean, their grads
+DTYPE_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4}
+
+
+@dataclass
+class EstimatorArguments:
+    """Flags of the estimator beyond the training flags."""
+
+    num_gpus: int = field(default=8, metadata={"help": "Ranks in total (NNODES x NGPUS)."})
+    gpu_memory_gib: float = field(default=80.0, metadata={"help": "Memory of one GPU in GiB; the estimate is "
+                                                                   "compared with it."})
+    prompt_tokens: int = field(default=64, metadata={"help": "Tokens of a chat-formatted prompt (template "
+                                                               "included) assumed for the text sequence."})
+
+    def __post_init__(self) -> None:
+        if self.num_gpus <= 0:
+            raise ValueError(f"--num_gpus must be a positive integer; got {self.num_gpus}.")
+        if self.gpu_memory_gib <= 0:
+            raise ValueError(f"--gpu_memory_gib must be > 0; got {self.gpu_memory_gib}.")
+        if self.prompt_tokens <= 0:
+            raise ValueError(f"--prompt_tokens must be a positive integer; got {self.prompt_tokens}.")
+
+
+@dataclass
+class MemoryEstimate:
+    """components: name -> bytes per rank (static ones and phase transients); total_bytes: peak per rank."""
+
+    components: dict[str, int]
+    static: list[str]
+    transients: list[str]
+    settings: str
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.transients, key=lambda name: self.components[name])
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.components[n] for n in self.static) + max(self.components[n] for n in self.transients)
+
+    def fits(self, gpu_memory_gib: float) -> bool:
+        return self.total_bytes <= gpu_memory_gib * GIB
+
+    def describe(self) -> str:
+        lines = [f"per-rank GPU memory ({self.settings})"]
+        lines += [f"  {name:<60} {self.components[name] / GIB:8.2f} GiB" for name in self.static]
+        lines.append("  phase transients (only the largest counts; phases do not overlap):")
+        lines += [f"  {name:<60} {self.components[name] / GIB:8.2f} GiB" + (" <- peak" if name == self.peak_phase
+                                                                            else "") for name in self.transients]
+        lines.append(f"  {'PEAK per rank':<60} {self.total_bytes / GIB:8.2f} GiB")
+        return "\n".join(lines)
+
+
+# ----- closed forms (pure) -----
+
+def num_samples_per_rank(args, num_gpus: int) -> int:
+    """N = global_batch_size / num_gpus images rolled out per rank (the trainer's batch plan)."""
+    from deepgen_rl.trainer.batching import plan_batches
+
+    plan = plan_batches(global_batch_size=args.global_batch_size, rollout_n=args.rollout_n, world_size=num_gpus,
+                        atrain_micro_batch_size=args.atrain_micro_batch_size,
+                        num_train_timesteps=args.num_train_timesteps, sftaux_enabled=False)
+    return plan.samples_per_rank
+
+
+def zero_model_states_bytes(trainable: int, largest_layer: int, num_gpus: int, zero_stage: int,
+                            offload_optimizer: bool, offload_params: bool) -> int:
+    """GPU bytes of gradients + optimizer states (+ ZeRO-3's gathered layer) per rank, from DeepSpeed's estimators,
+    minus the 16-bit weights they include (counted with the other weights)."""
+    if zero_stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(
+            trainable, largest_layer, num_gpus_per_node=num_gpus, num_nodes=1, cpu_offload=offload_optimizer,
+            cpu_offload_params=offload_params, zero_init=False, additional_buffer_factor=1.0)
+        return gpu  # ZeRO-3's figure holds the partitioned weights: the weights row counts none of them
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    _, gpu = estimate_zero2_model_states_mem_needs(trainable, num_gpus_per_node=num_gpus, num_nodes=1,
+                                                   cpu_offload=offload_optimizer, additional_buffer_factor=1.0)
+    return gpu - 2 * trainable
+
+
+def rollout_storage_bytes(n: int, steps: int, latent: tuple[int, int, int], text_tokens: int, joint_dim: int,
+                          pooled_dim: int, height: int, width: int, weight_bytes: int) -> int:
+    """Latents fp32 [T+1, N, C, h, w] + log-probs fp32 [T, N] + prompt embeds [N, L, D] and pooled [N, D'] in the
+    weight dtype + decoded images fp32 [N, 3, H, W]."""
+    channels, h, w = latent
+    latents = (steps + 1) * n * channels * h * w * 4
+    return (latents + steps * n * 4 + n * (text_tokens * joint_dim + pooled_dim) * weight_bytes
+            + n * 3 * height * width * 4)
+
+
+def dit_train_activation_bytes(block_peaks: list[int], block_input_bytes: int, layers: int, latent_elems: int,
+                               n: int, gradient_checkpointing: bool) -> int:
+    """Peak activations of one training chunk of n samples through an L-block DiT, forward + backward.
+
+    block_peaks: measured fwd+bwd peak of each block kind; block_input_bytes: one block's inputs n x S x D x B;
+    latent_elems: C x h x w (the chunk's fp32 step tensors)."""
+    if gradient_checkpointing:
+        blocks = (layers - 1) * block_input_bytes + max(block_peaks)
+    else:
+        blocks = layers * max(block_peaks)
+    return blocks + LOSS_TENSORS * n * latent_elems * 4
+
+
+# ----- the estimate -----
+
+def _count(parameters) -> int:
+    return sum(p.numel() for p in parameters)
+
+
+def _lora_parameters(transformer, rank: int) -> int:
+    from deepgen_rl.trainer.trainable import DIT_LORA_TARGETS
+
+    return sum(rank * (m.in_features + m.out_features) for name, m in transformer.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.endswith(tuple(f".{t}" for t in DIT_LORA_TARGETS)))
+
+
+def _largest_layer(model) -> int:
+    return max((_count(m.parameters(recurse=False)) for m in model.modules()), default=0)
+
+
+def weight_components(model, weight_bytes: int, zero_stage: int, num_gpus: int, trained: list[str]) -> dict[str, int]:
+    """16-bit weights by module. Under ZeRO-3 the engine partitions every module: frozen ones hold 1/num_gpus,
+    trained ones are inside DeepSpeed's model-states figure."""
+    visual = _count(model.lmm.model.visual.parameters())
+    parts = {"weights: lmm (Qwen2.5-VL language model)": _count(model.lmm.parameters()) - visual,
+             "weights: lmm.model.visual (vision tower)": visual,
+             "weights: connector + projectors + meta queries": _count(
+                 p for name in ("connector", "projector_1", "projector_2", "projector_3")
+                 for p in getattr(model, name).parameters()) + model.meta_queries.numel(),
+             "weights: transformer (SD3.5 DiT)": _count(model.transformer.parameters()),
+             "weights: vae": _count(model.vae.parameters())}
+    owner = {"lmm": ("weights: lmm (Qwen2.5-VL language model)", "weights: lmm.model.visual (vision tower)"),
+             "transformer": ("weights: transformer (SD3.5 DiT)",),
+             **{name: ("weights: connector + projectors + meta queries",)
+                for name in ("connector", "projector_1", "projector_2", "projector_3", "meta_queries")}}
+    trained_rows = {row for name in trained for row in owner.get(name, ())}
+    if zero_stage == 3:
+        return {name: 0 if name in trained_rows else math.ceil(count * weight_bytes / num_gpus)
+                for name, count in parts.items()}
+    return {name: count * weight_bytes for name, count in parts.items()}
+
+
+def estimate_memory(model_args, args, num_gpus: int, zero_stage: int, *, model=None, prompt_tokens: int = 64,
+                    offload_optimizer: bool = False, offload_params: bool = False) -> MemoryEstimate:
+    """Per-rank GPU memory of a GRPO step with the flags ``args`` (GRPOConfig) and ``model_args`` on ``num_gpus``
+    ranks under ZeRO ``zero_stage``. ``model``: a real-size meta model (built from ``model_args`` when None)."""
+    from deepgen_rl.model.deepgen import TRAINABLE_MODULES
+
+    model = model if model is not None else build_meta_model(model_args)
+    weight_bytes = DTYPE_BYTES[model_args.model_dtype]
+    trained = list(TRAINABLE_MODULES[model_args.trainable_modules])
+    model.set_trainable(model_args.trainable_modules)
+    trainable = _count(p for p in model.parameters() if p.requires_grad)
+    model.requires_grad_(False)
+    if model_args.use_lora:
+        trainable, trained = _lora_parameters(model.transformer, model_args.lora_rank), []
+    components = weight_components(model, weight_bytes, zero_stage, num_gpus, trained)
+    if args.beta > 0 and not model_args.use_lora:
+        components["reference policy copy (frozen trained modules)"] = weight_bytes * _count(
+            p for name in trained for p in _parameters_of(getattr(model, name)))
+    largest = _largest_layer(model) if zero_stage == 3 else 0
+    components[f"gradients + optimizer states (ZeRO-{zero_stage}, DeepSpeed estimate)"] = zero_model_states_bytes(
+        trainable, largest, num_gpus, zero_stage, offload_optimizer, offload_params)
+
+    n = num_samples_per_rank(args, num_gpus)
+    latent = tuple(model.latent_shape(args.image_height, args.image_width))
+    config = model.transformer.config
+    text_tokens = prompt_tokens + model.num_queries
+    tokens = (latent[1] // config.patch_size) * (latent[2] // config.patch_size) + text_tokens
+    width = config.num_attention_heads * config.attention_head_dim
+    latent_elems = latent[0] * latent[1] * latent[2]
+    components["rollout storage (latents, log-probs, embeddings, images)"] = rollout_storage_bytes(
+        n, args.num_inference_steps, latent, text_tokens, config.joint_attention_dim,
+        config.pooled_projection_dim, args.image_height, args.image_width, weight_bytes)
+    static = list(components)
+
+    train_n = min(args.atrain_micro_batch_size, n)
+    rollout_n = min(args.rollout_micro_batch_size, n)
+    decode_n = min(getattr(args, "vae_decode_micro_batch_size", None) or args.rollout_micro_batch_size, n)
+    image_tokens = tokens - text_tokens
+    blocks = distinct_blocks(model.transformer)
+    train_peaks = [block_peak_bytes(b, train_n, image_tokens, text_tokens, True) for b in blocks]
+    components[f"train chunk activations, n={train_n}"] = dit_train_activation_bytes(
+        train_peaks, train_n * tokens * width * weight_bytes, config.num_layers, latent_elems, train_n,
+        args.gradient_checkpointing)
+    components[f"rollout forward, n={rollout_n}"] = max(
+        block_peak_bytes(b, rollout_n, image_tokens, text_tokens, False) for b in blocks
+    ) + LOSS_TENSORS * rollout_n * latent_elems * 4
+    components[f"VAE decode, n={decode_n}"] = decode_peak_bytes(model, decode_n, latent)
+    settings = (f"ZeRO-{zero_stage}, {num_gpus} GPUs, {n} images/rank, {args.image_height}x{args.image_width}, "
+                f"trainable {model_args.trainable_modules}{' (LoRA)' if model_args.use_lora else ''}, "
+                f"{trainable / 1e9:.2f} B trainable parameters")
+    return MemoryEstimate(components=components, static=static, transients=list(components)[len(static):],
+                          settings=settings)
+
+
+def _parameters_of(part):
+    return [part] if isinstance(part, torch.nn.Parameter) else list(part.parameters())
+
+
+def build_meta_model(model_args):
+    """The real-size meta model of ``model_args``' paths, or of the published configs when the paths are unset."""
+    from deepgen_rl.model.meta import build_deepgen_model_on_meta
+
+    if model_args.sd3_model_name_or_path and model_args.qwen2_5_vl_model_name_or_path:
+        return build_deepgen_model_on_meta(model_args)
+    import tempfile
+
+    from deepgen_rl.model.published_configs import write_published_configs
+
+    with tempfile.TemporaryDirectory() as folder:
+        sd3, qwen = write_published_configs(folder)
+        print(f"model paths unset: using the published Qwen2.5-VL-3B / SD3.5-Medium configs", file=sys.stderr)
+        return build_deepgen_model_on_meta(dataclasses.replace(
+            model_args, sd3_model_name_or_path=str(sd3), qwen2_5_vl_model_name_or_path=str(qwen)))
+
+
+# ----- what would make it fit -----
+
+@dataclass(frozen=True)
+class RunShape:
+    """The knobs the suggestions turn: training flags, model flags and the DeepSpeed set-up."""
+
+    args: object
+    model_args: object
+    zero_stage: int
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    deepspeed: str = ""
+
+
+def _with_arg(shape: RunShape, **changes) -> RunShape:
+    import copy
+
+    args = copy.copy(shape.args)
+    for name, value in changes.items():
+        object.__setattr__(args, name, value)
+    return dataclasses.replace(shape, args=args)
+
+
+def candidate_changes(shape: RunShape) -> list[tuple[str, RunShape]]:
+    """(flags, changed run) pairs, mildest first; --beta 0 and LoRA change the objective and come last."""
+    args = shape.args
+    changes = [("--vae_decode_micro_batch_size 8", _with_arg(shape, vae_decode_micro_batch_size=8))]
+    micro = args.atrain_micro_batch_size
+    while micro > 1:
+        micro //= 2
+        changes.append((f"--atrain_micro_batch_size {micro}", _with_arg(shape, atrain_micro_batch_size=micro)))
+    if args.rollout_micro_batch_size > 8:
+        changes.append(("--rollout_micro_batch_size 8", _with_arg(shape, rollout_micro_batch_size=8)))
+    if shape.zero_stage < 3:
+        changes.append(("--deepspeed scripts/deepspeed/zero3.json", dataclasses.replace(
+            shape, zero_stage=3, deepspeed="scripts/deepspeed/zero3.json")))
+    changes.append(("--deepspeed scripts/deepspeed/zero3_offload.json", dataclasses.replace(
+        shape, zero_stage=3, offload_optimizer=True, offload_params=True,
+        deepspeed="scripts/deepspeed/zero3_offload.json")))
+    if args.beta > 0:
+        changes.append(("--beta 0 (no reference copy; changes the objective)", _with_arg(shape, beta=0.0)))
+    if not shape.model_args.use_lora:
+        changes.append(("--use_lora True (changes what trains)", dataclasses.replace(
+            shape, model_args=dataclasses.replace(shape.model_args, use_lora=True))))
+    return changes
+
+
+def flags_that_fit(shape: RunShape, model, num_gpus: int, gpu_memory_gib: float,
+                   prompt_tokens: int) -> list[tuple[str, float]]:
+    """Single changes that bring the peak under ``gpu_memory_gib``, with their peak in GiB."""
+    fitting = []
+    for flags, changed in candidate_changes(shape):
+        estimate = _estimate(changed, model, num_gpus, prompt_tokens)
+        if estimate.fits(gpu_memory_gib):
+            fitting.append((flags, estimate.total_bytes / GIB))
+    return fitting
+
+
+def _estimate(shape: RunShape, model, num_gpus: int, prompt_tokens: int) -> MemoryEstimate:
+    return estimate_memory(shape.model_args, shape.args, num_gpus, shape.zero_stage, model=model,
+                           prompt_tokens=prompt_tokens, offload_optimizer=shape.offload_optimizer,
+                           offload_params=shape.offload_params)
+
+
+# ----- command line -----
+
+def run_shape_from_args(args, model_args) -> RunShape:
+    from deepgen_rl.trainer.deepspeed_setup import _get, load_deepspeed_config, offloads_optimizer, zero_stage
+
+    config = load_deepspeed_config(args.deepspeed)
+    offload_params = (_get(config, "zero_optimization.offload_param.device") or "none") != "none"
+    return RunShape(args=args, model_args=model_args, zero_stage=zero_stage(config),
+                    offload_optimizer=offloads_optimizer(config), offload_params=offload_params,
+                    deepspeed=str(args.deepspeed or "built-in ZeRO-2"))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from transformers import HfArgumentParser
+
+    from deepgen_rl.config import DataArguments, GRPOConfig, ModelArguments
+
+    parser = HfArgumentParser((GRPOConfig, ModelArguments, DataArguments, EstimatorArguments))
+    args, model_args, _, estimator = parser.parse_args_into_dataclasses(args=argv)
+    shape = run_shape_from_args(args, model_args)
+    model = build_meta_model(model_args)
+    estimate = _estimate(shape, model, estimator.num_gpus, estimator.prompt_tokens)
+    print(f"--deepspeed {shape.deepspeed}")
+    print(estimate.describe())
+    budget = estimator.gpu_memory_gib
+    if estimate.fits(budget):
+        print(f"FITS in {budget:g} GiB per GPU ({budget - estimate.total_bytes / GIB:.1f} GiB to spare).")
+        return 0
+    print(f"DOES NOT FIT in {budget:g} GiB per GPU (peak phase: {estimate.peak_phase}).")
+    fitting = flags_that_fit(shape, model, estimator.num_gpus, budget, estimator.prompt_tokens)
+    if fitting:
+        print("Any one of these would make it fit:")
+        print("\n".join(f"  {flags}  -> {peak:.2f} GiB" for flags, peak in fitting))
+    else:
+        print("No single flag change fits; combine them, or use more GPUs (--num_gpus).")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
