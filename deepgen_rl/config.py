@@ -320,10 +320,6 @@ class GRPOConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         self._validate_grpo_flags()
-        # Inherited Trainer flags our loop does not read stop the run instead of being ignored (trainer_flags.py).
-        refused = refused_flag_errors(self)
-        if refused:
-            raise ValueError("\n".join(refused))
         # Type-check the DeepSpeed JSON now, not at the first optimizer step ("gradient_clipping": "1.0").
         if isinstance(self.deepspeed, str) and self.deepspeed:
             read_deepspeed_json(self.deepspeed)
@@ -391,5 +387,12 @@ def build_parser() -> HfArgumentParser:
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[GRPOConfig, ModelArguments, DataArguments]:
     """Parse command-line flags (``argv`` or ``sys.argv``) into the three argument groups."""
-    training_args, model_args, data_args = build_parser().parse_args_into_dataclasses(args=argv)
+    parser = build_parser()
+    # Inherited Trainer flags our loop does not read stop the run instead of being ignored (trainer_flags.py);
+    # checked on the raw parsed values, before TrainingArguments normalises some of them.
+    namespace, _ = parser.parse_known_args(args=argv)
+    refused = refused_flag_errors(namespace, GRPOConfig)
+    if refused:
+        raise ValueError("\n".join(refused))
+    training_args, model_args, data_args = parser.parse_args_into_dataclasses(args=argv)
     return training_args, model_args, data_args

@@ -2,7 +2,7 @@
 
 Our loop is not HF's ``Trainer``: of the ~110 inherited flags it reads the few in ``HONOURED_TRAINING_FLAGS``.
 Every other one is in ``REFUSED_TRAINING_FLAGS`` with what to use instead; given a value other than its default it
-stops the run at parse time (``GRPOConfig.__post_init__``), instead of being accepted and silently ignored (e.g.
+stops the run at parse time (``config.parse_args``), instead of being accepted and silently ignored (e.g.
 ``--gradient_accumulation_steps 4`` once looked like it worked). ``tests/test_trainer_flags.py`` fails when a
 transformers upgrade adds a flag that is in neither table, so each new one gets a decision.
 
@@ -113,18 +113,23 @@ def _field_default(field: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-def refused_flag_errors(config: Any) -> list[str]:
-    """One line per refused inherited flag whose value differs from its default, and per honoured one set to a value
-    the loop does not support (``config``: a GRPOConfig)."""
+def refused_flag_errors(parsed: argparse.Namespace, config_cls: type) -> list[str]:
+    """One line per refused inherited flag of ``config_cls`` (GRPOConfig) whose parsed value differs from its
+    default, and per honoured one set to a value the loop does not support.
+
+    ``parsed`` is the parser's namespace, read BEFORE the dataclass is built: ``TrainingArguments.__post_init__``
+    normalises some fields (``accelerator_config`` becomes an object, ``activation_checkpointing`` mirrors
+    ``--gradient_checkpointing``), so a built config, or a ``dataclasses.replace`` of one, no longer shows what the
+    user typed."""
     errors = []
     for name, (values, meaning) in SUPPORTED_VALUES.items():
-        value = getattr(getattr(config, name), "value", getattr(config, name))
+        value = getattr(getattr(parsed, name), "value", getattr(parsed, name))
         if value not in values:
             errors.append(f"--{name} {value!r} is not supported by the GRPO loop: use {' or '.join(values)} "
                           f"({meaning}).")
-    for field in dataclasses.fields(config):
-        if field.name in REFUSED_TRAINING_FLAGS:
-            value = getattr(config, field.name)
+    for field in dataclasses.fields(config_cls):
+        if field.name in REFUSED_TRAINING_FLAGS and hasattr(parsed, field.name):
+            value = getattr(parsed, field.name)
             if _plain(value) != _plain(_field_default(field)):
                 errors.append(f"--{field.name} {getattr(value, 'value', value)!r} is not used by the GRPO loop: "
                               f"{REFUSED_TRAINING_FLAGS[field.name]}.")
@@ -166,7 +171,7 @@ class GroupedArgumentParser(HfArgumentParser):
             elif field.name in HONOURED_TRAINING_FLAGS:
                 group = self._group("Inherited from transformers.TrainingArguments (read by the GRPO loop)")
             else:
-                group = self  # refused: parsed, then refused by GRPOConfig.__post_init__ with its replacement
+                group = self  # refused: parsed, then refused by config.parse_args with its replacement
             first_new = len(self._actions)
             self._parse_dataclass_field(group, field)
             if group is self:
