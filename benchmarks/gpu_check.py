@@ -141,29 +141,47 @@ def estimator_figure(model_args, args) -> str:
         return f"estimator failed: {err}"
 
 
-def init_single_process(cuda: bool) -> torch.device:
-    """A one-rank process group (DeepSpeed needs one): nccl on cuda:0, gloo on the CPU."""
+def init_single_process(cuda: bool) -> tuple[torch.device, bool]:
+    """A one-rank process group (DeepSpeed needs one): nccl on cuda:0, gloo on the CPU; reuses a live one.
+    Returns the device and whether the group was created here."""
     import deepspeed
+    import torch.distributed as dist
 
     from deepgen_rl import grpo_deepgen
 
-    grpo_deepgen.ensure_single_process_env(os.environ)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    created = not dist.is_initialized()
+    if created:
+        grpo_deepgen.ensure_single_process_env(os.environ)
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    if dist.get_world_size() != 1:
+        raise RuntimeError("gpu_check runs on ONE device: start it with python, not torchrun.")
     if cuda:
         torch.cuda.set_device(0)
-    return torch.device("cuda:0" if cuda else "cpu")
+    return torch.device("cuda:0" if cuda else "cpu"), created
 
 
 def run_check(settings: CheckSettings) -> dict[str, float]:
     """Build, run one GRPO step, print the figures; returns them."""
+    started = time.perf_counter()
+    device, created_group = init_single_process(cuda=not settings.smoke)
+    try:
+        figures, estimate = _one_step(settings, device, started)
+    finally:
+        if created_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    print_figures(settings, figures, estimate, device)
+    return figures
+
+
+def _one_step(settings: CheckSettings, device: torch.device, started: float) -> tuple[dict[str, float], str]:
     from deepgen_rl.config import parse_args
     from deepgen_rl.data import PromptSampler, load_dataset_config
     from deepgen_rl.rewards.jpeg import JpegCompressibilityReward
     from deepgen_rl.rewards.reward_step import RewardStep
     from deepgen_rl.trainer import DeepGenGRPOTrainer
 
-    started = time.perf_counter()
-    device = init_single_process(cuda=not settings.smoke)
     dtype = torch.float32 if settings.smoke else torch.bfloat16
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as output_dir:
         args, model_args, data_args = parse_args(training_flags(settings, output_dir))
@@ -197,8 +215,7 @@ def run_check(settings: CheckSettings) -> dict[str, float]:
         if device.type == "cuda":
             figures["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         estimate = estimator_figure(model_args, args)
-    print_figures(settings, figures, estimate, device)
-    return figures
+    return figures, estimate
 
 
 def print_figures(settings: CheckSettings, figures: dict[str, float], estimate: str, device: torch.device) -> None:

@@ -221,8 +221,8 @@ class GRPOConfig(TrainingArguments):
     atrain_micro_batch_size: int = field(default=32, metadata={"help": "Samples per GPU per training forward/backward."})
     vae_decode_micro_batch_size: int = field(
         default=8,
-        metadata={"help": "Images per GPU per VAE decode (rollout, rewards, eval). The decoder's activations at 512^2 "
-                  "are ~0.4 GiB per image in bf16, so 8 keeps decode under ~4 GiB (32 at once: ~12 GiB)."},
+        metadata={"help": "Images per GPU per VAE decode (rollout, rewards, eval). The SD3.5 VAE decoder's activations "
+                  "at 512^2 are ~0.3 GiB per image in bf16, so 8 keeps decode under ~4 GiB (32 at once: ~9-12 GiB)."},
     )
     global_batch_size: int = field(
         default=256,

@@ -153,8 +153,8 @@ def _validate(sampler: str, logprob_variant: str, eta: float, num_inference_step
 def decode_images(model, latents: Tensor, micro_batch_size: Optional[int]) -> Tensor:
     """VAE-decode [N, C, h, w] latents in micro-batches -> images [N, 3, H, W] fp32 in [0, 1].
 
-    The VAE decoder's activations at full resolution dominate the step's memory (~0.4 GiB per 512^2 image in
-    bf16), so decode runs in its own micro-batch (--vae_decode_micro_batch_size), smaller than the DiT's.
+    The VAE decoder's activations at full resolution are the step's largest transient (~0.3 GiB per 512^2 image
+    in bf16), so decode runs in its own micro-batch (--vae_decode_micro_batch_size), smaller than the DiT's.
     """
     dtype = model.dtype
     chunks = [model.decode_latents(latents[rows].to(dtype)).float()
