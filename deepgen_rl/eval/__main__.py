@@ -109,7 +109,7 @@ def _build_model(cli: EvalCliArguments, model_args: ModelArguments, device):
     else:
         from deepgen_rl.model import load_deepgen_model
 
-        model = load_deepgen_model(model_args)
+        model = load_deepgen_model(model_args, device=device)
     return model.to(device).eval()
 
 
