@@ -149,14 +149,14 @@ def init_single_process(cuda: bool) -> tuple[torch.device, bool]:
 
     from deepgen_rl import grpo_deepgen
 
+    if cuda:
+        torch.cuda.set_device(0)
     created = not dist.is_initialized()
     if created:
         grpo_deepgen.ensure_single_process_env(os.environ)
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     if dist.get_world_size() != 1:
         raise RuntimeError("gpu_check runs on ONE device: start it with python, not torchrun.")
-    if cuda:
-        torch.cuda.set_device(0)
     return torch.device("cuda:0" if cuda else "cpu"), created
 
 
@@ -167,10 +167,10 @@ def run_check(settings: CheckSettings) -> dict[str, float]:
     try:
         figures, estimate = _one_step(settings, device, started)
     finally:
-        if created_group:
-            import torch.distributed as dist
+        if created_group:  # through DeepSpeed, which then forgets its cached groups (a later run makes new ones)
+            import deepspeed.comm
 
-            dist.destroy_process_group()
+            deepspeed.comm.destroy_process_group()
     print_figures(settings, figures, estimate, device)
     return figures
 
