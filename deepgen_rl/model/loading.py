@@ -108,10 +108,11 @@ def load_deepgen_model(model_args: ModelArguments, dtype: torch.dtype | None = N
 
     Low host memory (one rank per GPU, 8 on a node): every part is read in ``dtype`` (never a float32 copy), the
     DiT and VAE go to ``device`` as soon as they are read, and the joint model's own parts are created there. The
-    LLM moves after CHECKPOINT, whose LLM LoRA is merged into it on the CPU. ``device`` None: the CPU.
+    LLM moves after CHECKPOINT, whose LLM LoRA is merged into it on the CPU. ``device`` None: torch's default
+    device (the CPU unless the caller set another).
     """
     dtype = dtype or resolve_dtype(model_args.model_dtype)
-    device = torch.device(device or "cpu")
+    device = torch.device(device) if device is not None else torch.get_default_device()
     sd3 = check_sd3_path(model_args.sd3_model_name_or_path)
     qwen = check_qwen_path(model_args.qwen2_5_vl_model_name_or_path)
     checkpoint = check_checkpoint_path(model_args.checkpoint) if model_args.checkpoint else None
