@@ -222,6 +222,11 @@ class GRPOConfig(TrainingArguments):
     rollout_n: int = field(default=8, metadata={"help": "Images sampled per prompt (the GRPO group size G)."})
     rollout_micro_batch_size: int = field(default=32, metadata={"help": "Images per GPU per rollout forward."})
     atrain_micro_batch_size: int = field(default=32, metadata={"help": "Samples per GPU per training forward/backward."})
+    vae_decode_micro_batch_size: int = field(
+        default=8,
+        metadata={"help": "Images per GPU per VAE decode (rollout, rewards, eval). The SD3.5 VAE decoder's activations "
+                  "at 512^2 are ~0.3 GiB per image in bf16, so 8 keeps decode under ~4 GiB (32 at once: ~9-12 GiB)."},
+    )
     global_batch_size: int = field(
         default=256,
         metadata={"help": "Images per optimizer step over all ranks (prompts x rollout_n); one optimizer step per rollout."},
@@ -340,6 +345,7 @@ class GRPOConfig(TrainingArguments):
         for flag in ("rollout_n", "rollout_micro_batch_size", "atrain_micro_batch_size", "global_batch_size",
                      "num_inference_steps", "image_height", "image_width", "sftaux_batch_size"):
             _check_positive(flag, getattr(self, flag))
+        _check_positive("vae_decode_micro_batch_size", self.vae_decode_micro_batch_size)
         if self.rollout_n < 2:
             raise ValueError(f"--rollout_n must be >= 2 (a group needs two samples to compare); got {self.rollout_n}.")
         if self.global_batch_size % self.rollout_n:

@@ -171,14 +171,16 @@ def weight_components(model, weight_bytes: int, zero_stage: int, num_gpus: int, 
     """16-bit weights by module. Under ZeRO-3 the engine partitions every module: frozen ones hold 1/num_gpus,
     trained ones are inside DeepSpeed's model-states figure."""
     visual = _count(model.lmm.model.visual.parameters())
+    # The trainer drops the vision tower before DeepSpeed (model/vision_tower.py): text-to-image never runs it.
     parts = {"weights: lmm (Qwen2.5-VL language model)": _count(model.lmm.parameters()) - visual,
-             "weights: lmm.model.visual (vision tower)": visual,
+             "weights: vision tower (dropped for t2i)": 0,
              "weights: connector + projectors + meta queries": _count(
                  p for name in ("connector", "projector_1", "projector_2", "projector_3")
                  for p in getattr(model, name).parameters()) + model.meta_queries.numel(),
              "weights: transformer (SD3.5 DiT)": _count(model.transformer.parameters()),
              "weights: vae": _count(model.vae.parameters())}
-    owner = {"lmm": ("weights: lmm (Qwen2.5-VL language model)", "weights: lmm.model.visual (vision tower)"),
+    owner = {"lmm": ("weights: lmm (Qwen2.5-VL language model)",
+                     "weights: vision tower (dropped for t2i)"),
              "transformer": ("weights: transformer (SD3.5 DiT)",),
              **{name: ("weights: connector + projectors + meta queries",)
                 for name in ("connector", "projector_1", "projector_2", "projector_3", "meta_queries")}}
@@ -225,7 +227,7 @@ def estimate_memory(model_args, args, num_gpus: int, zero_stage: int, *, model=N
 
     train_n = min(args.atrain_micro_batch_size, n)
     rollout_n = min(args.rollout_micro_batch_size, n)
-    decode_n = min(getattr(args, "vae_decode_micro_batch_size", None) or args.rollout_micro_batch_size, n)
+    decode_n = min(args.vae_decode_micro_batch_size, n)
     image_tokens = tokens - text_tokens
     blocks = distinct_blocks(model.transformer)
     train_peaks = [block_peak_bytes(b, train_n, image_tokens, text_tokens, True) for b in blocks]
@@ -290,7 +292,9 @@ def _with_arg(shape: RunShape, **changes) -> RunShape:
 def candidate_changes(shape: RunShape) -> list[tuple[str, RunShape]]:
     """(flags, changed run) pairs, mildest first; --beta 0 and LoRA change the objective and come last."""
     args = shape.args
-    changes = [("--vae_decode_micro_batch_size 8", _with_arg(shape, vae_decode_micro_batch_size=8))]
+    changes = []
+    if args.vae_decode_micro_batch_size > 4:
+        changes.append(("--vae_decode_micro_batch_size 4", _with_arg(shape, vae_decode_micro_batch_size=4)))
     micro = args.atrain_micro_batch_size
     while micro > 1:
         micro //= 2
@@ -316,6 +320,8 @@ def flags_that_fit(shape: RunShape, model, num_gpus: int, gpu_memory_gib: float,
     """Single changes that bring the peak under ``gpu_memory_gib``, with their peak in GiB."""
     fitting = []
     for flags, changed in candidate_changes(shape):
+        if any(flags.split()[0] == done.split()[0] for done, _ in fitting):
+            continue  # the mildest value of a flag that fits is enough (e.g. the largest micro-batch)
         estimate = _estimate(changed, model, num_gpus, prompt_tokens)
         if estimate.fits(gpu_memory_gib):
             fitting.append((flags, estimate.total_bytes / GIB))
@@ -350,7 +356,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     shape = run_shape_from_args(args, model_args)
     model = build_meta_model(model_args)
     estimate = _estimate(shape, model, estimator.num_gpus, estimator.prompt_tokens)
-    print(f"--deepspeed {shape.deepspeed}")
     print(estimate.describe())
     budget = estimator.gpu_memory_gib
     if estimate.fits(budget):

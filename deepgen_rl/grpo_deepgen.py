@@ -103,7 +103,7 @@ def build_trainer(args, model_args, data_args, device: str):
 
             sftaux_sampler = SftAuxSampler(load_sftaux_config(data_args.sftaux_dataset_config), seed=args.seed,
                                            rank=rank, height=args.image_height, width=args.image_width)
-        model = load_deepgen_model(model_args)
+        model = load_deepgen_model(model_args, device=device)  # straight to this rank's GPU: little host RAM
         lora = LoraSettings(model_args.lora_rank, model_args.lora_alpha) if model_args.use_lora else None
         return DeepGenGRPOTrainer(
             model, args, prompt_sampler=prompt_sampler, reward_step=reward_step,

@@ -65,6 +65,9 @@ class EvalCliArguments:
     micro_batch_size: int = field(
         default=GRPOConfig.rollout_micro_batch_size, metadata={"help": "Images per generation forward per GPU."}
     )
+    vae_decode_micro_batch_size: int = field(
+        default=GRPOConfig.vae_decode_micro_batch_size, metadata={"help": "Images per VAE decode per GPU."}
+    )
     device: str = field(default="auto", metadata={"help": "'auto' (cuda:LOCAL_RANK when available, else cpu), "
                                                           "'cpu' or 'cuda'."})
 
@@ -73,7 +76,7 @@ class EvalCliArguments:
             value = getattr(self, flag)
             if value is not None and (value <= 0 or value % 16):
                 raise ValueError(f"--{flag} must be a positive multiple of 16; got {value}.")
-        for flag in ("micro_batch_size",):
+        for flag in ("micro_batch_size", "vae_decode_micro_batch_size"):
             if getattr(self, flag) <= 0:
                 raise ValueError(f"--{flag} must be a positive integer; got {getattr(self, flag)}.")
         for flag in ("eval_max_prompts", "eval_num_sample_images", "eval_timeout"):
@@ -106,7 +109,7 @@ def _build_model(cli: EvalCliArguments, model_args: ModelArguments, device):
     else:
         from deepgen_rl.model import load_deepgen_model
 
-        model = load_deepgen_model(model_args)
+        model = load_deepgen_model(model_args, device=device)
     return model.to(device).eval()
 
 
@@ -155,9 +158,11 @@ def _evaluate(cli: EvalCliArguments, model_args: ModelArguments, data_args: Data
     height = cli.image_height or default_size or GRPOConfig.image_height
     width = cli.image_width or default_size or GRPOConfig.image_width
     settings = EvalSettings(height=height, width=width, seed=cli.seed, micro_batch_size=cli.micro_batch_size,
-                            num_sample_images=cli.eval_num_sample_images, timeout_s=cli.eval_timeout)
+                            num_sample_images=cli.eval_num_sample_images, timeout_s=cli.eval_timeout,
+                            decode_micro_batch_size=cli.vae_decode_micro_batch_size)
     model = _build_model(cli, model_args, device)
-    report = run_evaluation(model_generate_fn(model, height, width, cli.micro_batch_size),
+    report = run_evaluation(model_generate_fn(model, height, width, cli.micro_batch_size,
+                                              cli.vae_decode_micro_batch_size),
                             JudgeSettings.from_data_args(data_args), datasets, settings, cli.output_dir, cli.step)
     if distributed_info()[0] == 0:
         _print_summary(report)

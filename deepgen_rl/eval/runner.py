@@ -59,12 +59,13 @@ class EvalSettings:
     micro_batch_size: int
     num_sample_images: int
     timeout_s: float
+    decode_micro_batch_size: Optional[int] = None  # images per VAE decode (None: micro_batch_size)
 
     @classmethod
     def from_training_args(cls, args) -> "EvalSettings":
         return cls(height=args.image_height, width=args.image_width, seed=args.seed,
                    micro_batch_size=args.rollout_micro_batch_size, num_sample_images=args.eval_num_sample_images,
-                   timeout_s=args.eval_timeout)
+                   timeout_s=args.eval_timeout, decode_micro_batch_size=args.vae_decode_micro_batch_size)
 
 
 @dataclass(frozen=True)
@@ -254,7 +255,8 @@ def images_to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(frame) for frame in array]
 
 
-def model_generate_fn(model, height: int, width: int, micro_batch_size: Optional[int] = None) -> GenerateFn:
+def model_generate_fn(model, height: int, width: int, micro_batch_size: Optional[int] = None,
+                      decode_micro_batch_size: Optional[int] = None) -> GenerateFn:
     """generate_fn on a DeepGen model: ODE (Euler) sampling with CFG against "Generate an image." (DESIGN.md
     section 4, evaluation), one image per prompt, initial noise from a CPU generator seeded with ``seed``."""
     from deepgen_rl.sampling import generate_images
@@ -262,7 +264,8 @@ def model_generate_fn(model, height: int, width: int, micro_batch_size: Optional
     def generate(prompts: list[str], cfg_scale: float, num_inference_steps: int, seed: int) -> list[Image.Image]:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         images = generate_images(model, prompts, num_inference_steps=num_inference_steps, height=height, width=width,
-                                 cfg_scale=cfg_scale, generator=generator, micro_batch_size=micro_batch_size)
+                                 cfg_scale=cfg_scale, generator=generator, micro_batch_size=micro_batch_size,
+                                 decode_micro_batch_size=decode_micro_batch_size)
         return images_to_pil(images)
 
     return generate
@@ -292,7 +295,8 @@ def evaluate_model(model, training_args, data_args, step: int, datasets: Sequenc
     """Evaluate ``model`` now (every rank calls it), with the settings of the training flags."""
     settings = EvalSettings.from_training_args(training_args)
     folder = Path(output_dir) if output_dir is not None else Path(training_args.output_dir) / "eval" / f"step_{step}"
-    generate_fn = model_generate_fn(model, settings.height, settings.width, settings.micro_batch_size)
+    generate_fn = model_generate_fn(model, settings.height, settings.width, settings.micro_batch_size,
+                                    settings.decode_micro_batch_size)
     was_training = model.training
     model.eval()
     try:

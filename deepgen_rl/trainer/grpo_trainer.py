@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deepgen_rl.data import PromptSample
+from deepgen_rl.model.vision_tower import drop_vision_tower
 from deepgen_rl.rewards.reward_step import RewardBatch
 from deepgen_rl.rl import AdvantageResult, compute_advantages, sample_train_steps
 from deepgen_rl.sampling import Trajectory, decode_images, encode_conditioning, rollout
@@ -77,6 +78,7 @@ class DeepGenGRPOTrainer:
         self.eval_hook = eval_hook
         self.tracker = tracker or TrackerSettings(report_to=(), run_name=args.run_name or "deepgen-grpo")
         self.trained_modules = configure_trainable(model, trainable_modules, lora)
+        drop_vision_tower(model)  # text-to-image only: keeps ~1.25 GiB off each GPU (model/vision_tower.py)
         self.text_trains = any(name != "transformer" for name in self.trained_modules)
         if args.gradient_checkpointing:
             model.enable_gradient_checkpointing()
@@ -125,7 +127,7 @@ class DeepGenGRPOTrainer:
         return RolloutBatch(samples=samples, trajectory=trajectory, truncated_prompts=truncated)
 
     def decode_phase(self, batch: RolloutBatch) -> None:
-        batch.images = decode_images(self.model, batch.trajectory.latents[:, -1], self.args.rollout_micro_batch_size)
+        batch.images = decode_images(self.model, batch.trajectory.latents[:, -1], self.args.vae_decode_micro_batch_size)
 
     def reward_phase(self, batch: RolloutBatch) -> RewardBatch:
         """This rank's N samples scored by their datasets' rewards (scores [N, K], weights, failed mask)."""
