@@ -58,3 +58,36 @@ def real_size_model(published_config_paths):
     model_args = ModelArguments(sd3_model_name_or_path=str(sd3), qwen2_5_vl_model_name_or_path=str(qwen),
                                 checkpoint="", model_dtype="bfloat16")
     return model_args, build_deepgen_model_on_meta(model_args)
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """One one-process gloo group (DeepSpeed's ``init_distributed``) for every in-process trainer test of the
+    session, as the entry point creates outside torchrun; torn down once, through DeepSpeed, at the end.
+
+    Shared on purpose: a group destroyed with ``torch.distributed.destroy_process_group`` leaves DeepSpeed's cached
+    groups pointing at it, and the next in-process DeepSpeed engine then fails ("Group ... is not registered").
+    """
+    import deepspeed
+    import deepspeed.comm
+    import torch.distributed as dist
+
+    from tests.trainer_utils import free_port
+
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
+    saved = {k: os.environ.get(k) for k in names}
+    created = not dist.is_initialized()
+    if created:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        deepspeed.init_distributed(dist_backend="gloo")
+    assert dist.get_world_size() == 1
+    yield
+    if created:
+        deepspeed.comm.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -84,7 +84,7 @@ def test_decode_peak_is_measured_and_scales_with_the_micro_batch(real, guide_arg
     model_args, model = real
     peaks = {}
     for n in (8, 32):
-        args = dataclasses.replace(guide_args, rollout_micro_batch_size=n)
+        args = dataclasses.replace(guide_args, vae_decode_micro_batch_size=n)
         components = estimate_memory(model_args, args, num_gpus=8, zero_stage=2, model=model).components
         peaks[n] = components[f"VAE decode, n={n}"]
     assert peaks[32] > 32 * 3 * 512 * 512 * 4  # at least its own fp32 output images

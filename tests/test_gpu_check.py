@@ -49,15 +49,9 @@ def test_without_cuda_it_exits_0_saying_why(gpu_check, capsys, monkeypatch):
     assert "no CUDA device" in capsys.readouterr().out
 
 
-def test_smoke_runs_one_grpo_step_and_prints_the_figures(gpu_check, capsys, monkeypatch):
-    # In process: DeepSpeed builds its CPU communication op once per PROCESS (~85 s here), so a subprocess would
-    # always pay it while in the suite's process it is paid once for this test and test_trainer_inprocess.py
-    # together. A one-rank gloo group is made here (or a live one reused) and removed after.
-    from tests.trainer_utils import free_port
-
-    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"}.items():
-        monkeypatch.setenv(name, value)
+def test_smoke_runs_one_grpo_step_and_prints_the_figures(gpu_check, process_group, capsys):
+    # In process, in the session's one-rank gloo group (gpu_check reuses a live group and leaves it): DeepSpeed
+    # loads its CPU communication op once per process, so a subprocess would pay that again.
     with torch.random.fork_rng():
         assert gpu_check.main(["--smoke"]) == 0
     out = capsys.readouterr().out

@@ -79,31 +79,6 @@ def test_max_prompt_length_without_room_for_the_prompt_names_the_flag(short_mode
         load_deepgen_model(dataclasses.replace(args, max_prompt_length=13))
 
 
-@pytest.fixture()
-def process_group():
-    """A one-process gloo group (restored afterwards), as the entry point creates outside torchrun."""
-    import deepspeed
-    import torch.distributed as dist
-
-    from tests.trainer_utils import free_port
-
-    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
-    saved = {k: os.environ.get(k) for k in names}
-    created = not dist.is_initialized()
-    if created:
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"})
-        deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    if created:
-        dist.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 def test_trainer_counts_truncated_prompts(process_group, tiny_paths, tmp_path):
     from deepgen_rl import grpo_deepgen
     from deepgen_rl.config import parse_args

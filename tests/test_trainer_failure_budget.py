@@ -18,7 +18,6 @@ from deepgen_rl import grpo_deepgen
 from deepgen_rl.preflight_content import InputContentError
 from deepgen_rl.trainer import grpo_trainer
 from tests.reward_servers import fake_server
-from tests.test_trainer_inprocess import process_group  # noqa: F401  (the module's one-process gloo group)
 from tests.trainer_utils import ZERO2, tiny_run_flags
 
 pytestmark = pytest.mark.timeout(300)
@@ -43,7 +42,7 @@ def tracker_env(monkeypatch):
 
 
 def test_ocr_server_killed_after_step_one_stops_the_run_with_a_message_and_keeps_checkpoints(
-        process_group, tiny_paths, tmp_path, monkeypatch, caplog, tracker_env):  # noqa: F811
+        process_group, tiny_paths, tmp_path, monkeypatch, caplog, tracker_env):
     dataset = _ocr_dataset(tmp_path, ['a sign reading "OPEN"', 'a mug saying "HI"'])
     out = tmp_path / "run"
     server = fake_server()
@@ -84,7 +83,7 @@ def test_ocr_server_killed_after_step_one_stops_the_run_with_a_message_and_keeps
     assert "run summary: 1 step(s) trained, 2 skipped; failed samples per reward: ocr 16/24" in caplog.text
 
 
-def test_entry_point_checks_input_contents_before_any_model_loads(process_group, tiny_paths, tmp_path,  # noqa: F811
+def test_entry_point_checks_input_contents_before_any_model_loads(process_group, tiny_paths, tmp_path,
                                                                   monkeypatch, tracker_env):
     dataset = _ocr_dataset(tmp_path, ['a sign reading "OPEN"', "a quiet forest at dawn"])
 

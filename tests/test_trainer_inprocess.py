@@ -81,31 +81,6 @@ class Brightness:
         pass
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-process gloo group for the module; the environment is restored afterwards."""
-    import deepspeed
-    import torch.distributed as dist
-
-    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                                             "MASTER_PORT", "DS_ACCELERATOR")}
-    created = not dist.is_initialized()
-    if created:
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        deepspeed.init_distributed(dist_backend="gloo")
-    assert dist.get_world_size() == 1
-    yield
-    if created:
-        dist.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 def build(tiny_paths, out, reward=None, **overrides):
     flags = tiny_run_flags(tiny_paths, out, deepspeed=str(ZERO2), learning_rate=1e-3, **overrides)
     args, model_args, data_args = parse_args(flags)
