@@ -21,6 +21,7 @@ from ..config import CHECKPOINT_ENV, QWEN_ENV, SD3_ENV, ModelArguments
 from .checkpoint_keys import merge_lora_weights, normalize_checkpoint_keys, unwrap_state_dict
 from .connector import ConnectorConfig
 from .deepgen import DeepGenModel
+from .safe_load import UnsafeCheckpointError, load_weights_only
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,13 @@ def load_checkpoint_into(
 
     Returns the model keys that were not in the checkpoint (frozen parts that come from the model paths).
     """
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    source = f"{CHECKPOINT_ENV} (--checkpoint)"
+    try:
+        raw = load_weights_only(path, source=source)
+    except UnsafeCheckpointError:
+        raise
+    except Exception as err:  # truncated / not a torch file: name the file and where it came from
+        raise CheckpointError(f"{source} = {str(path)!r} could not be read: {type(err).__name__}: {err}") from err
     state_dict = merge_lora_weights(normalize_checkpoint_keys(unwrap_state_dict(raw)), llm_lora_alpha)
     lora_deltas = {k.removesuffix("@lora_delta"): state_dict.pop(k) for k in list(state_dict) if k.endswith("@lora_delta")}
 
