@@ -101,13 +101,13 @@ def weights_only_loads(folder: str | Path, *, source: str) -> Iterator[None]:
     try:
         with torch.serialization.safe_globals(allowed_globals()):
             yield
-    except pickle.UnpicklingError as err:
+    except pickle.UnpicklingError:
         refused = find_refused_files(folder)
-        if refused:
-            path, name = refused[0]
-            raise UnsafeCheckpointError(
-                refusal_message(path, source, RuntimeError(f"Unsupported global: GLOBAL {name}"))) from None
-        raise UnsafeCheckpointError(refusal_message(folder, source, err)) from None
+        if not refused:
+            raise  # not a refusal (a damaged pickle): the caller names the folder
+        path, name = refused[0]
+        raise UnsafeCheckpointError(
+            refusal_message(path, source, RuntimeError(f"Unsupported global: GLOBAL {name}"))) from None
     finally:
         if previous is None:
             os.environ.pop(_FORCE_ENV, None)
