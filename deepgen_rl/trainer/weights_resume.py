@@ -44,8 +44,10 @@ def load_weights_reset_optimizer(engine, checkpoint_dir: Path, tag: str) -> None
         raise ValueError(f"it lacks {len(missing)} trained parameter(s), e.g. {missing[:5]} (was it saved with "
                          "other --trainable_modules?)")
     copy_into_parameters(trainable, weights)
-    # The ZeRO optimizer steps its own fp32 copy of the weights; make it the loaded one.
-    engine.optimizer._restore_from_bit16_weights()
+    # A ZeRO optimizer steps its own fp32 copy of the weights; make it the loaded one.
+    refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+    if refresh is not None:
+        refresh()
     _restore_schedule(engine, model_states)
 
 
