@@ -69,22 +69,21 @@ class Brightness:
 
 @pytest.fixture(scope="module")
 def process_group():
-    """A one-process gloo group for the module; the environment is restored afterwards."""
+    """A one-process gloo group (other modules import this fixture); the environment is restored afterwards.
+
+    The group itself is kept for the session: DeepSpeed caches it, and a second group after a destroy breaks it."""
     import deepspeed
     import torch.distributed as dist
 
     saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                                              "MASTER_PORT", "DS_ACCELERATOR")}
-    created = not dist.is_initialized()
-    if created:
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo")
     assert dist.get_world_size() == 1
     yield
-    if created:
-        dist.destroy_process_group()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

@@ -234,6 +234,27 @@ def _accelerator():
     return None if accelerator.device_name() == "cpu" else accelerator
 
 
+@dataclass
+class StepStart:
+    """What a step consumes besides the weights (sampler positions, global RNG), captured at its start so that a
+    step abandoned for SIGTERM can be undone and the last completed step checkpointed exactly."""
+
+    prompt_sampler: dict
+    sftaux_sampler: Optional[dict]
+    rng: dict
+
+    @classmethod
+    def capture(cls, prompt_sampler, sftaux_sampler=None) -> "StepStart":
+        return cls(prompt_sampler.state_dict(), sftaux_sampler.state_dict() if sftaux_sampler is not None else None,
+                   capture_rng_state())
+
+    def restore(self, prompt_sampler, sftaux_sampler=None) -> None:
+        prompt_sampler.load_state_dict(self.prompt_sampler)
+        if sftaux_sampler is not None and self.sftaux_sampler is not None:
+            sftaux_sampler.load_state_dict(self.sftaux_sampler)
+        restore_rng_state(self.rng)
+
+
 # ----- save / load ---------------------------------------------------------------------------------------
 
 

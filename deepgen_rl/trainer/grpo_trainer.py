@@ -278,7 +278,7 @@ class DeepGenGRPOTrainer:
             with GracefulStop() as stop:
                 self._stop = stop
                 while self.state.global_step < self.max_steps:
-                    start = self._snapshot()
+                    start = checkpointing.StepStart.capture(self.prompt_sampler, self.sftaux_sampler)
                     try:
                         metrics, batch, rewards = self.training_step()
                     except StepInterrupted as interrupted:
@@ -303,17 +303,9 @@ class DeepGenGRPOTrainer:
         if self._stop is not None:
             self._stop.check(self.device, after)
 
-    def _snapshot(self) -> dict:
-        """What a step consumes besides the weights: the samplers' positions and the global RNG."""
-        return {"prompt": self.prompt_sampler.state_dict(), "rng": checkpointing.capture_rng_state(),
-                "sftaux": self.sftaux_sampler.state_dict() if self.sftaux_sampler is not None else None}
-
-    def _rewind(self, snapshot: dict, where: str) -> None:
+    def _rewind(self, start: checkpointing.StepStart, where: str) -> None:
         """Undo an abandoned step's draws, so the checkpoint of the last completed step resumes exactly."""
-        self.prompt_sampler.load_state_dict(snapshot["prompt"])
-        if snapshot["sftaux"] is not None:
-            self.sftaux_sampler.load_state_dict(snapshot["sftaux"])
-        checkpointing.restore_rng_state(snapshot["rng"])
+        start.restore(self.prompt_sampler, self.sftaux_sampler)
         if self.rank == 0:
             logger.warning("stop requested: step %d abandoned at a safe point (%s, before its optimizer step); "
                            "checkpointing step %d.", self.state.global_step + 1, where, self.state.global_step)
