@@ -3,7 +3,8 @@
 
 One torchrun run (2 ranks, ZeRO-2; every training chunk of step 2 sleeps, so step 2 lasts > 36 s) is SIGTERMed
 inside step 2 under torchrun's DEFAULT grace; its checkpoint-1 is then resumed on 1 rank in this process. A
-second, in-process 1-rank run writes checkpoint-1 and checkpoint-2 for the damaged-file cases.
+second, in-process 1-rank run writes checkpoint-1 and checkpoint-2 for the damaged-file cases; a ZeRO-3 pair checks
+the weights-reset resume on partitioned parameters.
 """
 
 from __future__ import annotations
@@ -247,3 +248,47 @@ def test_train_sh_rejects_a_non_numeric_shutdown_timeout():
     result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "train.sh")], env=env, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and "SHUTDOWN_TIMEOUT" in result.stderr
+
+
+def _build_zero3(tiny_paths, out, **overrides):
+    from deepgen_rl import grpo_deepgen
+    from deepgen_rl.config import parse_args
+    from deepgen_rl.rewards.reward_step import RewardStep
+    from tests.test_trainer_inprocess import Brightness
+    from tests.trainer_utils import ZERO3
+
+    args, model_args, data_args = parse_args(tiny_run_flags(tiny_paths, out, deepspeed=str(ZERO3), **overrides))
+    trainer = grpo_deepgen.build_trainer(args, model_args, data_args, "cpu")
+    trainer.reward_step.close()
+    trainer.reward_step = RewardStep({"jpeg_compressibility": Brightness()})
+    return trainer
+
+
+def test_weights_reset_path_fills_partitioned_zero3_parameters(process_group, tiny_paths, tmp_path):
+    """The --resume_reset_optimizer path under ZeRO-3 (parameters partitioned): the merged fp32 weights of the
+    checkpoint land in every parameter, and the next optimizer step starts from them."""
+    from tests.trainer_utils import param_digests
+
+    from deepgen_rl.trainer.weights_resume import load_weights_reset_optimizer
+
+    saver = _build_zero3(tiny_paths, tmp_path / "a", max_steps=1, save_strategy="steps", save_steps=1)
+    try:
+        saver.train()
+        saved = param_digests(saver.model)
+    finally:
+        saver.close()
+    fresh = _build_zero3(tiny_paths, tmp_path / "b", max_steps=2)
+    try:
+        before = param_digests(fresh.model)
+        load_weights_reset_optimizer(fresh.engine, tmp_path / "a" / "checkpoint-1", "global_step1")
+        loaded = param_digests(fresh.model)
+        trained = [name for name, d in saved.items() if d["trainable"]]
+        assert trained and all(before[n]["sha256"] != saved[n]["sha256"] for n in trained)  # the step changed them
+        assert all(loaded[n]["sha256"] == saved[n]["sha256"] for n in trained)
+        # The optimizer's fp32 copy holds the loaded weights: a step with lr 0 leaves them as they are.
+        for group in fresh.engine.optimizer.param_groups:
+            group["lr"] = 0.0
+        metrics, _, _ = fresh.training_step()
+        assert metrics["train/step_applied"] == 1.0 and param_digests(fresh.model) == loaded
+    finally:
+        fresh.close()
