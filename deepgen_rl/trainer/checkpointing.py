@@ -336,7 +336,7 @@ def load_checkpoint(engine, checkpoint_dir: str | Path, *, rank: int, world_size
                            state.world_size, world_size)
             load_weights_reset_optimizer(engine, path, (path / "latest").read_text().strip())
         else:
-            with weights_only_loads(path, source=f"{RESUME_FLAG} {path}"):
+            with weights_only_loads(path, source=RESUME_FLAG):
                 load_path, _ = engine.load_checkpoint(str(path), load_module_strict=False,
                                                       load_optimizer_states=True, load_lr_scheduler_states=True)
             if load_path is None:
@@ -348,7 +348,7 @@ def load_checkpoint(engine, checkpoint_dir: str | Path, *, rank: int, world_size
                                   f"checkpoint-N to {RESUME_FLAG}, or 'latest' to pick the newest good one.") from err
     rng_file = path / f"rng_state_{rank}.pth"
     if rng_file.is_file():
-        restore_rng_state(load_weights_only(rng_file, source=f"{RESUME_FLAG} {path}"))
+        restore_rng_state(load_weights_only(rng_file, source=RESUME_FLAG))
     else:
         logger.warning("%s has no RNG state for rank %d (saved with fewer ranks?); RNG not restored.", path, rank)
     return state
