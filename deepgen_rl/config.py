@@ -322,6 +322,14 @@ class GRPOConfig(TrainingArguments):
                   "samples for that step (0: no limit). Raise it if time/rewards is legitimately longer."},
     )
     # --- end reward failure budget ---
+    # --- resume (issue 11, trainer/checkpointing.py) ---
+    resume_reset_optimizer: bool = field(
+        default=False,
+        metadata={"help": "Resume a checkpoint saved under another world size (NNODES x NGPUS): load its weights and "
+                  "LR schedule and restart AdamW's moments from zero (ZeRO optimizer states are partitioned per "
+                  "process). Without it such a resume stops with an error naming both sizes."},
+    )
+    # --- end resume ---
 
     def __post_init__(self) -> None:
         self._validate_grpo_flags()

@@ -37,6 +37,10 @@ EVAL_DATASET_CONFIG="${EVAL_DATASET_CONFIG:-assets/rl_datasets/deepgen/eval/eval
 SFTAUX_DATASET_CONFIG="${SFTAUX_DATASET_CONFIG:-deepgen_rl/sft/configs/datasets/deepgen/t2i_grpo_moretextdata.py}"
 DEEPSPEED_CONFIG="${DEEPSPEED_CONFIG:-scripts/deepspeed/zero2.json}"
 RDZV_TIMEOUT="${RDZV_TIMEOUT:-600}"
+# Seconds torchrun waits after forwarding SIGTERM before it SIGKILLs the workers (torch's default: 30). The trainer
+# checkpoints at the next safe point inside the step; a longer grace covers a slow rollout or reward call. Keep the
+# scheduler's own grace (Slurm KillWait / --signal, Kubernetes terminationGracePeriodSeconds) longer still.
+SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}}"
 
 # Experiment tracking is offline unless you say otherwise (guide section 5).
 export WANDB_MODE="${WANDB_MODE:-offline}"
@@ -44,7 +48,7 @@ export WANDB_PROJECT="${WANDB_PROJECT:-DeepGen-RL}"
 export SWANLAB_MODE="${SWANLAB_MODE:-offline}"
 export SWANLAB_PROJ_NAME="${SWANLAB_PROJ_NAME:-DeepGen-RL}"
 
-for name in NNODES NODE_RANK NGPUS MASTER_PORT RDZV_TIMEOUT; do
+for name in NNODES NODE_RANK NGPUS MASTER_PORT RDZV_TIMEOUT SHUTDOWN_TIMEOUT; do
     value="${!name}"
     if ! [[ "$value" =~ ^[0-9]+$ ]]; then
         echo "error: $name must be a non-negative integer, got '$value'" >&2
@@ -116,4 +120,5 @@ exec "$PYTHON" -m deepgen_rl.launch \
     --nnodes "$NNODES" --node_rank "$NODE_RANK" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --rdzv-conf "timeout=$RDZV_TIMEOUT" \
     --nproc_per_node "$NGPUS" \
+    --shutdown_timeout "$SHUTDOWN_TIMEOUT" \
     -m deepgen_rl.grpo_deepgen "${args[@]}"

@@ -10,7 +10,6 @@ name): JPEG sizes jump by whole bytes when one pixel rounds differently.
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 
 import numpy as np
@@ -22,7 +21,7 @@ from deepgen_rl.config import parse_args
 from deepgen_rl.rewards.base import RewardScores
 from deepgen_rl.rewards.reward_step import RewardStep
 from deepgen_rl.trainer import grpo_trainer
-from tests.trainer_utils import ZERO2, free_port, tiny_run_flags
+from tests.trainer_utils import ZERO2, tiny_run_flags
 
 METRIC_KEYS = ("reward/mean", "reward/std", "loss/kl", "loss/sft", "train/grad_norm", "adv/std")
 
@@ -132,7 +131,7 @@ def test_sigterm_checkpoints_and_resume_repeats_the_run(straight_run, tiny_paths
     original = first.reward_phase
 
     def reward_then_sigterm(batch):
-        if first.state.global_step == 1:  # during step 2: the step finishes, checkpoints, and train() returns
+        if first.state.global_step == 1:  # during step 2: abandoned at the next safe point, step 1 checkpointed
             signal.raise_signal(signal.SIGTERM)
         return original(batch)
 
@@ -141,13 +140,14 @@ def test_sigterm_checkpoints_and_resume_repeats_the_run(straight_run, tiny_paths
         state = first.train()
     finally:
         first.close()
-    assert state.global_step == 2
-    assert (out / "checkpoint-2" / "latest").is_file() and not (out / "checkpoint-4").exists()
+    assert state.global_step == 1
+    assert (out / "checkpoint-1" / "latest").is_file() and not (out / "checkpoint-2").exists()
     assert signal.getsignal(signal.SIGTERM) is not first  # handler restored (no stray handler left)
 
+    # Step 2's prompt draw and RNG use were rewound, so the resumed run redoes step 2 exactly.
     second = build(tiny_paths, out, max_steps=4)
     try:
-        second.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+        second.train(resume_from_checkpoint=str(out / "checkpoint-1"))
     finally:
         second.close()
     resumed = {**history(first), **history(second)}

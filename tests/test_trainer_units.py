@@ -142,6 +142,8 @@ def _fake_checkpoint(root, step, complete=True):
     if complete:
         (folder / "latest").write_text(f"global_step{step}")
         (folder / checkpointing.TRAINER_STATE_NAME).write_text(checkpointing.TrainerState(global_step=step).to_json())
+        (folder / f"global_step{step}").mkdir()
+        torch.save({"module": {}}, folder / f"global_step{step}" / "mp_rank_00_model_states.pt")
     return folder
 
 

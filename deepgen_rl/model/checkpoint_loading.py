@@ -28,7 +28,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..config import CHECKPOINT_ENV
 from .checkpoint_keys import LoraPair, normalize_checkpoint_keys, split_lora, unwrap_state_dict
+from .safe_load import UnsafeCheckpointError, load_weights_only
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +97,17 @@ def tied_parameter_owners(model: nn.Module) -> dict[str, str]:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a ``.pth`` (flat, ``{"state_dict": ...}`` or ``{"module": ...}``), keys normalised."""
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    """The tensors of a ``.pth`` (flat, ``{"state_dict": ...}`` or ``{"module": ...}``), keys normalised.
+
+    Weights-only (model/safe_load.py): a file that would run code is refused (:class:`UnsafeCheckpointError`); a
+    truncated or non-torch file is a :class:`CheckpointError`; both name the file and CHECKPOINT."""
+    source = f"{CHECKPOINT_ENV} (--checkpoint)"
+    try:
+        raw = load_weights_only(path, source=source)
+    except UnsafeCheckpointError:
+        raise
+    except Exception as err:  # truncated / not a torch file: name the file and where it came from
+        raise CheckpointError(f"{source} = {str(path)!r} could not be read: {type(err).__name__}: {err}") from err
     return normalize_checkpoint_keys(unwrap_state_dict(raw))
 
 

@@ -17,6 +17,9 @@ from pathlib import Path
 import torch
 
 from .checkpoint_keys import normalize_checkpoint_keys, to_reference_keys, unwrap_state_dict
+from .safe_load import UnsafeCheckpointError, load_weights_only, weights_only_loads
+
+SOURCE = "--rl_checkpoint"
 
 PLAIN_STATE_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,9 +58,15 @@ def read_rl_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else _newest_tag(path)
-        # DeepSpeed's own shards hold optimizer objects, so its reader unpickles them: only convert
-        # checkpoints you (your training run) wrote.
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag, exclude_frozen_parameters=True)
+        # DeepSpeed's reader asks torch for full unpickling; weights_only_loads forces weights-only loads.
+        try:
+            with weights_only_loads(path, source=SOURCE):
+                state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag, exclude_frozen_parameters=True)
+        except UnsafeCheckpointError:
+            raise
+        except Exception as err:  # truncated shard, missing file, ... : name the folder, keep DeepSpeed's reason
+            raise ValueError(f"{SOURCE} {str(path)!r}: DeepSpeed checkpoint (tag {tag}) could not be read: "
+                             f"{type(err).__name__}: {err}") from err
         return dict(state), f"DeepSpeed checkpoint (tag {tag})"
     for name in PLAIN_STATE_FILES:
         if (path / name).is_file():
@@ -78,7 +87,12 @@ def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    return unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    try:
+        return unwrap_state_dict(load_weights_only(path, source=SOURCE))
+    except UnsafeCheckpointError:
+        raise
+    except Exception as err:
+        raise ValueError(f"{SOURCE}: {path} could not be read: {type(err).__name__}: {err}") from err
 
 
 def convert_rl_checkpoint(rl_checkpoint: str | Path, output: str | Path, dtype: str = "float32") -> ConversionSummary:

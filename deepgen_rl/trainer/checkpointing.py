@@ -15,7 +15,10 @@ Atomicity: every rank writes into ``tmp-checkpoint-N``; after a barrier one proc
 ``tmp-checkpoint-*`` folder, which resume ignores and the next save of that step replaces.
 
 Resume uses DeepSpeed's own ``load_checkpoint`` (strict=False, since frozen weights are not saved and come
-from the model paths): no DeepSpeed patch is needed.
+from the model paths): no DeepSpeed patch is needed. Every file is read weights-only (``model/safe_load.py``);
+``latest`` skips a damaged newest checkpoint (truncated shard, broken JSON) for the previous complete one and says
+so; a checkpoint saved under another world size loads only with ``--resume_reset_optimizer``
+(``weights_resume.py``). Every load error names the checkpoint folder.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import logging
 import random
 import re
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -33,12 +37,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from deepgen_rl.model.safe_load import UnsafeCheckpointError, load_weights_only, weights_only_loads
+
+from .weights_resume import load_weights_reset_optimizer
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = "tmp-checkpoint-"
 TRAINER_STATE_NAME = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+RESUME_FLAG = "--resume_from_checkpoint"
+
+
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint folder cannot be resumed from; the message names the folder, the file and the way out."""
 
 
 @dataclass
@@ -92,26 +105,94 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 def resolve_resume_path(resume_from_checkpoint: Optional[str], output_dir: str | Path) -> Optional[Path]:
     """--resume_from_checkpoint: a checkpoint folder, or "latest"/"true" for the newest one in --output_dir
-    (None when there is none yet, so an auto-restarted job starts fresh), or empty/None/"false" for no resume."""
+    that passes :func:`checkpoint_problems` (None when there is none yet, so an auto-restarted job starts fresh),
+    or empty/None/"false" for no resume. A damaged newer checkpoint is skipped with a warning saying why."""
     if resume_from_checkpoint is None:
         return None
     value = str(resume_from_checkpoint).strip()
     if value.lower() in ("", "false", "none", "no"):
         return None
     if value.lower() in ("latest", "true", "last", "yes"):
-        found = list_checkpoints(output_dir)
-        if not found:
-            logger.warning("--resume_from_checkpoint %s: no checkpoint-N in %s yet; starting from step 0.",
-                           value, output_dir)
-            return None
-        return found[-1]
+        return newest_good_checkpoint(output_dir, value)
     path = Path(value).expanduser()
     if not (path / "latest").is_file() or not (path / TRAINER_STATE_NAME).is_file():
         raise FileNotFoundError(
-            f"--resume_from_checkpoint {value!r} is not a complete checkpoint folder (expected 'latest' and "
+            f"{RESUME_FLAG} {value!r} is not a complete checkpoint folder (expected 'latest' and "
             f"'{TRAINER_STATE_NAME}' inside, as in <output_dir>/checkpoint-N), or pass 'latest'."
         )
+    problems = checkpoint_problems(path)
+    if problems:
+        raise CheckpointLoadError(f"{RESUME_FLAG} {path}: this checkpoint is damaged: " + "; ".join(problems)
+                                  + ". Pass an older checkpoint-N folder, or 'latest' to pick the newest good one.")
     return path
+
+
+def is_latest_request(value: Optional[str]) -> bool:
+    return value is not None and str(value).strip().lower() in ("latest", "true", "last", "yes")
+
+
+def agree_on_checkpoint(path: Optional[Path], output_dir: str | Path, device) -> Optional[Path]:
+    """Collective: every rank must resume the same step ('latest' is resolved per rank, e.g. per node)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return path
+    step = checkpoint_step(path) if path is not None else -1
+    low = torch.tensor([step], dtype=torch.float64, device=device)
+    high = low.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if low.item() != high.item():
+        raise CheckpointLoadError(
+            f"{RESUME_FLAG} latest: ranks found different newest good checkpoints in {output_dir} (steps "
+            f"{int(low.item())} and {int(high.item())}; -1 = none): node-local folders that differ? Pass one "
+            "checkpoint folder that every node has.")
+    return path
+
+
+def newest_good_checkpoint(output_dir: str | Path, value: str = "latest") -> Optional[Path]:
+    """The newest checkpoint-N in ``output_dir`` without problems; warns about each damaged newer one."""
+    found = list_checkpoints(output_dir)
+    if not found:
+        logger.warning("%s %s: no checkpoint-N in %s yet; starting from step 0.", RESUME_FLAG, value, output_dir)
+        return None
+    skipped = []
+    for path in reversed(found):
+        problems = checkpoint_problems(path)
+        if not problems:
+            if skipped:
+                logger.warning("%s %s: resuming from %s instead of the newer damaged checkpoint(s): %s",
+                               RESUME_FLAG, value, path, " | ".join(skipped))
+            return path
+        skipped.append(f"{path}: {'; '.join(problems)}")
+    raise CheckpointLoadError(
+        f"{RESUME_FLAG} {value}: every checkpoint in {output_dir} is damaged: " + " | ".join(skipped)
+        + ". Move them away to start from step 0, or pass a checkpoint folder you trust."
+    )
+
+
+def checkpoint_problems(path: Path) -> list[str]:
+    """Why ``path`` cannot be resumed from, found without loading tensors: [] when it looks complete.
+
+    Checks the ``latest`` tag and its folder, that trainer_state.json parses, that the model-states file
+    exists, and that every torch file's zip directory reads (a truncated file loses its directory, at the end).
+    """
+    problems = []
+    latest = path / "latest"
+    tag = latest.read_text().strip() if latest.is_file() else ""
+    if not tag or not (path / tag).is_dir():
+        problems.append(f"'latest' names {tag!r}, which is not a folder there")
+    try:
+        TrainerState.from_json((path / TRAINER_STATE_NAME).read_text())
+    except (OSError, ValueError, TypeError) as err:
+        problems.append(f"{TRAINER_STATE_NAME} is unreadable ({type(err).__name__}: {err})")
+    if tag and (path / tag).is_dir() and not list((path / tag).glob("*model_states.pt")):
+        problems.append(f"{tag}/ has no *model_states.pt")
+    for file in sorted(path.rglob("*.pt")) + sorted(path.glob("*.pth")):
+        try:
+            with zipfile.ZipFile(file):
+                pass
+        except (OSError, zipfile.BadZipFile) as err:
+            problems.append(f"{file.relative_to(path)} is not a readable torch file (truncated? {err})")
+    return problems
 
 
 # ----- RNG -----------------------------------------------------------------------------------------------
@@ -153,6 +234,27 @@ def _accelerator():
     return None if accelerator.device_name() == "cpu" else accelerator
 
 
+@dataclass
+class StepStart:
+    """What a step consumes besides the weights (sampler positions, global RNG), captured at its start so that a
+    step abandoned for SIGTERM can be undone and the last completed step checkpointed exactly."""
+
+    prompt_sampler: dict
+    sftaux_sampler: Optional[dict]
+    rng: dict
+
+    @classmethod
+    def capture(cls, prompt_sampler, sftaux_sampler=None) -> "StepStart":
+        return cls(prompt_sampler.state_dict(), sftaux_sampler.state_dict() if sftaux_sampler is not None else None,
+                   capture_rng_state())
+
+    def restore(self, prompt_sampler, sftaux_sampler=None) -> None:
+        prompt_sampler.load_state_dict(self.prompt_sampler)
+        if sftaux_sampler is not None and self.sftaux_sampler is not None:
+            sftaux_sampler.load_state_dict(self.sftaux_sampler)
+        restore_rng_state(self.rng)
+
+
 # ----- save / load ---------------------------------------------------------------------------------------
 
 
@@ -166,8 +268,8 @@ def save_checkpoint(engine, output_dir: str | Path, state: TrainerState, *, rank
     root = Path(output_dir)
     step = state.global_step
     final = root / f"{CHECKPOINT_PREFIX}{step}"
-    if final.is_dir() and (final / "latest").is_file():
-        return final  # already saved at this step (e.g. a signal right after a periodic save)
+    # An existing checkpoint-N is replaced: it is from an earlier attempt (the trainer never saves a step twice),
+    # possibly the damaged one that 'latest' skipped.
     tmp = root / f"{TMP_PREFIX}{step}"
     if renamer:
         if tmp.exists():
@@ -205,17 +307,48 @@ def rotate_checkpoints(output_dir: Path, limit: int, keep: Optional[Path] = None
     return removed
 
 
-def load_checkpoint(engine, checkpoint_dir: str | Path, *, rank: int) -> TrainerState:
-    """Restore weights, optimizer and scheduler (DeepSpeed), this rank's RNG and the trainer state."""
+def read_trainer_state(path: Path) -> TrainerState:
+    try:
+        return TrainerState.from_json((path / TRAINER_STATE_NAME).read_text())
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointLoadError(f"{path}: {TRAINER_STATE_NAME} is unreadable ({type(err).__name__}: {err}); "
+                                  f"pass an older checkpoint to {RESUME_FLAG}.") from err
+
+
+def load_checkpoint(engine, checkpoint_dir: str | Path, *, rank: int, world_size: int = 1,
+                    reset_optimizer: bool = False) -> TrainerState:
+    """Restore weights, optimizer and scheduler (DeepSpeed), this rank's RNG and the trainer state.
+
+    A checkpoint saved under another world size loads weights + schedule with a fresh optimizer when
+    ``reset_optimizer`` (--resume_reset_optimizer), else raises naming both sizes."""
     path = Path(checkpoint_dir)
-    load_path, _ = engine.load_checkpoint(str(path), load_module_strict=False, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path} (see its log above).")
-    state = TrainerState.from_json((path / TRAINER_STATE_NAME).read_text())
+    state = read_trainer_state(path)
+    try:
+        if state.world_size != world_size:
+            if not reset_optimizer:
+                raise CheckpointLoadError(
+                    f"{path} was saved by {state.world_size} processes (world size {state.world_size}); this run "
+                    f"has world size {world_size}. DeepSpeed's ZeRO optimizer state is partitioned per process, so it "
+                    f"cannot be split anew. Either relaunch on {state.world_size} processes (NNODES x NGPUS), or add "
+                    "--resume_reset_optimizer true to load the weights and LR schedule and restart AdamW's moments.")
+            logger.warning("%s was saved with world size %d; this run has %d: --resume_reset_optimizer loads the "
+                           "weights and the LR schedule, and AdamW's moments restart from zero.", path,
+                           state.world_size, world_size)
+            load_weights_reset_optimizer(engine, path, (path / "latest").read_text().strip())
+        else:
+            with weights_only_loads(path, source=RESUME_FLAG):
+                load_path, _ = engine.load_checkpoint(str(path), load_module_strict=False,
+                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
+            if load_path is None:
+                raise RuntimeError("DeepSpeed found nothing to load (see its log above)")
+    except (CheckpointLoadError, UnsafeCheckpointError):
+        raise
+    except Exception as err:  # DeepSpeed's and torch's errors do not say which checkpoint: add it
+        raise CheckpointLoadError(f"could not resume from {path}: {type(err).__name__}: {err}. Pass an older "
+                                  f"checkpoint-N to {RESUME_FLAG}, or 'latest' to pick the newest good one.") from err
     rng_file = path / f"rng_state_{rank}.pth"
     if rng_file.is_file():
-        restore_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+        restore_rng_state(load_weights_only(rng_file, source=RESUME_FLAG))
     else:
         logger.warning("%s has no RNG state for rank %d (saved with fewer ranks?); RNG not restored.", path, rank)
     return state

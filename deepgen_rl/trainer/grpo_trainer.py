@@ -44,7 +44,7 @@ from .failure_budget import FailureBudget, RewardFailureBudgetExceeded, RunSumma
 from .logging_utils import MetricsLogger, TrackerSettings
 from .objective import ObjectiveSettings, policy_chunk_objective, sftaux_objective
 from .reference_policy import ReferencePolicy
-from .signals import GracefulStop
+from .signals import GracefulStop, StepInterrupted
 from .step_metrics import PhaseTimer, advantage_metrics, reward_metrics, weighted_reward
 from .trainable import LoraSettings, configure_trainable
 
@@ -106,6 +106,8 @@ class DeepGenGRPOTrainer:
         self.failure_budget = FailureBudget(args.max_failed_reward_steps, args.max_reward_failure_rate,
                                             args.reward_failure_window)
         self.summary = RunSummary()
+        self._stop: Optional[GracefulStop] = None  # set while train() runs: its safe points may stop a step
+        self._last_saved_step: Optional[int] = None
         if self.rank == 0:
             logger.info("batch plan: %s; %d optimizer steps", self.plan, self.max_steps)
 
@@ -181,6 +183,7 @@ class DeepGenGRPOTrainer:
         self.model.train()
         for step_index in steps:
             for rows in chunks:
+                self._safe_point("training chunk")  # before the optimizer step: nothing of this step applied yet
                 conditioning = (encode_conditioning(self.model, batch.unique_prompts, args.rollout_n,
                                                     args.rollout_cfg_scale) if self.text_trains else None)
                 out = policy_chunk_objective(self.model, trajectory, step_index, rows, advantages=adv, valid=valid,
@@ -254,10 +257,13 @@ class DeepGenGRPOTrainer:
         step = self.state.global_step
         with self.timer("rollout"):
             batch = self.rollout_phase(step)
+        self._safe_point("rollout")
         with self.timer("decode"):
             self.decode_phase(batch)
+        self._safe_point("decode")
         with self.timer("rewards"):
             rewards = self.reward_phase(batch)
+        self._safe_point("rewards")
         with self.timer("advantages"):
             advantages, metrics = self.advantage_phase(rewards)
         with self.timer("train"):
@@ -270,8 +276,10 @@ class DeepGenGRPOTrainer:
 
     def train(self, resume_from_checkpoint: Optional[str] = None) -> checkpointing.TrainerState:
         args = self.args
-        resume = checkpointing.resolve_resume_path(resume_from_checkpoint or args.resume_from_checkpoint,
-                                                   args.output_dir)
+        requested = resume_from_checkpoint or args.resume_from_checkpoint
+        resume = checkpointing.resolve_resume_path(requested, args.output_dir)
+        if checkpointing.is_latest_request(requested):
+            resume = checkpointing.agree_on_checkpoint(resume, args.output_dir, self.device)
         if resume is not None:
             self.load(resume)
         metrics_logger = MetricsLogger(args.output_dir, self.tracker, is_main=self.rank == 0,
@@ -281,8 +289,15 @@ class DeepGenGRPOTrainer:
         stopped = False
         try:
             with GracefulStop() as stop:
+                self._stop = stop
                 while self.state.global_step < self.max_steps:
-                    metrics, batch, rewards = self.training_step()
+                    start = checkpointing.StepStart.capture(self.prompt_sampler, self.sftaux_sampler)
+                    try:
+                        metrics, batch, rewards = self.training_step()
+                    except StepInterrupted as interrupted:
+                        self._rewind(start, str(interrupted))
+                        stopped = True
+                        break
                     self.state.global_step += 1
                     self._after_step(metrics, batch, rewards, metrics_logger, bar)
                     self._enforce_failure_budget(metrics, rewards)
@@ -292,6 +307,7 @@ class DeepGenGRPOTrainer:
             if stopped or self._save_strategy() != "no":
                 self.save()
         finally:
+            self._stop = None
             bar.close()
             metrics_logger.close()
             if self.rank == 0:
@@ -313,6 +329,18 @@ class DeepGenGRPOTrainer:
         message += " (--max_failed_reward_steps / --max_reward_failure_rate set the budget; 0 / 1 disable them.)"
         self.summary.stopped_because = message
         raise RewardFailureBudgetExceeded(message)
+
+    def _safe_point(self, after: str) -> None:
+        """A point inside a step where it may be abandoned for a SIGTERM (collective; see signals.py)."""
+        if self._stop is not None:
+            self._stop.check(self.device, after)
+
+    def _rewind(self, start: checkpointing.StepStart, where: str) -> None:
+        """Undo an abandoned step's draws, so the checkpoint of the last completed step resumes exactly."""
+        start.restore(self.prompt_sampler, self.sftaux_sampler)
+        if self.rank == 0:
+            logger.warning("stop requested: step %d abandoned at a safe point (%s, before its optimizer step); "
+                           "checkpointing step %d.", self.state.global_step + 1, where, self.state.global_step)
 
     def _after_step(self, metrics: dict, batch: RolloutBatch, rewards: RewardBatch, metrics_logger: MetricsLogger,
                     bar) -> None:
@@ -345,16 +373,21 @@ class DeepGenGRPOTrainer:
         return max(1, math.ceil(every * self.max_steps) if every < 1 else int(every))
 
     def save(self) -> Path:
+        if self._last_saved_step == self.state.global_step:  # e.g. a SIGTERM right after a periodic save
+            return Path(self.args.output_dir) / f"{checkpointing.CHECKPOINT_PREFIX}{self.state.global_step}"
         self.state.prompt_sampler = self.prompt_sampler.state_dict()
         if self.sftaux_sampler is not None:
             self.state.sftaux_sampler = self.sftaux_sampler.state_dict()
         local_rank = int(getattr(self.engine, "local_rank", 0) or 0)
         renamer = self.rank == 0 or (bool(self.args.save_on_each_node) and local_rank == 0)
-        return checkpointing.save_checkpoint(self.engine, self.args.output_dir, self.state, rank=self.rank,
+        path = checkpointing.save_checkpoint(self.engine, self.args.output_dir, self.state, rank=self.rank,
                                              renamer=renamer, save_total_limit=self.args.save_total_limit)
+        self._last_saved_step = self.state.global_step
+        return path
 
     def load(self, path: str | Path) -> None:
-        state = checkpointing.load_checkpoint(self.engine, path, rank=self.rank)
+        state = checkpointing.load_checkpoint(self.engine, path, rank=self.rank, world_size=self.world_size,
+                                              reset_optimizer=self.args.resume_reset_optimizer)
         if state.world_size != self.world_size or state.global_batch_size != self.args.global_batch_size:
             logger.warning("%s was saved with world size %d and global batch %d; now %d and %d: the prompt sequence "
                            "will differ from an uninterrupted run.", path, state.world_size, state.global_batch_size,
@@ -365,6 +398,7 @@ class DeepGenGRPOTrainer:
         state.max_steps, state.world_size = self.max_steps, self.world_size
         state.global_batch_size = self.args.global_batch_size
         self.state = state
+        self._last_saved_step = state.global_step
         if self.rank == 0:
             logger.info("resumed from %s at step %d", path, state.global_step)
 

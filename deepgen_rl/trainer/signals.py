@@ -1,8 +1,13 @@
-"""SIGTERM (preemption, ``scancel``, torchrun shutting down) -> finish the current step, checkpoint, exit 0.
+"""SIGTERM (preemption, ``scancel``, torchrun shutting down) -> stop at the next safe point, checkpoint, exit 0.
 
-The handler only sets a flag; the trainer checks it between steps. Ranks may receive the signal at different
-moments, so the decision is all-reduced (MAX) once per step: every rank stops after the same step and takes
-part in the same (collective) checkpoint save.
+torchrun forwards SIGTERM to its workers and SIGKILLs them ``--shutdown_timeout`` seconds later (30 by default;
+scripts/train.sh sets a longer one), while a real GRPO step takes minutes. So the trainer does not finish the
+step: it checks the flag at safe points INSIDE the step (between phases and between training chunks, before the
+optimizer step), abandons the step there, rewinds the data samplers and RNG to the step's start, and saves the
+last completed step. The abandoned step is redone, identically, on resume.
+
+The handler only sets a flag. Ranks may receive the signal at different moments, so every check is all-reduced
+(MAX): all ranks stop at the same safe point and take part in the same (collective) checkpoint save.
 """
 
 from __future__ import annotations
@@ -17,6 +22,10 @@ import torch
 import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
+
+
+class StepInterrupted(Exception):
+    """Raised at a safe point inside a step when a stop was requested on any rank."""
 
 
 class GracefulStop:
@@ -41,7 +50,8 @@ class GracefulStop:
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         del frame
         if not self.requested:
-            logger.warning("received signal %d: finishing the current step, then checkpointing and exiting.", signum)
+            logger.warning("received signal %d: stopping at the next safe point of this step, checkpointing the last "
+                           "completed step and exiting.", signum)
         self.requested = True
 
     def should_stop(self, device: torch.device) -> bool:
@@ -51,3 +61,8 @@ class GracefulStop:
         flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
+
+    def check(self, device: torch.device, where: str) -> None:
+        """A safe point (collective): raise :class:`StepInterrupted` on every rank if any rank was signalled."""
+        if self.should_stop(device):
+            raise StepInterrupted(where)
