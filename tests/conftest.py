@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -60,34 +61,48 @@ def real_size_model(published_config_paths):
     return model_args, build_deepgen_model_on_meta(model_args)
 
 
-@pytest.fixture(scope="session")
-def process_group():
-    """One one-process gloo group (DeepSpeed's ``init_distributed``) for every in-process trainer test of the
-    session, as the entry point creates outside torchrun; torn down once, through DeepSpeed, at the end.
+@contextmanager
+def _environment(values: dict):
+    """Set ``values`` in os.environ, restoring the previous values (or their absence) afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
-    Shared on purpose: a group destroyed with ``torch.distributed.destroy_process_group`` leaves DeepSpeed's cached
-    groups pointing at it, and the next in-process DeepSpeed engine then fails ("Group ... is not registered").
-    """
+
+@pytest.fixture(scope="session")
+def _one_process_group():
+    """One one-process gloo group (DeepSpeed's ``init_distributed``) for the whole session, torn down once, through
+    DeepSpeed, at the end. Shared on purpose: a group destroyed with ``torch.distributed.destroy_process_group``
+    leaves DeepSpeed's cached groups pointing at it, and the next in-process engine fails ("Group ... is not
+    registered"). Yields the rank environment it was made with."""
     import deepspeed
     import deepspeed.comm
     import torch.distributed as dist
 
     from tests.trainer_utils import free_port
 
-    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
-    saved = {k: os.environ.get(k) for k in names}
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     created = not dist.is_initialized()
     if created:
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        deepspeed.init_distributed(dist_backend="gloo")
+        with _environment(env):
+            deepspeed.init_distributed(dist_backend="gloo")
     assert dist.get_world_size() == 1
-    yield
+    yield env
     if created:
         deepspeed.comm.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def process_group(_one_process_group):
+    """The session's one-process group, with its rank environment set for the module (as the entry point sees it
+    outside torchrun) and removed afterwards, so later tests' subprocesses (train.sh, torchrun) do not inherit it."""
+    with _environment(_one_process_group):
+        yield
