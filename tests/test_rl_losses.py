@@ -1,4 +1,4 @@
-"""Policy loss, KL, SFT-aux loss, the convex mix and the training-step sampler against hand-worked values."""
+"""Policy loss, KL, SFT-aux loss and the training-step sampler against hand-worked values."""
 
 import math
 
@@ -13,7 +13,6 @@ from deepgen_rl.rl.losses import (
     kl_x_based,
     noised_latents,
     reference_kl,
-    sftaux_mix,
 )
 from deepgen_rl.rl.timesteps import num_train_steps, sample_train_steps
 
@@ -64,11 +63,12 @@ def test_kl_hand_checked():
     s_t = 0.2
     expected = [0.09 / (2 * 0.04 + 1e-7), 0.5 / (2 * 0.04 + 1e-7)]
     assert kl_v_based(v, v_ref, s_t).tolist() == pytest.approx(expected, rel=1e-5)
-    per_sample = torch.tensor([0.2, 0.5])
-    expected_x = [0.09 / (2 * 0.04 + 1e-7), 0.5 / (2 * 0.25 + 1e-7)]
-    assert kl_x_based(v, v_ref, per_sample).tolist() == pytest.approx(expected_x, rel=1e-5)
-    assert reference_kl("x-based", sampler_std=per_sample, mean=v, ref_mean=v_ref).tolist() == pytest.approx(expected_x,
-                                                                                                          rel=1e-5)
+    expected_x = [0.09 / (2 * 0.25 + 1e-7), 0.5 / (2 * 0.25 + 1e-7)]
+    assert kl_x_based(v, v_ref, 0.5).tolist() == pytest.approx(expected_x, rel=1e-5)
+    assert reference_kl("x-based", sampler_std=0.5, mean=v, ref_mean=v_ref).tolist() == pytest.approx(expected_x,
+                                                                                                   rel=1e-5)
+    assert reference_kl("v-based", sampler_std=s_t, velocity=v, ref_velocity=v_ref).tolist() == pytest.approx(
+        expected, rel=1e-5)
     with pytest.raises(ValueError, match="--atrain_kl_type"):
         reference_kl("js", sampler_std=0.1, velocity=v, ref_velocity=v_ref)
     with pytest.raises(ValueError, match="needs velocity"):
@@ -92,19 +92,6 @@ def test_flow_matching_loss_and_interpolation():
     torch.testing.assert_close(xt[2], eps[2])
     assert flow_matching_loss(eps - x0, x0, eps).item() == 0.0
     assert flow_matching_loss(eps - x0 + 0.3, x0, eps).item() == pytest.approx(0.09, rel=1e-5)
-
-
-def test_sftaux_convex_mix():
-    grpo = torch.tensor(2.0, requires_grad=True)
-    sft = torch.tensor(10.0, requires_grad=True)
-    mixed = sftaux_mix(grpo, sft, 0.25)
-    assert mixed.item() == pytest.approx(0.75 * 2.0 + 0.25 * 10.0)
-    mixed.backward()
-    assert grpo.grad.item() == pytest.approx(0.75) and sft.grad.item() == pytest.approx(0.25)
-    assert sftaux_mix(grpo, None, 0.25) is grpo
-    assert sftaux_mix(grpo, sft, 0.0) is grpo
-    with pytest.raises(ValueError, match="--sftaux_coef"):
-        sftaux_mix(grpo, sft, 1.5)
 
 
 def test_train_step_sampler():

@@ -18,7 +18,6 @@ from deepgen_rl.rl.losses import (
     masked_mean,
     noised_latents,
     reference_kl,
-    sftaux_mix,
 )
 from deepgen_rl.rl.timesteps import num_train_steps, sample_train_steps
 
@@ -26,5 +25,4 @@ __all__ = [
     "AdvantageResult", "PolicyLossResult", "batch_normalize", "clipped_policy_loss", "compute_advantages",
     "flow_matching_loss", "gdpo_advantages", "group_normalize", "grpo_advantages", "grpo_loss", "kl_v_based",
     "kl_x_based", "masked_mean", "noised_latents", "num_train_steps", "reference_kl", "sample_train_steps",
-    "sftaux_mix",
 ]

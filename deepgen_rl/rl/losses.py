@@ -1,4 +1,6 @@
-"""GRPO objective pieces: clipped-ratio policy loss, KL to the reference policy, SFT-aux flow matching, the mix.
+"""GRPO objective pieces: clipped-ratio policy loss, KL to the reference policy, SFT-aux flow matching.
+
+The convex SFT-aux mix (1 - lambda) L_grpo + lambda L_sft is applied by the trainer as per-backward weights.
 
 Shape legend: M samples in a training micro-batch, C/h/w latent. Formulas: DESIGN.md section 4.
 """
@@ -6,7 +8,7 @@ Shape legend: M samples in a training micro-batch, C/h/w latent. Formulas: DESIG
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor
@@ -54,29 +56,21 @@ def clipped_policy_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tens
                                 ratio_mean=masked_mean(ratio.detach(), mask))
 
 
-def _per_sample_std(sampler_std: Union[float, Tensor], like: Tensor) -> Union[float, Tensor]:
-    if isinstance(sampler_std, Tensor):
-        std = sampler_std.to(device=like.device, dtype=torch.float32).reshape(-1)
-        return std if std.numel() > 1 else std.reshape(())
-    return float(sampler_std)
-
-
-def _scaled_msd(a: Tensor, b: Tensor, sampler_std: Union[float, Tensor]) -> Tensor:
+def _scaled_msd(a: Tensor, b: Tensor, sampler_std: float) -> Tensor:
     dims = tuple(range(1, a.ndim))
     msd = (a.float() - b.float()).square().mean(dim=dims)  # [M]
-    std = _per_sample_std(sampler_std, msd)
-    return msd / (2 * std * std + KL_EPS)
+    return msd / (2 * sampler_std * sampler_std + KL_EPS)
 
 
-def kl_v_based(velocity: Tensor, ref_velocity: Tensor, sampler_std: Union[float, Tensor]) -> Tensor:
+def kl_v_based(velocity: Tensor, ref_velocity: Tensor, sampler_std: float) -> Tensor:
     """v-based KL (the reference default): mean over dims of (v_theta - v_ref)^2 / (2 s_t^2 + 1e-7).
 
-    velocity, ref_velocity: [M, C, h, w]; sampler_std: s_t (float, or tensor [M] / [M, 1, 1, 1]) -> [M].
+    velocity, ref_velocity: [M, C, h, w]; sampler_std: s_t of the step (one drawn step per chunk) -> [M].
     """
     return _scaled_msd(velocity, ref_velocity, sampler_std)
 
 
-def kl_x_based(mean: Tensor, ref_mean: Tensor, sampler_std: Union[float, Tensor]) -> Tensor:
+def kl_x_based(mean: Tensor, ref_mean: Tensor, sampler_std: float) -> Tensor:
     """x-based KL: mean over dims of (mean_theta - mean_ref)^2 / (2 s_t^2 + 1e-7), the step means of the two
     policies (for the same noise std this is the Gaussian KL up to the dimension average).
 
@@ -85,7 +79,7 @@ def kl_x_based(mean: Tensor, ref_mean: Tensor, sampler_std: Union[float, Tensor]
     return _scaled_msd(mean, ref_mean, sampler_std)
 
 
-def reference_kl(kl_type: KLType, *, sampler_std: Union[float, Tensor], velocity: Optional[Tensor] = None,
+def reference_kl(kl_type: KLType, *, sampler_std: float, velocity: Optional[Tensor] = None,
                  ref_velocity: Optional[Tensor] = None, mean: Optional[Tensor] = None,
                  ref_mean: Optional[Tensor] = None) -> Tensor:
     """Dispatch on ``--atrain_kl_type``: v-based needs the velocities, x-based the step means. -> [M]."""
@@ -117,11 +111,3 @@ def flow_matching_loss(velocity: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
     """SFT-aux loss: mean over all elements of (v_theta(x_t, t, c) - (eps - x0))^2. All [M, C, h, w] -> scalar."""
     return (velocity.float() - (noise.float() - x0.float())).square().mean()
 
-
-def sftaux_mix(grpo: Tensor, sft: Optional[Tensor], coef: float) -> Tensor:
-    """Convex mix L = (1 - lambda) L_grpo + lambda L_sft, lambda = ``--sftaux_coef``; L_grpo alone without SFT."""
-    if not 0.0 <= coef <= 1.0:
-        raise ValueError(f"--sftaux_coef must be in [0, 1]; got {coef}.")
-    if sft is None or coef == 0:
-        return grpo
-    return (1.0 - coef) * grpo + coef * sft
