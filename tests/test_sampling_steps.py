@@ -159,20 +159,6 @@ def test_transition_log_prob_recomputes_the_step_exactly(sampler, variant):
     assert not torch.allclose(other, res.log_prob)
 
 
-def test_per_sample_tensor_sigmas_match_the_float_path():
-    x, v = _xv(14, n=3)
-    sig = torch.tensor([1.0, 0.6, 0.3])
-    sig_next = torch.tensor([0.9, 0.5, 0.0])
-    x_next = x + 0.1
-    for sampler, variant in [("cps_sde", "reference"), ("cps_sde", "exact"), ("flow_sde", "exact")]:
-        batched = transition_log_prob(x, x_next, v, sig, sig_next, sampler=sampler, eta=0.7, sigma_max=0.9,
-                                      logprob_variant=variant)
-        rows = [transition_log_prob(x[i:i + 1], x_next[i:i + 1], v[i:i + 1], float(sig[i]), float(sig_next[i]),
-                                    sampler=sampler, eta=0.7, sigma_max=0.9, logprob_variant=variant)
-                for i in range(3)]
-        torch.testing.assert_close(batched, torch.cat(rows), rtol=1e-5, atol=1e-6)
-
-
 def test_sampler_std_schedule_by_hand():
     sigmas = torch.tensor([1.0, 0.8, 0.5, 0.0])
     cps = sampler_std_schedule("cps_sde", sigmas, eta=0.5)

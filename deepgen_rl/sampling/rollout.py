@@ -112,7 +112,7 @@ def denoise_loop(model, x: Tensor, cond: Conditioning, sigmas: Tensor, settings:
     # Row i is sigma_i repeated n times: views made once, indexed by step (never looked up by float timestep).
     sigma_rows = sigmas.to(x.device).unsqueeze(1).expand(num_steps + 1, n).unbind(0)
     coefs = [step_coefficients(settings.sampler, sigma_list[i], sigma_list[i + 1], eta=settings.eta,
-                               sigma_max=sigma_list[1], ndim=x.ndim) for i in range(num_steps)]
+                               sigma_max=sigma_list[1]) for i in range(num_steps)]
     variant = effective_logprob_variant(settings.sampler, settings.logprob_variant)
     dtype = model.dtype
     if latents_out is not None:
@@ -226,7 +226,7 @@ def recompute_step(model, trajectory: Trajectory, step: int, rows: Rows = slice(
     sigma_vec = trajectory.sigmas[step].to(x.device).expand(x.shape[0])
     v = guided_velocity(model, x, sigma_vec, trajectory.conditioning.select(rows), settings.cfg_scale)
     coefs = step_coefficients(settings.sampler, sigma, sigma_next, eta=settings.eta,
-                              sigma_max=trajectory.sigma_max, ndim=x.ndim)
+                              sigma_max=trajectory.sigma_max)
     mean = step_mean(x, v, coefs)
     variant = effective_logprob_variant(settings.sampler, settings.logprob_variant)
     log_prob = gaussian_log_prob(x_next, mean, coefs.noise_std, variant)

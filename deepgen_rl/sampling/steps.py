@@ -11,9 +11,8 @@ so :func:`step_coefficients` computes the four scalars (coef_x, coef_v, noise_st
 (in float64 from the sigmas) and the tensor work is a handful of element-wise ops in fp32. Functions are pure:
 sigmas are explicit arguments (never read from scheduler state), noise comes from an explicit generator or tensor.
 
-Sigmas may be python floats (the usual case: one step index shared by the batch, and the rollout's path) or
-tensors [N] (one per sample); the two agree to fp32 rounding. Recomputing with floats, as the rollout did,
-reproduces the recorded log-probs bit for bit.
+Sigmas are python floats: one step index is shared by the batch (rollout and training alike), so recomputing a
+step reproduces the recorded log-probs bit for bit.
 
 Shape legend: N samples (B prompts x G group), C/h/w latent channels/height/width. ``x``, ``v``: [N, C, h, w].
 """
@@ -22,14 +21,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor
 
 Sampler = Literal["ode", "flow_sde", "cps_sde"]
 LogProbVariant = Literal["reference", "exact"]
-SigmaLike = Union[float, Tensor]
 
 SAMPLERS = ("ode", "flow_sde", "cps_sde")
 LOGPROB_VARIANTS = ("reference", "exact")
@@ -40,15 +38,14 @@ _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 class StepCoefficients:
     """The scalars of one Gaussian step: mean = coef_x * x + coef_v * v, x' = mean + noise_std * z.
 
-    Each field is a python float, or a float64 tensor [N, 1, 1, 1] when the sigmas were tensors.
-    ``sampler_std`` is the paper's s_t (Flow-SDE: a = eta sqrt(s / (1 - s)); CPS: s' sin(eta pi / 2)); it is the
+    Each field is a python float. ``sampler_std`` is the paper's s_t (Flow-SDE: a = eta sqrt(s / (1 - s)); CPS: s' sin(eta pi / 2)); it is the
     std the KL terms divide by. ``noise_std`` is the actual std of x' given x (Flow-SDE: a sqrt(-dt); CPS: s_t).
     """
 
-    coef_x: SigmaLike
-    coef_v: SigmaLike
-    noise_std: SigmaLike
-    sampler_std: SigmaLike
+    coef_x: float
+    coef_v: float
+    noise_std: float
+    sampler_std: float
 
 
 @dataclass(frozen=True)
@@ -57,36 +54,16 @@ class StepResult:
 
     next_latents: [N, C, h, w] fp32, x'.
     mean: [N, C, h, w] fp32, the Gaussian mean of x' given x (equals ``next_latents`` for the ODE).
-    sampler_std: s_t (float, or tensor [N, 1, 1, 1]); 0 for the ODE.
-    noise_std: std of x' given x (float or tensor [N, 1, 1, 1]); 0 for the ODE.
+    sampler_std: s_t; 0 for the ODE.
+    noise_std: std of x' given x; 0 for the ODE.
     log_prob: [N] fp32 log-prob of the transition (mean over latent dims); None for the ODE.
     """
 
     next_latents: Tensor
     mean: Tensor
-    sampler_std: SigmaLike
-    noise_std: SigmaLike
+    sampler_std: float
+    noise_std: float
     log_prob: Optional[Tensor]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Scalar helpers: the same formulas for python floats and float64 tensors.
-
-
-def _as_f64(sigma: SigmaLike, ndim: int) -> SigmaLike:
-    """Python float stays a float; a tensor [N] (or 0-d) becomes float64 [N, 1, ..., 1] to broadcast over ``ndim``."""
-    if isinstance(sigma, Tensor):
-        sigma = sigma.to(torch.float64)
-        return sigma.reshape(-1, *([1] * (ndim - 1))) if sigma.ndim else sigma
-    return float(sigma)
-
-
-def _sqrt(value: SigmaLike) -> SigmaLike:
-    return torch.sqrt(value) if isinstance(value, Tensor) else math.sqrt(value)
-
-
-def _to_fp32(value: SigmaLike) -> SigmaLike:
-    return value.to(torch.float32) if isinstance(value, Tensor) else value
 
 
 def _check_sampler(sampler: str) -> None:
@@ -99,31 +76,23 @@ def _check_variant(variant: str) -> None:
         raise ValueError(f"logprob_variant must be one of {', '.join(LOGPROB_VARIANTS)}; got {variant!r}.")
 
 
-def _flow_sde_coefficients(
-    s: SigmaLike, s_next: SigmaLike, eta: float, sigma_max: Optional[SigmaLike]
-) -> StepCoefficients:
+def _flow_sde_coefficients(s: float, s_next: float, eta: float, sigma_max: Optional[float]) -> StepCoefficients:
     """Flow-GRPO SDE (arXiv 2505.05470, eq. 9-10): a = eta sqrt(s / (1 - s)); at s == 1 the denominator uses sigma_max
     (= sigmas[1], the reference's choice) to stay finite.
 
     mean = x (1 + a^2 dt / (2 s)) + v (1 + a^2 (1 - s) / (2 s)) dt, noise std a sqrt(-dt).
     """
     dt = s_next - s
-    if isinstance(s, Tensor):
-        if bool((s >= 1).any()) and sigma_max is None:
-            raise ValueError("flow_sde needs sigma_max (= sigmas[1]) when a step starts at sigma == 1.")
-        denom_sigma = torch.where(s >= 1, torch.as_tensor(sigma_max if sigma_max is not None else 0.0,
-                                                          dtype=torch.float64, device=s.device), s)
-    else:
-        if s >= 1 and sigma_max is None:
-            raise ValueError("flow_sde needs sigma_max (= sigmas[1]) when a step starts at sigma == 1.")
-        denom_sigma = float(sigma_max) if s >= 1 else s
-    a = eta * _sqrt(s / (1 - denom_sigma))
+    if s >= 1 and sigma_max is None:
+        raise ValueError("flow_sde needs sigma_max (= sigmas[1]) when a step starts at sigma == 1.")
+    denom_sigma = float(sigma_max) if s >= 1 else s
+    a = eta * math.sqrt(s / (1 - denom_sigma))
     coef_x = 1 + a * a * dt / (2 * s)
     coef_v = (1 + a * a * (1 - s) / (2 * s)) * dt
-    return StepCoefficients(coef_x=coef_x, coef_v=coef_v, noise_std=a * _sqrt(-dt), sampler_std=a)
+    return StepCoefficients(coef_x=coef_x, coef_v=coef_v, noise_std=a * math.sqrt(-dt), sampler_std=a)
 
 
-def _cps_coefficients(s: SigmaLike, s_next: SigmaLike, eta: float) -> StepCoefficients:
+def _cps_coefficients(s: float, s_next: float, eta: float) -> StepCoefficients:
     """Coefficients-preserving sampling (arXiv 2509.05952, eq. 11): s_t = s' sin(eta pi / 2),
     mean = (1 - s') x0_hat + sqrt(s'^2 - s_t^2) eps_hat, noise std s_t.
 
@@ -131,26 +100,25 @@ def _cps_coefficients(s: SigmaLike, s_next: SigmaLike, eta: float) -> StepCoeffi
     with c = sqrt(s'^2 - s_t^2) = s' cos(eta pi / 2).
     """
     s_t = s_next * math.sin(eta * math.pi / 2)
-    c = _sqrt(s_next * s_next - s_t * s_t)
+    c = math.sqrt(s_next * s_next - s_t * s_t)
     coef_x = (1 - s_next) + c
     coef_v = c * (1 - s) - s * (1 - s_next)
     return StepCoefficients(coef_x=coef_x, coef_v=coef_v, noise_std=s_t, sampler_std=s_t)
 
 
 def step_coefficients(
-    sampler: Sampler, sigma: SigmaLike, sigma_next: SigmaLike, *, eta: float, sigma_max: Optional[SigmaLike],
-    ndim: int = 4,
+    sampler: Sampler, sigma: float, sigma_next: float, *, eta: float, sigma_max: Optional[float],
 ) -> StepCoefficients:
-    """The scalars of one step from ``sigma`` to ``sigma_next`` (float, or tensor [N]); ``ndim`` of the latents.
+    """The scalars of one step from ``sigma`` to ``sigma_next`` (python floats, computed in float64).
 
     ``eta``: noise level (ignored by the ODE); ``sigma_max``: sigmas[1], used by flow_sde where sigma == 1.
     """
     _check_sampler(sampler)
-    s, s_next = _as_f64(sigma, ndim), _as_f64(sigma_next, ndim)
+    s, s_next = float(sigma), float(sigma_next)
     if sampler == "ode":  # Euler: x' = x + dt v
         return StepCoefficients(coef_x=1.0, coef_v=s_next - s, noise_std=0.0, sampler_std=0.0)
     if sampler == "flow_sde":
-        return _flow_sde_coefficients(s, s_next, eta, _as_f64(sigma_max, ndim) if sigma_max is not None else None)
+        return _flow_sde_coefficients(s, s_next, eta, sigma_max)
     return _cps_coefficients(s, s_next, eta)
 
 
@@ -161,15 +129,12 @@ def step_coefficients(
 def step_mean(x: Tensor, v: Tensor, coefs: StepCoefficients) -> Tensor:
     """Gaussian mean of x' given x: coef_x * x + coef_v * v. x, v: [N, C, h, w] (cast to fp32) -> [N, C, h, w] fp32.
 
-    Float coefficients use one fused multiply-add (the rollout's path); tensor coefficients ([N, 1, 1, 1]) agree
-    with it to fp32 rounding, not bit for bit, so recompute with the same kind of sigmas the rollout used (floats).
+    One fused multiply-add, the same in rollout and recompute (so their log-probs agree bit for bit).
     """
-    if isinstance(coefs.coef_v, Tensor) or isinstance(coefs.coef_x, Tensor):
-        return x.float() * _to_fp32(coefs.coef_x) + v.float() * _to_fp32(coefs.coef_v)
     return (x.float() * coefs.coef_x).add_(v.float(), alpha=coefs.coef_v)
 
 
-def gaussian_log_prob(x_next: Tensor, mean: Tensor, noise_std: SigmaLike, variant: LogProbVariant) -> Tensor:
+def gaussian_log_prob(x_next: Tensor, mean: Tensor, noise_std: float, variant: LogProbVariant) -> Tensor:
     """Log-prob of x' under N(mean, noise_std^2 I), averaged over the latent dims. x_next, mean: [N, ...] -> [N].
 
     ``reference``: -mean((x' - mean)^2), constants and the 1 / (2 s_t^2) factor dropped (the CPS reference; the
@@ -181,12 +146,6 @@ def gaussian_log_prob(x_next: Tensor, mean: Tensor, noise_std: SigmaLike, varian
     msd = torch.sub(x_next.float(), mean).square_().mean(dim=dims)  # [N]
     if variant == "reference":
         return msd.neg_()
-    if isinstance(noise_std, Tensor):
-        std = noise_std.to(torch.float32).reshape(-1)
-        std = std.expand_as(msd) if std.numel() == 1 else std
-        safe = torch.where(std > 0, std, torch.ones_like(std))
-        exact = -msd / (2 * safe * safe) - torch.log(safe) - _HALF_LOG_2PI
-        return torch.where(std > 0, exact, torch.zeros_like(exact))
     if noise_std <= 0:
         return torch.zeros_like(msd)
     return -msd / (2 * noise_std * noise_std) - math.log(noise_std) - _HALF_LOG_2PI
@@ -213,47 +172,44 @@ def sample_with_coefficients(
     """
     mean = step_mean(x, v, coefs)
     z = _draw_noise(mean, generator, noise)
-    if isinstance(coefs.noise_std, Tensor):
-        next_latents = torch.add(mean, z * _to_fp32(coefs.noise_std), out=out)
-    else:
-        next_latents = torch.add(mean, z, alpha=coefs.noise_std, out=out)
+    next_latents = torch.add(mean, z, alpha=coefs.noise_std, out=out)
     return StepResult(
         next_latents=next_latents, mean=mean, sampler_std=coefs.sampler_std, noise_std=coefs.noise_std,
         log_prob=gaussian_log_prob(next_latents, mean, coefs.noise_std, variant),
     )
 
 
-def ode_step(x: Tensor, v: Tensor, sigma: SigmaLike, sigma_next: SigmaLike) -> StepResult:
+def ode_step(x: Tensor, v: Tensor, sigma: float, sigma_next: float) -> StepResult:
     """Euler step x' = x + (s' - s) v. x, v: [N, C, h, w] -> StepResult (log_prob None)."""
-    coefs = step_coefficients("ode", sigma, sigma_next, eta=0.0, sigma_max=None, ndim=x.ndim)
+    coefs = step_coefficients("ode", sigma, sigma_next, eta=0.0, sigma_max=None)
     mean = step_mean(x, v, coefs)
     return StepResult(next_latents=mean, mean=mean, sampler_std=0.0, noise_std=0.0, log_prob=None)
 
 
 def flow_sde_step(
-    x: Tensor, v: Tensor, sigma: SigmaLike, sigma_next: SigmaLike, *, eta: float, sigma_max: Optional[SigmaLike],
+    x: Tensor, v: Tensor, sigma: float, sigma_next: float, *, eta: float, sigma_max: Optional[float],
     generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None,
 ) -> StepResult:
     """Flow-GRPO SDE step (always the exact Gaussian log-prob). x, v: [N, C, h, w]; sigma_max = sigmas[1].
 
     Noise: ``noise`` [N, C, h, w] if given, else drawn from ``generator``.
     """
-    coefs = step_coefficients("flow_sde", sigma, sigma_next, eta=eta, sigma_max=sigma_max, ndim=x.ndim)
+    coefs = step_coefficients("flow_sde", sigma, sigma_next, eta=eta, sigma_max=sigma_max)
     return sample_with_coefficients(x, v, coefs, "exact", generator, noise)
 
 
 def cps_sde_step(
-    x: Tensor, v: Tensor, sigma: SigmaLike, sigma_next: SigmaLike, *, eta: float, logprob_variant: LogProbVariant,
+    x: Tensor, v: Tensor, sigma: float, sigma_next: float, *, eta: float, logprob_variant: LogProbVariant,
     generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None,
 ) -> StepResult:
     """CPS-SDE step; log-prob ``reference`` (-mean (x' - mean)^2) or ``exact``. x, v: [N, C, h, w]."""
-    coefs = step_coefficients("cps_sde", sigma, sigma_next, eta=eta, sigma_max=None, ndim=x.ndim)
+    coefs = step_coefficients("cps_sde", sigma, sigma_next, eta=eta, sigma_max=None)
     return sample_with_coefficients(x, v, coefs, logprob_variant, generator, noise)
 
 
 def sampler_step(
-    sampler: Sampler, x: Tensor, v: Tensor, sigma: SigmaLike, sigma_next: SigmaLike, *, eta: float,
-    sigma_max: Optional[SigmaLike], logprob_variant: LogProbVariant,
+    sampler: Sampler, x: Tensor, v: Tensor, sigma: float, sigma_next: float, *, eta: float,
+    sigma_max: Optional[float], logprob_variant: LogProbVariant,
     generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None,
 ) -> StepResult:
     """Dispatch to :func:`ode_step`, :func:`flow_sde_step` or :func:`cps_sde_step` by name."""
@@ -272,17 +228,17 @@ def effective_logprob_variant(sampler: Sampler, logprob_variant: LogProbVariant)
 
 
 def transition_mean(
-    x: Tensor, v: Tensor, sigma: SigmaLike, sigma_next: SigmaLike, *, sampler: Sampler, eta: float,
-    sigma_max: Optional[SigmaLike],
+    x: Tensor, v: Tensor, sigma: float, sigma_next: float, *, sampler: Sampler, eta: float,
+    sigma_max: Optional[float],
 ) -> Tensor:
     """Gaussian mean of the step under model output v (used by the x-based KL). x, v: [N, C, h, w] -> same."""
-    coefs = step_coefficients(sampler, sigma, sigma_next, eta=eta, sigma_max=sigma_max, ndim=x.ndim)
+    coefs = step_coefficients(sampler, sigma, sigma_next, eta=eta, sigma_max=sigma_max)
     return step_mean(x, v, coefs)
 
 
 def transition_log_prob(
-    x: Tensor, x_next: Tensor, v: Tensor, sigma: SigmaLike, sigma_next: SigmaLike, *, sampler: Sampler, eta: float,
-    sigma_max: Optional[SigmaLike], logprob_variant: LogProbVariant,
+    x: Tensor, x_next: Tensor, v: Tensor, sigma: float, sigma_next: float, *, sampler: Sampler, eta: float,
+    sigma_max: Optional[float], logprob_variant: LogProbVariant,
 ) -> Tensor:
     """Log-prob [N] of a GIVEN transition x -> x_next under model output v (training recomputes with it).
 
@@ -291,7 +247,7 @@ def transition_log_prob(
     """
     if sampler == "ode":
         raise ValueError("sampler 'ode' is deterministic and has no transition log-prob; use cps_sde or flow_sde.")
-    coefs = step_coefficients(sampler, sigma, sigma_next, eta=eta, sigma_max=sigma_max, ndim=x.ndim)
+    coefs = step_coefficients(sampler, sigma, sigma_next, eta=eta, sigma_max=sigma_max)
     mean = step_mean(x, v, coefs)
     return gaussian_log_prob(x_next, mean, coefs.noise_std, effective_logprob_variant(sampler, logprob_variant))
 
