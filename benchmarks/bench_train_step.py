@@ -45,7 +45,7 @@ def main() -> None:
     trajectory = rollout(model, prompts, group_size=args.group, sampler="cps_sde", eta=1.0,
                          logprob_variant="reference", num_inference_steps=args.steps, height=args.image_size,
                          width=args.image_size, cfg_scale=0.0, init_same_noise=True,
-                         generator=torch.Generator().manual_seed(0), decode=False)
+                         generator=torch.Generator().manual_seed(0))
     num = trajectory.num_samples
     advantages = torch.randn(num, generator=torch.Generator().manual_seed(1))
     valid = torch.ones(num, dtype=torch.bool)

@@ -197,10 +197,10 @@ def name_judge():
         yield server
 
 
-def test_periodic_eval_on_tiny_model(tmp_path, name_judge):
+def test_eval_hook_on_tiny_model(tmp_path, name_judge):
     from deepgen_rl.config import DataArguments, GRPOConfig
     from deepgen_rl.eval.dataset import EvalDataError
-    from deepgen_rl.eval.runner import make_eval_hook, periodic_eval
+    from deepgen_rl.eval.runner import make_eval_hook
     from deepgen_rl.model.tiny import build_tiny_deepgen
 
     yaml_path = write_bench(tmp_path / "data", steps=2, duplicates=2, name="tiny_bench")
@@ -209,24 +209,18 @@ def test_periodic_eval_on_tiny_model(tmp_path, name_judge):
     data_args = DataArguments(eval_dataset_config=str(yaml_path), unigenbench_api_url=name_judge.url,
                               reward_retry_backoff=0.01)
     model = build_tiny_deepgen(seed=0).train()
-    assert periodic_eval(model, training_args, data_args, step=3) is None  # not an eval step
-    report = periodic_eval(model, training_args, data_args, step=4)
+    # The trainer's hook (trainer/eval_hook.py): config read once at start-up, metrics back on every call.
+    hook = make_eval_hook(training_args, data_args)
+    metrics = hook(model, 4)
     assert model.training  # mode restored
-    scores = report.dataset("tiny_bench").scores
-    assert (scores.overall.correct, scores.overall.total) == name_rule_expectation(2, {"Style", "Attribute"})
-    assert scores.per_dimension["Style"].value == 1.0 and scores.per_dimension["World Knowledge"].value == 0.0
+    correct, total = name_rule_expectation(2, {"Style", "Attribute"})
+    assert metrics["eval/tiny_bench/overall"] == pytest.approx(correct / total)
+    assert metrics["eval/tiny_bench/Style"] == 1.0 and metrics["eval/tiny_bench/World Knowledge"] == 0.0
+    assert metrics["eval/tiny_bench/failed_images"] == 0.0
     folder = tmp_path / "run" / "eval" / "step_4"
     assert (folder / REPORT_JSON).is_file() and (folder / SUMMARY_CSV).is_file()
     samples = sorted((folder / SAMPLES_DIR / "tiny_bench").iterdir())
     assert len(samples) == 2 and Image.open(samples[0]).size == (64, 64)
-
-    # The hook form for a trainer that schedules evaluation itself: config read once, metrics back.
-    hook = make_eval_hook(training_args, data_args)
-    metrics = hook(model, 7)
-    correct, total = name_rule_expectation(2, {"Style", "Attribute"})
-    assert metrics["eval/tiny_bench/overall"] == pytest.approx(correct / total)
-    assert metrics["eval/tiny_bench/Style"] == 1.0 and metrics["eval/tiny_bench/failed_images"] == 0.0
-    assert (tmp_path / "run" / "eval" / "step_7" / REPORT_JSON).is_file()
     with pytest.raises(EvalDataError, match="does not exist"):
         make_eval_hook(training_args, DataArguments(eval_dataset_config=str(tmp_path / "missing.yaml")))
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from deepgen_rl.rewards.base import RewardScores, consecutive_group_ids
+from deepgen_rl.rewards.base import RewardScores
 from deepgen_rl.rewards.jpeg import JpegCompressibilityReward, jpeg_compressibility
 from deepgen_rl.rewards.reward_step import RewardStep, images_to_pil
+from deepgen_rl.trainer.step_metrics import reward_metrics, weighted_reward
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -74,13 +75,15 @@ def test_rewards_run_only_on_the_samples_whose_dataset_uses_them():
     assert judge.calls == [(prompts, [0, 0, 1, 1])]
     r = [v / 255 for v in (0, 51, 102, 153)]
     expected_ocr = torch.tensor([r[0], r[1], math.nan, math.nan])
-    assert torch.allclose(batch.column("ocr"), expected_ocr, equal_nan=True)
-    assert torch.allclose(batch.column("judge"), torch.tensor([x + 1 for x in r]))
+    assert batch.names == ("ocr", "judge")
+    assert torch.allclose(batch.scores[:, 0], expected_ocr, equal_nan=True)
+    assert torch.allclose(batch.scores[:, 1], torch.tensor([x + 1 for x in r]))
     assert torch.equal(batch.weights, torch.tensor([[0.7, 0.3], [0.7, 0.3], [0.0, 1.0], [0.0, 1.0]]))
     assert batch.valid.tolist() == [[True, True], [True, True], [False, True], [False, True]]
-    assert batch.failed.tolist() == [False] * 4 and batch.num_failed == 0
+    assert batch.failed.tolist() == [False] * 4
+    # What the trainer logs and ranks by (trainer/step_metrics.py): sum_k w_k r_k over the rewards a sample uses.
     expected_sum = [0.7 * r[0] + 0.3 * (r[0] + 1), 0.7 * r[1] + 0.3 * (r[1] + 1), r[2] + 1, r[3] + 1]
-    assert batch.weighted_sum().tolist() == pytest.approx(expected_sum)
+    assert weighted_reward(batch.scores, batch.weights).tolist() == pytest.approx(expected_sum)
     assert batch.metrics["ocr/calls"] == 1.0
 
 
@@ -96,10 +99,10 @@ def test_a_failure_is_nan_excluded_and_counted_never_zero():
     assert batch.failure_counts == {"ocr": 1, "judge": 0}
     assert [(f.sample, f.reward) for f in batch.failures] == [(1, "ocr")]
     assert "BAD" in batch.failures[0].message
-    assert math.isnan(batch.weighted_sum()[1])
-    logs = batch.log_metrics()
+    # The trainer's metrics (trainer/step_metrics.py) count the failure and average over valid samples only.
+    logs = reward_metrics(batch.names, batch.scores, batch.weights, batch.failed)
     assert logs["reward/ocr/failed"] == 1.0 and logs["reward/failed_samples"] == 1.0
-    assert logs["reward/ocr/mean"] == pytest.approx(10 / 255)  # over the valid samples only
+    assert logs["reward/ocr/mean"] == pytest.approx(10 / 255)
 
 
 def test_a_crashing_reward_fails_its_samples_and_the_others_still_count():
@@ -117,19 +120,19 @@ def test_rewards_run_concurrently():
     step = RewardStep({"a": RecordingReward("a", barrier=barrier), "b": RecordingReward("b", barrier=barrier)})
     batch = step.score([red(1), red(2)], ["x", "y"], [{"a": 0.5, "b": 0.5}] * 2, [0, 0])
     step.close()
-    assert batch.num_failed == 0
+    assert not batch.failed.any()
 
 
 def test_submit_scores_in_the_background_with_tensor_images():
     step = RewardStep({"jpeg_compressibility": JpegCompressibilityReward()})
     images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    future = step.submit(images, ["p"] * 4, [{"jpeg_compressibility": 1.0}] * 4, consecutive_group_ids(2, 2))
+    future = step.submit(images, ["p"] * 4, [{"jpeg_compressibility": 1.0}] * 4, [0, 0, 1, 1])
     images.zero_()  # the caller may reuse its buffer right away
     batch = future.result(timeout=30)
     step.close()
     pil = [Image.fromarray((torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))[i] * 255).round()
                            .to(torch.uint8).permute(1, 2, 0).numpy()) for i in range(4)]
-    assert batch.column("jpeg_compressibility").tolist() == pytest.approx([jpeg_compressibility(p) for p in pil])
+    assert batch.scores[:, 0].tolist() == pytest.approx([jpeg_compressibility(p) for p in pil])
 
 
 def test_images_to_pil_maps_unit_floats_to_bytes():

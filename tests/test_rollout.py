@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from deepgen_rl.sampling.rollout import generate_images, guided_velocity, recompute_step, rollout
+from deepgen_rl.sampling.rollout import decode_images, generate_images, guided_velocity, recompute_step, rollout
 from deepgen_rl.sampling.steps import transition_log_prob
 from deepgen_rl.sampling.trajectory import Conditioning
 
@@ -82,10 +82,9 @@ def test_prompts_are_encoded_once_and_repeated_per_group():
     assert model.encoded == [["a red apple", "two cats", "a dog"]] and model.negative_calls == 0
     assert traj.prompts == ["a red apple"] * 2 + ["two cats"] * 2 + ["a dog"] * 2
     embeds, pooled = model.encode_prompt(["a red apple", "two cats", "a dog"])
-    assert torch.equal(traj.prompt_embeds, embeds.repeat_interleave(2, 0))
-    assert torch.equal(traj.pooled, pooled.repeat_interleave(2, 0))
+    assert torch.equal(traj.conditioning.prompt_embeds, embeds.repeat_interleave(2, 0))
+    assert torch.equal(traj.conditioning.pooled, pooled.repeat_interleave(2, 0))
     assert traj.latents.shape == (6, 5, 4, 8, 8) and traj.log_probs.shape == (6, 4)
-    assert traj.images.shape == (6, 3, 64, 64) and 0 <= traj.images.min() and traj.images.max() <= 1
     assert torch.equal(traj.sigmas, model.sigma_schedule(4, 64, 64))
     assert not traj.latents.requires_grad and not traj.latents.is_inference()
 
@@ -182,7 +181,8 @@ def test_tiny_model_recorded_log_probs_equal_recomputed(tiny_model, sampler, var
     x, x_next = traj.latents[:, step].contiguous(), traj.latents[:, step + 1].contiguous()
     s, s_next = traj.sigmas[step].item(), traj.sigmas[step + 1].item()
     with torch.no_grad():
-        v = tiny_model.predict_velocity(x, traj.sigmas[step].expand(6), traj.prompt_embeds, traj.pooled).float()
+        v = tiny_model.predict_velocity(x, traj.sigmas[step].expand(6), traj.conditioning.prompt_embeds,
+                                     traj.conditioning.pooled).float()
     log_prob = transition_log_prob(x, x_next, v, s, s_next, sampler=sampler, eta=eta, sigma_max=traj.sigmas[1].item(),
                                    logprob_variant=variant)
     assert torch.equal(log_prob, traj.log_probs[:, step])
@@ -197,10 +197,13 @@ def test_tiny_model_cfg_micro_batched_rollout_recomputes_exactly(tiny_model):
 
 def test_tiny_model_rollout_outputs_and_training_gradient(tiny_model):
     traj = _rollout(tiny_model, sampler="cps_sde", variant="reference", eta=1.0, steps=4)
-    assert traj.images.shape == (6, 3, 64, 64) and traj.images.min() >= 0 and traj.images.max() <= 1
+    images = decode_images(tiny_model, traj.latents[:, -1], 4)  # the trainer's decode phase, in micro-batches
+    assert images.shape == (6, 3, 64, 64) and images.min() >= 0 and images.max() <= 1
+    # The s_t the KL divides by (CPS, eta 1: s' sin(pi / 2)), as the training recompute reports it.
     sig = traj.sigmas.tolist()
-    expected_std = [sig[i + 1] * math.sin(math.pi / 2) for i in range(4)]
-    assert traj.sampler_stds.tolist() == pytest.approx(expected_std)
+    with torch.no_grad():
+        stds = [recompute_step(tiny_model, traj, i).sampler_std for i in range(4)]
+    assert stds == pytest.approx([sig[i + 1] * math.sin(math.pi / 2) for i in range(4)])
     again = _rollout(tiny_model, sampler="cps_sde", variant="reference", eta=1.0, steps=4)
     assert torch.equal(again.latents, traj.latents)  # same generator seed, same trajectory
     # Training recomputes with gradients on the recorded (non-inference) tensors.

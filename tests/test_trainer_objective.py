@@ -14,7 +14,7 @@ from deepgen_rl.trainer.trainable import LoraSettings, configure_trainable
 def _trajectory(model, cfg_scale=0.0):
     return rollout(model, ["a red apple", "a blue sky"], group_size=3, sampler="cps_sde", eta=1.0,
                    logprob_variant="reference", num_inference_steps=5, height=64, width=64, cfg_scale=cfg_scale,
-                   init_same_noise=True, generator=torch.Generator().manual_seed(0), decode=False)
+                   init_same_noise=True, generator=torch.Generator().manual_seed(0))
 
 
 def _settings(kl_type="v-based", beta=0.1):

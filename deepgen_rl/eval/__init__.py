@@ -1,13 +1,8 @@
 """UniGenBench evaluation (DESIGN.md section 8): eval YAML + CSV, judge client, aggregation, runner.
 
-The trainer calls, on every rank after each optimizer step::
-
-    report = periodic_eval(model, training_args, data_args, step)     # None unless step % eval_freq == 0
-    if report is not None and is_main_process:
-        log(metrics_for_logging(report))    # eval/<dataset>/overall, eval/<dataset>/<dimension>, ...
-
-or, when it decides itself when to evaluate, ``hook = make_eval_hook(training_args, data_args)`` at start-up
-(reads and checks the eval YAML) and ``metrics = hook(model, step)`` on every rank.
+The trainer builds ``hook = make_eval_hook(training_args, data_args)`` at start-up (it reads and checks the eval
+YAML; see ``deepgen_rl.trainer.eval_hook``) and, every ``--eval_freq`` steps, calls ``metrics = hook(model, step)``
+on every rank: ``eval/<dataset>/overall``, ``eval/<dataset>/<dimension>``, ...
 
 Standalone: ``python -m deepgen_rl.eval --help``.
 """
@@ -32,9 +27,7 @@ from deepgen_rl.eval.runner import (
     evaluate_model,
     make_eval_hook,
     model_generate_fn,
-    periodic_eval,
     run_evaluation,
-    should_evaluate,
 )
 
 __all__ = [
@@ -42,5 +35,5 @@ __all__ = [
     "EvalReport", "EvalSettings", "GenerateFn", "ImageJudgement", "JudgeReplyError", "JudgeSettings",
     "UniGenBenchJudge", "aggregate", "aggregate_dataset", "evaluate_model", "load_eval_config", "load_eval_datasets",
     "load_unigenbench_csv", "make_eval_hook", "metrics_for_logging", "model_generate_fn", "parse_judge_scores",
-    "periodic_eval", "primary_dimension", "render_judge_prompt", "run_evaluation", "should_evaluate", "write_report",
+    "primary_dimension", "render_judge_prompt", "run_evaluation", "write_report",
 ]

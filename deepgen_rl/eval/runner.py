@@ -271,25 +271,6 @@ def model_generate_fn(model, height: int, width: int, micro_batch_size: Optional
     return generate
 
 
-def should_evaluate(step: int, eval_freq: int) -> bool:
-    """Every ``eval_freq`` optimizer steps (0 disables)."""
-    return eval_freq > 0 and step % eval_freq == 0
-
-
-def periodic_eval(model, training_args, data_args, step: int, output_dir: Optional[str | Path] = None,
-                  datasets: Optional[Sequence[EvalDataset]] = None) -> Optional[EvalReport]:
-    """The trainer's hook: call it on EVERY rank after each optimizer step; it evaluates when
-    ``step % eval_freq == 0`` (else returns None) and gives every rank the same report. Log
-    ``metrics_for_logging(report)`` on the main process. ``model`` is the bare DeepGen model (not the
-    DeepSpeed engine); it is put in eval mode and restored. Files go to ``output_dir`` (default
-    ``<training output_dir>/eval/step_<step>``)."""
-    if not should_evaluate(step, training_args.eval_freq):
-        return None
-    if datasets is None:
-        datasets = load_eval_datasets(data_args.eval_dataset_config, training_args.eval_max_prompts)
-    return evaluate_model(model, training_args, data_args, step, datasets, output_dir)
-
-
 def evaluate_model(model, training_args, data_args, step: int, datasets: Sequence[EvalDataset],
                    output_dir: Optional[str | Path] = None) -> EvalReport:
     """Evaluate ``model`` now (every rank calls it), with the settings of the training flags."""

@@ -4,7 +4,7 @@ Light on purpose (the OCR server imports this package): import ``deepgen_rl.rewa
 ``RewardStep`` / ``RewardBatch`` (torch) and the reward modules themselves for the implementations.
 """
 
-from deepgen_rl.rewards.base import RewardFunction, RewardScores, consecutive_group_ids, groups_by_id
+from deepgen_rl.rewards.base import RewardFunction, RewardScores, groups_by_id
 from deepgen_rl.rewards.registry import REWARD_NAMES, RewardSettings, build_rewards
 
 __all__ = [
@@ -13,6 +13,5 @@ __all__ = [
     "RewardScores",
     "RewardSettings",
     "build_rewards",
-    "consecutive_group_ids",
     "groups_by_id",
 ]

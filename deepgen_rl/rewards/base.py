@@ -89,7 +89,3 @@ def groups_by_id(group_ids: Sequence[int]) -> "OrderedDict[int, list[int]]":
         groups.setdefault(int(group_id), []).append(index)
     return groups
 
-
-def consecutive_group_ids(num_prompts: int, group_size: int) -> list[int]:
-    """Group ids of the usual layout where each prompt's G samples are adjacent: [0]*G + [1]*G + ... ([N])."""
-    return [prompt for prompt in range(num_prompts) for _ in range(group_size)]

@@ -75,35 +75,6 @@ class RewardBatch:
     failures: list[RewardFailure] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def num_samples(self) -> int:
-        return self.scores.shape[0]
-
-    @property
-    def num_failed(self) -> int:
-        return int(self.failed.sum())
-
-    def column(self, name: str) -> torch.Tensor:
-        """[N] scores of one reward (NaN where not computed)."""
-        return self.scores[:, self.names.index(name)]
-
-    def weighted_sum(self) -> torch.Tensor:
-        """[N] sum_k w_k r_k over used rewards; NaN for failed samples."""
-        used = self.weights > 0
-        total = torch.where(used, self.scores.nan_to_num(0.0) * self.weights, torch.zeros_like(self.scores)).sum(1)
-        return torch.where(self.failed, torch.full_like(total, math.nan), total)
-
-    def log_metrics(self) -> dict[str, float]:
-        """Flat scalars for the logger: per-reward mean over valid samples and failures, plus client metrics."""
-        out = {f"reward/{key}": value for key, value in self.metrics.items()}
-        for k, name in enumerate(self.names):
-            valid = self.valid[:, k]
-            if valid.any():
-                out[f"reward/{name}/mean"] = float(self.scores[valid, k].mean())
-            out[f"reward/{name}/failed"] = float(self.failure_counts.get(name, 0))
-        out["reward/failed_samples"] = float(self.num_failed)
-        return out
-
 
 def images_to_pil(images: ImageBatch) -> list[Image.Image]:
     """[N, 3, H, W] float in [0, 1] (as the VAE decodes) -> N RGB PIL images; PIL lists pass through."""

@@ -28,7 +28,6 @@ from deepgen_rl.sampling.steps import (
     effective_logprob_variant,
     gaussian_log_prob,
     sample_with_coefficients,
-    sampler_std_schedule,
     step_coefficients,
     step_mean,
 )
@@ -164,14 +163,13 @@ def decode_images(model, latents: Tensor, micro_batch_size: Optional[int]) -> Te
 
 def rollout(model, prompts: Sequence[str], *, group_size: int, sampler: Sampler, eta: float,
             logprob_variant: LogProbVariant, num_inference_steps: int, height: int, width: int, cfg_scale: float,
-            init_same_noise: bool, generator: torch.Generator, micro_batch_size: Optional[int] = None,
-            decode: bool = True, decode_micro_batch_size: Optional[int] = None) -> Trajectory:
+            init_same_noise: bool, generator: torch.Generator, micro_batch_size: Optional[int] = None) -> Trajectory:
     """Sample G images for each of the B unique ``prompts`` and record the trajectory.
 
     Returns a :class:`Trajectory` with N = B * G rows (prompt b's samples at rows b*G .. b*G + G - 1).
-    ``micro_batch_size`` bounds the rows per model forward (None: all at once), ``decode_micro_batch_size`` the
-    rows per VAE decode (None: ``micro_batch_size``). ``generator`` drives the
+    ``micro_batch_size`` bounds the rows per model forward (None: all at once). ``generator`` drives the
     initial and per-step noise (put it on the model's device to avoid host-to-device copies per step).
+    Images are not decoded here: the trainer decodes x_T in its own phase (:func:`decode_images`).
     """
     _validate(sampler, logprob_variant, eta, num_inference_steps, group_size, cfg_scale, len(prompts))
     settings = SamplerSettings(sampler=sampler, eta=float(eta), logprob_variant=logprob_variant,
@@ -191,13 +189,10 @@ def rollout(model, prompts: Sequence[str], *, group_size: int, sampler: Sampler,
         for rows in split_rows(num, micro_batch_size):
             denoise_loop(model, x0[rows], cond.select(rows), sigmas, settings, generator, latents[:, rows],
                          None if log_probs is None else log_probs[:, rows])
-        decode_rows = micro_batch_size if decode_micro_batch_size is None else decode_micro_batch_size
-        images = decode_images(model, latents[-1], decode_rows) if decode else None
     return Trajectory(
         prompts=[p for p in prompts for _ in range(group_size)], group_size=group_size, conditioning=cond,
         latents=latents.transpose(0, 1), log_probs=None if log_probs is None else log_probs.transpose(0, 1),
-        sigmas=sigmas,
-        sampler_stds=sampler_std_schedule(sampler, sigmas, eta=settings.eta), settings=settings, images=images,
+        sigmas=sigmas, settings=settings,
     )
 
 

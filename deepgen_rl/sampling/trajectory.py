@@ -61,8 +61,6 @@ class Trajectory:
         step-major storage (each step's [N, C, h, w] block contiguous): index it, or ``.reshape``, not ``.view``.
     log_probs: [N, T] fp32 log-prob of each recorded transition (None for the ODE); same layout note.
     sigmas: [T + 1] fp32 on CPU, sigma of each latent (sigmas[T] == 0).
-    sampler_stds: [T] fp32 on CPU, the sampler std s_t of each step (what the KL divides by).
-    images: [N, 3, H, W] float in [0, 1], or None when decoding was skipped.
     prompts: N prompts (each unique prompt repeated G times, adjacent).
     """
 
@@ -72,9 +70,7 @@ class Trajectory:
     latents: Tensor
     log_probs: Optional[Tensor]
     sigmas: Tensor
-    sampler_stds: Tensor
     settings: SamplerSettings
-    images: Optional[Tensor] = None
 
     @property
     def num_samples(self) -> int:
@@ -83,14 +79,6 @@ class Trajectory:
     @property
     def num_steps(self) -> int:
         return self.latents.shape[1] - 1
-
-    @property
-    def prompt_embeds(self) -> Tensor:
-        return self.conditioning.prompt_embeds
-
-    @property
-    def pooled(self) -> Tensor:
-        return self.conditioning.pooled
 
     @property
     def sigma_max(self) -> float:

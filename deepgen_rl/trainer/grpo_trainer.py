@@ -124,7 +124,7 @@ class DeepGenGRPOTrainer:
             eta=args.sde_eta, logprob_variant=args.logprob_variant, num_inference_steps=args.num_inference_steps,
             height=args.image_height, width=args.image_width, cfg_scale=args.rollout_cfg_scale,
             init_same_noise=args.init_same_noise, generator=generator,
-            micro_batch_size=args.rollout_micro_batch_size, decode=False)
+            micro_batch_size=args.rollout_micro_batch_size)
         truncated = sum(self.model.format_prompts([s.prompt for s in samples]).truncated)
         return RolloutBatch(samples=samples, trajectory=trajectory, truncated_prompts=truncated)
 
