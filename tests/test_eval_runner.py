@@ -143,11 +143,9 @@ def test_end_to_end_hand_worked_report(tmp_path, image_judge):
 def test_deadline_bounds_the_evaluation(tmp_path, image_judge):
     datasets = load_eval_datasets(write_bench(tmp_path / "data"))
     slow = {key: (scores, SLOW) for key, (scores, _) in VERDICTS.items()}  # the judge would take 30 s per image
-    start = time.monotonic()
     report = run_evaluation(ColourGenerator(slow), judge_settings(image_judge.url, timeout_s=60.0), datasets,
                             eval_settings(timeout_s=2.0), tmp_path / "out", step=1)
-    elapsed = time.monotonic() - start
-    assert elapsed < 4.0
+    # Without the deadline the judge would answer after 30 s and every image would be scored.
     scores = report.dataset("bench").scores
     assert scores.failed_images == 6 and scores.overall.total == 0 and scores.overall.value is None
     assert all("deadline" in error for error in scores.errors)
@@ -266,11 +264,10 @@ def _rank_worker(rank: int, world_size: int, init_file: str, url: str, yaml_path
             # Run 1: rank 1 stalls in generation past the deadline; rank 0 must not wait for it.
             # Run 2: a normal evaluation again (nothing left over from the missed barrier).
             generate = ColourGenerator(uniform, delay_s=stall if rank == 1 else 0.0)
-            start = time.monotonic()
             report = run_evaluation(generate, judge_settings(url), datasets, eval_settings(timeout_s=timeout_s),
                                     Path(out) / f"run{run}", step=run)
             scores = report.dataset("bench").scores
-            results[run] = {"elapsed": time.monotonic() - start, "complete": report.complete,
+            results[run] = {"complete": report.complete,
                             "generated": [p for call in generate.calls for p in call[0]],
                             "counts": (scores.overall.correct, scores.overall.total, scores.num_images),
                             "images": sorted((j.index, j.duplicate) for j in report.judgements)}
@@ -298,7 +295,7 @@ def test_two_ranks_split_generation_and_judging(tmp_path, image_judge):
             assert result[run]["images"] == [(i, d) for i in range(3) for d in range(2)]
     assert image_judge.stats()["counts"]["chat"] - before >= 6
     # Run 1: rank 1 overran the 3 s deadline; rank 0 gave up on it at the deadline and reported its own share.
-    assert not results[0][1]["complete"] and results[0][1]["elapsed"] < 5.0
+    assert not results[0][1]["complete"]  # had rank 0 waited for rank 1, it would hold the full report
     assert results[0][1]["images"] == sorted((item.prompt.index, item.duplicate) for item in shard_work(plan, 0, 2))
     assert not results[1][1]["complete"]
     report = json.loads((tmp_path / "run1" / REPORT_JSON).read_text())

@@ -24,6 +24,7 @@ from deepgen_rl.trainer import grpo_trainer
 from tests.trainer_utils import ZERO2, tiny_run_flags
 
 METRIC_KEYS = ("reward/mean", "reward/std", "loss/kl", "loss/sft", "train/grad_norm", "adv/std")
+GOLDEN_KEYS = METRIC_KEYS + ("loss/policy", "policy/clip_fraction")
 
 # Tolerances of the golden comparison, from measured spread (torch 2.13.0 CPU, this tiny run):
 # - thread count: 1 vs 2 threads bit-identical; 4 threads up to rel 5e-5 (reward/std) and 1.2e-5 (grad_norm).
@@ -33,8 +34,14 @@ METRIC_KEYS = ("reward/mean", "reward/std", "loss/kl", "loss/sft", "train/grad_n
 #   reward by a whole quantum 1 / (255 * 64 * 64 * 3) = 3.2e-7, and the step's reward std (~0.003) by about as much:
 #   that is 1e-4 relative per flipped pixel. Reward statistics therefore get an absolute tolerance of 8 quanta
 #   (the measured gap was 2.4), everything else rel 2e-4 (~6x the measured CPU-to-CPU spread).
+# - Near-zero values, where a relative tolerance means nothing: loss/policy is -mean(A * ratio) with ratio 1 (one
+#   optimizer step per rollout) and GDPO advantages of batch mean 0, so its golden value is fp32 rounding of a
+#   zero-mean sum (measured +-2e-9, sign and size vary with the summation order). Absolute 1e-6: 500x that noise,
+#   1e-6 of the unit advantage scale, so an advantage mean or a ratio off by 1e-6 fails it. policy/clip_fraction
+#   is a fraction of samples (one flipped sample moves it by >= 1/32): golden 0, absolute 1e-9, i.e. exact.
 PIXEL_QUANTUM = 1.0 / (255 * 64 * 64 * 3)
-GOLDEN_ABS_TOLERANCE = {"reward/mean": 8 * PIXEL_QUANTUM, "reward/std": 8 * PIXEL_QUANTUM}
+GOLDEN_ABS_TOLERANCE = {"reward/mean": 8 * PIXEL_QUANTUM, "reward/std": 8 * PIXEL_QUANTUM, "loss/policy": 1e-6,
+                        "policy/clip_fraction": 1e-9}
 GOLDEN_REL_TOLERANCE = 2e-4
 
 # Golden values of the straight run (the `straight_run` fixture: 4 steps, seed 0, lr 1e-3 linear decay, CPS-SDE,
@@ -44,13 +51,17 @@ GOLDEN_REL_TOLERANCE = 2e-4
 # (policy == reference before the first update).
 GOLDEN = {
     1: {"reward/mean": 0.50282883644104, "reward/std": 0.0023913937620818615, "loss/kl": 0.0,
-        "loss/sft": 6.248884201049805, "train/grad_norm": 0.02360309474170208, "adv/std": 0.9353095889091492},
+        "loss/sft": 6.248884201049805, "train/grad_norm": 0.02360309474170208, "adv/std": 0.9353095889091492,
+        "loss/policy": 1.862645149230957e-09, "policy/clip_fraction": 0.0},
     2: {"reward/mean": 0.5055078864097595, "reward/std": 0.003031776286661625, "loss/kl": 61.32632461066047,
-        "loss/sft": 6.289281845092773, "train/grad_norm": 0.027662064880132675, "adv/std": 0.9353100061416626},
+        "loss/sft": 6.289281845092773, "train/grad_norm": 0.027662064880132675, "adv/std": 0.9353100061416626,
+        "loss/policy": 0.0, "policy/clip_fraction": 0.0},
     3: {"reward/mean": 0.5024680495262146, "reward/std": 0.002169992309063673, "loss/kl": 155.60462827980518,
-        "loss/sft": 6.735738754272461, "train/grad_norm": 0.03667977452278137, "adv/std": 0.935308575630188},
+        "loss/sft": 6.735738754272461, "train/grad_norm": 0.03667977452278137, "adv/std": 0.935308575630188,
+        "loss/policy": 0.0, "policy/clip_fraction": 0.0},
     4: {"reward/mean": 0.5021675825119019, "reward/std": 0.003661609021946788, "loss/kl": 199.0497013280789,
-        "loss/sft": 6.7842302322387695, "train/grad_norm": 0.03148011118173599, "adv/std": 0.935308575630188},
+        "loss/sft": 6.7842302322387695, "train/grad_norm": 0.03148011118173599, "adv/std": 0.935308575630188,
+        "loss/policy": -1.6298145055770874e-09, "policy/clip_fraction": 0.0},
 }
 
 
@@ -113,8 +124,8 @@ def straight_run(process_group, tiny_paths, tmp_path_factory):
 
 def test_golden_values(straight_run):
     for step, expected in GOLDEN.items():
-        got = {key: straight_run[step][key] for key in METRIC_KEYS}
-        for key in METRIC_KEYS:
+        got = {key: straight_run[step][key] for key in GOLDEN_KEYS}
+        for key in GOLDEN_KEYS:
             tolerance = pytest.approx(expected[key], rel=GOLDEN_REL_TOLERANCE, abs=GOLDEN_ABS_TOLERANCE.get(key, 1e-9))
             assert got[key] == tolerance, f"step {step} {key}: got {got[key]!r}; all of step {step}: {got}"
 

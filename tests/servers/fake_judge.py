@@ -4,7 +4,8 @@
 
 Prints ``listening on 127.0.0.1:<port>`` once it accepts connections (port 0 = a free port chosen by the OS).
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions`` (validated with our pydantic
-request model; an unknown model name gets 404 as vLLM answers), ``GET /stats`` (request counters).
+request model; an unknown model name gets 404 as vLLM answers), ``GET /stats`` (request counters, each request
+counted once its reply is sent).
 
 How it answers (the rule the tests compute expected accuracies from):
 
@@ -53,9 +54,10 @@ class JudgeState:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.pass_dims = {d.strip() for d in args.pass_dims.split(",") if d.strip()}
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.counts: Counter[str] = Counter()
         self.seen_images: Counter[str] = Counter()
+        self.pending: dict[int, str] = {}  # handler thread -> the kind of request it is answering
         self.last_request: dict = {}
         self.inflight = 0
         self.max_inflight = 0  # most chat requests being answered at once: shows the client's concurrency
@@ -70,9 +72,10 @@ class JudgeState:
             self.inflight -= 1
 
     def count(self, key: str, image_key: str = "") -> int:
-        """Increment a counter; return how many requests this image had before this one."""
+        """Record one request of kind ``key`` (counted once its reply is sent, see ``Handler._send``); return how
+        many requests this image had before this one."""
         with self.lock:
-            self.counts[key] += 1
+            self.pending[threading.get_ident()] = key
             before = self.seen_images[image_key]
             if image_key:
                 self.seen_images[image_key] += 1
@@ -100,7 +103,13 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        # The reply and its count are one step under the lock /stats takes: a client holding the reply sees it
+        # counted, so no test sleeps for a count.
+        with self.state.lock:
+            key = self.state.pending.pop(threading.get_ident(), None)
+            self.wfile.write(body)  # a client gone before the reply: not counted
+            if key is not None:
+                self.state.counts[key] += 1
 
     def _json(self, status: int, payload: dict) -> None:
         self._send(status, json.dumps(payload).encode())

@@ -13,8 +13,9 @@ in the prompt / caption, so one server covers every case:
   contract), SLOW, REJECT (400 naming that item as our OCR server does), ITEMERR (a per-item error), HUGE (a
   score of 1e30, as a broken server might send).
 
-``GET /stats`` returns counters: requests per keyword (attempts, retries included), answered requests per
-keyword, the largest number of requests in flight at once, and the OCR batch sizes seen.
+``GET /stats`` returns counters: requests per keyword (attempts, retries included, counted on arrival), answered
+requests per keyword (counted once the reply is SENT, so a test that sees the count needs no sleep for the reply to
+reach its client), the largest number of requests in flight at once, and the OCR batch sizes seen.
 """
 
 from __future__ import annotations
@@ -68,6 +69,31 @@ def ocr_results(parsed: OcrScoreRequest, keywords: list[str]) -> list[OcrItemRes
             for item, keyword in zip(parsed.items, keywords)]
 
 
+class TrackReplies:
+    """ASGI middleware: requests in flight, and each request's ``state.answered`` keywords counted AFTER the last
+    byte of its reply was handed to the server (an endpoint only marks what it answers)."""
+
+    def __init__(self, app, in_flight: dict, answered: Counter) -> None:
+        self.app, self.in_flight, self.answered = app, in_flight, answered
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        scope.setdefault("state", {})
+
+        async def send_then_count(message):
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self.answered.update(scope["state"].get("answered", ()))
+
+        self.in_flight["now"] += 1
+        self.in_flight["max"] = max(self.in_flight["max"], self.in_flight["now"])
+        try:
+            await self.app(scope, receive, send_then_count)
+        finally:
+            self.in_flight["now"] -= 1
+
+
 def create_app(served_model_name: str, slow_s: float, lag_s: float) -> FastAPI:
     app = FastAPI()
     requests: Counter = Counter()
@@ -75,15 +101,7 @@ def create_app(served_model_name: str, slow_s: float, lag_s: float) -> FastAPI:
     seen_pairs: Counter = Counter()
     batch_sizes: list[int] = []
     in_flight = {"now": 0, "max": 0}
-
-    @app.middleware("http")
-    async def track(request: Request, call_next):
-        in_flight["now"] += 1
-        in_flight["max"] = max(in_flight["max"], in_flight["now"])
-        try:
-            return await call_next(request)
-        finally:
-            in_flight["now"] -= 1
+    app.add_middleware(TrackReplies, in_flight=in_flight, answered=answered)
 
     @app.get("/health")
     async def health():
@@ -120,7 +138,7 @@ def create_app(served_model_name: str, slow_s: float, lag_s: float) -> FastAPI:
             await asyncio.sleep(slow_s if keyword == "SLOW" else lag_s)
         reply = "Both images look nice to me." if keyword == "GARBAGE" else \
             think_reply(1 if brightness(urls[0]) >= brightness(urls[1]) else 2)
-        answered[keyword] += 1
+        request.state.answered = [keyword]
         return {"id": "fake", "object": "chat.completion", "model": body["model"],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}]}
 
@@ -140,7 +158,7 @@ def create_app(served_model_name: str, slow_s: float, lag_s: float) -> FastAPI:
                     for i, keyword in enumerate(keywords) if keyword == "REJECT"]
         if rejected:
             return JSONResponse(status_code=400, content=ErrorResponse(detail="bad image(s)", errors=rejected).model_dump())
-        answered.update(keywords)
+        request.state.answered = keywords
         return OcrScoreResponse(results=ocr_results(parsed, keywords), engine="fake").model_dump()
 
     return app
