@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 from transformers import HfArgumentParser, TrainingArguments
 
 from .deepspeed_json import read_deepspeed_json
+from .rl.advantages import AdvantageType
+from .rl.losses import KLType
+from .rl.timesteps import num_train_steps
+from .sampling.rollout import check_sde_eta
+from .sampling.steps import LogProbVariant
 from .trainer_flags import HELP_EPILOG, GroupedArgumentParser, refused_flag_errors
 
 SD3_ENV = "SD3_5_MODEL_NAME_OR_PATH"
@@ -31,12 +36,16 @@ DEFAULT_OCR_PORT = 18082
 DEFAULT_UNIFIEDREWARD_PORT = 18087
 DEFAULT_UNIGENBENCH_PORT = 8000
 
-SDE_SAMPLERS = ("cps_sde", "flow_sde")
-ADVANTAGE_TYPES = ("gdpo", "grpo")
-KL_TYPES = ("v-based", "x-based")
-LOGPROB_VARIANTS = ("reference", "exact")
-TRAINABLE_MODULE_SETS = ("dit", "dit_connector", "dit_connector_llm")
-MODEL_DTYPES = ("auto", "bfloat16", "float16", "float32")
+# The choices of each flag are its Literal type's arguments (one source: the type the field is annotated with).
+SdeSampler = Literal["cps_sde", "flow_sde"]
+TrainableModuleSet = Literal["dit", "dit_connector", "dit_connector_llm"]
+ModelDtype = Literal["auto", "bfloat16", "float16", "float32"]
+SDE_SAMPLERS: tuple[str, ...] = get_args(SdeSampler)
+ADVANTAGE_TYPES: tuple[str, ...] = get_args(AdvantageType)
+KL_TYPES: tuple[str, ...] = get_args(KLType)
+LOGPROB_VARIANTS: tuple[str, ...] = get_args(LogProbVariant)
+TRAINABLE_MODULE_SETS: tuple[str, ...] = get_args(TrainableModuleSet)
+MODEL_DTYPES: tuple[str, ...] = get_args(ModelDtype)
 
 # Reference defaults for the sampler noise level (DESIGN.md section 4): CPS re-noises x0_hat fully,
 # Flow-GRPO uses 0.7.
@@ -100,7 +109,7 @@ class ModelArguments:
     connector_num_layers: int = field(default=6, metadata={"help": "Connector encoder layers."})
     connector_num_heads: int = field(default=32, metadata={"help": "Connector attention heads."})
     max_prompt_length: int = field(default=1024, metadata={"help": "Prompt tokens kept (longer prompts are cut)."})
-    trainable_modules: Literal["dit", "dit_connector", "dit_connector_llm"] = field(
+    trainable_modules: TrainableModuleSet = field(
         default="dit",
         metadata={
             "help": "What GRPO updates: 'dit' (the SD3 transformer only, as the reference), 'dit_connector' "
@@ -118,7 +127,7 @@ class ModelArguments:
         metadata={"help": "Alpha of an LLM LoRA found in CHECKPOINT (merged into the LLM weights at load; rank is read "
                   "from the tensors)."},
     )
-    model_dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
+    model_dtype: ModelDtype = field(
         default="auto",
         metadata={"help": "Weight dtype of the frozen parts and the rollout. 'auto': bfloat16 on GPU, float32 on CPU."},
     )
@@ -233,14 +242,14 @@ class GRPOConfig(TrainingArguments):
     )
 
     # --- sampler ---
-    atrain_sde_sampler: Literal["cps_sde", "flow_sde"] = field(
+    atrain_sde_sampler: SdeSampler = field(
         default="cps_sde", metadata={"help": "SDE sampler of rollout and training (log-probs need noise)."}
     )
     sde_eta: Optional[float] = field(
         default=None,
         metadata={"help": "Sampler noise level eta. Default: 1.0 for cps_sde (reference), 0.7 for flow_sde (Flow-GRPO)."},
     )
-    logprob_variant: Literal["reference", "exact"] = field(
+    logprob_variant: LogProbVariant = field(
         default="reference",
         metadata={"help": "CPS log-prob: 'reference' = -mean (x'-mean)^2 (what the defaults were tuned on); "
                   "'exact' = the Gaussian log-density. Flow-SDE always uses the exact density."},
@@ -260,7 +269,7 @@ class GRPOConfig(TrainingArguments):
         default=0.6, metadata={"help": "Fraction of the T steps trained per rollout (drawn from 0..T-2)."}
     )
     clip_range: float = field(default=1e-4, metadata={"help": "PPO-style ratio clip range c: ratio in [1-c, 1+c]."})
-    atrain_adv_type: Literal["gdpo", "grpo"] = field(
+    atrain_adv_type: AdvantageType = field(
         default="gdpo",
         metadata={"help": "'gdpo': normalise each reward within the group, then the weighted sum over the batch; "
                   "'grpo': normalise the weighted reward sum within the group."},
@@ -276,7 +285,7 @@ class GRPOConfig(TrainingArguments):
                   "advantage 0 and counted, for grpo and gdpo (float noise otherwise becomes unit-scale advantages)."},
     )
     beta: float = field(default=5e-7, metadata={"help": "KL penalty coefficient."})
-    atrain_kl_type: Literal["v-based", "x-based"] = field(
+    atrain_kl_type: KLType = field(
         default="v-based", metadata={"help": "KL to the reference policy on the velocity or on the step mean."}
     )
     sftaux_coef: float = field(
@@ -360,16 +369,13 @@ class GRPOConfig(TrainingArguments):
             raise ValueError(
                 f"--global_batch_size ({self.global_batch_size}) must be a multiple of --rollout_n ({self.rollout_n})."
             )
-        if self.num_inference_steps < 2:
-            raise ValueError(f"--num_inference_steps must be >= 2 (the last step is never trained); got "
-                             f"{self.num_inference_steps}.")
         for flag in ("image_height", "image_width"):
             if getattr(self, flag) % 16:
                 raise ValueError(f"--{flag} must be a multiple of 16 (VAE x8, DiT patch x2); got {getattr(self, flag)}.")
-        _check_range("timestep_fraction", self.timestep_fraction, 0.0, 1.0, low_open=True)
+        num_train_steps(self.num_inference_steps, self.timestep_fraction)  # its bounds: T >= 2, fraction in (0, 1]
         _check_range("sftaux_coef", self.sftaux_coef, 0.0, 1.0)
         if self.sde_eta is not None:
-            _check_range("sde_eta", self.sde_eta, 0.0, 1.0, low_open=True)
+            check_sde_eta(self.sde_eta)
         for flag in ("clip_range", "beta", "reward_std_floor", "rollout_cfg_scale", "eval_timeout",
                      "zero_variance_rtol"):
             if getattr(self, flag) < 0:
@@ -388,8 +394,8 @@ class GRPOConfig(TrainingArguments):
 
     @property
     def num_train_timesteps(self) -> int:
-        """How many of the T denoising steps one rollout trains on: int(T * timestep_fraction), at least 1."""
-        return max(1, min(int(self.num_inference_steps * self.timestep_fraction), self.num_inference_steps - 1))
+        """How many of the T denoising steps one rollout trains on (``rl.timesteps.num_train_steps``)."""
+        return num_train_steps(self.num_inference_steps, self.timestep_fraction)
 
 
 def build_parser() -> HfArgumentParser:

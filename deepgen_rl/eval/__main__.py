@@ -1,8 +1,8 @@
 """Evaluate a DeepGen checkpoint (or the built-in tiny model) on UniGenBench against a running judge.
 
-    # the judge: bash scripts/eval_unigenbench_evalmodel.sh   (vLLM, port 8000)
+    # the judge: bash scripts/eval_unigenbench_evalmodel.sh   (vLLM)
     export SD3_5_MODEL_NAME_OR_PATH=... QWEN2_5_VL_MODEL_NAME_OR_PATH=... CHECKPOINT=...
-    python -m deepgen_rl.eval --output_dir outputs/eval_ckpt [--unigenbench_api_url http://host:8000]
+    python -m deepgen_rl.eval --output_dir outputs/eval_ckpt [--unigenbench_api_url http://host:PORT]
     torchrun --nproc_per_node 8 -m deepgen_rl.eval --output_dir ...      # prompts and judge calls over 8 GPUs
 
     # no weights: a tiny random model, for checking the plumbing end to end

@@ -49,7 +49,7 @@ from deepgen_rl.rewards.protocol import (
     TextContent,
 )
 
-UNIGENBENCH_START_HINT = ("start it with `bash scripts/eval_unigenbench_evalmodel.sh` (vLLM, port 8000), or point "
+UNIGENBENCH_START_HINT = ("start it with `bash scripts/eval_unigenbench_evalmodel.sh` (vLLM), or point "
                           "UNIGENBENCH_API_URL / --unigenbench_api_url at it")
 JUDGE_TEMPERATURE = 0.0
 MAX_KEPT_REPLY_CHARS = 2000  # of each reply, kept in the per-image CSV for inspection

@@ -135,7 +135,7 @@ def wait_for_health(url: str, health_path: str, timeout_s: float, service: str, 
     """Poll ``GET url + health_path`` until it answers 200, else raise RewardServerUnavailable.
 
     The message names the URL and how to start the server (``start_hint``), e.g.
-    "OCR server at http://localhost:18082 is not reachable ...: start it with `bash scripts/reward_ocr.sh`".
+    "OCR server at http://localhost:<port> is not reachable ...: start it with `bash scripts/reward_ocr.sh`".
     """
     deadline = time.monotonic() + timeout_s
     last_error = "no answer"

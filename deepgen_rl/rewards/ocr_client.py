@@ -37,7 +37,7 @@ from deepgen_rl.rewards.protocol import (
     OcrScoreResponse,
 )
 
-OCR_START_HINT = "start it with `bash scripts/reward_ocr.sh` (port 18082), or point OCR_URL / --ocr_url at it"
+OCR_START_HINT = "start it with `bash scripts/reward_ocr.sh`, or point OCR_URL / --ocr_url at it"
 
 
 @dataclass

@@ -49,7 +49,7 @@ from deepgen_rl.rewards.unifiedreward_template import (
     render_pairwise_prompt,
 )
 
-UNIFIEDREWARD_START_HINT = ("start it with `bash scripts/reward_unifiedreward.sh` (vLLM, port 18087), or point "
+UNIFIEDREWARD_START_HINT = ("start it with `bash scripts/reward_unifiedreward.sh` (vLLM), or point "
                             "UNIFIEDREWARD_THINK_URL / --unifiedreward_think_url at it")
 # Greedy decoding, as the reference: the judge's verdict must not depend on sampling luck.
 JUDGE_TEMPERATURE = 0.0

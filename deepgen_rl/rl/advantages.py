@@ -21,14 +21,14 @@ Stats in the result describe this rank's samples; GDPO's batch normalisation alo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 AdvantageType = Literal["grpo", "gdpo"]
-ADVANTAGE_TYPES = ("grpo", "gdpo")
+ADVANTAGE_TYPES: tuple[str, ...] = get_args(AdvantageType)
 STD_EPS = 1e-4  # added to every std (DESIGN.md section 4), as in the reference
 ZERO_VARIANCE_ATOL = 1e-8  # below this absolute std a group carries no signal, whatever its magnitude
 

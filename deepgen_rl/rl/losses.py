@@ -8,13 +8,13 @@ Shape legend: M samples in a training micro-batch, C/h/w latent. Formulas: DESIG
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 import torch
 from torch import Tensor
 
 KLType = Literal["v-based", "x-based"]
-KL_TYPES = ("v-based", "x-based")
+KL_TYPES: tuple[str, ...] = get_args(KLType)
 KL_EPS = 1e-7  # in the KL denominator 2 s_t^2 + eps, as the reference
 
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from deepgen_rl.sampling.rollout import check_sde_steps
+
 
 def num_train_steps(num_inference_steps: int, timestep_fraction: float) -> int:
-    """int(T * timestep_fraction), at least 1 and at most T - 1 (the same rule as GRPOConfig.num_train_timesteps)."""
-    if num_inference_steps < 2:
-        raise ValueError(f"--num_inference_steps must be >= 2 (the last step is never trained); got "
-                         f"{num_inference_steps}.")
+    """int(T * timestep_fraction), at least 1 and at most T - 1: the one rule (GRPOConfig.num_train_timesteps, the
+    batch plan and the trainer's draw all use it), with its bounds T >= 2 and fraction in (0, 1]."""
+    check_sde_steps(num_inference_steps)
     if not 0.0 < timestep_fraction <= 1.0:
         raise ValueError(f"--timestep_fraction must be in (0, 1]; got {timestep_fraction}.")
     return max(1, min(int(num_inference_steps * timestep_fraction), num_inference_steps - 1))

@@ -131,16 +131,31 @@ def denoise_loop(model, x: Tensor, cond: Conditioning, sigmas: Tensor, settings:
     return x
 
 
+def check_sde_eta(eta: float) -> None:
+    """--sde_eta in (0, 1] (GRPOConfig and every SDE rollout): at 0 a step has no noise, so no log-prob to learn."""
+    if not 0.0 < eta <= 1.0:
+        raise ValueError(f"--sde_eta must be in (0, 1]; got {eta}.")
+
+
+def check_sde_steps(num_inference_steps: int) -> None:
+    """An SDE rollout is trained on all but its last step (s' = 0 there), so it needs T >= 2 (GRPOConfig, the
+    trained-step count and every SDE rollout); ODE generation for evaluation needs only T >= 1."""
+    if num_inference_steps < 2:
+        raise ValueError(f"--num_inference_steps must be >= 2 (the last step is never trained); got "
+                         f"{num_inference_steps}.")
+
+
 def _validate(sampler: str, logprob_variant: str, eta: float, num_inference_steps: int, group_size: int,
               cfg_scale: float, num_prompts: int) -> None:
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler (--atrain_sde_sampler) must be one of {', '.join(SAMPLERS)}; got {sampler!r}.")
     if logprob_variant not in LOGPROB_VARIANTS:
         raise ValueError(f"--logprob_variant must be one of {', '.join(LOGPROB_VARIANTS)}; got {logprob_variant!r}.")
-    if sampler != "ode" and not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta (--sde_eta) must be in [0, 1]; got {eta}.")
-    if num_inference_steps < 1:
-        raise ValueError(f"--num_inference_steps must be >= 1; got {num_inference_steps}.")
+    if sampler != "ode":
+        check_sde_eta(eta)
+        check_sde_steps(num_inference_steps)
+    elif num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1 for generation; got {num_inference_steps}.")
     if group_size < 1:
         raise ValueError(f"group_size (--rollout_n) must be >= 1; got {group_size}.")
     if cfg_scale < 0:

@@ -1,6 +1,6 @@
 """OCR reward server: FastAPI + uvicorn, JSON in and out (never pickle).
 
-    python -m deepgen_rl.rewards.servers.ocr --port 18082          # or: bash scripts/reward_ocr.sh
+    python -m deepgen_rl.rewards.servers.ocr [--port PORT]          # or: bash scripts/reward_ocr.sh
 
 ``GET /health`` answers once the engine is loaded. ``POST /score`` takes a batch of base64 images with their
 prompts (or explicit target texts) and returns, per image, the OCR reward in [0, 1] and the recognised text
@@ -62,7 +62,6 @@ from deepgen_rl.rewards.servers.ocr_queue import FifoScorer, Job
 logger = logging.getLogger("deepgen_rl.ocr_server")
 
 DEFAULT_HOST = "0.0.0.0"
-DEFAULT_PORT = 18082
 # Only formats a generator produces; never let PIL guess among its dozens of decoders for untrusted bytes.
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 
@@ -267,7 +266,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     limits = ServerLimits()
     p = argparse.ArgumentParser(prog="python -m deepgen_rl.rewards.servers.ocr", description=__doc__.split("\n")[0])
     p.add_argument("--host", default=os.environ.get("OCR_HOST", DEFAULT_HOST), help="bind address ($OCR_HOST)")
-    p.add_argument("--port", type=int, default=_env_number("OCR_PORT", DEFAULT_PORT, int), help="port ($OCR_PORT)")
+    p.add_argument("--port", type=int, default=_env_number("OCR_PORT", None, int),
+                   help="port ($OCR_PORT; default: the one training's --ocr_url defaults to)")
     p.add_argument("--engine", choices=ENGINE_NAMES, default=os.environ.get("OCR_ENGINE", "auto"),
                    help="auto = paddleocr when installed, else rapidocr ($OCR_ENGINE)")
     p.add_argument("--case-sensitive", action=argparse.BooleanOptionalAction,
@@ -294,6 +294,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = build_arg_parser().parse_args(argv)
+    if args.port is None:  # the default port lives in deepgen_rl/config.py only (imported lazily: it is heavy)
+        from deepgen_rl.config import DEFAULT_OCR_PORT
+
+        args.port = DEFAULT_OCR_PORT
     try:
         options = OcrScoringOptions(case_sensitive=args.case_sensitive, ignore_punctuation=args.ignore_punct,
                                     confusion_fold=args.confusion_fold, min_confidence=args.min_conf,

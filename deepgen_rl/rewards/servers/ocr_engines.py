@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 from PIL import Image
@@ -17,7 +17,7 @@ from PIL import Image
 from deepgen_rl.rewards.ocr_scoring import OcrToken
 
 EngineName = Literal["auto", "rapidocr", "paddleocr"]
-ENGINE_NAMES = ("auto", "rapidocr", "paddleocr")
+ENGINE_NAMES: tuple[str, ...] = get_args(EngineName)
 
 
 class OcrEngine(Protocol):
