@@ -38,8 +38,9 @@ _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 class StepCoefficients:
     """The scalars of one Gaussian step: mean = coef_x * x + coef_v * v, x' = mean + noise_std * z.
 
-    Each field is a python float. ``sampler_std`` is the paper's s_t (Flow-SDE: a = eta sqrt(s / (1 - s)); CPS: s' sin(eta pi / 2)); it is the
-    std the KL terms divide by. ``noise_std`` is the actual std of x' given x (Flow-SDE: a sqrt(-dt); CPS: s_t).
+    Each field is a python float. ``sampler_std`` is the paper's s_t (Flow-SDE: a = eta sqrt(s / (1 - s)); CPS:
+    s' sin(eta pi / 2)); it is the std the KL terms divide by. ``noise_std`` is the actual std of x' given x
+    (Flow-SDE: a sqrt(-dt); CPS: s_t).
     """
 
     coef_x: float
