@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from deepgen_rl.sampling.rollout import decode_images, generate_images, guided_velocity, recompute_step, rollout
-from deepgen_rl.sampling.steps import transition_log_prob
+from deepgen_rl.sampling.steps import effective_logprob_variant, gaussian_log_prob, step_coefficients, step_mean
 from deepgen_rl.sampling.trajectory import Conditioning
 
 SAMPLERS = [("cps_sde", "reference", 1.0), ("cps_sde", "exact", 0.8), ("flow_sde", "exact", 0.7)]
@@ -176,15 +176,16 @@ def tiny_model():
 def test_tiny_model_recorded_log_probs_equal_recomputed(tiny_model, sampler, variant, eta):
     traj = _rollout(tiny_model, sampler=sampler, variant=variant, eta=eta, steps=5)
     _assert_recorded_equals_recomputed(tiny_model, traj)
-    # The same through the pure step function and the model API directly (no rollout helpers).
+    # The same through the pure step functions and the model API directly (no rollout helpers).
     step = 2
     x, x_next = traj.latents[:, step].contiguous(), traj.latents[:, step + 1].contiguous()
     s, s_next = traj.sigmas[step].item(), traj.sigmas[step + 1].item()
     with torch.no_grad():
         v = tiny_model.predict_velocity(x, traj.sigmas[step].expand(6), traj.conditioning.prompt_embeds,
                                      traj.conditioning.pooled).float()
-    log_prob = transition_log_prob(x, x_next, v, s, s_next, sampler=sampler, eta=eta, sigma_max=traj.sigmas[1].item(),
-                                   logprob_variant=variant)
+    coefs = step_coefficients(sampler, s, s_next, eta=eta, sigma_max=traj.sigmas[1].item())
+    log_prob = gaussian_log_prob(x_next, step_mean(x, v, coefs), coefs.noise_std,
+                                 effective_logprob_variant(sampler, variant))
     assert torch.equal(log_prob, traj.log_probs[:, step])
     ratio = torch.exp(log_prob - traj.log_probs[:, step])
     assert torch.equal(ratio, torch.ones(6))

@@ -1,5 +1,6 @@
 """One-step samplers against closed forms written out here (DESIGN.md section 4), torch.distributions and
-empirical statistics."""
+empirical statistics, through the functions the rollout and the training recompute call: ``step_coefficients``,
+``sample_with_coefficients`` (rollout), ``step_mean`` + ``gaussian_log_prob`` (recompute)."""
 
 import math
 
@@ -8,18 +9,28 @@ import torch
 from torch.distributions import Normal
 
 from deepgen_rl.sampling.steps import (
-    cps_sde_step,
-    flow_sde_step,
+    effective_logprob_variant,
     gaussian_log_prob,
-    ode_step,
-    sampler_std_schedule,
-    sampler_step,
+    sample_with_coefficients,
     step_coefficients,
-    transition_log_prob,
+    step_mean,
     transition_mean,
 )
 
 DIMS = (1, 2, 3)
+
+
+def sample_step(sampler, x, v, s, s_next, *, eta, variant="exact", sigma_max=None, generator=None, noise=None):
+    """One sampled step as the rollout's denoise loop takes it."""
+    coefs = step_coefficients(sampler, s, s_next, eta=eta, sigma_max=sigma_max)
+    return sample_with_coefficients(x, v, coefs, effective_logprob_variant(sampler, variant), generator, noise)
+
+
+def recomputed_log_prob(sampler, x, x_next, v, s, s_next, *, eta, variant, sigma_max=None):
+    """The log-prob of a given transition as ``recompute_step`` scores it."""
+    coefs = step_coefficients(sampler, s, s_next, eta=eta, sigma_max=sigma_max)
+    return gaussian_log_prob(x_next, step_mean(x, v, coefs), coefs.noise_std,
+                             effective_logprob_variant(sampler, variant))
 
 
 def _xv(seed=0, n=3):
@@ -48,7 +59,7 @@ def _flow_by_hand(x, v, s, s_next, eta, sigma_max):
 def test_cps_exact_log_prob_is_the_gaussian_density(s, s_next, eta):
     x, v = _xv()
     g = torch.Generator().manual_seed(1)
-    res = cps_sde_step(x, v, s, s_next, eta=eta, logprob_variant="exact", generator=g)
+    res = sample_step("cps_sde", x, v, s, s_next, eta=eta, variant="exact", generator=g)
     mean, s_t = _cps_by_hand(x, v, s, s_next, eta)
     torch.testing.assert_close(res.mean, mean, rtol=1e-5, atol=1e-6)
     assert res.sampler_std == pytest.approx(s_t) and res.noise_std == pytest.approx(s_t)
@@ -60,7 +71,7 @@ def test_cps_exact_log_prob_is_the_gaussian_density(s, s_next, eta):
 def test_cps_reference_log_prob_matches_the_reference_formula(s, s_next, eta):
     x, v = _xv(2)
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
-    res = cps_sde_step(x, v, s, s_next, eta=eta, logprob_variant="reference", noise=noise)
+    res = sample_step("cps_sde", x, v, s, s_next, eta=eta, variant="reference", noise=noise)
     mean, s_t = _cps_by_hand(x, v, s, s_next, eta)
     x_next = mean + s_t * noise
     torch.testing.assert_close(res.next_latents, x_next, rtol=1e-5, atol=1e-6)
@@ -74,7 +85,8 @@ def test_cps_reference_log_prob_matches_the_reference_formula(s, s_next, eta):
 def test_flow_sde_log_prob_is_the_gaussian_density(s, s_next, eta):
     x, v = _xv(4)
     sigma_max = 0.93
-    res = flow_sde_step(x, v, s, s_next, eta=eta, sigma_max=sigma_max, generator=torch.Generator().manual_seed(5))
+    res = sample_step("flow_sde", x, v, s, s_next, eta=eta, sigma_max=sigma_max,
+                      generator=torch.Generator().manual_seed(5))
     mean, a, std = _flow_by_hand(x, v, s, s_next, eta, sigma_max)
     torch.testing.assert_close(res.mean, mean, rtol=1e-5, atol=1e-6)
     assert res.sampler_std == pytest.approx(a) and res.noise_std == pytest.approx(std)
@@ -86,8 +98,8 @@ def test_cps_step_statistics_match_the_closed_form():
     torch.manual_seed(0)
     x, v = torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2)
     s, s_next, eta, draws = 0.8, 0.6, 0.7, 40000
-    res = cps_sde_step(x.expand(draws, -1, -1, -1), v.expand(draws, -1, -1, -1), s, s_next, eta=eta,
-                       logprob_variant="reference", generator=torch.Generator().manual_seed(6))
+    res = sample_step("cps_sde", x.expand(draws, -1, -1, -1), v.expand(draws, -1, -1, -1), s, s_next, eta=eta,
+                      variant="reference", generator=torch.Generator().manual_seed(6))
     mean, s_t = _cps_by_hand(x, v, s, s_next, eta)
     emp_mean, emp_std = res.next_latents.mean(0), res.next_latents.std(0)
     assert torch.allclose(emp_mean, mean[0], atol=5 * s_t / math.sqrt(draws))
@@ -98,8 +110,8 @@ def test_flow_sde_step_statistics_match_the_closed_form():
     torch.manual_seed(1)
     x, v = torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2)
     s, s_next, eta, draws = 0.7, 0.5, 0.7, 40000
-    res = flow_sde_step(x.expand(draws, -1, -1, -1), v.expand(draws, -1, -1, -1), s, s_next, eta=eta,
-                        sigma_max=0.95, generator=torch.Generator().manual_seed(7))
+    res = sample_step("flow_sde", x.expand(draws, -1, -1, -1), v.expand(draws, -1, -1, -1), s, s_next, eta=eta,
+                      sigma_max=0.95, generator=torch.Generator().manual_seed(7))
     mean, _, std = _flow_by_hand(x, v, s, s_next, eta, 0.95)
     assert torch.allclose(res.next_latents.mean(0), mean[0], atol=5 * std / math.sqrt(draws))
     assert torch.allclose(res.next_latents.std(0), torch.full((2, 2, 2), std), rtol=0.03)
@@ -108,16 +120,18 @@ def test_flow_sde_step_statistics_match_the_closed_form():
 def test_flow_sde_at_eta_zero_is_the_ode_step():
     x, v = _xv(8)
     for s, s_next in [(1.0, 0.9), (0.55, 0.4), (0.2, 0.0)]:
-        sde = flow_sde_step(x, v, s, s_next, eta=0.0, sigma_max=0.9, generator=torch.Generator().manual_seed(0))
-        ode = ode_step(x, v, s, s_next)
-        assert torch.equal(sde.next_latents, ode.next_latents)
-        torch.testing.assert_close(ode.next_latents, x + (s_next - s) * v)
-        assert ode.log_prob is None and ode.sampler_std == 0.0
+        sde = sample_step("flow_sde", x, v, s, s_next, eta=0.0, sigma_max=0.9,
+                          generator=torch.Generator().manual_seed(0))
+        ode_coefs = step_coefficients("ode", s, s_next, eta=0.0, sigma_max=None)
+        ode = step_mean(x, v, ode_coefs)  # the rollout's ODE step (and evaluation's)
+        assert torch.equal(sde.next_latents, ode)
+        torch.testing.assert_close(ode, x + (s_next - s) * v)
+        assert ode_coefs.sampler_std == 0.0 and ode_coefs.noise_std == 0.0
 
 
 def test_cps_at_eta_zero_is_deterministic_ddim():
     x, v = _xv(9)
-    res = cps_sde_step(x, v, 0.7, 0.4, eta=0.0, logprob_variant="exact", generator=torch.Generator().manual_seed(0))
+    res = sample_step("cps_sde", x, v, 0.7, 0.4, eta=0.0, variant="exact", generator=torch.Generator().manual_seed(0))
     # eta = 0: x' = (1 - s') x0_hat + s' eps_hat (deterministic), the degenerate log-prob is reported as 0
     torch.testing.assert_close(res.next_latents, 0.6 * (x - 0.7 * v) + 0.4 * (x + 0.3 * v))
     assert torch.equal(res.log_prob, torch.zeros(3))
@@ -126,27 +140,25 @@ def test_cps_at_eta_zero_is_deterministic_ddim():
 def test_given_noise_and_generator_paths_agree():
     x, v = _xv(10)
     g1, g2 = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
-    by_gen = cps_sde_step(x, v, 0.5, 0.4, eta=1.0, logprob_variant="reference", generator=g1)
+    by_gen = sample_step("cps_sde", x, v, 0.5, 0.4, eta=1.0, variant="reference", generator=g1)
     noise = torch.randn(x.shape, generator=g2)
-    by_noise = cps_sde_step(x, v, 0.5, 0.4, eta=1.0, logprob_variant="reference", noise=noise)
+    by_noise = sample_step("cps_sde", x, v, 0.5, 0.4, eta=1.0, variant="reference", noise=noise)
     assert torch.equal(by_gen.next_latents, by_noise.next_latents)
     with pytest.raises(ValueError, match="noise has shape"):
-        cps_sde_step(x, v, 0.5, 0.4, eta=1.0, logprob_variant="reference", noise=torch.randn(2, 4, 3, 5))
+        sample_step("cps_sde", x, v, 0.5, 0.4, eta=1.0, variant="reference", noise=torch.randn(2, 4, 3, 5))
 
 
 @pytest.mark.parametrize("sampler,variant", [("cps_sde", "reference"), ("cps_sde", "exact"), ("flow_sde", "exact")])
-def test_transition_log_prob_recomputes_the_step_exactly(sampler, variant):
+def test_recompute_scores_the_sampled_step_exactly(sampler, variant):
     x, v = _xv(12)
-    res = sampler_step(sampler, x, v, 0.8, 0.65, eta=0.8, sigma_max=0.9, logprob_variant=variant,
-                       generator=torch.Generator().manual_seed(13))
-    again = transition_log_prob(x, res.next_latents, v, 0.8, 0.65, sampler=sampler, eta=0.8, sigma_max=0.9,
-                                logprob_variant=variant)
+    res = sample_step(sampler, x, v, 0.8, 0.65, eta=0.8, sigma_max=0.9, variant=variant,
+                      generator=torch.Generator().manual_seed(13))
+    again = recomputed_log_prob(sampler, x, res.next_latents, v, 0.8, 0.65, eta=0.8, sigma_max=0.9, variant=variant)
     assert torch.equal(again, res.log_prob)
     assert torch.equal(transition_mean(x, v, 0.8, 0.65, sampler=sampler, eta=0.8, sigma_max=0.9), res.mean)
     # Under another model output the same transition is scored with that output's mean (by hand here).
     v2 = v + 0.5
-    other = transition_log_prob(x, res.next_latents, v2, 0.8, 0.65, sampler=sampler, eta=0.8, sigma_max=0.9,
-                                logprob_variant=variant)
+    other = recomputed_log_prob(sampler, x, res.next_latents, v2, 0.8, 0.65, eta=0.8, sigma_max=0.9, variant=variant)
     if sampler == "cps_sde":
         mean2, std = _cps_by_hand(x, v2, 0.8, 0.65, 0.8)
     else:
@@ -159,13 +171,14 @@ def test_transition_log_prob_recomputes_the_step_exactly(sampler, variant):
     assert not torch.allclose(other, res.log_prob)
 
 
-def test_sampler_std_schedule_by_hand():
-    sigmas = torch.tensor([1.0, 0.8, 0.5, 0.0])
-    cps = sampler_std_schedule("cps_sde", sigmas, eta=0.5)
-    torch.testing.assert_close(cps, torch.tensor([0.8, 0.5, 0.0]) * math.sin(0.25 * math.pi))
-    flow = sampler_std_schedule("flow_sde", sigmas, eta=0.7)
-    expected = [0.7 * math.sqrt(1.0 / (1 - 0.8)), 0.7 * math.sqrt(0.8 / 0.2), 0.7 * math.sqrt(0.5 / 0.5)]
-    torch.testing.assert_close(flow, torch.tensor(expected))
+def test_sampler_std_by_hand():
+    sig = [1.0, 0.8, 0.5, 0.0]
+    cps = [step_coefficients("cps_sde", sig[i], sig[i + 1], eta=0.5, sigma_max=sig[1]).sampler_std for i in range(3)]
+    assert cps == pytest.approx([0.8 * math.sin(0.25 * math.pi), 0.5 * math.sin(0.25 * math.pi), 0.0])
+    flow = [step_coefficients("flow_sde", sig[i], sig[i + 1], eta=0.7, sigma_max=sig[1]).sampler_std for i in range(3)]
+    # a = eta sqrt(s / (1 - s)), with sigmas[1] = 0.8 in the denominator where s == 1
+    assert flow == pytest.approx([0.7 * math.sqrt(1.0 / (1 - 0.8)), 0.7 * math.sqrt(0.8 / 0.2),
+                                  0.7 * math.sqrt(0.5 / 0.5)])
 
 
 def test_exact_log_prob_with_zero_std_is_zero_and_reference_is_minus_msd():
@@ -177,10 +190,8 @@ def test_exact_log_prob_with_zero_std_is_zero_and_reference_is_minus_msd():
 def test_bad_arguments_name_the_problem():
     x, v = _xv()
     with pytest.raises(ValueError, match="sigma_max"):
-        flow_sde_step(x, v, 1.0, 0.9, eta=0.7, sigma_max=None)
+        step_coefficients("flow_sde", 1.0, 0.9, eta=0.7, sigma_max=None)
     with pytest.raises(ValueError, match="sampler must be one of"):
         step_coefficients("ddim", 0.5, 0.4, eta=1.0, sigma_max=None)
     with pytest.raises(ValueError, match="logprob_variant"):
-        cps_sde_step(x, v, 0.5, 0.4, eta=1.0, logprob_variant="approx")
-    with pytest.raises(ValueError, match="no transition log-prob"):
-        transition_log_prob(x, x, v, 0.5, 0.4, sampler="ode", eta=0.0, sigma_max=None, logprob_variant="exact")
+        sample_step("cps_sde", x, v, 0.5, 0.4, eta=1.0, variant="approx")

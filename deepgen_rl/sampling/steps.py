@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 import torch
 from torch import Tensor
@@ -29,8 +29,8 @@ from torch import Tensor
 Sampler = Literal["ode", "flow_sde", "cps_sde"]
 LogProbVariant = Literal["reference", "exact"]
 
-SAMPLERS = ("ode", "flow_sde", "cps_sde")
-LOGPROB_VARIANTS = ("reference", "exact")
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
+LOGPROB_VARIANTS: tuple[str, ...] = get_args(LogProbVariant)
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -180,49 +180,6 @@ def sample_with_coefficients(
     )
 
 
-def ode_step(x: Tensor, v: Tensor, sigma: float, sigma_next: float) -> StepResult:
-    """Euler step x' = x + (s' - s) v. x, v: [N, C, h, w] -> StepResult (log_prob None)."""
-    coefs = step_coefficients("ode", sigma, sigma_next, eta=0.0, sigma_max=None)
-    mean = step_mean(x, v, coefs)
-    return StepResult(next_latents=mean, mean=mean, sampler_std=0.0, noise_std=0.0, log_prob=None)
-
-
-def flow_sde_step(
-    x: Tensor, v: Tensor, sigma: float, sigma_next: float, *, eta: float, sigma_max: Optional[float],
-    generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None,
-) -> StepResult:
-    """Flow-GRPO SDE step (always the exact Gaussian log-prob). x, v: [N, C, h, w]; sigma_max = sigmas[1].
-
-    Noise: ``noise`` [N, C, h, w] if given, else drawn from ``generator``.
-    """
-    coefs = step_coefficients("flow_sde", sigma, sigma_next, eta=eta, sigma_max=sigma_max)
-    return sample_with_coefficients(x, v, coefs, "exact", generator, noise)
-
-
-def cps_sde_step(
-    x: Tensor, v: Tensor, sigma: float, sigma_next: float, *, eta: float, logprob_variant: LogProbVariant,
-    generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None,
-) -> StepResult:
-    """CPS-SDE step; log-prob ``reference`` (-mean (x' - mean)^2) or ``exact``. x, v: [N, C, h, w]."""
-    coefs = step_coefficients("cps_sde", sigma, sigma_next, eta=eta, sigma_max=None)
-    return sample_with_coefficients(x, v, coefs, logprob_variant, generator, noise)
-
-
-def sampler_step(
-    sampler: Sampler, x: Tensor, v: Tensor, sigma: float, sigma_next: float, *, eta: float,
-    sigma_max: Optional[float], logprob_variant: LogProbVariant,
-    generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None,
-) -> StepResult:
-    """Dispatch to :func:`ode_step`, :func:`flow_sde_step` or :func:`cps_sde_step` by name."""
-    _check_sampler(sampler)
-    if sampler == "ode":
-        return ode_step(x, v, sigma, sigma_next)
-    if sampler == "flow_sde":
-        return flow_sde_step(x, v, sigma, sigma_next, eta=eta, sigma_max=sigma_max, generator=generator, noise=noise)
-    return cps_sde_step(x, v, sigma, sigma_next, eta=eta, logprob_variant=logprob_variant, generator=generator,
-                        noise=noise)
-
-
 def effective_logprob_variant(sampler: Sampler, logprob_variant: LogProbVariant) -> LogProbVariant:
     """Flow-SDE always uses the exact Gaussian (as Flow-GRPO); the variant flag only concerns CPS."""
     return "exact" if sampler == "flow_sde" else logprob_variant
@@ -235,29 +192,3 @@ def transition_mean(
     """Gaussian mean of the step under model output v (used by the x-based KL). x, v: [N, C, h, w] -> same."""
     coefs = step_coefficients(sampler, sigma, sigma_next, eta=eta, sigma_max=sigma_max)
     return step_mean(x, v, coefs)
-
-
-def transition_log_prob(
-    x: Tensor, x_next: Tensor, v: Tensor, sigma: float, sigma_next: float, *, sampler: Sampler, eta: float,
-    sigma_max: Optional[float], logprob_variant: LogProbVariant,
-) -> Tensor:
-    """Log-prob [N] of a GIVEN transition x -> x_next under model output v (training recomputes with it).
-
-    x, x_next, v: [N, C, h, w]. Same arithmetic as the sampling step, so on the same v it returns the recorded
-    log-prob bit for bit. The ODE has no density: asking for it is an error.
-    """
-    if sampler == "ode":
-        raise ValueError("sampler 'ode' is deterministic and has no transition log-prob; use cps_sde or flow_sde.")
-    coefs = step_coefficients(sampler, sigma, sigma_next, eta=eta, sigma_max=sigma_max)
-    mean = step_mean(x, v, coefs)
-    return gaussian_log_prob(x_next, mean, coefs.noise_std, effective_logprob_variant(sampler, logprob_variant))
-
-
-def sampler_std_schedule(sampler: Sampler, sigmas: Tensor, *, eta: float) -> Tensor:
-    """s_t of every step: sigmas [T + 1] -> [T] fp32 (flow_sde: a, with sigmas[1] where sigma == 1; cps: s' sin)."""
-    values = []
-    sig = sigmas.detach().to(torch.float64).cpu().tolist()
-    for i in range(len(sig) - 1):
-        coefs = step_coefficients(sampler, sig[i], sig[i + 1], eta=eta, sigma_max=sig[1] if len(sig) > 1 else None)
-        values.append(float(coefs.sampler_std))
-    return torch.tensor(values, dtype=torch.float32)
