@@ -8,14 +8,8 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from deepgen_rl.sampling.steps import (
-    effective_logprob_variant,
-    gaussian_log_prob,
-    sample_with_coefficients,
-    step_coefficients,
-    step_mean,
-    transition_mean,
-)
+from deepgen_rl.sampling.steps import effective_logprob_variant, gaussian_log_prob, sample_with_coefficients
+from deepgen_rl.sampling.steps import step_coefficients, step_mean, transition_mean
 
 DIMS = (1, 2, 3)
 
