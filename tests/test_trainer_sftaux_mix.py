@@ -67,7 +67,7 @@ def test_backward_weights_give_the_convex_mix_of_gradients(monkeypatch, coef):
         index = torch.arange(N)[rows]
         mask = valid[rows]
         loss = (per_sample_loss(w, step, index) * mask).sum() / mask.sum().clamp_min(1)  # the chunk's masked mean
-        return ChunkObjective(loss=loss, policy_loss=float(loss), kl=0.0, clip_fraction=0.0, ratio_mean=1.0,
+        return ChunkObjective(loss=loss, policy_loss=float(loss.detach()), kl=0.0, clip_fraction=0.0, ratio_mean=1.0,
                               ratio_max_dev=0.0, num_valid=int(mask.sum()))
 
     monkeypatch.setattr(grpo_trainer, "policy_chunk_objective", chunk_objective)
