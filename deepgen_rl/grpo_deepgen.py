@@ -70,17 +70,17 @@ def _init_distributed(ddp_timeout_s: Optional[int] = None):
 
 def build_trainer(args, model_args, data_args, device: str):
     """Model, prompt sampler, rewards, SFT-aux data and the trainer, from the parsed flags."""
-    import torch.distributed as dist
     from transformers import set_seed
 
     from deepgen_rl.data import PromptSampler, load_dataset_config
+    from deepgen_rl.distributed import rank_and_world
     from deepgen_rl.model import load_deepgen_model
     from deepgen_rl.rewards import RewardSettings, build_rewards
     from deepgen_rl.rewards.reward_step import RewardStep
     from deepgen_rl.trainer import DeepGenGRPOTrainer, LoraSettings, TrackerSettings
     from deepgen_rl.trainer.eval_hook import build_eval_hook
 
-    rank = dist.get_rank()
+    rank, _ = rank_and_world()
     set_seed(args.seed)
     # Parsing --deepspeed registered the JSON with transformers, which would then build every from_pretrained
     # model under deepspeed.zero.Init (ZeRO-3): partitioned before CHECKPOINT is loaded, with HF's own batch
@@ -139,4 +139,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        exit_code = main()
+    finally:  # here, not in main(): tests call main() inside a session-wide process group
+        from deepgen_rl.distributed import destroy
+
+        destroy()
+    sys.exit(exit_code)

@@ -19,6 +19,7 @@ from tests.servers.fake_judge import (
     NORMAL,
     NOT_JSON,
     SLOW,
+    TRUNCATED,
     WRONG_LENGTH,
     FakeJudge,
     encode_verdict,
@@ -131,6 +132,15 @@ def test_persistent_failures_are_retried_then_reported(fake_judge, behaviour, me
     assert result.attempts == 3 and "failed after 3 attempts" in result.error and message in result.error
     assert fake_judge.stats()["counts"]["chat"] - before == 3  # the server really saw every retry
     assert "bench[7] image 0" in result.error
+
+
+def test_reply_cut_by_max_tokens_is_reported_without_retrying(fake_judge):
+    before = fake_judge.stats()["counts"].get("chat", 0)
+    with UniGenBenchJudge(_settings(fake_judge.url, max_retries=2)) as judge:
+        result = judge.judge("bench", ITEM, 0, _image([1, 1, 1], TRUNCATED, tag=50), "en")
+    assert result.scores is None and result.attempts == 1
+    assert "max_tokens=321" in result.error and "finish_reason 'length'" in result.error
+    assert fake_judge.stats()["counts"]["chat"] - before == 1  # greedy decoding would cut it the same way again
 
 
 def test_slow_judge_times_out_and_is_reported(fake_judge):

@@ -91,12 +91,14 @@ def _setup_distributed(device_flag: str):
     import torch
     import torch.distributed as dist
 
+    from deepgen_rl.distributed import is_distributed
+
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return device
 
@@ -144,15 +146,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return _evaluate(cli, model_args, data_args, datasets, device)
     finally:
-        import torch.distributed as dist
+        from deepgen_rl.distributed import destroy
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        destroy()
 
 
 def _evaluate(cli: EvalCliArguments, model_args: ModelArguments, data_args: DataArguments, datasets, device) -> int:
     from deepgen_rl.eval.judge import JudgeSettings
-    from deepgen_rl.eval.runner import EvalSettings, distributed_info, model_generate_fn, run_evaluation
+    from deepgen_rl.distributed import rank_and_world
+    from deepgen_rl.eval.runner import EvalSettings, model_generate_fn, run_evaluation
 
     default_size = 64 if cli.tiny else None
     height = cli.image_height or default_size or GRPOConfig.image_height
@@ -164,7 +166,7 @@ def _evaluate(cli: EvalCliArguments, model_args: ModelArguments, data_args: Data
     report = run_evaluation(model_generate_fn(model, height, width, cli.micro_batch_size,
                                               cli.vae_decode_micro_batch_size),
                             JudgeSettings.from_data_args(data_args), datasets, settings, cli.output_dir, cli.step)
-    if distributed_info()[0] == 0:
+    if rank_and_world()[0] == 0:
         _print_summary(report)
     return 0 if all(entry.scores.overall.total > 0 for entry in report.datasets) else 1
 

@@ -13,47 +13,21 @@ waits past it, so the periodic evaluation can promise the trainer an end time.
 
 from __future__ import annotations
 
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Optional
 
-import httpx
 from PIL import Image
 
 from deepgen_rl.eval.aggregate import ImageJudgement
 from deepgen_rl.eval.dataset import BenchPrompt, Language, primary_dimension
-from deepgen_rl.eval.judge_prompt import JudgeReplyError, parse_judge_scores, render_judge_prompt
-from deepgen_rl.rewards.http_utils import (
-    MAX_CONNECT_TIMEOUT_S,
-    PermanentError,
-    RetryableError,
-    RetryPolicy,
-    call_with_retries,
-    join_url,
-    make_client,
-    parse_reply,
-    png_data_url,
-    require_served_model,
-    wait_for_health,
-)
-from deepgen_rl.rewards.protocol import (
-    CHAT_COMPLETIONS_PATH,
-    VLLM_HEALTH_PATH,
-    VLLM_MODELS_PATH,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatMessage,
-    ImageContent,
-    ImageUrl,
-    TextContent,
-)
+from deepgen_rl.eval.judge_prompt import parse_judge_scores, render_judge_prompt
+from deepgen_rl.rewards.http_utils import RetryPolicy, png_data_url
+from deepgen_rl.rewards.vllm_chat import VllmChatClient, VllmServer
 
 UNIGENBENCH_START_HINT = ("start it with `bash scripts/eval_unigenbench_evalmodel.sh` (vLLM, port 8000), or point "
                           "UNIGENBENCH_API_URL / --unigenbench_api_url at it")
-JUDGE_TEMPERATURE = 0.0
 MAX_KEPT_REPLY_CHARS = 2000  # of each reply, kept in the per-image CSV for inspection
-MIN_REQUEST_TIMEOUT_S = 0.05  # httpx rejects a zero timeout; below this the deadline has effectively passed
 
 
 @dataclass(frozen=True)
@@ -94,74 +68,40 @@ class UniGenBenchJudge:
 
     def __init__(self, settings: JudgeSettings) -> None:
         self.settings = settings
-        self.policy = settings.retry_policy()
-        self._client = make_client(self.policy, settings.max_concurrency)
-        self._pool = ThreadPoolExecutor(max_workers=settings.max_concurrency, thread_name_prefix="unigenbench")
+        server = VllmServer(settings.url, settings.model_name, "UniGenBench judge", UNIGENBENCH_START_HINT,
+                            "UNIGENBENCH_MODEL_NAME / --unigenbench_model_name")
+        self.chat = VllmChatClient(server, settings.retry_policy(), settings.max_concurrency, settings.max_tokens,
+                                   settings.health_timeout_s, thread_name="unigenbench")
 
     def check_ready(self, timeout_s: Optional[float] = None) -> None:
         """Raise RewardServerUnavailable (naming the URL and the launcher) unless the judge is up and serves
         ``model_name`` (vLLM's --served-model-name)."""
-        url = self.settings.url
-        wait_for_health(url, VLLM_HEALTH_PATH, timeout_s or self.settings.health_timeout_s, "UniGenBench judge",
-                        UNIGENBENCH_START_HINT)
-        require_served_model(self._client, url, VLLM_MODELS_PATH, self.settings.model_name, self.policy,
-                             "UniGenBench judge",
-                             f"start vLLM with --served-model-name {self.settings.model_name} (the script does) or "
-                             "set UNIGENBENCH_MODEL_NAME / --unigenbench_model_name.")
+        self.chat.check_ready(timeout_s)
 
     def submit(self, dataset: str, item: BenchPrompt, duplicate: int, image: Image.Image, language: Language,
                deadline: Optional[float] = None) -> "Future[ImageJudgement]":
-        return self._pool.submit(self.judge, dataset, item, duplicate, image, language, deadline)
+        return self.chat.pool.submit(self.judge, dataset, item, duplicate, image, language, deadline)
 
     def judge(self, dataset: str, item: BenchPrompt, duplicate: int, image: Image.Image, language: Language,
               deadline: Optional[float] = None) -> ImageJudgement:
         """Ask the judge about one image; never raises for a failed request (the record carries the error)."""
         try:
-            payload = self._request(item, image, language)
+            image_url, question = png_data_url(image), render_judge_prompt(item, language)
         except Exception as err:  # an unencodable image must not take the evaluation down
             return failed_judgement(dataset, item, duplicate, language, f"cannot build the request: {err}")
-        replies: list[str] = []
-
-        def attempt() -> list[int]:
-            timeout = self.settings.timeout_s
-            if deadline is not None:
-                timeout = min(timeout, deadline - time.monotonic())
-                if timeout < MIN_REQUEST_TIMEOUT_S:
-                    raise PermanentError("evaluation deadline (--eval_timeout) passed before the judge answered")
-            response = self._client.post(join_url(self.settings.url, CHAT_COMPLETIONS_PATH), json=payload,
-                                         timeout=httpx.Timeout(timeout, connect=min(timeout, MAX_CONNECT_TIMEOUT_S)))
-            content = parse_reply(response, ChatCompletionResponse).choices[0].message.content or ""
-            replies.append(content)
-            try:
-                return parse_judge_scores(content, len(item.test_points))
-            except JudgeReplyError as err:
-                raise RetryableError(f"unusable judge reply: {err}") from None
-
-        what = f"UniGenBench judge on {dataset}[{item.index}] image {duplicate}"
-        outcome = call_with_retries(attempt, self.policy, what)
-        reply = replies[-1][:MAX_KEPT_REPLY_CHARS] if replies else ""
-        if outcome.value is None:
-            return failed_judgement(dataset, item, duplicate, language, str(outcome.error), outcome.attempts, reply)
+        answer = self.chat.ask([image_url], question, lambda reply: parse_judge_scores(reply, len(item.test_points)),
+                               f"UniGenBench judge on {dataset}[{item.index}] image {duplicate}", deadline)
+        reply = answer.last_reply[:MAX_KEPT_REPLY_CHARS]
+        if answer.value is None:
+            return failed_judgement(dataset, item, duplicate, language, str(answer.error), answer.attempts, reply)
         return ImageJudgement(
             dataset=dataset, index=item.index, duplicate=duplicate, test_points=item.test_points,
             primary_dimensions=tuple(primary_dimension(p, language) for p in item.test_points),
-            scores=tuple(outcome.value), error=None, attempts=outcome.attempts, reply=reply)
-
-    def _request(self, item: BenchPrompt, image: Image.Image, language: Language) -> dict:
-        return ChatCompletionRequest(
-            model=self.settings.model_name,
-            messages=[ChatMessage(role="user", content=[
-                ImageContent(image_url=ImageUrl(url=png_data_url(image))),
-                TextContent(text=render_judge_prompt(item, language)),
-            ])],
-            temperature=JUDGE_TEMPERATURE,
-            max_tokens=self.settings.max_tokens,
-        ).model_dump()
+            scores=tuple(answer.value), error=None, attempts=answer.attempts, reply=reply)
 
     def close(self) -> None:
         """Stop queued requests; running ones end by their own timeout (their results are dropped)."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._client.close()
+        self.chat.close()
 
     def __enter__(self) -> "UniGenBenchJudge":
         return self

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from deepgen_rl.distributed import rank_and_world, seeded_generator
 from deepgen_rl.eval.aggregate import ImageJudgement, aggregate_dataset, sort_judgements
 from deepgen_rl.eval.dataset import BenchPrompt, EvalDataset, load_eval_datasets
 from deepgen_rl.eval.judge import JudgeSettings, UniGenBenchJudge, failed_judgement
@@ -104,13 +105,6 @@ def generation_batches(items: Sequence[WorkItem], micro_batch_size: int) -> list
     return batches
 
 
-def distributed_info() -> tuple[int, int]:
-    """(rank, world_size); (0, 1) without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def run_evaluation(generate_fn: GenerateFn, judge_settings: JudgeSettings, datasets: Sequence[EvalDataset],
                    settings: EvalSettings, output_dir: Optional[str | Path], step: int) -> EvalReport:
     """Evaluate this rank's share, gather every rank's judgements and aggregate; rank 0 writes the files."""
@@ -119,7 +113,7 @@ def run_evaluation(generate_fn: GenerateFn, judge_settings: JudgeSettings, datas
     work_deadline = None
     if deadline is not None:
         work_deadline = deadline - min(GATHER_RESERVE_FRACTION * settings.timeout_s, MAX_GATHER_RESERVE_S)
-    rank, world_size = distributed_info()
+    rank, world_size = rank_and_world()
     group = new_gather_group() if world_size > 1 else None  # now, while every rank is here
     plan = plan_work(datasets)
     sample_dir = Path(output_dir) / SAMPLES_DIR if output_dir is not None and rank == 0 else None
@@ -231,7 +225,7 @@ def gather_judgements(local: Sequence[ImageJudgement], deadline: Optional[float]
                       group=None) -> tuple[list[ImageJudgement], bool]:
     """Every rank's judgements on every rank; (this rank's only, False) if some rank misses the deadline.
     ``group``: a gloo group of all ranks (None: the default group, which must then be gloo)."""
-    rank, world_size = distributed_info()
+    rank, world_size = rank_and_world()
     if world_size == 1:
         return list(local), True
     if deadline is not None:
@@ -262,7 +256,7 @@ def model_generate_fn(model, height: int, width: int, micro_batch_size: Optional
     from deepgen_rl.sampling import generate_images
 
     def generate(prompts: list[str], cfg_scale: float, num_inference_steps: int, seed: int) -> list[Image.Image]:
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        generator = seeded_generator(torch.device("cpu"), seed)
         images = generate_images(model, prompts, num_inference_steps=num_inference_steps, height=height, width=width,
                                  cfg_scale=cfg_scale, generator=generator, micro_batch_size=micro_batch_size,
                                  decode_micro_batch_size=decode_micro_batch_size)

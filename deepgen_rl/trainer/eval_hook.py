@@ -16,7 +16,7 @@ from typing import Callable, Mapping, Optional
 import torch
 
 from .deepspeed_setup import load_deepspeed_config, zero_stage
-from .distributed import is_distributed, rank_and_world
+from ..distributed import all_ranks, is_distributed, rank_and_world
 
 logger = logging.getLogger(__name__)
 
@@ -26,14 +26,10 @@ EvalHook = Callable[[torch.nn.Module, int], Mapping[str, float]]
 def _all_ranks_agree(ok: bool) -> bool:
     if not is_distributed():
         return ok
-    import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
-    device = "cpu" if accelerator.device_name() == "cpu" else accelerator.current_device_name()
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return all_ranks(ok, "cpu" if accelerator.device_name() == "cpu" else accelerator.current_device_name())
 
 
 def _unavailable_reason(args, data_args) -> Optional[str]:
