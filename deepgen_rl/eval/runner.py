@@ -40,6 +40,7 @@ from deepgen_rl.eval.dataset import BenchPrompt, EvalDataset, load_eval_datasets
 from deepgen_rl.eval.judge import JudgeSettings, UniGenBenchJudge, failed_judgement
 from deepgen_rl.eval.report import SAMPLES_DIR, DatasetReport, EvalReport, metrics_for_logging, write_report
 from deepgen_rl.rewards.http_utils import RewardServerUnavailable
+from deepgen_rl.rewards.reward_step import images_to_pil
 
 logger = logging.getLogger(__name__)
 
@@ -242,12 +243,6 @@ def gather_judgements(local: Sequence[ImageJudgement], deadline: Optional[float]
 
 
 # ---- the model-backed generate_fn and the trainer hook ----
-
-def images_to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[N, 3, H, W] float in [0, 1] -> N RGB PIL images."""
-    array = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(frame) for frame in array]
-
 
 def model_generate_fn(model, height: int, width: int, micro_batch_size: Optional[int] = None,
                       decode_micro_batch_size: Optional[int] = None) -> GenerateFn:
