@@ -2,11 +2,11 @@
 
 The trainer calls, on every rank after each optimizer step::
 
-    report = periodic_eval(model, training_args, data_args, step)     # None unless step % eval_freq == 0
+    report = periodic_eval(model, training_args, data_args, judge_args, step)     # None unless step % eval_freq == 0
     if report is not None and is_main_process:
         log(metrics_for_logging(report))    # eval/<dataset>/overall, eval/<dataset>/<dimension>, ...
 
-or, when it decides itself when to evaluate, ``hook = make_eval_hook(training_args, data_args)`` at start-up
+or, when it decides itself when to evaluate, ``hook = make_eval_hook(training_args, data_args, judge_args)`` at start-up
 (reads and checks the eval YAML) and ``metrics = hook(model, step)`` on every rank.
 
 Standalone: ``python -m deepgen_rl.eval --help``.
@@ -23,7 +23,7 @@ from deepgen_rl.eval.dataset import (
     load_unigenbench_csv,
     primary_dimension,
 )
-from deepgen_rl.eval.judge import JudgeSettings, UniGenBenchJudge
+from deepgen_rl.eval.judge import UniGenBenchJudge
 from deepgen_rl.eval.judge_prompt import JudgeReplyError, parse_judge_scores, render_judge_prompt
 from deepgen_rl.eval.report import DatasetReport, EvalReport, metrics_for_logging, write_report
 from deepgen_rl.eval.runner import (
@@ -39,7 +39,7 @@ from deepgen_rl.eval.runner import (
 
 __all__ = [
     "Accuracy", "BenchPrompt", "DatasetReport", "DatasetScores", "EvalDataError", "EvalDataset", "EvalDatasetSpec",
-    "EvalReport", "EvalSettings", "GenerateFn", "ImageJudgement", "JudgeReplyError", "JudgeSettings",
+    "EvalReport", "EvalSettings", "GenerateFn", "ImageJudgement", "JudgeReplyError",
     "UniGenBenchJudge", "aggregate", "aggregate_dataset", "evaluate_model", "load_eval_config", "load_eval_datasets",
     "load_unigenbench_csv", "make_eval_hook", "metrics_for_logging", "model_generate_fn", "parse_judge_scores",
     "periodic_eval", "primary_dimension", "render_judge_prompt", "run_evaluation", "should_evaluate", "write_report",

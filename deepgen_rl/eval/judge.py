@@ -14,44 +14,20 @@ waits past it, so the periodic evaluation can promise the trainer an end time.
 from __future__ import annotations
 
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Optional
 
 from PIL import Image
 
+from deepgen_rl.config import JudgeArguments
 from deepgen_rl.eval.aggregate import ImageJudgement
 from deepgen_rl.eval.dataset import BenchPrompt, Language, primary_dimension
 from deepgen_rl.eval.judge_prompt import parse_judge_scores, render_judge_prompt
-from deepgen_rl.rewards.http_utils import RetryPolicy, png_data_url
+from deepgen_rl.rewards.http_utils import png_data_url
 from deepgen_rl.rewards.vllm_chat import VllmChatClient, VllmServer
 
 UNIGENBENCH_START_HINT = ("start it with `bash scripts/eval_unigenbench_evalmodel.sh` (vLLM, port 8000), or point "
                           "UNIGENBENCH_API_URL / --unigenbench_api_url at it")
 MAX_KEPT_REPLY_CHARS = 2000  # of each reply, kept in the per-image CSV for inspection
-
-
-@dataclass(frozen=True)
-class JudgeSettings:
-    """Where the judge is and how hard to try (from DataArguments; see config.py for each default)."""
-
-    url: str
-    model_name: str
-    timeout_s: float
-    max_retries: int
-    backoff_s: float
-    max_concurrency: int
-    max_tokens: int
-    health_timeout_s: float
-
-    @classmethod
-    def from_data_args(cls, data_args) -> "JudgeSettings":
-        return cls(url=data_args.unigenbench_api_url, model_name=data_args.unigenbench_model_name,
-                   timeout_s=data_args.reward_timeout, max_retries=data_args.reward_max_retries,
-                   backoff_s=data_args.reward_retry_backoff, max_concurrency=data_args.reward_max_concurrency,
-                   max_tokens=data_args.unigenbench_max_tokens, health_timeout_s=data_args.reward_health_timeout)
-
-    def retry_policy(self) -> RetryPolicy:
-        return RetryPolicy(timeout_s=self.timeout_s, max_retries=self.max_retries, backoff_s=self.backoff_s)
 
 
 def failed_judgement(dataset: str, item: BenchPrompt, duplicate: int, language: Language, error: str,
@@ -66,12 +42,12 @@ def failed_judgement(dataset: str, item: BenchPrompt, duplicate: int, language: 
 class UniGenBenchJudge:
     """Thread-safe judge client; ``submit`` returns a future per image, ``judge`` waits for one."""
 
-    def __init__(self, settings: JudgeSettings) -> None:
-        self.settings = settings
-        server = VllmServer(settings.url, settings.model_name, "UniGenBench judge", UNIGENBENCH_START_HINT,
-                            "UNIGENBENCH_MODEL_NAME / --unigenbench_model_name")
-        self.chat = VllmChatClient(server, settings.retry_policy(), settings.max_concurrency, settings.max_tokens,
-                                   settings.health_timeout_s, thread_name="unigenbench")
+    def __init__(self, args: JudgeArguments) -> None:
+        self.args = args
+        server = VllmServer(args.unigenbench_api_url, args.unigenbench_model_name, "UniGenBench judge",
+                            UNIGENBENCH_START_HINT, "UNIGENBENCH_MODEL_NAME / --unigenbench_model_name")
+        self.chat = VllmChatClient(server, args.retry_policy(), args.judge_max_concurrency, args.unigenbench_max_tokens,
+                                   args.judge_health_timeout, thread_name="unigenbench")
 
     def check_ready(self, timeout_s: Optional[float] = None) -> None:
         """Raise RewardServerUnavailable (naming the URL and the launcher) unless the judge is up and serves

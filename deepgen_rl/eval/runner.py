@@ -34,10 +34,11 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from deepgen_rl.distributed import rank_and_world, seeded_generator
 from deepgen_rl.eval.aggregate import ImageJudgement, aggregate_dataset, sort_judgements
 from deepgen_rl.eval.dataset import BenchPrompt, EvalDataset, load_eval_datasets
-from deepgen_rl.eval.judge import JudgeSettings, UniGenBenchJudge, failed_judgement
+from deepgen_rl.config import DataArguments, GRPOConfig, JudgeArguments
+from deepgen_rl.distributed import rank_and_world, seeded_generator
+from deepgen_rl.eval.judge import UniGenBenchJudge, failed_judgement
 from deepgen_rl.eval.report import SAMPLES_DIR, DatasetReport, EvalReport, metrics_for_logging, write_report
 from deepgen_rl.rewards.http_utils import RewardServerUnavailable
 from deepgen_rl.rewards.reward_step import images_to_pil
@@ -64,7 +65,7 @@ class EvalSettings:
     decode_micro_batch_size: Optional[int] = None  # images per VAE decode (None: micro_batch_size)
 
     @classmethod
-    def from_training_args(cls, args) -> "EvalSettings":
+    def from_training_args(cls, args: GRPOConfig) -> "EvalSettings":
         return cls(height=args.image_height, width=args.image_width, seed=args.seed,
                    micro_batch_size=args.rollout_micro_batch_size, num_sample_images=args.eval_num_sample_images,
                    timeout_s=args.eval_timeout, decode_micro_batch_size=args.vae_decode_micro_batch_size)
@@ -106,7 +107,7 @@ def generation_batches(items: Sequence[WorkItem], micro_batch_size: int) -> list
     return batches
 
 
-def run_evaluation(generate_fn: GenerateFn, judge_settings: JudgeSettings, datasets: Sequence[EvalDataset],
+def run_evaluation(generate_fn: GenerateFn, judge_args: JudgeArguments, datasets: Sequence[EvalDataset],
                    settings: EvalSettings, output_dir: Optional[str | Path], step: int) -> EvalReport:
     """Evaluate this rank's share, gather every rank's judgements and aggregate; rank 0 writes the files."""
     start = time.monotonic()
@@ -119,7 +120,7 @@ def run_evaluation(generate_fn: GenerateFn, judge_settings: JudgeSettings, datas
     plan = plan_work(datasets)
     sample_dir = Path(output_dir) / SAMPLES_DIR if output_dir is not None and rank == 0 else None
     try:
-        local = _evaluate_shard(generate_fn, judge_settings, datasets, shard_work(plan, rank, world_size), settings,
+        local = _evaluate_shard(generate_fn, judge_args, datasets, shard_work(plan, rank, world_size), settings,
                                 work_deadline, sample_dir)
         judgements, complete = gather_judgements(local, deadline, group)
     finally:
@@ -136,7 +137,7 @@ def run_evaluation(generate_fn: GenerateFn, judge_settings: JudgeSettings, datas
     return report
 
 
-def _evaluate_shard(generate_fn: GenerateFn, judge_settings: JudgeSettings, datasets: Sequence[EvalDataset],
+def _evaluate_shard(generate_fn: GenerateFn, judge_args: JudgeArguments, datasets: Sequence[EvalDataset],
                     items: Sequence[WorkItem], settings: EvalSettings, deadline: Optional[float],
                     sample_dir: Optional[Path]) -> list[ImageJudgement]:
     """Generate and judge ``items``; every item comes back as a judgement (scored or failed with a reason)."""
@@ -146,9 +147,9 @@ def _evaluate_shard(generate_fn: GenerateFn, judge_settings: JudgeSettings, data
 
     if not items:
         return []
-    with UniGenBenchJudge(judge_settings) as judge:
+    with UniGenBenchJudge(judge_args) as judge:
         try:
-            health_wait = judge_settings.health_timeout_s
+            health_wait = judge_args.judge_health_timeout
             if deadline is not None:
                 health_wait = max(min(health_wait, deadline - time.monotonic()), MIN_BARRIER_WAIT_S)
             judge.check_ready(timeout_s=health_wait)
@@ -265,7 +266,7 @@ def should_evaluate(step: int, eval_freq: int) -> bool:
     return eval_freq > 0 and step % eval_freq == 0
 
 
-def periodic_eval(model, training_args, data_args, step: int, output_dir: Optional[str | Path] = None,
+def periodic_eval(model, training_args: GRPOConfig, data_args: DataArguments, judge_args: JudgeArguments, step: int, output_dir: Optional[str | Path] = None,
                   datasets: Optional[Sequence[EvalDataset]] = None) -> Optional[EvalReport]:
     """The trainer's hook: call it on EVERY rank after each optimizer step; it evaluates when
     ``step % eval_freq == 0`` (else returns None) and gives every rank the same report. Log
@@ -276,10 +277,10 @@ def periodic_eval(model, training_args, data_args, step: int, output_dir: Option
         return None
     if datasets is None:
         datasets = load_eval_datasets(data_args.eval_dataset_config, training_args.eval_max_prompts)
-    return evaluate_model(model, training_args, data_args, step, datasets, output_dir)
+    return evaluate_model(model, training_args, judge_args, step, datasets, output_dir)
 
 
-def evaluate_model(model, training_args, data_args, step: int, datasets: Sequence[EvalDataset],
+def evaluate_model(model, training_args: GRPOConfig, judge_args: JudgeArguments, step: int, datasets: Sequence[EvalDataset],
                    output_dir: Optional[str | Path] = None) -> EvalReport:
     """Evaluate ``model`` now (every rank calls it), with the settings of the training flags."""
     settings = EvalSettings.from_training_args(training_args)
@@ -289,12 +290,13 @@ def evaluate_model(model, training_args, data_args, step: int, datasets: Sequenc
     was_training = model.training
     model.eval()
     try:
-        return run_evaluation(generate_fn, JudgeSettings.from_data_args(data_args), datasets, settings, folder, step)
+        return run_evaluation(generate_fn, judge_args, datasets, settings, folder, step)
     finally:
         model.train(was_training)
 
 
-def make_eval_hook(training_args, data_args) -> Callable[[torch.nn.Module, int], dict[str, float]]:
+def make_eval_hook(training_args: GRPOConfig, data_args: DataArguments, judge_args: JudgeArguments
+                   ) -> Callable[[torch.nn.Module, int], dict[str, float]]:
     """``hook(model, step) -> metrics`` for a trainer that decides itself when to evaluate (every rank calls it).
 
     The eval YAML and CSVs are read here, once, so a bad eval config fails at start-up rather than at the
@@ -302,6 +304,6 @@ def make_eval_hook(training_args, data_args) -> Callable[[torch.nn.Module, int],
     datasets = load_eval_datasets(data_args.eval_dataset_config, training_args.eval_max_prompts)
 
     def hook(model: torch.nn.Module, step: int) -> dict[str, float]:
-        return metrics_for_logging(evaluate_model(model, training_args, data_args, step, datasets))
+        return metrics_for_logging(evaluate_model(model, training_args, judge_args, step, datasets))
 
     return hook

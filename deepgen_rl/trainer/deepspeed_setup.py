@@ -17,7 +17,7 @@ import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 import torch
 from transformers import get_scheduler
@@ -25,6 +25,9 @@ from transformers import get_scheduler
 from deepgen_rl.deepspeed_json import check_deepspeed_types, read_deepspeed_json
 
 from .batching import BatchPlan
+
+if TYPE_CHECKING:
+    from deepgen_rl.config import GRPOConfig
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +86,7 @@ def _find_auto(node: Any, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if node == AUTO else []
 
 
-def fill_deepspeed_config(config: dict, *, args, plan: BatchPlan, num_training_steps: int, hidden_size: int,
+def fill_deepspeed_config(config: dict, *, args: GRPOConfig, plan: BatchPlan, num_training_steps: int, hidden_size: int,
                           trainable_dtype: torch.dtype) -> dict:
     """A copy of ``config`` with every "auto" replaced (HF Trainer semantics), from the flags and the batch plan.
 
@@ -123,8 +126,9 @@ def zero_stage(config: dict) -> int:
     return int(config.get("zero_optimization", {}).get("stage") or 0)
 
 
-def offloads_optimizer(config: dict) -> bool:
-    offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
+def offloads(config: dict, what: str = "optimizer") -> bool:
+    """ZeRO offloads ``what`` ("optimizer" or "param") to the CPU / NVMe."""
+    offload = config.get("zero_optimization", {}).get(f"offload_{what}") or {}
     return (offload.get("device") or "none") != "none"
 
 
@@ -140,11 +144,11 @@ def trainable_parameter_groups(model: torch.nn.Module, weight_decay: float) -> l
     return [group for group in groups if group["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, args, config: dict) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, args: GRPOConfig, config: dict) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; DeepSpeed's CPU Adam when the optimizer is offloaded and it builds."""
     groups = trainable_parameter_groups(model, args.weight_decay)
     kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    if offloads_optimizer(config):
+    if offloads(config, "optimizer"):
         try:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -155,7 +159,7 @@ def build_optimizer(model: torch.nn.Module, args, config: dict) -> torch.optim.O
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def scheduler_factory(args, num_training_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
+def scheduler_factory(args: GRPOConfig, num_training_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
     """The LR schedule DeepSpeed steps after each applied optimizer step (not after a skipped one)."""
     def build(optimizer: torch.optim.Optimizer):
         return get_scheduler(
@@ -174,7 +178,7 @@ class EngineParts:
     config: dict
 
 
-def initialize_engine(model: torch.nn.Module, args, plan: BatchPlan, num_training_steps: int) -> EngineParts:
+def initialize_engine(model: torch.nn.Module, args: GRPOConfig, plan: BatchPlan, num_training_steps: int) -> EngineParts:
     """deepspeed.initialize over the whole model with the filled config, our AdamW and LR schedule."""
     import deepspeed
 
