@@ -157,15 +157,12 @@ class DataArguments:
 
 
 def _check_client_flags(prefix: str, args) -> None:
-    """The timeout / retry flags a client group shares (``--{prefix}_timeout`` ...)."""
-    for flag in ("timeout", "health_timeout"):
-        if getattr(args, f"{prefix}_{flag}") <= 0:
-            raise ValueError(f"--{prefix}_{flag} must be > 0 seconds; got {getattr(args, f'{prefix}_{flag}')}.")
-    if getattr(args, f"{prefix}_retry_backoff") < 0:
-        raise ValueError(f"--{prefix}_retry_backoff must be >= 0 seconds; got {getattr(args, f'{prefix}_retry_backoff')}.")
-    if getattr(args, f"{prefix}_max_retries") < 0:
-        raise ValueError(f"--{prefix}_max_retries must be >= 0; got {getattr(args, f'{prefix}_max_retries')}.")
-    _check_positive(f"{prefix}_max_concurrency", getattr(args, f"{prefix}_max_concurrency"))
+    """The timeout / retry flags of a client group (``--{prefix}_timeout`` ...): (name, bound, bound allowed)."""
+    for name, low, closed in (("timeout", 0, False), ("health_timeout", 0, False), ("retry_backoff", 0, True),
+                              ("max_retries", 0, True), ("max_concurrency", 1, True)):
+        value = getattr(args, f"{prefix}_{name}")
+        if value < low or (value == low and not closed):
+            raise ValueError(f"--{prefix}_{name} must be {'>=' if closed else '>'} {low}; got {value}.")
 
 
 def _check_urls(args, *flags: str) -> None:
@@ -173,13 +170,6 @@ def _check_urls(args, *flags: str) -> None:
         url = getattr(args, flag)
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"--{flag} must be an http(s):// URL; got {url!r}.")
-
-
-def _retry_policy(args, prefix: str):
-    from deepgen_rl.rewards.http_utils import RetryPolicy  # config stays importable without the HTTP stack
-
-    return RetryPolicy(timeout_s=getattr(args, f"{prefix}_timeout"), max_retries=getattr(args, f"{prefix}_max_retries"),
-                       backoff_s=getattr(args, f"{prefix}_retry_backoff"))
 
 
 @dataclass
@@ -198,14 +188,10 @@ class RewardArguments:
     reward_max_retries: int = field(default=3, metadata={"help": "Retries of a failed reward request (then reported)."})
     reward_max_concurrency: int = field(default=64, metadata={"help": "Reward requests in flight at once per rank."})
     reward_request_batch_size: int = field(default=16, metadata={"help": "Images per request to batched servers (OCR)."})
-    reward_retry_backoff: float = field(
-        default=1.0,
-        metadata={"help": "Seconds before the first retry of a failed reward request; doubles per retry, capped at 30 s."},
-    )
-    reward_health_timeout: float = field(
-        default=30.0,
-        metadata={"help": "Seconds to wait at start-up for each reward server's /health before failing with how to start it."},
-    )
+    reward_retry_backoff: float = field(default=1.0, metadata={
+        "help": "Seconds before the first retry of a failed reward request; doubles per retry, capped at 30 s."})
+    reward_health_timeout: float = field(default=30.0, metadata={
+        "help": "Seconds to wait at start-up for each reward server's /health before failing with how to start it."})
     unifiedreward_max_tokens: int = field(
         default=4096, metadata={"help": "max_tokens of one UnifiedReward-Think reply (its <think> reasoning is long)."}
     )
@@ -215,9 +201,6 @@ class RewardArguments:
         for flag in ("reward_request_batch_size", "unifiedreward_max_tokens"):
             _check_positive(flag, getattr(self, flag))
         _check_urls(self, "ocr_url", "unifiedreward_think_url")
-
-    def retry_policy(self):
-        return _retry_policy(self, "reward")
 
 
 @dataclass
@@ -237,20 +220,15 @@ class JudgeArguments:
     judge_timeout: float = field(default=300.0, metadata={"help": "Seconds before one judge request is abandoned."})
     judge_max_retries: int = field(default=3, metadata={"help": "Retries of a failed judge request (then reported)."})
     judge_max_concurrency: int = field(default=64, metadata={"help": "Judge requests in flight at once per rank."})
-    judge_retry_backoff: float = field(
-        default=1.0, metadata={"help": "Seconds before the first retry of a failed judge request; doubles per retry."}
-    )
-    judge_health_timeout: float = field(
-        default=30.0, metadata={"help": "Seconds to wait for the judge's /health before evaluation is declared off."}
-    )
+    judge_retry_backoff: float = field(default=1.0, metadata={
+        "help": "Seconds before the first retry of a failed judge request; doubles per retry, capped at 30 s."})
+    judge_health_timeout: float = field(default=30.0, metadata={
+        "help": "Seconds to wait for the judge's /health (at start-up and before each evaluation)."})
 
     def __post_init__(self) -> None:
         _check_client_flags("judge", self)
         _check_positive("unigenbench_max_tokens", self.unigenbench_max_tokens)
         _check_urls(self, "unigenbench_api_url")
-
-    def retry_policy(self):
-        return _retry_policy(self, "judge")
 
 
 @dataclass

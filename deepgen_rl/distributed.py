@@ -50,8 +50,7 @@ def all_gather_cat(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.cat(parts).cpu()
 
 
-def all_reduce(tensor: torch.Tensor, device, op: Literal["sum", "min", "max"] = "sum",
-               group=None) -> torch.Tensor:
+def all_reduce(tensor: torch.Tensor, device, op: Literal["sum", "min", "max"] = "sum", group=None) -> torch.Tensor:
     """Element-wise ``op`` over the ranks of ``group`` (None: all) -> on ``tensor``'s device, ``tensor`` untouched.
     ``device``: where the backend needs the data (None: the CUDA device for an NCCL group, else as it is)."""
     if not is_distributed():
@@ -69,14 +68,9 @@ def all_reduce_sum(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return all_reduce(tensor.detach().cpu(), device, "sum")
 
 
-def any_rank(flag: bool, device) -> bool:
-    """True on every rank if ``flag`` is True on any rank (collective)."""
-    return bool(all_reduce(torch.tensor([1.0 if flag else 0.0]), device, "max").item() > 0)
-
-
-def all_ranks(flag: bool, device) -> bool:
-    """True on every rank only if ``flag`` is True on every rank (collective)."""
-    return bool(all_reduce(torch.tensor([1.0 if flag else 0.0]), device, "min").item() > 0)
+def all_reduce_flag(flag: bool, device, op: Literal["min", "max"]) -> bool:
+    """``flag`` combined over ranks (collective): "max" = on any rank, "min" = on every rank."""
+    return bool(all_reduce(torch.tensor([1.0 if flag else 0.0]), device, op).item() > 0)
 
 
 def derive_seed(seed: int, purpose: int, *keys: int) -> int:

@@ -2,9 +2,8 @@
 
 One request per image: the image as a base64 PNG data URL, then the question of :mod:`judge_prompt` listing
 the prompt's test points; greedy decoding (temperature 0) so a verdict does not depend on sampling luck.
-Requests run concurrently in a thread pool (``max_concurrency`` in flight per rank); each has an explicit
-timeout and bounded retries with backoff (``deepgen_rl.rewards.http_utils``). A reply whose score list is
-missing, malformed or of the wrong length is retried like a 5xx, and after the last attempt the image is
+Requests go concurrently through the shared vLLM chat client (``rewards/vllm_chat.py``: timeouts, bounded retries);
+a reply whose score list is missing, malformed or of the wrong length is retried like a 5xx, then the image is
 reported as failed (excluded from the accuracies and counted, never scored).
 
 A ``deadline`` (``time.monotonic()`` seconds) bounds every request: no attempt starts after it and no request
@@ -14,6 +13,7 @@ waits past it, so the periodic evaluation can promise the trainer an end time.
 from __future__ import annotations
 
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import Optional
 
 from PIL import Image
@@ -22,7 +22,7 @@ from deepgen_rl.config import JudgeArguments
 from deepgen_rl.eval.aggregate import ImageJudgement
 from deepgen_rl.eval.dataset import BenchPrompt, Language, primary_dimension
 from deepgen_rl.eval.judge_prompt import parse_judge_scores, render_judge_prompt
-from deepgen_rl.rewards.http_utils import png_data_url
+from deepgen_rl.rewards.http_utils import RetryPolicy, png_data_url
 from deepgen_rl.rewards.vllm_chat import VllmChatClient, VllmServer
 
 UNIGENBENCH_START_HINT = ("start it with `bash scripts/eval_unigenbench_evalmodel.sh` (vLLM, port 8000), or point "
@@ -46,7 +46,8 @@ class UniGenBenchJudge:
         self.args = args
         server = VllmServer(args.unigenbench_api_url, args.unigenbench_model_name, "UniGenBench judge",
                             UNIGENBENCH_START_HINT, "UNIGENBENCH_MODEL_NAME / --unigenbench_model_name")
-        self.chat = VllmChatClient(server, args.retry_policy(), args.judge_max_concurrency, args.unigenbench_max_tokens,
+        policy = RetryPolicy(args.judge_timeout, args.judge_max_retries, args.judge_retry_backoff)
+        self.chat = VllmChatClient(server, policy, args.judge_max_concurrency, args.unigenbench_max_tokens,
                                    args.judge_health_timeout, thread_name="unigenbench")
 
     def check_ready(self, timeout_s: Optional[float] = None) -> None:
@@ -67,13 +68,9 @@ class UniGenBenchJudge:
             return failed_judgement(dataset, item, duplicate, language, f"cannot build the request: {err}")
         answer = self.chat.ask([image_url], question, lambda reply: parse_judge_scores(reply, len(item.test_points)),
                                f"UniGenBench judge on {dataset}[{item.index}] image {duplicate}", deadline)
-        reply = answer.last_reply[:MAX_KEPT_REPLY_CHARS]
-        if answer.value is None:
-            return failed_judgement(dataset, item, duplicate, language, str(answer.error), answer.attempts, reply)
-        return ImageJudgement(
-            dataset=dataset, index=item.index, duplicate=duplicate, test_points=item.test_points,
-            primary_dimensions=tuple(primary_dimension(p, language) for p in item.test_points),
-            scores=tuple(answer.value), error=None, attempts=answer.attempts, reply=reply)
+        record = failed_judgement(dataset, item, duplicate, language, str(answer.error), answer.attempts,
+                                  answer.last_reply[:MAX_KEPT_REPLY_CHARS])
+        return record if answer.value is None else replace(record, scores=tuple(answer.value), error=None)
 
     def close(self) -> None:
         """Stop queued requests; running ones end by their own timeout (their results are dropped)."""

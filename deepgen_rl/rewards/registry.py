@@ -14,9 +14,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 from deepgen_rl.rewards.base import RewardFunction
+from deepgen_rl.rewards.http_utils import RetryPolicy
 
 if TYPE_CHECKING:  # config imports transformers; the OCR server imports this package without it
     from deepgen_rl.config import RewardArguments
+
+
+def _policy(args: RewardArguments) -> RetryPolicy:
+    return RetryPolicy(args.reward_timeout, args.reward_max_retries, args.reward_retry_backoff)
 
 
 # A builder gets (the reward flags, --clip_model_name_or_path, the device of in-process models).
@@ -26,14 +31,14 @@ Builder = Callable[["RewardArguments", str, str], RewardFunction]
 def _build_ocr(args: RewardArguments, clip_model_path: str, device: str) -> RewardFunction:
     from deepgen_rl.rewards.ocr_client import OcrRewardClient
 
-    return OcrRewardClient(args.ocr_url, args.retry_policy(), args.reward_max_concurrency,
+    return OcrRewardClient(args.ocr_url, _policy(args), args.reward_max_concurrency,
                            args.reward_request_batch_size, args.reward_health_timeout)
 
 
 def _build_unifiedreward_think(args: RewardArguments, clip_model_path: str, device: str) -> RewardFunction:
     from deepgen_rl.rewards.unifiedreward import UnifiedRewardThinkClient
 
-    return UnifiedRewardThinkClient(args.unifiedreward_think_url, args.unifiedreward_model_name, args.retry_policy(),
+    return UnifiedRewardThinkClient(args.unifiedreward_think_url, args.unifiedreward_model_name, _policy(args),
                                     args.reward_max_concurrency, args.unifiedreward_max_tokens,
                                     args.reward_health_timeout)
 

@@ -17,30 +17,11 @@ from typing import Callable, Generic, Optional, Sequence, TypeVar
 import httpx
 from PIL import Image
 
-from deepgen_rl.rewards.http_utils import (
-    MAX_CONNECT_TIMEOUT_S,
-    PermanentError,
-    RetryableError,
-    RetryPolicy,
-    call_with_retries,
-    join_url,
-    make_client,
-    parse_reply,
-    png_data_url,
-    require_served_model,
-    wait_for_health,
-)
-from deepgen_rl.rewards.protocol import (
-    CHAT_COMPLETIONS_PATH,
-    VLLM_HEALTH_PATH,
-    VLLM_MODELS_PATH,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatMessage,
-    ImageContent,
-    ImageUrl,
-    TextContent,
-)
+from deepgen_rl.rewards.http_utils import (MAX_CONNECT_TIMEOUT_S, PermanentError, RetryableError, RetryPolicy,
+                                           call_with_retries, join_url, make_client, parse_reply, png_data_url,
+                                           require_served_model, wait_for_health)
+from deepgen_rl.rewards.protocol import (CHAT_COMPLETIONS_PATH, VLLM_HEALTH_PATH, VLLM_MODELS_PATH, ChatCompletionRequest,
+                                         ChatCompletionResponse, ChatMessage, ImageContent, ImageUrl, TextContent)
 
 T = TypeVar("T")
 TEMPERATURE = 0.0
@@ -89,18 +70,14 @@ class VllmChatClient:
                              f"start vLLM with --served-model-name {s.model_name} (the script does) or set "
                              f"{s.model_flag}.")
 
-    def request(self, images: Sequence[Image.Image | str], text: str) -> dict:
-        """The request body: images (PIL, or data URLs already encoded) then the text, in one user message."""
-        content = [ImageContent(image_url=ImageUrl(url=i if isinstance(i, str) else png_data_url(i))) for i in images]
-        return ChatCompletionRequest(model=self.server.model_name, temperature=TEMPERATURE, max_tokens=self.max_tokens,
-                                     messages=[ChatMessage(role="user", content=[*content, TextContent(text=text)])],
-                                     ).model_dump()
-
     def ask(self, images: Sequence[Image.Image | str], text: str, parse: Callable[[str], T], what: str,
             deadline: Optional[float] = None) -> Answer[T]:
-        """One question with retries; ``deadline`` (``time.monotonic()`` seconds): no attempt starts after it and
-        no request waits past it. Never raises for a failed request."""
-        payload = self.request(images, text)
+        """One question (images: PIL or data URLs, then ``text``) with retries; ``deadline`` (``time.monotonic()``
+        seconds): no attempt starts after it and no request waits past it. Never raises for a failed request."""
+        content = [ImageContent(image_url=ImageUrl(url=i if isinstance(i, str) else png_data_url(i))) for i in images]
+        payload = ChatCompletionRequest(model=self.server.model_name, temperature=TEMPERATURE, max_tokens=self.max_tokens,
+                                        messages=[ChatMessage(role="user", content=[*content, TextContent(text=text)])],
+                                        ).model_dump()
         replies: list[str] = []
         parsed = 0
 

@@ -17,8 +17,8 @@ import torch
 
 from deepgen_rl.config import DataArguments, GRPOConfig, JudgeArguments
 
+from ..distributed import all_reduce_flag, is_distributed, rank_and_world
 from .deepspeed_setup import load_deepspeed_config, zero_stage
-from ..distributed import all_ranks, is_distributed, rank_and_world
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def _all_ranks_agree(ok: bool) -> bool:
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
-    return all_ranks(ok, "cpu" if accelerator.device_name() == "cpu" else accelerator.current_device_name())
+    return all_reduce_flag(ok, "cpu" if accelerator.device_name() == "cpu" else accelerator.current_device_name(), "min")
 
 
 def _unavailable_reason(args: GRPOConfig, data_args: DataArguments, judge_args: JudgeArguments) -> Optional[str]:

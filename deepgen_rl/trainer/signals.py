@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from deepgen_rl.distributed import any_rank
+from deepgen_rl.distributed import all_reduce_flag
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class GracefulStop:
 
     def should_stop(self, device: torch.device) -> bool:
         """Collective when torch.distributed is initialised: True on every rank if any rank was signalled."""
-        return any_rank(self.requested, device)
+        return all_reduce_flag(self.requested, device, "max")
 
     def check(self, device: torch.device, where: str) -> None:
         """A safe point (collective): raise :class:`StepInterrupted` on every rank if any rank was signalled."""
