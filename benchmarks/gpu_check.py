@@ -182,7 +182,7 @@ def _one_step(settings: CheckSettings, device: torch.device, started: float) -> 
 
     dtype = torch.float32 if settings.smoke else torch.bfloat16
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as output_dir:
-        args, model_args, data_args = parse_args(training_flags(settings, output_dir))
+        args, model_args, data_args, *_ = parse_args(training_flags(settings, output_dir))
         if settings.smoke:
             from deepgen_rl.model.tiny import TINY_MODEL_FLAGS
 

@@ -1,10 +1,12 @@
 """Every flag of DeepGen-RL, with its default, in one place.
 
-Three groups are parsed together by :func:`parse_args` with ``transformers.HfArgumentParser``:
+Five groups are parsed together by :func:`parse_args` with ``transformers.HfArgumentParser``:
 
 * :class:`GRPOConfig` -- a ``transformers.TrainingArguments`` with the GRPO, sampling and eval flags;
 * :class:`ModelArguments` -- where the weights live and which modules train;
-* :class:`DataArguments` -- dataset YAMLs and the reward / judge servers.
+* :class:`DataArguments` -- dataset YAMLs;
+* :class:`RewardArguments` -- the reward servers and their timeouts / retries;
+* :class:`JudgeArguments` -- the UniGenBench judge server and its own timeouts / retries.
 
 Defaults follow the user guide (TRAINING_GUIDE.md, section 5) and the reference semantics of
 DESIGN.md section 4. Model paths and server URLs default to the environment variables the guide names,
@@ -148,7 +150,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    """Datasets and the servers that score and judge images."""
+    """Training, evaluation and SFT-aux datasets."""
 
     dataset_config: str = _env_field(
         "DATASET_CONFIG", "assets/rl_datasets/deepgen/deepgen_train.yaml", "Training dataset YAML (prompts + rewards)."
@@ -161,60 +163,81 @@ class DataArguments:
         "deepgen_rl/sft/configs/datasets/deepgen/t2i_grpo_moretextdata.py",
         "MMEngine config of the SFT-aux dataset.",
     )
+
+
+def _check_client_flags(prefix: str, args) -> None:
+    """The timeout / retry flags of a client group (``--{prefix}_timeout`` ...): (name, bound, bound allowed)."""
+    for name, low, closed in (("timeout", 0, False), ("health_timeout", 0, False), ("retry_backoff", 0, True),
+                              ("max_retries", 0, True), ("max_concurrency", 1, True)):
+        value = getattr(args, f"{prefix}_{name}")
+        if value < low or (value == low and not closed):
+            raise ValueError(f"--{prefix}_{name} must be {'>=' if closed else '>'} {low}; got {value}.")
+
+
+def _check_urls(args, *flags: str) -> None:
+    for flag in flags:
+        url = getattr(args, flag)
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"--{flag} must be an http(s):// URL; got {url!r}.")
+
+
+@dataclass
+class RewardArguments:
+    """The reward servers of training and how hard to try (one request: a batch of images, or one image pair)."""
+
     ocr_url: str = _env_field("OCR_URL", f"http://localhost:{DEFAULT_OCR_PORT}", "OCR reward server.")
     unifiedreward_think_url: str = _env_field(
         "UNIFIEDREWARD_THINK_URL", f"http://localhost:{DEFAULT_UNIFIEDREWARD_PORT}",
         "vLLM server (OpenAI API) of UnifiedReward-Think.",
     )
+    unifiedreward_model_name: str = field(
+        default="UnifiedReward", metadata={"help": "Served model name of UnifiedReward-Think on its vLLM server."}
+    )
+    reward_timeout: float = field(default=300.0, metadata={"help": "Seconds before one reward request is abandoned."})
+    reward_max_retries: int = field(default=3, metadata={"help": "Retries of a failed reward request (then reported)."})
+    reward_max_concurrency: int = field(default=64, metadata={"help": "Reward requests in flight at once per rank."})
+    reward_request_batch_size: int = field(default=16, metadata={"help": "Images per request to batched servers (OCR)."})
+    reward_retry_backoff: float = field(default=1.0, metadata={
+        "help": "Seconds before the first retry of a failed reward request; doubles per retry, capped at 30 s."})
+    reward_health_timeout: float = field(default=30.0, metadata={
+        "help": "Seconds to wait at start-up for each reward server's /health before failing with how to start it."})
+    unifiedreward_max_tokens: int = field(
+        default=4096, metadata={"help": "max_tokens of one UnifiedReward-Think reply (its <think> reasoning is long)."}
+    )
+
+    def __post_init__(self) -> None:
+        _check_client_flags("reward", self)
+        for flag in ("reward_request_batch_size", "unifiedreward_max_tokens"):
+            _check_positive(flag, getattr(self, flag))
+        _check_urls(self, "ocr_url", "unifiedreward_think_url")
+
+
+@dataclass
+class JudgeArguments:
+    """The UniGenBench judge of evaluation (a vLLM server; one request per image) and how hard to try."""
+
     unigenbench_api_url: str = _env_field(
         "UNIGENBENCH_API_URL", f"http://localhost:{DEFAULT_UNIGENBENCH_PORT}",
         "vLLM server (OpenAI API) of the UniGenBench judge.",
     )
-    unifiedreward_model_name: str = field(
-        default="UnifiedReward", metadata={"help": "Served model name of UnifiedReward-Think on its vLLM server."}
-    )
     unigenbench_model_name: str = _env_field(
         "UNIGENBENCH_MODEL_NAME", "UniGenBench-EvalModel-qwen3vl-32b-v1", "Served model name of the UniGenBench judge."
     )
-    reward_timeout: float = field(default=300.0, metadata={"help": "Seconds before one reward/judge request is abandoned."})
-    reward_max_retries: int = field(default=3, metadata={"help": "Retries of a failed reward request (then reported)."})
-    reward_max_concurrency: int = field(default=64, metadata={"help": "Reward requests in flight at once per rank."})
-    reward_request_batch_size: int = field(default=16, metadata={"help": "Images per request to batched servers (OCR)."})
-    # --- reward client tuning (issue 4, deepgen_rl/rewards/) ---
-    reward_retry_backoff: float = field(
-        default=1.0,
-        metadata={"help": "Seconds before the first retry of a failed reward request; doubles per retry, capped at 30 s."},
-    )
-    reward_health_timeout: float = field(
-        default=30.0,
-        metadata={"help": "Seconds to wait at start-up for each reward server's /health before failing with how to start it."},
-    )
-    unifiedreward_max_tokens: int = field(
-        default=4096, metadata={"help": "max_tokens of one UnifiedReward-Think reply (its <think> reasoning is long)."}
-    )
-    # --- end reward client tuning ---
-    # --- UniGenBench judge (issue 7, deepgen_rl/eval/) ---
     unigenbench_max_tokens: int = field(
         default=4096, metadata={"help": "max_tokens of one UniGenBench judge reply (per-test-point analysis, then scores)."}
     )
-    # --- end UniGenBench judge ---
+    judge_timeout: float = field(default=300.0, metadata={"help": "Seconds before one judge request is abandoned."})
+    judge_max_retries: int = field(default=3, metadata={"help": "Retries of a failed judge request (then reported)."})
+    judge_max_concurrency: int = field(default=64, metadata={"help": "Judge requests in flight at once per rank."})
+    judge_retry_backoff: float = field(default=1.0, metadata={
+        "help": "Seconds before the first retry of a failed judge request; doubles per retry, capped at 30 s."})
+    judge_health_timeout: float = field(default=30.0, metadata={
+        "help": "Seconds to wait for the judge's /health (at start-up and before each evaluation)."})
 
     def __post_init__(self) -> None:
-        for flag in ("reward_max_concurrency", "reward_request_batch_size", "unifiedreward_max_tokens",
-                     "unigenbench_max_tokens"):
-            _check_positive(flag, getattr(self, flag))
-        if self.reward_retry_backoff < 0:
-            raise ValueError(f"--reward_retry_backoff must be >= 0 seconds; got {self.reward_retry_backoff}.")
-        if self.reward_health_timeout <= 0:
-            raise ValueError(f"--reward_health_timeout must be > 0 seconds; got {self.reward_health_timeout}.")
-        if self.reward_max_retries < 0:
-            raise ValueError(f"--reward_max_retries must be >= 0; got {self.reward_max_retries}.")
-        if self.reward_timeout <= 0:
-            raise ValueError(f"--reward_timeout must be > 0 seconds; got {self.reward_timeout}.")
-        for flag in ("ocr_url", "unifiedreward_think_url", "unigenbench_api_url"):
-            url = getattr(self, flag)
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"--{flag} must be an http(s):// URL; got {url!r}.")
+        _check_client_flags("judge", self)
+        _check_positive("unigenbench_max_tokens", self.unigenbench_max_tokens)
+        _check_urls(self, "unigenbench_api_url")
 
 
 @dataclass
@@ -398,15 +421,19 @@ class GRPOConfig(TrainingArguments):
         return num_train_steps(self.num_inference_steps, self.timestep_fraction)
 
 
+ARGUMENT_GROUPS = (GRPOConfig, ModelArguments, DataArguments, RewardArguments, JudgeArguments)
+
+
 def build_parser() -> HfArgumentParser:
     """Our flags first, grouped by dataclass; inherited Trainer flags the loop ignores are hidden (and refused)."""
-    return GroupedArgumentParser((GRPOConfig, ModelArguments, DataArguments), prog="python -m deepgen_rl.grpo_deepgen",
+    return GroupedArgumentParser(ARGUMENT_GROUPS, prog="python -m deepgen_rl.grpo_deepgen",
                                  usage="%(prog)s --output_dir DIR [flags]  (all flags, by group: --help)",
                                  epilog=HELP_EPILOG)
 
 
-def parse_args(argv: Optional[list[str]] = None) -> tuple[GRPOConfig, ModelArguments, DataArguments]:
-    """Parse command-line flags (``argv`` or ``sys.argv``) into the three argument groups."""
+def parse_args(argv: Optional[list[str]] = None
+               ) -> tuple[GRPOConfig, ModelArguments, DataArguments, RewardArguments, JudgeArguments]:
+    """Parse command-line flags (``argv`` or ``sys.argv``) into the argument groups of ``ARGUMENT_GROUPS``."""
     parser = build_parser()
     # Inherited Trainer flags our loop does not read stop the run instead of being ignored (trainer_flags.py);
     # checked on the raw parsed values, before TrainingArguments normalises some of them.
@@ -414,5 +441,4 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[GRPOConfig, ModelArgum
     refused = refused_flag_errors(namespace, GRPOConfig)
     if refused:
         raise ValueError("\n".join(refused))
-    training_args, model_args, data_args = parser.parse_args_into_dataclasses(args=argv)
-    return training_args, model_args, data_args
+    return tuple(parser.parse_args_into_dataclasses(args=argv))

@@ -37,11 +37,14 @@ import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from deepgen_rl.model.meta_memory import block_peak_bytes, decode_peak_bytes, distinct_blocks
+
+if TYPE_CHECKING:
+    from deepgen_rl.config import GRPOConfig, ModelArguments
 
 GIB = 2**30
 LOSS_TENSORS = 8  # fp32 [n, C, h, w] tensors of a chunk's step math: x, x_next, v, v_ref, mean, their grads
@@ -99,7 +102,7 @@ class MemoryEstimate:
 
 # ----- closed forms (pure) -----
 
-def num_samples_per_rank(args, num_gpus: int) -> int:
+def num_samples_per_rank(args: GRPOConfig, num_gpus: int) -> int:
     """N = global_batch_size / num_gpus images rolled out per rank (the trainer's batch plan)."""
     from deepgen_rl.trainer.batching import plan_batches
 
@@ -191,7 +194,7 @@ def weight_components(model, weight_bytes: int, zero_stage: int, num_gpus: int, 
     return {name: count * weight_bytes for name, count in parts.items()}
 
 
-def estimate_memory(model_args, args, num_gpus: int, zero_stage: int, *, model=None, prompt_tokens: int = 64,
+def estimate_memory(model_args: ModelArguments, args: GRPOConfig, num_gpus: int, zero_stage: int, *, model=None, prompt_tokens: int = 64,
                     offload_optimizer: bool = False, offload_params: bool = False) -> MemoryEstimate:
     """Per-rank GPU memory of a GRPO step with the flags ``args`` (GRPOConfig) and ``model_args`` on ``num_gpus``
     ranks under ZeRO ``zero_stage``. ``model``: a real-size meta model (built from ``model_args`` when None)."""
@@ -261,7 +264,7 @@ def build_meta_model(model_args):
 
     with tempfile.TemporaryDirectory() as folder:
         sd3, qwen = write_published_configs(folder)
-        print(f"model paths unset: using the published Qwen2.5-VL-3B / SD3.5-Medium configs", file=sys.stderr)
+        print("model paths unset: using the published Qwen2.5-VL-3B / SD3.5-Medium configs", file=sys.stderr)
         return build_deepgen_model_on_meta(dataclasses.replace(
             model_args, sd3_model_name_or_path=str(sd3), qwen2_5_vl_model_name_or_path=str(qwen)))
 
@@ -336,13 +339,12 @@ def _estimate(shape: RunShape, model, num_gpus: int, prompt_tokens: int) -> Memo
 
 # ----- command line -----
 
-def run_shape_from_args(args, model_args) -> RunShape:
-    from deepgen_rl.trainer.deepspeed_setup import _get, load_deepspeed_config, offloads_optimizer, zero_stage
+def run_shape_from_args(args: GRPOConfig, model_args: ModelArguments) -> RunShape:
+    from deepgen_rl.trainer.deepspeed_setup import load_deepspeed_config, offloads, zero_stage
 
     config = load_deepspeed_config(args.deepspeed)
-    offload_params = (_get(config, "zero_optimization.offload_param.device") or "none") != "none"
     return RunShape(args=args, model_args=model_args, zero_stage=zero_stage(config),
-                    offload_optimizer=offloads_optimizer(config), offload_params=offload_params,
+                    offload_optimizer=offloads(config, "optimizer"), offload_params=offloads(config, "param"),
                     deepspeed=str(args.deepspeed or "built-in ZeRO-2"))
 
 

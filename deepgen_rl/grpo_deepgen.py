@@ -13,7 +13,10 @@ import logging
 import os
 import socket
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:  # imported lazily at run time: the launcher must start fast
+    from deepgen_rl.config import DataArguments, GRPOConfig, JudgeArguments, ModelArguments, RewardArguments
 
 # Exit status of a run stopped because a reward kept failing (1 stays "crashed"; torchrun passes either on).
 EXIT_REWARD_FAILURE = 3
@@ -46,7 +49,7 @@ def log_level_for(rank: int, log_level: str, log_level_replica: str) -> int:
     return trainer_log_levels[name]
 
 
-def _setup_logging(rank: int, args=None) -> None:
+def _setup_logging(rank: int, args: Optional[GRPOConfig] = None) -> None:
     levels = (args.log_level, args.log_level_replica) if args is not None else ("passive", "passive")
     logging.basicConfig(level=log_level_for(rank, *levels),
                         format=f"[%(asctime)s rank{rank} %(name)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
@@ -68,19 +71,20 @@ def _init_distributed(ddp_timeout_s: Optional[int] = None):
     return accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu"
 
 
-def build_trainer(args, model_args, data_args, device: str):
+def build_trainer(args: GRPOConfig, model_args: ModelArguments, data_args: DataArguments, reward_args: RewardArguments,
+                  judge_args: JudgeArguments, device: str):
     """Model, prompt sampler, rewards, SFT-aux data and the trainer, from the parsed flags."""
-    import torch.distributed as dist
     from transformers import set_seed
 
     from deepgen_rl.data import PromptSampler, load_dataset_config
+    from deepgen_rl.distributed import rank_and_world
     from deepgen_rl.model import load_deepgen_model
-    from deepgen_rl.rewards import RewardSettings, build_rewards
+    from deepgen_rl.rewards import build_rewards
     from deepgen_rl.rewards.reward_step import RewardStep
     from deepgen_rl.trainer import DeepGenGRPOTrainer, LoraSettings, TrackerSettings
     from deepgen_rl.trainer.eval_hook import build_eval_hook
 
-    rank = dist.get_rank()
+    rank, _ = rank_and_world()
     set_seed(args.seed)
     # Parsing --deepspeed registered the JSON with transformers, which would then build every from_pretrained
     # model under deepspeed.zero.Init (ZeRO-3): partitioned before CHECKPOINT is loaded, with HF's own batch
@@ -94,7 +98,7 @@ def build_trainer(args, model_args, data_args, device: str):
     require_valid_contents(dataset_config, model_args.checkpoint,
                            data_args.eval_dataset_config if args.eval_freq else "")
     prompt_sampler = PromptSampler(dataset_config, seed=args.seed, rank=rank)
-    rewards = build_rewards(dataset_config.reward_names, RewardSettings.from_args(data_args, model_args, device))
+    rewards = build_rewards(dataset_config.reward_names, reward_args, model_args.clip_model_name_or_path, device)
     reward_step = RewardStep(rewards, dataset_config.reward_names, deadline_s=args.reward_step_deadline or None)
     try:
         sftaux_sampler = None
@@ -108,7 +112,7 @@ def build_trainer(args, model_args, data_args, device: str):
         return DeepGenGRPOTrainer(
             model, args, prompt_sampler=prompt_sampler, reward_step=reward_step,
             num_prompts=sum(prompt_sampler.sizes), trainable_modules=model_args.trainable_modules, lora=lora,
-            sftaux_sampler=sftaux_sampler, eval_hook=build_eval_hook(args, data_args),
+            sftaux_sampler=sftaux_sampler, eval_hook=build_eval_hook(args, data_args, judge_args),
             tracker=TrackerSettings.from_env(args.report_to, args.run_name, os.environ),
         )
     except BaseException:
@@ -122,10 +126,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ensure_single_process_env(os.environ)
     from deepgen_rl.config import parse_args
 
-    args, model_args, data_args = parse_args(argv)
+    args, *groups = parse_args(argv)
     device = _init_distributed(args.ddp_timeout)
     _setup_logging(int(os.environ.get("RANK", "0")), args)
-    trainer = build_trainer(args, model_args, data_args, device)
+    trainer = build_trainer(args, *groups, device)
     from deepgen_rl.trainer.failure_budget import RewardFailureBudgetExceeded
 
     try:
@@ -139,4 +143,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        exit_code = main()
+    finally:  # here, not in main(): tests call main() inside a session-wide process group
+        from deepgen_rl.distributed import destroy
+
+        destroy()
+    sys.exit(exit_code)

@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from .config import CLIP_ENV, DataArguments, GRPOConfig, ModelArguments, parse_args
+from .config import CLIP_ENV, DataArguments, GRPOConfig, JudgeArguments, ModelArguments, RewardArguments, parse_args
 from .data.dataset_yaml import DatasetConfigError, load_dataset_config
 from .model.loading import ModelPathError, check_checkpoint_path, check_qwen_path, check_sd3_path
 from .preflight_content import check_checkpoint_loads, check_eval_contents, check_prompt_contents
 from .rewards.http_utils import RewardServerUnavailable
-from .rewards.registry import RewardSettings, build_rewards
+from .rewards.registry import build_rewards
 
 SERVER_REWARDS = ("ocr", "unifiedreward_think")
 
@@ -55,13 +55,12 @@ def check_clip_path(path: str) -> Optional[str]:
     return None
 
 
-def check_reward_servers(reward_names: set[str], data_args: DataArguments, model_args: ModelArguments) -> list[str]:
-    settings = RewardSettings.from_args(data_args, model_args)
+def check_reward_servers(reward_names: set[str], reward_args: RewardArguments) -> list[str]:
     problems = []
     for name in SERVER_REWARDS:
         if name in reward_names:
             def reach(name: str = name) -> None:
-                for reward in build_rewards([name], settings, check_ready=True).values():
+                for reward in build_rewards([name], reward_args, check_ready=True).values():
                     reward.close()
             problem = _problem(reach, RewardServerUnavailable)
             if problem:
@@ -69,18 +68,19 @@ def check_reward_servers(reward_names: set[str], data_args: DataArguments, model
     return problems
 
 
-def check_judge(data_args: DataArguments) -> Optional[str]:
-    from .eval.judge import JudgeSettings, UniGenBenchJudge
+def check_judge(judge_args: JudgeArguments) -> Optional[str]:
+    from .eval.judge import UniGenBenchJudge
 
     def reach() -> None:
-        with UniGenBenchJudge(JudgeSettings.from_data_args(data_args)) as judge:
-            judge.check_ready(data_args.reward_health_timeout)
+        with UniGenBenchJudge(judge_args) as judge:
+            judge.check_ready()
 
     problem = _problem(reach, RewardServerUnavailable)
     return f"{problem} (or pass --eval_freq 0 to train without periodic evaluation)" if problem else None
 
 
-def collect_problems(training_args: GRPOConfig, model_args: ModelArguments, data_args: DataArguments) -> list[str]:
+def collect_problems(training_args: GRPOConfig, model_args: ModelArguments, data_args: DataArguments,
+                     reward_args: RewardArguments, judge_args: JudgeArguments) -> list[str]:
     problems = check_model_paths(model_args)
     try:
         dataset = load_dataset_config(data_args.dataset_config, validate_paths=True)
@@ -92,19 +92,18 @@ def collect_problems(training_args: GRPOConfig, model_args: ModelArguments, data
         problems += check_prompt_contents(dataset)
         if "clip_sim" in names:
             problems += [p for p in [check_clip_path(model_args.clip_model_name_or_path)] if p]
-        problems += check_reward_servers(names, data_args, model_args)
+        problems += check_reward_servers(names, reward_args)
     if training_args.eval_freq > 0:
         if not Path(data_args.eval_dataset_config).is_file():
             problems.append(f"EVAL_DATASET_CONFIG (--eval_dataset_config) = {data_args.eval_dataset_config!r} is "
                             "not a file (or pass --eval_freq 0 to train without periodic evaluation).")
         else:
-            problems += [p for p in [check_eval_contents(data_args.eval_dataset_config), check_judge(data_args)] if p]
+            problems += [p for p in [check_eval_contents(data_args.eval_dataset_config), check_judge(judge_args)] if p]
     return problems
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    training_args, model_args, data_args = parse_args(argv)
-    problems = collect_problems(training_args, model_args, data_args)
+    problems = collect_problems(*parse_args(argv))
     if problems:
         print(f"preflight: {len(problems)} problem(s) stop the launch:", file=sys.stderr)
         for problem in problems:

@@ -257,8 +257,8 @@ def _build_zero3(tiny_paths, out, **overrides):
     from tests.test_trainer_inprocess import Brightness
     from tests.trainer_utils import ZERO3
 
-    args, model_args, data_args = parse_args(tiny_run_flags(tiny_paths, out, deepspeed=str(ZERO3), **overrides))
-    trainer = grpo_deepgen.build_trainer(args, model_args, data_args, "cpu")
+    args, *groups = parse_args(tiny_run_flags(tiny_paths, out, deepspeed=str(ZERO3), **overrides))
+    trainer = grpo_deepgen.build_trainer(args, *groups, "cpu")
     trainer.reward_step.close()
     trainer.reward_step = RewardStep({"jpeg_compressibility": Brightness()})
     return trainer

@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from deepgen_rl.config import DataArguments, GRPOConfig, ModelArguments, build_parser, parse_args
+from deepgen_rl.config import (DataArguments, GRPOConfig, JudgeArguments, ModelArguments, RewardArguments, build_parser,
+                               parse_args)
 
 # TRAINING_GUIDE.md section 5, "主要默认参数" table, verbatim.
 GUIDE_DEFAULTS = {
@@ -41,13 +42,13 @@ def clean_env(monkeypatch):
 
 
 def test_every_guide_default(clean_env, tmp_path):
-    training, _, _ = parse_args(["--output_dir", str(tmp_path)])
+    training, *_ = parse_args(["--output_dir", str(tmp_path)])
     for flag, expected in GUIDE_DEFAULTS.items():
         assert getattr(training, flag) == expected, flag
 
 
 def test_reference_semantics_defaults(clean_env, tmp_path):
-    training, model, _ = parse_args(["--output_dir", str(tmp_path)])
+    training, model, *_ = parse_args(["--output_dir", str(tmp_path)])
     assert training.sde_eta == 1.0  # CPS reference: full re-noise of x0_hat
     assert training.logprob_variant == "reference"
     assert training.rollout_cfg_scale == 0.0 and training.init_same_noise
@@ -59,15 +60,15 @@ def test_reference_semantics_defaults(clean_env, tmp_path):
 
 
 def test_flow_sde_eta_default(clean_env, tmp_path):
-    training, _, _ = parse_args(["--output_dir", str(tmp_path), "--atrain_sde_sampler", "flow_sde"])
+    training, *_ = parse_args(["--output_dir", str(tmp_path), "--atrain_sde_sampler", "flow_sde"])
     assert training.sde_eta == 0.7
 
 
 def test_server_urls_and_paths_default_to_localhost_and_env(clean_env, tmp_path):
-    _, model, data = parse_args(["--output_dir", str(tmp_path)])
-    assert data.ocr_url == "http://localhost:18082"
-    assert data.unifiedreward_think_url == "http://localhost:18087"
-    assert data.unigenbench_api_url == "http://localhost:8000"
+    _, model, data, rewards, judge = parse_args(["--output_dir", str(tmp_path)])
+    assert rewards.ocr_url == "http://localhost:18082"
+    assert rewards.unifiedreward_think_url == "http://localhost:18087"
+    assert judge.unigenbench_api_url == "http://localhost:8000"
     assert data.dataset_config == "assets/rl_datasets/deepgen/deepgen_train.yaml"
     assert data.eval_dataset_config == "assets/rl_datasets/deepgen/eval/eval.yaml"
     assert data.sftaux_dataset_config == "deepgen_rl/sft/configs/datasets/deepgen/t2i_grpo_moretextdata.py"
@@ -76,15 +77,15 @@ def test_server_urls_and_paths_default_to_localhost_and_env(clean_env, tmp_path)
     clean_env.setenv("OCR_URL", "http://reward-host:18082")
     clean_env.setenv("SD3_5_MODEL_NAME_OR_PATH", "/models/sd3")
     clean_env.setenv("DATASET_CONFIG", "my.yaml")
-    _, model, data = parse_args(["--output_dir", str(tmp_path)])
-    assert data.ocr_url == "http://reward-host:18082"
+    _, model, data, rewards, _ = parse_args(["--output_dir", str(tmp_path)])
+    assert rewards.ocr_url == "http://reward-host:18082"
     assert model.sd3_model_name_or_path == "/models/sd3"
     assert data.dataset_config == "my.yaml"
 
 
 def test_every_own_field_has_help():
     inherited = {f.name for f in dataclasses.fields(GRPOConfig.__mro__[1])}
-    for cls in (GRPOConfig, ModelArguments, DataArguments):
+    for cls in (GRPOConfig, ModelArguments, DataArguments, RewardArguments, JudgeArguments):
         for f in dataclasses.fields(cls):
             if cls is GRPOConfig and f.name in inherited and f.name not in GUIDE_DEFAULTS:
                 continue
@@ -115,8 +116,13 @@ def test_every_own_field_has_help():
         (ModelArguments, {"trainable_modules": "everything"}, "--trainable_modules"),
         (ModelArguments, {"connector_hidden_size": 100, "connector_num_heads": 32}, "--connector_hidden_size"),
         (ModelArguments, {"num_queries": 0}, "--num_queries"),
-        (DataArguments, {"ocr_url": "localhost:18082"}, "--ocr_url"),
-        (DataArguments, {"reward_timeout": 0}, "--reward_timeout"),
+        (RewardArguments, {"ocr_url": "localhost:18082"}, "--ocr_url"),
+        (RewardArguments, {"reward_timeout": 0}, "--reward_timeout"),
+        (RewardArguments, {"reward_max_concurrency": 0}, "--reward_max_concurrency"),
+        (JudgeArguments, {"unigenbench_api_url": "localhost:8000"}, "--unigenbench_api_url"),
+        (JudgeArguments, {"judge_timeout": 0}, "--judge_timeout"),
+        (JudgeArguments, {"judge_max_retries": -1}, "--judge_max_retries"),
+        (JudgeArguments, {"judge_retry_backoff": -1.0}, "--judge_retry_backoff"),
     ],
 )
 def test_bad_value_names_the_flag(cls, kwargs, flag, tmp_path):
@@ -132,7 +138,7 @@ def test_parser_rejects_unknown_choice_naming_flag(capsys, tmp_path):
 
 
 def test_guide_launcher_flags_parse(tmp_path):
-    training, _, _ = build_parser().parse_args_into_dataclasses(args=[
+    training, *_ = build_parser().parse_args_into_dataclasses(args=[
         "--output_dir", str(tmp_path), "--num_train_epochs", "10", "--lr_scheduler_type", "constant_with_warmup",
         "--report_to", "wandb,swanlab",
     ])

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from deepgen_rl.eval.dataset import BenchPrompt
-from deepgen_rl.eval.judge import JudgeSettings, UniGenBenchJudge
+from deepgen_rl.config import JudgeArguments
+from deepgen_rl.eval.judge import UniGenBenchJudge
 from deepgen_rl.eval.judge_prompt import JudgeReplyError, parse_judge_scores, render_judge_prompt
 from deepgen_rl.rewards.http_utils import RewardServerUnavailable
 from tests.servers.fake_judge import (
@@ -19,6 +20,7 @@ from tests.servers.fake_judge import (
     NORMAL,
     NOT_JSON,
     SLOW,
+    TRUNCATED,
     WRONG_LENGTH,
     FakeJudge,
     encode_verdict,
@@ -86,11 +88,12 @@ def fake_judge():
         yield server
 
 
-def _settings(url: str, **overrides) -> JudgeSettings:
-    values = dict(url=url, model_name=SERVED, timeout_s=5.0, max_retries=2, backoff_s=0.01, max_concurrency=4,
-                  max_tokens=321, health_timeout_s=5.0)
+def _settings(url: str, **overrides) -> JudgeArguments:
+    values = dict(unigenbench_api_url=url, unigenbench_model_name=SERVED, judge_timeout=5.0, judge_max_retries=2,
+                  judge_retry_backoff=0.01, judge_max_concurrency=4, unigenbench_max_tokens=321,
+                  judge_health_timeout=5.0)
     values.update(overrides)
-    return JudgeSettings(**values)
+    return JudgeArguments(**values)
 
 
 def _image(scores, behaviour=NORMAL, tag=0) -> Image.Image:
@@ -125,7 +128,7 @@ def test_transient_failures_are_retried(fake_judge, behaviour, attempts):
 ])
 def test_persistent_failures_are_retried_then_reported(fake_judge, behaviour, message):
     before = fake_judge.stats()["counts"].get("chat", 0)
-    with UniGenBenchJudge(_settings(fake_judge.url, max_retries=2)) as judge:
+    with UniGenBenchJudge(_settings(fake_judge.url, judge_max_retries=2)) as judge:
         result = judge.judge("bench", ITEM, 0, _image([1, 1, 1], behaviour, tag=20 + behaviour), "en")
     assert result.scores is None and not result.ok
     assert result.attempts == 3 and "failed after 3 attempts" in result.error and message in result.error
@@ -133,8 +136,17 @@ def test_persistent_failures_are_retried_then_reported(fake_judge, behaviour, me
     assert "bench[7] image 0" in result.error
 
 
+def test_reply_cut_by_max_tokens_is_reported_without_retrying(fake_judge):
+    before = fake_judge.stats()["counts"].get("chat", 0)
+    with UniGenBenchJudge(_settings(fake_judge.url, judge_max_retries=2)) as judge:
+        result = judge.judge("bench", ITEM, 0, _image([1, 1, 1], TRUNCATED, tag=50), "en")
+    assert result.scores is None and result.attempts == 1
+    assert "max_tokens=321" in result.error and "finish_reason 'length'" in result.error
+    assert fake_judge.stats()["counts"]["chat"] - before == 1  # greedy decoding would cut it the same way again
+
+
 def test_slow_judge_times_out_and_is_reported(fake_judge):
-    with UniGenBenchJudge(_settings(fake_judge.url, timeout_s=0.3, max_retries=1)) as judge:
+    with UniGenBenchJudge(_settings(fake_judge.url, judge_timeout=0.3, judge_max_retries=1)) as judge:
         result = judge.judge("bench", ITEM, 0, _image([1, 1, 1], SLOW, tag=40), "en")
     assert result.scores is None and "Timeout" in result.error and result.attempts == 2
 
@@ -142,7 +154,7 @@ def test_slow_judge_times_out_and_is_reported(fake_judge):
 def test_deadline_stops_attempts(fake_judge):
     import time
 
-    with UniGenBenchJudge(_settings(fake_judge.url, timeout_s=30.0, max_retries=5)) as judge:
+    with UniGenBenchJudge(_settings(fake_judge.url, judge_timeout=30.0, judge_max_retries=5)) as judge:
         result = judge.judge("bench", ITEM, 0, _image([1, 1, 1], SLOW, tag=41), "en", deadline=time.monotonic() + 0.5)
     assert result.scores is None and "deadline" in result.error
     # Bounded by the deadline, not by 6 attempts of 30 s: the request cut at the deadline, then a retry refused
@@ -152,7 +164,7 @@ def test_deadline_stops_attempts(fake_judge):
 
 def test_concurrent_submissions():
     with FakeJudge(delay_s=0.3) as slow_server, \
-            UniGenBenchJudge(_settings(slow_server.url, max_concurrency=4)) as judge:
+            UniGenBenchJudge(_settings(slow_server.url, judge_max_concurrency=4)) as judge:
         futures = [judge.submit("bench", ITEM, k, _image([k % 2, 1, 0], tag=k), "en") for k in range(8)]
         results = [future.result(timeout=30) for future in futures]
         max_inflight = slow_server.stats()["max_inflight"]
@@ -162,7 +174,7 @@ def test_concurrent_submissions():
 
 
 def test_wrong_served_name_is_a_clear_error_and_not_retried(fake_judge):
-    with UniGenBenchJudge(_settings(fake_judge.url, model_name="NotTheJudge")) as judge:
+    with UniGenBenchJudge(_settings(fake_judge.url, unigenbench_model_name="NotTheJudge")) as judge:
         with pytest.raises(RewardServerUnavailable, match="--served-model-name NotTheJudge"):
             judge.check_ready()
         result = judge.judge("bench", ITEM, 0, _image([1, 1, 1]), "en")
@@ -173,7 +185,7 @@ def test_judge_down_names_url_and_launcher():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"  # bound, never listening: connection refused
-        with UniGenBenchJudge(_settings(url, health_timeout_s=0.5, max_retries=1)) as judge:
+        with UniGenBenchJudge(_settings(url, judge_health_timeout=0.5, judge_max_retries=1)) as judge:
             with pytest.raises(RewardServerUnavailable) as info:
                 judge.check_ready()
             result = judge.judge("bench", ITEM, 0, _image([1, 1, 1]), "en")

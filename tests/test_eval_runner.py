@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from deepgen_rl.eval.dataset import load_eval_datasets
-from deepgen_rl.eval.judge import JudgeSettings
+from deepgen_rl.config import JudgeArguments
 from deepgen_rl.eval.report import JUDGEMENTS_CSV, REPORT_JSON, SAMPLES_DIR, SUMMARY_CSV, metrics_for_logging
 from deepgen_rl.eval.runner import EvalSettings, plan_work, run_evaluation, shard_work
 from tests.servers.fake_judge import MALFORMED, MALFORMED_ONCE, NORMAL, SLOW, WRONG_LENGTH, FakeJudge, encode_verdict
@@ -80,11 +80,12 @@ class ColourGenerator:
         return images
 
 
-def judge_settings(url: str, **overrides) -> JudgeSettings:
-    values = dict(url=url, model_name=SERVED, timeout_s=10.0, max_retries=2, backoff_s=0.01, max_concurrency=4,
-                  max_tokens=512, health_timeout_s=5.0)
+def judge_settings(url: str, **overrides) -> JudgeArguments:
+    values = dict(unigenbench_api_url=url, unigenbench_model_name=SERVED, judge_timeout=10.0, judge_max_retries=2,
+                  judge_retry_backoff=0.01, judge_max_concurrency=4, unigenbench_max_tokens=512,
+                  judge_health_timeout=5.0)
     values.update(overrides)
-    return JudgeSettings(**values)
+    return JudgeArguments(**values)
 
 
 def eval_settings(**overrides) -> EvalSettings:
@@ -143,7 +144,7 @@ def test_end_to_end_hand_worked_report(tmp_path, image_judge):
 def test_deadline_bounds_the_evaluation(tmp_path, image_judge):
     datasets = load_eval_datasets(write_bench(tmp_path / "data"))
     slow = {key: (scores, SLOW) for key, (scores, _) in VERDICTS.items()}  # the judge would take 30 s per image
-    report = run_evaluation(ColourGenerator(slow), judge_settings(image_judge.url, timeout_s=60.0), datasets,
+    report = run_evaluation(ColourGenerator(slow), judge_settings(image_judge.url, judge_timeout=60.0), datasets,
                             eval_settings(timeout_s=2.0), tmp_path / "out", step=1)
     # Without the deadline the judge would answer after 30 s and every image would be scored.
     scores = report.dataset("bench").scores
@@ -169,7 +170,7 @@ def test_judge_down_skips_generation(tmp_path):
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         generate = ColourGenerator()
-        report = run_evaluation(generate, judge_settings(url, health_timeout_s=0.5), datasets, eval_settings(),
+        report = run_evaluation(generate, judge_settings(url, judge_health_timeout=0.5), datasets, eval_settings(),
                                 tmp_path / "out", step=1)
     assert generate.calls == []
     scores = report.dataset("bench").scores
@@ -196,7 +197,7 @@ def name_judge():
 
 
 def test_eval_hook_on_tiny_model(tmp_path, name_judge):
-    from deepgen_rl.config import DataArguments, GRPOConfig
+    from deepgen_rl.config import DataArguments, GRPOConfig, JudgeArguments
     from deepgen_rl.eval.dataset import EvalDataError
     from deepgen_rl.eval.runner import make_eval_hook
     from deepgen_rl.model.tiny import build_tiny_deepgen
@@ -204,11 +205,11 @@ def test_eval_hook_on_tiny_model(tmp_path, name_judge):
     yaml_path = write_bench(tmp_path / "data", steps=2, duplicates=2, name="tiny_bench")
     training_args = GRPOConfig(output_dir=str(tmp_path / "run"), eval_freq=2, image_height=64, image_width=64,
                                eval_timeout=120.0, eval_num_sample_images=2, report_to="none")
-    data_args = DataArguments(eval_dataset_config=str(yaml_path), unigenbench_api_url=name_judge.url,
-                              reward_retry_backoff=0.01)
+    data_args = DataArguments(eval_dataset_config=str(yaml_path))
+    judge_args = JudgeArguments(unigenbench_api_url=name_judge.url, judge_retry_backoff=0.01)
     model = build_tiny_deepgen(seed=0).train()
     # The trainer's hook (trainer/eval_hook.py): config read once at start-up, metrics back on every call.
-    hook = make_eval_hook(training_args, data_args)
+    hook = make_eval_hook(training_args, data_args, judge_args)
     metrics = hook(model, 4)
     assert model.training  # mode restored
     correct, total = name_rule_expectation(2, {"Style", "Attribute"})
@@ -220,7 +221,7 @@ def test_eval_hook_on_tiny_model(tmp_path, name_judge):
     samples = sorted((folder / SAMPLES_DIR / "tiny_bench").iterdir())
     assert len(samples) == 2 and Image.open(samples[0]).size == (64, 64)
     with pytest.raises(EvalDataError, match="does not exist"):
-        make_eval_hook(training_args, DataArguments(eval_dataset_config=str(tmp_path / "missing.yaml")))
+        make_eval_hook(training_args, DataArguments(eval_dataset_config=str(tmp_path / "missing.yaml")), judge_args)
 
 
 def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -7,7 +7,6 @@ import argparse
 import csv
 import json
 
-import pytest
 import torch
 
 from deepgen_rl import preflight
@@ -102,7 +101,7 @@ def test_preflight_reports_every_content_problem_and_fails(tiny_paths, tmp_path,
                            "--sd3_model_name_or_path", str(tiny_paths.sd3_dir),
                            "--qwen2_5_vl_model_name_or_path", str(tiny_paths.qwen_dir),
                            "--checkpoint", str(bad_checkpoint), "--eval_dataset_config", str(eval_yaml),
-                           "--eval_freq", "1", "--reward_health_timeout", "0.2",
+                           "--eval_freq", "1", "--judge_health_timeout", "0.2",
                            "--unigenbench_api_url", "http://127.0.0.1:9"])
     err = capsys.readouterr().err
     assert code == 1

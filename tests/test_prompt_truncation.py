@@ -4,7 +4,6 @@ trainer counts truncated prompts in its per-step metrics."""
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 

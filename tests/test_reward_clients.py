@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image, ImageStat
 
-from deepgen_rl.config import DataArguments, ModelArguments
-from deepgen_rl.rewards import REWARD_NAMES, RewardSettings, build_rewards
+from deepgen_rl.config import RewardArguments
+from deepgen_rl.rewards import REWARD_NAMES, build_rewards
 from deepgen_rl.rewards.http_utils import (
     PermanentError,
     RetryableError,
@@ -140,33 +140,40 @@ def test_ocr_client_server_down_is_reported_not_hung():
 
 # ---------- registry ----------
 
-def test_settings_come_from_the_argument_dataclasses():
-    data = DataArguments(ocr_url="http://ocr:1", unifiedreward_think_url="http://ur:2", reward_timeout=7.0,
-                         reward_max_retries=4, reward_retry_backoff=0.25, reward_max_concurrency=9,
-                         reward_request_batch_size=5)
-    settings = RewardSettings.from_args(data, ModelArguments(clip_model_name_or_path="/clip"), device="cpu")
-    assert (settings.ocr_url, settings.unifiedreward_url, settings.clip_model_path) == ("http://ocr:1", "http://ur:2", "/clip")
-    assert settings.retry_policy == RetryPolicy(timeout_s=7.0, max_retries=4, backoff_s=0.25)
-    assert (settings.max_concurrency, settings.request_batch_size) == (9, 5)
-    assert settings.unifiedreward_model_name == "UnifiedReward" and settings.unifiedreward_max_tokens == 4096
+def test_clients_are_built_from_the_reward_flags():
+    args = RewardArguments(ocr_url="http://ocr:1", unifiedreward_think_url="http://ur:2", reward_timeout=7.0,
+                           reward_max_retries=4, reward_retry_backoff=0.25, reward_max_concurrency=9,
+                           reward_request_batch_size=5, reward_health_timeout=3.0)
+    policy = RetryPolicy(timeout_s=7.0, max_retries=4, backoff_s=0.25)
+    rewards = build_rewards(["ocr", "unifiedreward_think"], args, check_ready=False)
+    try:
+        ocr, unifiedreward = rewards["ocr"], rewards["unifiedreward_think"]
+        assert (ocr.url, ocr.policy, ocr.request_batch_size, ocr.health_timeout_s) == ("http://ocr:1", policy, 5, 3.0)
+        chat = unifiedreward.chat
+        assert (chat.server.url, chat.server.model_name, chat.policy) == ("http://ur:2", "UnifiedReward", policy)
+        assert (chat.max_tokens, chat.health_timeout_s, chat.pool._max_workers) == (4096, 3.0, 9)
+    finally:
+        for reward in rewards.values():
+            reward.close()
 
 
-def settings_for(ocr_url: str = "http://127.0.0.1:1", clip: str = "") -> RewardSettings:
-    return RewardSettings(ocr_url=ocr_url, unifiedreward_url="http://127.0.0.1:1", unifiedreward_model_name="UnifiedReward",
-                          unifiedreward_max_tokens=64, timeout_s=1.0, max_retries=0, backoff_s=0.0,
-                          health_timeout_s=0.5, max_concurrency=2, request_batch_size=2, clip_model_path=clip)
+def settings_for(ocr_url: str = "http://127.0.0.1:1", clip: str = "") -> tuple[RewardArguments, str]:
+    """(reward flags, --clip_model_name_or_path) for ``build_rewards(names, *settings_for(...))``."""
+    return RewardArguments(ocr_url=ocr_url, unifiedreward_think_url="http://127.0.0.1:1", unifiedreward_max_tokens=64,
+                           reward_timeout=1.0, reward_max_retries=0, reward_retry_backoff=0.0,
+                           reward_health_timeout=0.5, reward_max_concurrency=2, reward_request_batch_size=2), clip
 
 
 def test_registry_names_and_unknown_reward():
     assert set(REWARD_NAMES) == {"ocr", "unifiedreward_think", "clip_sim", "jpeg_compressibility"}
     with pytest.raises(ValueError, match="unknown reward 'aesthetic'.*jpeg_compressibility"):
-        build_rewards(["aesthetic"], settings_for())
+        build_rewards(["aesthetic"], *settings_for())
 
 
 def test_build_rewards_checks_servers_at_start_up():
     port = free_port()
     with pytest.raises(RewardServerUnavailable, match=f"127.0.0.1:{port}.*scripts/reward_ocr.sh"):
-        build_rewards(["ocr"], settings_for(ocr_url=f"http://127.0.0.1:{port}"))
+        build_rewards(["ocr"], *settings_for(ocr_url=f"http://127.0.0.1:{port}"))
 
 
 # ---------- jpeg_compressibility ----------
@@ -176,7 +183,7 @@ def test_jpeg_compressibility_definition_and_order():
     flat = Image.new("RGB", (64, 48), (120, 30, 200))
     gradient = Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (48, 1))).convert("RGB")
     noise = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
-    reward = build_rewards(["jpeg_compressibility"], settings_for())["jpeg_compressibility"]
+    reward = build_rewards(["jpeg_compressibility"], *settings_for())["jpeg_compressibility"]
     assert isinstance(reward, JpegCompressibilityReward)
     values = reward.score([flat, gradient, noise], ["", "", ""], [0, 0, 0]).values
     for image, value in zip((flat, gradient, noise), values):
@@ -220,7 +227,7 @@ def tiny_clip_dir(tmp_path_factory):
 def test_clip_sim_is_the_cosine_of_clip_embeddings(tiny_clip_dir):
     from transformers import AutoProcessor, CLIPModel
 
-    reward = build_rewards(["clip_sim"], settings_for(clip=str(tiny_clip_dir)))["clip_sim"]
+    reward = build_rewards(["clip_sim"], *settings_for(clip=str(tiny_clip_dir)))["clip_sim"]
     rng = np.random.default_rng(1)
     images = [Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)) for _ in range(3)]
     prompts = ["a red cat", "a very long prompt " * 10, "a red cat"]  # the second exceeds 24 positions
@@ -239,6 +246,6 @@ def test_clip_sim_is_the_cosine_of_clip_embeddings(tiny_clip_dir):
 
 def test_clip_sim_names_a_missing_model_folder(tmp_path):
     with pytest.raises(ValueError, match="CLIP_MODEL_NAME_OR_PATH"):
-        build_rewards(["clip_sim"], settings_for(clip=""))
+        build_rewards(["clip_sim"], *settings_for(clip=""))
     with pytest.raises(ValueError, match="not a folder"):
-        build_rewards(["clip_sim"], settings_for(clip=str(tmp_path / "nope")))
+        build_rewards(["clip_sim"], *settings_for(clip=str(tmp_path / "nope")))

@@ -223,3 +223,25 @@ def test_tiny_model_ode_generation_is_deterministic(tiny_model):
     second = generate_images(tiny_model, ["a red apple", "a blue car"], generator=torch.Generator().manual_seed(5),
                              **kwargs)
     assert first.shape == (2, 3, 64, 64) and torch.equal(first, second)
+
+
+def test_tiny_model_dynamic_shift_follows_the_image_size(tiny_model):
+    """use_dynamic_shifting (Flux/SD3 resolution-dependent shift): mu is linear in the latent token count between
+    (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift); sigma = e^mu / (e^mu + 1/t - 1) over
+    t = linspace(1, 1/1000, T), then 0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    original = tiny_model.scheduler
+    tiny_model.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        original.config, use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64, base_shift=0.5,
+        max_shift=1.5)
+    try:
+        sigmas = tiny_model.sigma_schedule(4, 64, 64)
+    finally:
+        tiny_model.scheduler = original
+    _, h, w = tiny_model.latent_shape(64, 64)
+    patch = tiny_model.transformer.config.patch_size
+    mu = 0.5 + (1.5 - 0.5) / (64 - 4) * ((h // patch) * (w // patch) - 4)
+    t = torch.linspace(1.0, 1.0 / 1000, 4, dtype=torch.float64)
+    expected = torch.cat([math.exp(mu) / (math.exp(mu) + 1 / t - 1), torch.zeros(1, dtype=torch.float64)])
+    torch.testing.assert_close(sigmas.double(), expected, rtol=1e-6, atol=1e-6)

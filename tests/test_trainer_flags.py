@@ -60,7 +60,7 @@ def test_unsupported_value_of_an_honoured_flag_is_refused(tmp_path):
 
 
 def test_honoured_inherited_flags_are_accepted(tmp_path):
-    args, _, _ = parse_args(["--output_dir", str(tmp_path), "--ddp_timeout", "60", "--log_level", "debug",
+    args, *_ = parse_args(["--output_dir", str(tmp_path), "--ddp_timeout", "60", "--log_level", "debug",
                              "--log_level_replica", "error", "--disable_tqdm", "true", "--save_total_limit", "2",
                              "--warmup_steps", "5", "--max_grad_norm", "0.5", "--do_train", "--seed", "3"])
     assert (args.ddp_timeout, args.disable_tqdm, args.save_total_limit, args.warmup_steps) == (60, True, 2, 5)

@@ -93,8 +93,8 @@ class Brightness:
 
 def build(tiny_paths, out, reward=None, **overrides):
     flags = tiny_run_flags(tiny_paths, out, deepspeed=str(ZERO2), learning_rate=1e-3, **overrides)
-    args, model_args, data_args = parse_args(flags)
-    trainer = grpo_deepgen.build_trainer(args, model_args, data_args, "cpu")
+    args, *groups = parse_args(flags)
+    trainer = grpo_deepgen.build_trainer(args, *groups, "cpu")
     trainer.reward_step.close()
     trainer.reward_step = RewardStep({"jpeg_compressibility": reward or Brightness()})
     return trainer
@@ -233,7 +233,7 @@ def test_failed_rewards_are_masked_and_an_all_failed_step_is_skipped(process_gro
 def test_eval_hook_every_eval_freq_steps_and_a_failing_eval_does_not_stop_training(process_group, tiny_paths,
                                                                                    tmp_path):
     # No judge runs here: a short health timeout keeps the start-up probe (whose hook is replaced below) brief.
-    trainer = build(tiny_paths, tmp_path, max_steps=2, eval_freq=1, reward_health_timeout=1)
+    trainer = build(tiny_paths, tmp_path, max_steps=2, eval_freq=1, judge_health_timeout=1)
     calls = []
 
     def hook(model, step):

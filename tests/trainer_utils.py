@@ -118,10 +118,10 @@ def main(argv: list[str]) -> int:
     from deepgen_rl.config import parse_args
 
     grpo_deepgen.ensure_single_process_env(os.environ)
-    args, model_args, data_args = parse_args(argv)
+    args, *groups = parse_args(argv)
     device = grpo_deepgen._init_distributed()
     grpo_deepgen._setup_logging(int(os.environ.get("RANK", "0")))
-    trainer = grpo_deepgen.build_trainer(args, model_args, data_args, device)
+    trainer = grpo_deepgen.build_trainer(args, *groups, device)
     try:
         before = param_digests(trainer.model) if dump else None
         reward_before = fixed_noise_reward(trainer) if reward_dump else None

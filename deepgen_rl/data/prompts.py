@@ -21,6 +21,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from deepgen_rl.data.dataset_yaml import DatasetConfig, DatasetEntry
+from deepgen_rl.distributed import numpy_rng
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class PromptSampler:
         """The next ``batch_size`` prompts (with replacement)."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive; got {batch_size}")
-        rng = np.random.default_rng([self.seed, self.rank, self.batches_drawn])
+        rng = numpy_rng(self.seed, self.rank, self.batches_drawn)
         self.batches_drawn += 1
         chosen = rng.choice(len(self.datasets), size=batch_size, p=self.probabilities)
         return [self.datasets[d][int(rng.integers(self.sizes[d]))] for d in chosen]

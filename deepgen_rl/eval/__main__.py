@@ -10,7 +10,7 @@
 
 Writes report.json, summary.csv, judgements.csv and samples/ into --output_dir and prints the accuracies.
 Model flags (--sd3_model_name_or_path, --checkpoint, ...) and judge flags (--unigenbench_api_url,
---unigenbench_model_name, --reward_timeout, ...) are the training run's; --eval_dataset_config picks the YAML.
+--unigenbench_model_name, --judge_timeout, ...) are the training run's; --eval_dataset_config picks the YAML.
 Exit status: 0 when every dataset got at least one judged image, 1 otherwise.
 """
 
@@ -26,7 +26,7 @@ from typing import Optional
 
 from transformers import HfArgumentParser
 
-from deepgen_rl.config import DataArguments, GRPOConfig, ModelArguments
+from deepgen_rl.config import DataArguments, GRPOConfig, JudgeArguments, ModelArguments
 
 logger = logging.getLogger("deepgen_rl.eval")
 
@@ -91,12 +91,14 @@ def _setup_distributed(device_flag: str):
     import torch
     import torch.distributed as dist
 
+    from deepgen_rl.distributed import is_distributed
+
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return device
 
@@ -131,9 +133,10 @@ def _print_summary(report) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = HfArgumentParser((EvalCliArguments, ModelArguments, DataArguments), prog="python -m deepgen_rl.eval",
+    parser = HfArgumentParser((EvalCliArguments, ModelArguments, DataArguments, JudgeArguments),
+                              prog="python -m deepgen_rl.eval",
                               description=__doc__, formatter_class=_HelpFormatter)
-    cli, model_args, data_args = parser.parse_args_into_dataclasses(args=argv)
+    cli, model_args, data_args, judge_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per judge request otherwise
 
@@ -142,17 +145,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     datasets = load_eval_datasets(data_args.eval_dataset_config, cli.eval_max_prompts)  # bad YAML fails first
     device = _setup_distributed(cli.device)
     try:
-        return _evaluate(cli, model_args, data_args, datasets, device)
+        return _evaluate(cli, model_args, judge_args, datasets, device)
     finally:
-        import torch.distributed as dist
+        from deepgen_rl.distributed import destroy
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        destroy()
 
 
-def _evaluate(cli: EvalCliArguments, model_args: ModelArguments, data_args: DataArguments, datasets, device) -> int:
-    from deepgen_rl.eval.judge import JudgeSettings
-    from deepgen_rl.eval.runner import EvalSettings, distributed_info, model_generate_fn, run_evaluation
+def _evaluate(cli: EvalCliArguments, model_args: ModelArguments, judge_args: JudgeArguments, datasets, device) -> int:
+    from deepgen_rl.distributed import rank_and_world
+    from deepgen_rl.eval.runner import EvalSettings, model_generate_fn, run_evaluation
 
     default_size = 64 if cli.tiny else None
     height = cli.image_height or default_size or GRPOConfig.image_height
@@ -163,8 +165,8 @@ def _evaluate(cli: EvalCliArguments, model_args: ModelArguments, data_args: Data
     model = _build_model(cli, model_args, device)
     report = run_evaluation(model_generate_fn(model, height, width, cli.micro_batch_size,
                                               cli.vae_decode_micro_batch_size),
-                            JudgeSettings.from_data_args(data_args), datasets, settings, cli.output_dir, cli.step)
-    if distributed_info()[0] == 0:
+                            judge_args, datasets, settings, cli.output_dir, cli.step)
+    if rank_and_world()[0] == 0:
         _print_summary(report)
     return 0 if all(entry.scores.overall.total > 0 for entry in report.datasets) else 1
 

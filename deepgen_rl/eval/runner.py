@@ -36,9 +36,12 @@ from PIL import Image
 
 from deepgen_rl.eval.aggregate import ImageJudgement, aggregate_dataset, sort_judgements
 from deepgen_rl.eval.dataset import BenchPrompt, EvalDataset, load_eval_datasets
-from deepgen_rl.eval.judge import JudgeSettings, UniGenBenchJudge, failed_judgement
+from deepgen_rl.config import DataArguments, GRPOConfig, JudgeArguments
+from deepgen_rl.distributed import rank_and_world, seeded_generator
+from deepgen_rl.eval.judge import UniGenBenchJudge, failed_judgement
 from deepgen_rl.eval.report import SAMPLES_DIR, DatasetReport, EvalReport, metrics_for_logging, write_report
 from deepgen_rl.rewards.http_utils import RewardServerUnavailable
+from deepgen_rl.rewards.reward_step import images_to_pil
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ class EvalSettings:
     decode_micro_batch_size: Optional[int] = None  # images per VAE decode (None: micro_batch_size)
 
     @classmethod
-    def from_training_args(cls, args) -> "EvalSettings":
+    def from_training_args(cls, args: GRPOConfig) -> "EvalSettings":
         return cls(height=args.image_height, width=args.image_width, seed=args.seed,
                    micro_batch_size=args.rollout_micro_batch_size, num_sample_images=args.eval_num_sample_images,
                    timeout_s=args.eval_timeout, decode_micro_batch_size=args.vae_decode_micro_batch_size)
@@ -104,14 +107,7 @@ def generation_batches(items: Sequence[WorkItem], micro_batch_size: int) -> list
     return batches
 
 
-def distributed_info() -> tuple[int, int]:
-    """(rank, world_size); (0, 1) without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def run_evaluation(generate_fn: GenerateFn, judge_settings: JudgeSettings, datasets: Sequence[EvalDataset],
+def run_evaluation(generate_fn: GenerateFn, judge_args: JudgeArguments, datasets: Sequence[EvalDataset],
                    settings: EvalSettings, output_dir: Optional[str | Path], step: int) -> EvalReport:
     """Evaluate this rank's share, gather every rank's judgements and aggregate; rank 0 writes the files."""
     start = time.monotonic()
@@ -119,12 +115,12 @@ def run_evaluation(generate_fn: GenerateFn, judge_settings: JudgeSettings, datas
     work_deadline = None
     if deadline is not None:
         work_deadline = deadline - min(GATHER_RESERVE_FRACTION * settings.timeout_s, MAX_GATHER_RESERVE_S)
-    rank, world_size = distributed_info()
+    rank, world_size = rank_and_world()
     group = new_gather_group() if world_size > 1 else None  # now, while every rank is here
     plan = plan_work(datasets)
     sample_dir = Path(output_dir) / SAMPLES_DIR if output_dir is not None and rank == 0 else None
     try:
-        local = _evaluate_shard(generate_fn, judge_settings, datasets, shard_work(plan, rank, world_size), settings,
+        local = _evaluate_shard(generate_fn, judge_args, datasets, shard_work(plan, rank, world_size), settings,
                                 work_deadline, sample_dir)
         judgements, complete = gather_judgements(local, deadline, group)
     finally:
@@ -141,7 +137,7 @@ def run_evaluation(generate_fn: GenerateFn, judge_settings: JudgeSettings, datas
     return report
 
 
-def _evaluate_shard(generate_fn: GenerateFn, judge_settings: JudgeSettings, datasets: Sequence[EvalDataset],
+def _evaluate_shard(generate_fn: GenerateFn, judge_args: JudgeArguments, datasets: Sequence[EvalDataset],
                     items: Sequence[WorkItem], settings: EvalSettings, deadline: Optional[float],
                     sample_dir: Optional[Path]) -> list[ImageJudgement]:
     """Generate and judge ``items``; every item comes back as a judgement (scored or failed with a reason)."""
@@ -151,9 +147,9 @@ def _evaluate_shard(generate_fn: GenerateFn, judge_settings: JudgeSettings, data
 
     if not items:
         return []
-    with UniGenBenchJudge(judge_settings) as judge:
+    with UniGenBenchJudge(judge_args) as judge:
         try:
-            health_wait = judge_settings.health_timeout_s
+            health_wait = judge_args.judge_health_timeout
             if deadline is not None:
                 health_wait = max(min(health_wait, deadline - time.monotonic()), MIN_BARRIER_WAIT_S)
             judge.check_ready(timeout_s=health_wait)
@@ -231,7 +227,7 @@ def gather_judgements(local: Sequence[ImageJudgement], deadline: Optional[float]
                       group=None) -> tuple[list[ImageJudgement], bool]:
     """Every rank's judgements on every rank; (this rank's only, False) if some rank misses the deadline.
     ``group``: a gloo group of all ranks (None: the default group, which must then be gloo)."""
-    rank, world_size = distributed_info()
+    rank, world_size = rank_and_world()
     if world_size == 1:
         return list(local), True
     if deadline is not None:
@@ -249,12 +245,6 @@ def gather_judgements(local: Sequence[ImageJudgement], deadline: Optional[float]
 
 # ---- the model-backed generate_fn and the trainer hook ----
 
-def images_to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[N, 3, H, W] float in [0, 1] -> N RGB PIL images."""
-    array = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(frame) for frame in array]
-
-
 def model_generate_fn(model, height: int, width: int, micro_batch_size: Optional[int] = None,
                       decode_micro_batch_size: Optional[int] = None) -> GenerateFn:
     """generate_fn on a DeepGen model: ODE (Euler) sampling with CFG against "Generate an image." (DESIGN.md
@@ -262,7 +252,7 @@ def model_generate_fn(model, height: int, width: int, micro_batch_size: Optional
     from deepgen_rl.sampling import generate_images
 
     def generate(prompts: list[str], cfg_scale: float, num_inference_steps: int, seed: int) -> list[Image.Image]:
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        generator = seeded_generator(torch.device("cpu"), seed)
         images = generate_images(model, prompts, num_inference_steps=num_inference_steps, height=height, width=width,
                                  cfg_scale=cfg_scale, generator=generator, micro_batch_size=micro_batch_size,
                                  decode_micro_batch_size=decode_micro_batch_size)
@@ -271,7 +261,7 @@ def model_generate_fn(model, height: int, width: int, micro_batch_size: Optional
     return generate
 
 
-def evaluate_model(model, training_args, data_args, step: int, datasets: Sequence[EvalDataset],
+def evaluate_model(model, training_args: GRPOConfig, judge_args: JudgeArguments, step: int, datasets: Sequence[EvalDataset],
                    output_dir: Optional[str | Path] = None) -> EvalReport:
     """Evaluate ``model`` now (every rank calls it), with the settings of the training flags."""
     settings = EvalSettings.from_training_args(training_args)
@@ -281,12 +271,13 @@ def evaluate_model(model, training_args, data_args, step: int, datasets: Sequenc
     was_training = model.training
     model.eval()
     try:
-        return run_evaluation(generate_fn, JudgeSettings.from_data_args(data_args), datasets, settings, folder, step)
+        return run_evaluation(generate_fn, judge_args, datasets, settings, folder, step)
     finally:
         model.train(was_training)
 
 
-def make_eval_hook(training_args, data_args) -> Callable[[torch.nn.Module, int], dict[str, float]]:
+def make_eval_hook(training_args: GRPOConfig, data_args: DataArguments, judge_args: JudgeArguments
+                   ) -> Callable[[torch.nn.Module, int], dict[str, float]]:
     """``hook(model, step) -> metrics`` for a trainer that decides itself when to evaluate (every rank calls it).
 
     The eval YAML and CSVs are read here, once, so a bad eval config fails at start-up rather than at the
@@ -294,6 +285,6 @@ def make_eval_hook(training_args, data_args) -> Callable[[torch.nn.Module, int],
     datasets = load_eval_datasets(data_args.eval_dataset_config, training_args.eval_max_prompts)
 
     def hook(model: torch.nn.Module, step: int) -> dict[str, float]:
-        return metrics_for_logging(evaluate_model(model, training_args, data_args, step, datasets))
+        return metrics_for_logging(evaluate_model(model, training_args, judge_args, step, datasets))
 
     return hook

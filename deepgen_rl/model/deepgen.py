@@ -216,10 +216,13 @@ class DeepGenModel(nn.Module):
         config = self.scheduler.config
         mu = None
         if config.get("use_dynamic_shifting", False):
+            # Imported here: the SD3 pipeline module pulls in every text encoder class of transformers.
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
             _, h, w = self.latent_shape(height, width)
             seq_len = (h // self.transformer.config.patch_size) * (w // self.transformer.config.patch_size)
-            slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
-            mu = config.base_shift + slope * (seq_len - config.base_image_seq_len)
+            mu = calculate_shift(seq_len, config.base_image_seq_len, config.max_image_seq_len, config.base_shift,
+                                 config.max_shift)
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
         scheduler.set_timesteps(num_inference_steps, device="cpu", mu=mu)
         return scheduler.sigmas.to(torch.float32)

@@ -5,13 +5,12 @@ Light on purpose (the OCR server imports this package): import ``deepgen_rl.rewa
 """
 
 from deepgen_rl.rewards.base import RewardFunction, RewardScores, groups_by_id
-from deepgen_rl.rewards.registry import REWARD_NAMES, RewardSettings, build_rewards
+from deepgen_rl.rewards.registry import REWARD_NAMES, build_rewards
 
 __all__ = [
     "REWARD_NAMES",
     "RewardFunction",
     "RewardScores",
-    "RewardSettings",
     "build_rewards",
     "groups_by_id",
 ]

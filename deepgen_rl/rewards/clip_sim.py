@@ -51,10 +51,11 @@ class ClipSimilarityReward:
         inputs = self.processor(text=list(prompts), images=[im.convert("RGB") for im in images], return_tensors="pt",
                                 padding=True, truncation=True, max_length=self.max_text_length)
         inputs = {key: value.to(self.device) for key, value in inputs.items()}
-        vision = self.model.vision_model(pixel_values=inputs["pixel_values"].to(self.model.dtype))
-        image_features = self.model.visual_projection(vision.pooler_output)  # [n, D]
-        text = self.model.text_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        text_features = self.model.text_projection(text.pooler_output)  # [n, D]
+        # Since transformers 5 these return the model output, the projected features as its pooler_output.
+        image_features = self.model.get_image_features(pixel_values=inputs["pixel_values"].to(self.model.dtype))
+        text_features = self.model.get_text_features(input_ids=inputs["input_ids"],
+                                                     attention_mask=inputs["attention_mask"])
+        image_features, text_features = image_features.pooler_output, text_features.pooler_output  # [n, D] each
         return torch.nn.functional.cosine_similarity(image_features.float(), text_features.float(), dim=-1)
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str], group_ids: Sequence[int]) -> RewardScores:

@@ -130,6 +130,7 @@ class ReplyMessage(BaseModel):
 
 class Choice(BaseModel):
     message: ReplyMessage
+    finish_reason: Optional[str] = None  # "stop", or "length" when max_tokens cut the reply
 
 
 class ChatCompletionResponse(BaseModel):

@@ -14,35 +14,14 @@ pairs judged and the answer-parse success rate over every reply received (retrie
 from __future__ import annotations
 
 import itertools
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from PIL import Image
 
 from deepgen_rl.rewards.base import RewardScores, check_batch, groups_by_id
-from deepgen_rl.rewards.http_utils import (
-    RetryableError,
-    RetryPolicy,
-    call_with_retries,
-    join_url,
-    make_client,
-    png_data_url,
-    post_json,
-    require_served_model,
-    wait_for_health,
-)
-from deepgen_rl.rewards.protocol import (
-    CHAT_COMPLETIONS_PATH,
-    VLLM_HEALTH_PATH,
-    VLLM_MODELS_PATH,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatMessage,
-    ImageContent,
-    ImageUrl,
-    TextContent,
-)
+from deepgen_rl.rewards.http_utils import RetryPolicy, png_data_url
+from deepgen_rl.rewards.vllm_chat import VllmChatClient, VllmServer
 from deepgen_rl.rewards.unifiedreward_template import (
     PAIRWISE_THINK_TEMPLATE,
     parse_pairwise_answer,
@@ -51,8 +30,6 @@ from deepgen_rl.rewards.unifiedreward_template import (
 
 UNIFIEDREWARD_START_HINT = ("start it with `bash scripts/reward_unifiedreward.sh` (vLLM), or point "
                             "UNIFIEDREWARD_THINK_URL / --unifiedreward_think_url at it")
-# Greedy decoding, as the reference: the judge's verdict must not depend on sampling luck.
-JUDGE_TEMPERATURE = 0.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +75,13 @@ def win_rates(num_samples: int, group_ids: Sequence[int], verdicts: Sequence[Pai
     return RewardScores(values=values, errors=errors)
 
 
+def _read_answer(reply: str) -> int:
+    answer = parse_pairwise_answer(reply)
+    if answer is None:
+        raise ValueError(f"no '<answer>Image N is better</answer>' in the reply (ends with {reply[-200:]!r})")
+    return answer
+
+
 class UnifiedRewardThinkClient:
     name = "unifiedreward_think"
     score_range = (0.0, 1.0)  # a win rate
@@ -108,29 +92,21 @@ class UnifiedRewardThinkClient:
             raise ValueError("the UnifiedReward template must contain '{prompt}' where the caption goes.")
         self.url = url
         self.service = f"UnifiedReward-Think server at {url}: {UNIFIEDREWARD_START_HINT}"
-        self.model_name = model_name
-        self.policy = policy
-        self.max_tokens = max_tokens
-        self.health_timeout_s = health_timeout_s
         self.template = template
-        self._client = make_client(policy, max_concurrency)
-        self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="unifiedreward")
+        server = VllmServer(url, model_name, "UnifiedReward-Think server", UNIFIEDREWARD_START_HINT,
+                            "--unifiedreward_model_name")
+        self.chat = VllmChatClient(server, policy, max_concurrency, max_tokens, health_timeout_s, "unifiedreward")
 
     def check_ready(self) -> None:
         """The server answers /health and serves ``model_name`` (vLLM's --served-model-name)."""
-        wait_for_health(self.url, VLLM_HEALTH_PATH, self.health_timeout_s, "UnifiedReward-Think server",
-                        UNIFIEDREWARD_START_HINT)
-        require_served_model(self._client, self.url, VLLM_MODELS_PATH, self.model_name, self.policy,
-                             "UnifiedReward-Think server",
-                             f"start vLLM with --served-model-name {self.model_name} (the script does) or set "
-                             "--unifiedreward_model_name.")
+        self.chat.check_ready()
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str], group_ids: Sequence[int]) -> RewardScores:
         n = check_batch(images, prompts, group_ids)
         pairs = [pair for members in groups_by_id(group_ids).values() for pair in itertools.combinations(members, 2)]
         needed = sorted({index for pair in pairs for index in pair})
-        urls = dict(zip(needed, self._pool.map(lambda i: png_data_url(images[i]), needed)))
-        futures = [self._pool.submit(self._judge_pair, first, second, prompts[first], urls[first], urls[second])
+        urls = dict(zip(needed, self.chat.pool.map(lambda i: png_data_url(images[i]), needed)))
+        futures = [self.chat.pool.submit(self._judge_pair, first, second, prompts[first], urls[first], urls[second])
                    for first, second in pairs]
         verdicts = [future.result() for future in futures]
         scores = win_rates(n, group_ids, verdicts)
@@ -143,34 +119,10 @@ class UnifiedRewardThinkClient:
         return scores
 
     def _judge_pair(self, first: int, second: int, prompt: str, url_first: str, url_second: str) -> PairVerdict:
-        request = ChatCompletionRequest(
-            model=self.model_name,
-            messages=[ChatMessage(role="user", content=[
-                ImageContent(image_url=ImageUrl(url=url_first)),
-                ImageContent(image_url=ImageUrl(url=url_second)),
-                TextContent(text=render_pairwise_prompt(prompt, self.template)),
-            ])],
-            temperature=JUDGE_TEMPERATURE,
-            max_tokens=self.max_tokens,
-        ).model_dump()
-        replies = parsed = 0
-
-        def attempt() -> int:
-            nonlocal replies, parsed
-            reply = post_json(self._client, join_url(self.url, CHAT_COMPLETIONS_PATH), request, ChatCompletionResponse)
-            replies += 1
-            content = reply.choices[0].message.content
-            answer = parse_pairwise_answer(content)
-            if answer is None:
-                snippet = (content or "")[-200:]
-                raise RetryableError(f"no '<answer>Image N is better</answer>' in the reply (ends with {snippet!r})")
-            parsed += 1
-            return answer
-
-        outcome = call_with_retries(attempt, self.policy, f"UnifiedReward pair ({first}, {second})")
-        winner = None if outcome.value is None else (first if outcome.value == 1 else second)
-        return PairVerdict(first, second, winner, outcome.error, replies, parsed)
+        answer = self.chat.ask([url_first, url_second], render_pairwise_prompt(prompt, self.template), _read_answer,
+                               f"UnifiedReward pair ({first}, {second})")
+        winner = None if answer.value is None else (first if answer.value == 1 else second)
+        return PairVerdict(first, second, winner, answer.error, answer.replies, answer.parsed)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._client.close()
+        self.chat.close()

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from typing import Literal, Optional, get_args
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from deepgen_rl.distributed import all_reduce
 
 AdvantageType = Literal["grpo", "gdpo"]
 ADVANTAGE_TYPES: tuple[str, ...] = get_args(AdvantageType)
@@ -107,17 +108,6 @@ def _zero_variance_fraction(flat_groups: Tensor) -> float:
     return float(flat_groups.double().mean()) if flat_groups.numel() else 0.0
 
 
-def _reduce_sum(values: Tensor, process_group) -> Tensor:
-    """all_reduce(SUM) a small float64 vector across ranks when torch.distributed is initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    work = values
-    if dist.get_backend(process_group) == "nccl" and values.device.type != "cuda":
-        work = values.to(torch.device("cuda", torch.cuda.current_device()))
-    dist.all_reduce(work, op=dist.ReduceOp.SUM, group=process_group)
-    return work.to(values.device)
-
-
 def batch_normalize(values: Tensor, valid: Tensor, process_group=None) -> Tensor:
     """(x - mean) / (std + 1e-4) over the valid samples of ALL ranks (GDPO eq. 6). values: [N] float64.
 
@@ -125,10 +115,10 @@ def batch_normalize(values: Tensor, valid: Tensor, process_group=None) -> Tensor
     the concatenated batch without gathering it. Every rank must call this (it is a collective).
     """
     m = valid.to(values.dtype)
-    total = _reduce_sum(torch.stack([(values * m).sum(), m.sum()]), process_group)
+    total = all_reduce(torch.stack([(values * m).sum(), m.sum()]), None, group=process_group)
     count = total[1]
     mean = total[0] / count.clamp_min(1)
-    sq = _reduce_sum(((values - mean) ** 2 * m).sum().reshape(1), process_group)[0]
+    sq = all_reduce(((values - mean) ** 2 * m).sum().reshape(1), None, group=process_group)[0]
     std = torch.where(count >= 2, (sq / (count - 1).clamp_min(1)).sqrt(), torch.zeros_like(sq))
     return (values - mean) / (std + STD_EPS) * m
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from deepgen_rl.distributed import numpy_rng
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DATASET_TYPES = ("image_caption_jsonl", "image_folder")
 
@@ -147,7 +149,7 @@ class SftAuxSampler:
     def sample(self, batch_size: int) -> SftAuxBatch:
         if batch_size <= 0:
             raise ValueError(f"--sftaux_batch_size must be positive; got {batch_size}.")
-        rng = np.random.default_rng([self.seed, self.rank, self.batches_drawn, 7])
+        rng = numpy_rng(self.seed, self.rank, self.batches_drawn, 7)
         self.batches_drawn += 1
         chosen = rng.choice(len(self.datasets), size=batch_size, p=self.probabilities)
         items = [self.datasets[d].items[int(rng.integers(len(self.datasets[d])))] for d in chosen]

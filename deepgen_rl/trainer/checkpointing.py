@@ -35,8 +35,8 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from deepgen_rl.distributed import all_reduce, barrier, rank_and_world
 from deepgen_rl.model.safe_load import UnsafeCheckpointError, load_weights_only, weights_only_loads
 
 from .weights_resume import load_weights_reset_optimizer
@@ -84,11 +84,6 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to trainer_state.json")
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def checkpoint_step(path: Path) -> Optional[int]:
     match = _CHECKPOINT_RE.match(path.name)
     return int(match.group(1)) if match else None
@@ -133,13 +128,10 @@ def is_latest_request(value: Optional[str]) -> bool:
 
 def agree_on_checkpoint(path: Optional[Path], output_dir: str | Path, device) -> Optional[Path]:
     """Collective: every rank must resume the same step ('latest' is resolved per rank, e.g. per node)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if rank_and_world()[1] == 1:
         return path
-    step = checkpoint_step(path) if path is not None else -1
-    low = torch.tensor([step], dtype=torch.float64, device=device)
-    high = low.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    step = torch.tensor([checkpoint_step(path) if path is not None else -1], dtype=torch.float64)
+    low, high = all_reduce(step, device, "min"), all_reduce(step, device, "max")
     if low.item() != high.item():
         raise CheckpointLoadError(
             f"{RESUME_FLAG} latest: ranks found different newest good checkpoints in {output_dir} (steps "
@@ -275,19 +267,19 @@ def save_checkpoint(engine, output_dir: str | Path, state: TrainerState, *, rank
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     engine.save_checkpoint(str(tmp), tag=f"global_step{step}", exclude_frozen_parameters=True)
     torch.save(capture_rng_state(), tmp / f"rng_state_{rank}.pth")
     if rank == 0:
         (tmp / TRAINER_STATE_NAME).write_text(state.to_json())
-    _barrier()
+    barrier()
     if renamer:
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
         if save_total_limit:
             rotate_checkpoints(root, save_total_limit, keep=final)
-    _barrier()
+    barrier()
     logger.info("saved %s", final)
     return final
 

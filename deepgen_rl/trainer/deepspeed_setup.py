@@ -17,7 +17,7 @@ import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 import torch
 from transformers import get_scheduler
@@ -25,6 +25,9 @@ from transformers import get_scheduler
 from deepgen_rl.deepspeed_json import check_deepspeed_types, read_deepspeed_json
 
 from .batching import BatchPlan
+
+if TYPE_CHECKING:
+    from deepgen_rl.config import GRPOConfig
 
 logger = logging.getLogger(__name__)
 
@@ -55,34 +58,26 @@ def load_deepspeed_config(source: Union[str, Path, dict, None]) -> dict:
     return read_deepspeed_json(source)
 
 
-def _get(config: dict, dotted: str) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
+def _filler(config: dict):
+    """transformers' "auto" filler (HF Trainer semantics) over a copy of ``config``. Its constructor also registers
+    the config globally (from_pretrained would then build models under zero.Init): undone at once."""
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, unset_hf_deepspeed_config
+
+    filler = HfTrainerDeepSpeedConfig(config)
+    unset_hf_deepspeed_config()
+    return filler
 
 
-def _set(config: dict, dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
-    node = config
-    for part in parents:
-        node = node[part]
-    node[last] = value
-
-
-def _fill(config: dict, dotted: str, value: Any, flag: str, derived: bool = False) -> None:
-    """Replace "auto" at ``dotted`` with ``value``; a derived key with a different explicit value is an error."""
-    current = _get(config, dotted)
-    if current == AUTO:
-        _set(config, dotted, value)
-    elif derived and current is not None and current != value:
+def _fill_derived(filler, dotted: str, value: Any, flags: str) -> None:
+    """Fill "auto" at ``dotted``; an explicit value that disagrees with the derived one is an error."""
+    current = filler.get_value(dotted)
+    if current not in (None, AUTO, value):
         raise ValueError(
-            f"--deepspeed: {dotted} = {current!r}, but the trainer derives {value!r} from {flag}. "
+            f"--deepspeed: {dotted} = {current!r}, but the trainer derives {value!r} from {flags}. "
             f'Write "{dotted.split(".")[-1]}": "auto" in the JSON (the value follows from the flags and the world '
             "size)."
         )
+    filler.fill_only(dotted, value)
 
 
 def _find_auto(node: Any, prefix: str = "") -> list[str]:
@@ -91,37 +86,36 @@ def _find_auto(node: Any, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if node == AUTO else []
 
 
-def fill_deepspeed_config(config: dict, *, args, plan: BatchPlan, num_training_steps: int, hidden_size: int,
+def fill_deepspeed_config(config: dict, *, args: GRPOConfig, plan: BatchPlan, num_training_steps: int, hidden_size: int,
                           trainable_dtype: torch.dtype) -> dict:
     """A copy of ``config`` with every "auto" replaced (HF Trainer semantics), from the flags and the batch plan.
 
     ``hidden_size``: the DiT's width (sizes ZeRO buckets as the HF integration does);
     ``trainable_dtype``: the dtype of the trained weights (bf16 weights turn "auto" bf16 on).
     """
-    config = copy.deepcopy(config)
+    filler = _filler(config)
     batch_flags = "--global_batch_size / --rollout_n / --atrain_micro_batch_size / --timestep_fraction"
-    _fill(config, "train_micro_batch_size_per_gpu", plan.train_micro_batch_size, batch_flags, derived=True)
-    _fill(config, "gradient_accumulation_steps", plan.gradient_accumulation_steps, batch_flags, derived=True)
-    _fill(config, "train_batch_size", plan.deepspeed_train_batch_size, batch_flags, derived=True)
     for key, value in (("train_micro_batch_size_per_gpu", plan.train_micro_batch_size),
                        ("gradient_accumulation_steps", plan.gradient_accumulation_steps),
                        ("train_batch_size", plan.deepspeed_train_batch_size)):
-        config.setdefault(key, value)
-    _fill(config, "gradient_clipping", float(args.max_grad_norm or 0.0), "--max_grad_norm")
-    _fill(config, "bf16.enabled", bool(args.bf16 or (trainable_dtype == torch.bfloat16 and not args.fp16)), "--bf16")
-    _fill(config, "fp16.enabled", bool(args.fp16 or trainable_dtype == torch.float16), "--fp16")
-    _fill(config, "optimizer.params.lr", args.learning_rate, "--learning_rate")
-    _fill(config, "optimizer.params.betas", [args.adam_beta1, args.adam_beta2], "--adam_beta1/--adam_beta2")
-    _fill(config, "optimizer.params.eps", args.adam_epsilon, "--adam_epsilon")
-    _fill(config, "optimizer.params.weight_decay", args.weight_decay, "--weight_decay")
-    _fill(config, "scheduler.params.warmup_min_lr", 0.0, "(fixed)")
-    _fill(config, "scheduler.params.warmup_max_lr", args.learning_rate, "--learning_rate")
-    _fill(config, "scheduler.params.warmup_num_steps", args.get_warmup_steps(num_training_steps), "--warmup_steps")
-    _fill(config, "scheduler.params.total_num_steps", num_training_steps, "--max_steps / --num_train_epochs")
-    _fill(config, "zero_optimization.reduce_bucket_size", hidden_size * hidden_size, "(DiT width^2)")
-    _fill(config, "zero_optimization.stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size),
-          "(0.9 width^2)")
-    _fill(config, "zero_optimization.stage3_param_persistence_threshold", 10 * hidden_size, "(10 x DiT width)")
+        _fill_derived(filler, key, value, batch_flags)
+        filler.config.setdefault(key, value)
+    fill = filler.fill_only
+    fill("gradient_clipping", float(args.max_grad_norm or 0.0))
+    fill("bf16.enabled", bool(args.bf16 or (trainable_dtype == torch.bfloat16 and not args.fp16)))
+    fill("fp16.enabled", bool(args.fp16 or trainable_dtype == torch.float16))
+    fill("optimizer.params.lr", args.learning_rate)
+    fill("optimizer.params.betas", [args.adam_beta1, args.adam_beta2])
+    fill("optimizer.params.eps", args.adam_epsilon)
+    fill("optimizer.params.weight_decay", args.weight_decay)
+    fill("scheduler.params.warmup_min_lr", 0.0)
+    fill("scheduler.params.warmup_max_lr", args.learning_rate)
+    fill("scheduler.params.warmup_num_steps", args.get_warmup_steps(num_training_steps))
+    fill("scheduler.params.total_num_steps", num_training_steps)
+    fill("zero_optimization.reduce_bucket_size", hidden_size * hidden_size)  # as the HF integration sizes buckets
+    fill("zero_optimization.stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
+    fill("zero_optimization.stage3_param_persistence_threshold", 10 * hidden_size)
+    config = filler.config
     left = _find_auto(config)
     if left:
         raise ValueError(f"--deepspeed: no rule fills \"auto\" at {', '.join(left)}; give explicit values there.")
@@ -129,11 +123,13 @@ def fill_deepspeed_config(config: dict, *, args, plan: BatchPlan, num_training_s
 
 
 def zero_stage(config: dict) -> int:
-    return int(_get(config, "zero_optimization.stage") or 0)
+    return int(config.get("zero_optimization", {}).get("stage") or 0)
 
 
-def offloads_optimizer(config: dict) -> bool:
-    return (_get(config, "zero_optimization.offload_optimizer.device") or "none") not in ("none", None)
+def offloads(config: dict, what: str = "optimizer") -> bool:
+    """ZeRO offloads ``what`` ("optimizer" or "param") to the CPU / NVMe."""
+    offload = config.get("zero_optimization", {}).get(f"offload_{what}") or {}
+    return (offload.get("device") or "none") != "none"
 
 
 def trainable_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -148,11 +144,11 @@ def trainable_parameter_groups(model: torch.nn.Module, weight_decay: float) -> l
     return [group for group in groups if group["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, args, config: dict) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, args: GRPOConfig, config: dict) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; DeepSpeed's CPU Adam when the optimizer is offloaded and it builds."""
     groups = trainable_parameter_groups(model, args.weight_decay)
     kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    if offloads_optimizer(config):
+    if offloads(config, "optimizer"):
         try:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -163,7 +159,7 @@ def build_optimizer(model: torch.nn.Module, args, config: dict) -> torch.optim.O
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def scheduler_factory(args, num_training_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
+def scheduler_factory(args: GRPOConfig, num_training_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
     """The LR schedule DeepSpeed steps after each applied optimizer step (not after a skipped one)."""
     def build(optimizer: torch.optim.Optimizer):
         return get_scheduler(
@@ -182,7 +178,7 @@ class EngineParts:
     config: dict
 
 
-def initialize_engine(model: torch.nn.Module, args, plan: BatchPlan, num_training_steps: int) -> EngineParts:
+def initialize_engine(model: torch.nn.Module, args: GRPOConfig, plan: BatchPlan, num_training_steps: int) -> EngineParts:
     """deepspeed.initialize over the whole model with the filled config, our AdamW and LR schedule."""
     import deepspeed
 

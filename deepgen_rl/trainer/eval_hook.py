@@ -15,8 +15,10 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
+from deepgen_rl.config import DataArguments, GRPOConfig, JudgeArguments
+
+from ..distributed import all_reduce_flag, is_distributed, rank_and_world
 from .deepspeed_setup import load_deepspeed_config, zero_stage
-from .distributed import is_distributed, rank_and_world
 
 logger = logging.getLogger(__name__)
 
@@ -26,26 +28,22 @@ EvalHook = Callable[[torch.nn.Module, int], Mapping[str, float]]
 def _all_ranks_agree(ok: bool) -> bool:
     if not is_distributed():
         return ok
-    import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
-    device = "cpu" if accelerator.device_name() == "cpu" else accelerator.current_device_name()
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return all_reduce_flag(ok, "cpu" if accelerator.device_name() == "cpu" else accelerator.current_device_name(), "min")
 
 
-def _unavailable_reason(args, data_args) -> Optional[str]:
+def _unavailable_reason(args: GRPOConfig, data_args: DataArguments, judge_args: JudgeArguments) -> Optional[str]:
     config = Path(data_args.eval_dataset_config)
     if not config.is_file():
         return f"the eval dataset config {config} (--eval_dataset_config / EVAL_DATASET_CONFIG) does not exist"
     if zero_stage(load_deepspeed_config(args.deepspeed)) >= 3:
         return "ZeRO-3 partitions the weights and the evaluation's uneven per-rank work would deadlock"
-    from deepgen_rl.eval import JudgeSettings, UniGenBenchJudge
+    from deepgen_rl.eval import UniGenBenchJudge
     from deepgen_rl.rewards.http_utils import RewardServerUnavailable
 
-    judge = UniGenBenchJudge(JudgeSettings.from_data_args(data_args))
+    judge = UniGenBenchJudge(judge_args)
     try:
         judge.check_ready()
     except RewardServerUnavailable as err:
@@ -55,12 +53,12 @@ def _unavailable_reason(args, data_args) -> Optional[str]:
     return None
 
 
-def build_eval_hook(args, data_args) -> Optional[EvalHook]:
+def build_eval_hook(args: GRPOConfig, data_args: DataArguments, judge_args: JudgeArguments) -> Optional[EvalHook]:
     """``hook(model, step) -> metrics`` (every rank calls it), or None with one warning when evaluation cannot
     run; None without a word when --eval_freq is 0."""
     if not args.eval_freq:
         return None
-    reason = _unavailable_reason(args, data_args)
+    reason = _unavailable_reason(args, data_args, judge_args)
     if not _all_ranks_agree(reason is None):
         rank, _ = rank_and_world()
         if rank == 0:
@@ -70,4 +68,4 @@ def build_eval_hook(args, data_args) -> Optional[EvalHook]:
         return None
     from deepgen_rl.eval import make_eval_hook
 
-    return make_eval_hook(args, data_args)
+    return make_eval_hook(args, data_args, judge_args)

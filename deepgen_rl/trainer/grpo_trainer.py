@@ -37,7 +37,7 @@ from deepgen_rl.sampling.trajectory import split_rows
 from . import checkpointing
 from .batching import BatchPlan, plan_batches, total_training_steps
 from .deepspeed_setup import initialize_engine
-from .distributed import (SEED_ROLLOUT, SEED_SFTAUX, SEED_TRAIN_STEPS, all_gather_cat, all_reduce_sum, derive_seed,
+from ..distributed import (SEED_ROLLOUT, SEED_SFTAUX, SEED_TRAIN_STEPS, all_gather_cat, all_reduce_sum, derive_seed,
                           rank_and_world, seeded_generator)
 from .eval_hook import EvalHook
 from .failure_budget import FailureBudget, RewardFailureBudgetExceeded, RunSummary, budget_verdict, step_counts

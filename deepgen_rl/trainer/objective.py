@@ -11,7 +11,7 @@ Legend: n samples in a chunk, N = B*G samples of the rank, C/h/w latent.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 import torch
 from torch import Tensor
@@ -22,6 +22,9 @@ from deepgen_rl.sampling.trajectory import Rows
 
 from .reference_policy import ReferencePolicy
 
+if TYPE_CHECKING:
+    from deepgen_rl.config import GRPOConfig
+
 
 @dataclass(frozen=True)
 class ObjectiveSettings:
@@ -31,7 +34,7 @@ class ObjectiveSettings:
     kl_type: Literal["v-based", "x-based"]
 
     @classmethod
-    def from_args(cls, args) -> "ObjectiveSettings":
+    def from_args(cls, args: GRPOConfig) -> "ObjectiveSettings":
         return cls(clip_range=args.clip_range, advantage_clip=args.advantage_clip, beta=args.beta,
                    kl_type=args.atrain_kl_type)
 

@@ -19,7 +19,8 @@ from types import FrameType
 from typing import Optional
 
 import torch
-import torch.distributed as dist
+
+from deepgen_rl.distributed import all_reduce_flag
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +57,7 @@ class GracefulStop:
 
     def should_stop(self, device: torch.device) -> bool:
         """Collective when torch.distributed is initialised: True on every rank if any rank was signalled."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return all_reduce_flag(self.requested, device, "max")
 
     def check(self, device: torch.device, where: str) -> None:
         """A safe point (collective): raise :class:`StepInterrupted` on every rank if any rank was signalled."""

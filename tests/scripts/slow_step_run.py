@@ -26,10 +26,10 @@ def main(argv: list[str]) -> int:
     from deepgen_rl.config import parse_args
     from deepgen_rl.trainer import grpo_trainer
 
-    args, model_args, data_args = parse_args(argv)
+    args, *groups = parse_args(argv)
     device = grpo_deepgen._init_distributed()
     grpo_deepgen._setup_logging(int(os.environ.get("RANK", "0")))
-    trainer = grpo_deepgen.build_trainer(args, model_args, data_args, device)
+    trainer = grpo_deepgen.build_trainer(args, *groups, device)
     real_objective = grpo_trainer.policy_chunk_objective
 
     def slow_objective(*args, **kwargs):

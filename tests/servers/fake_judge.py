@@ -13,7 +13,7 @@ How it answers (the rule the tests compute expected accuracies from):
   of test point j; G selects a behaviour:
   0 normal; 1 malformed reply on the first request of this image, then normal; 2 always malformed;
   3 always a score list one entry too long; 4 HTTP 500 on the first request, then normal; 5 always HTTP 500;
-  6 sleep ``--slow-s`` then normal; 7 a body that is not JSON.
+  6 sleep ``--slow-s`` then normal; 7 a body that is not JSON; 8 a reply cut short with finish_reason "length".
 * ``--rule name``: test point j scores 1 iff its primary dimension (name before " - ", or "-" for Chinese
   names) is in ``--pass-dims``; images are ignored (use it with a real model's random images).
 
@@ -39,14 +39,14 @@ from PIL import Image
 
 from deepgen_rl.rewards.protocol import ChatCompletionRequest
 
-NORMAL, MALFORMED_ONCE, MALFORMED, WRONG_LENGTH, ERROR_ONCE, ERROR, SLOW, NOT_JSON = range(8)
+NORMAL, MALFORMED_ONCE, MALFORMED, WRONG_LENGTH, ERROR_ONCE, ERROR, SLOW, NOT_JSON, TRUNCATED = range(9)
 _CHECKPOINTS = re.compile(r"<checkpoint>(.*?)</checkpoint>", re.DOTALL)
 
 
 def encode_verdict(scores: list[int], behaviour: int = NORMAL, tag: int = 0) -> tuple[int, int, int]:
     """The top-left pixel colour that makes the image rule answer ``scores`` with ``behaviour``."""
     bits = sum(int(score) << j for j, score in enumerate(scores))
-    assert bits < 256 and 0 <= behaviour < 8 and 0 <= tag < 256
+    assert bits < 256 and 0 <= behaviour <= TRUNCATED and 0 <= tag < 256
     return bits, behaviour, tag
 
 
@@ -177,6 +177,8 @@ class Handler(BaseHTTPRequestHandler):
             self._answer(scores + [1])
         elif behaviour == ERROR or (behaviour == ERROR_ONCE and before == 0):
             self._json(500, {"error": "internal server error (fake)"})
+        elif behaviour == TRUNCATED:  # vLLM stopped at max_tokens inside the analysis
+            self._answer_text(_reply(scores)[:12], finish_reason="length")
         elif behaviour == NOT_JSON:
             self._send(200, b"<html>not json</html>", "text/html")
         else:
@@ -187,10 +189,10 @@ class Handler(BaseHTTPRequestHandler):
     def _answer(self, scores: list[int]) -> None:
         self._answer_text(_reply(scores))
 
-    def _answer_text(self, content: str) -> None:
+    def _answer_text(self, content: str, finish_reason: str = "stop") -> None:
         self._json(200, {"id": "fake", "object": "chat.completion", "model": self.state.args.served_model_name,
                          "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                      "finish_reason": "stop"}]})
+                                      "finish_reason": finish_reason}]})
 
 
 def main(argv: list[str] | None = None) -> None:

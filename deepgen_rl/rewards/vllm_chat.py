@@ -1,0 +1,116 @@
+"""One client of a vLLM server's OpenAI chat API, shared by every VLM judge (UnifiedReward-Think, UniGenBench).
+
+``ask(images, text, parse)`` sends the images (base64 PNG data URLs) and the question in one user message at
+temperature 0 (a verdict must not depend on sampling luck), and runs ``parse`` on the reply text. A transport
+error, a 5xx or a reply ``parse`` rejects (it raises ``ValueError``) is retried with backoff; what still fails
+comes back as an error string, never raised. A reply cut by ``max_tokens`` (finish_reason "length") that
+``parse`` cannot read is NOT retried: greedy decoding would cut it at the same place again.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Generic, Optional, Sequence, TypeVar
+
+import httpx
+from PIL import Image
+
+from deepgen_rl.rewards.http_utils import (MAX_CONNECT_TIMEOUT_S, PermanentError, RetryableError, RetryPolicy,
+                                           call_with_retries, join_url, make_client, parse_reply, png_data_url,
+                                           require_served_model, wait_for_health)
+from deepgen_rl.rewards.protocol import (CHAT_COMPLETIONS_PATH, VLLM_HEALTH_PATH, VLLM_MODELS_PATH, ChatCompletionRequest,
+                                         ChatCompletionResponse, ChatMessage, ImageContent, ImageUrl, TextContent)
+
+T = TypeVar("T")
+TEMPERATURE = 0.0
+MIN_REQUEST_TIMEOUT_S = 0.05  # httpx rejects a zero timeout; below this the deadline has effectively passed
+
+
+@dataclass(frozen=True)
+class VllmServer:
+    """Where a served model is and how to start it (named in every readiness error)."""
+
+    url: str
+    model_name: str
+    service: str  # e.g. "UnifiedReward-Think server"
+    start_hint: str  # the script to run / the URL flag to set
+    model_flag: str  # the flag that names the served model, e.g. "--unifiedreward_model_name"
+
+
+@dataclass
+class Answer(Generic[T]):
+    """value (None on failure, then ``error`` says why); ``replies``/``parsed``: HTTP-200 replies received and how
+    many ``parse`` accepted; ``last_reply``: the text of the last one."""
+
+    value: Optional[T]
+    error: Optional[str]
+    attempts: int
+    replies: int
+    parsed: int
+    last_reply: str
+
+
+class VllmChatClient:
+    """Thread-safe; ``pool`` runs the callers' concurrent work (``max_concurrency`` requests in flight)."""
+
+    def __init__(self, server: VllmServer, policy: RetryPolicy, max_concurrency: int, max_tokens: int,
+                 health_timeout_s: float, thread_name: str) -> None:
+        self.server, self.policy, self.max_tokens, self.health_timeout_s = server, policy, max_tokens, health_timeout_s
+        self._client = make_client(policy, max_concurrency)
+        self.pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix=thread_name)
+
+    def check_ready(self, timeout_s: Optional[float] = None) -> None:
+        """Raise RewardServerUnavailable (naming the URL and the launcher) unless the server answers /health and
+        serves ``model_name`` (vLLM's --served-model-name)."""
+        s = self.server
+        wait_for_health(s.url, VLLM_HEALTH_PATH, timeout_s or self.health_timeout_s, s.service, s.start_hint)
+        require_served_model(self._client, s.url, VLLM_MODELS_PATH, s.model_name, self.policy, s.service,
+                             f"start vLLM with --served-model-name {s.model_name} (the script does) or set "
+                             f"{s.model_flag}.")
+
+    def ask(self, images: Sequence[Image.Image | str], text: str, parse: Callable[[str], T], what: str,
+            deadline: Optional[float] = None) -> Answer[T]:
+        """One question (images: PIL or data URLs, then ``text``) with retries; ``deadline`` (``time.monotonic()``
+        seconds): no attempt starts after it and no request waits past it. Never raises for a failed request."""
+        content = [ImageContent(image_url=ImageUrl(url=i if isinstance(i, str) else png_data_url(i))) for i in images]
+        payload = ChatCompletionRequest(model=self.server.model_name, temperature=TEMPERATURE, max_tokens=self.max_tokens,
+                                        messages=[ChatMessage(role="user", content=[*content, TextContent(text=text)])],
+                                        ).model_dump()
+        replies: list[str] = []
+        parsed = 0
+
+        def attempt() -> T:
+            nonlocal parsed
+            choice = self._post(payload, deadline).choices[0]
+            content = choice.message.content or ""
+            replies.append(content)
+            try:
+                value = parse(content)
+            except ValueError as err:
+                if choice.finish_reason == "length":
+                    raise PermanentError(f"the reply was cut at max_tokens={self.max_tokens} before an answer "
+                                         f"(finish_reason 'length'); raise the max_tokens flag ({err})") from None
+                raise RetryableError(f"unusable reply: {err}") from None
+            parsed += 1
+            return value
+
+        outcome = call_with_retries(attempt, self.policy, what)
+        return Answer(outcome.value, outcome.error, outcome.attempts, len(replies), parsed,
+                      replies[-1] if replies else "")
+
+    def _post(self, payload: dict, deadline: Optional[float]) -> ChatCompletionResponse:
+        timeout = self.policy.timeout_s
+        if deadline is not None:
+            timeout = min(timeout, deadline - time.monotonic())
+            if timeout < MIN_REQUEST_TIMEOUT_S:
+                raise PermanentError("the deadline passed before the server answered")
+        response = self._client.post(join_url(self.server.url, CHAT_COMPLETIONS_PATH), json=payload,
+                                     timeout=httpx.Timeout(timeout, connect=min(timeout, MAX_CONNECT_TIMEOUT_S)))
+        return parse_reply(response, ChatCompletionResponse)
+
+    def close(self) -> None:
+        """Stop queued work; running requests end by their own timeout (their results are dropped)."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
