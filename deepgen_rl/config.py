@@ -32,7 +32,7 @@ DEFAULT_UNIFIEDREWARD_PORT = 18087
 DEFAULT_UNIGENBENCH_PORT = 8000
 
 SDE_SAMPLERS = ("cps_sde", "flow_sde")
-ADVANTAGE_TYPES = ("gdpo", "grpo")
+ADVANTAGE_TYPES = ("gdpo", "grpo", "grpo_global_std", "reinforcepp")
 KL_TYPES = ("v-based", "x-based")
 LOGPROB_VARIANTS = ("reference", "exact")
 TRAINABLE_MODULE_SETS = ("dit", "dit_connector", "dit_connector_llm")
@@ -260,10 +260,12 @@ class GRPOConfig(TrainingArguments):
         default=0.6, metadata={"help": "Fraction of the T steps trained per rollout (drawn from 0..T-2)."}
     )
     clip_range: float = field(default=1e-4, metadata={"help": "PPO-style ratio clip range c: ratio in [1-c, 1+c]."})
-    atrain_adv_type: Literal["gdpo", "grpo"] = field(
+    atrain_adv_type: Literal["gdpo", "grpo", "grpo_global_std", "reinforcepp"] = field(
         default="gdpo",
         metadata={"help": "'gdpo': normalise each reward within the group, then the weighted sum over the batch; "
-                  "'grpo': normalise the weighted reward sum within the group."},
+                  "'grpo': normalise the weighted reward sum within the group; 'grpo_global_std': its group "
+                  "mean over the batch std; 'reinforcepp' (REINFORCE++): batch mean and batch std. Batch statistics "
+                  "span ALL ranks (the reference uses each rank's own batch)."},
     )
     advantage_clip: float = field(default=5.0, metadata={"help": "Advantages are clipped to [-a, a]."})
     reward_std_floor: float = field(
