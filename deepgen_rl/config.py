@@ -31,7 +31,7 @@ DEFAULT_OCR_PORT = 18082
 DEFAULT_UNIFIEDREWARD_PORT = 18087
 DEFAULT_UNIGENBENCH_PORT = 8000
 
-SDE_SAMPLERS = ("cps_sde", "flow_sde")
+SDE_SAMPLERS = ("cps_sde", "flow_sde", "dance_sde")
 ADVANTAGE_TYPES = ("gdpo", "grpo", "grpo_global_std", "reinforcepp")
 KL_TYPES = ("v-based", "x-based")
 LOGPROB_VARIANTS = ("reference", "exact")
@@ -39,8 +39,8 @@ TRAINABLE_MODULE_SETS = ("dit", "dit_connector", "dit_connector_llm")
 MODEL_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 # Reference defaults for the sampler noise level (DESIGN.md section 4): CPS re-noises x0_hat fully,
-# Flow-GRPO uses 0.7.
-DEFAULT_SDE_ETA = {"cps_sde": 1.0, "flow_sde": 0.7}
+# Flow-GRPO uses 0.7, Dance-SDE 1.0 (the reference's shared default; DanceGRPO's own scripts use 0.3).
+DEFAULT_SDE_ETA = {"cps_sde": 1.0, "flow_sde": 0.7, "dance_sde": 1.0}
 
 
 def _env(name: str, default: str = "") -> str:
@@ -233,17 +233,20 @@ class GRPOConfig(TrainingArguments):
     )
 
     # --- sampler ---
-    atrain_sde_sampler: Literal["cps_sde", "flow_sde"] = field(
-        default="cps_sde", metadata={"help": "SDE sampler of rollout and training (log-probs need noise)."}
+    atrain_sde_sampler: Literal["cps_sde", "flow_sde", "dance_sde"] = field(
+        default="cps_sde",
+        metadata={"help": "SDE sampler of rollout and training (log-probs need noise): 'cps_sde' (coefficients-"
+                  "preserving), 'flow_sde' (Flow-GRPO) or 'dance_sde' (DanceGRPO, noise std eta sqrt(-dt))."},
     )
     sde_eta: Optional[float] = field(
         default=None,
-        metadata={"help": "Sampler noise level eta. Default: 1.0 for cps_sde (reference), 0.7 for flow_sde (Flow-GRPO)."},
+        metadata={"help": "Sampler noise level eta. Default: 1.0 for cps_sde (reference), 0.7 for flow_sde (Flow-GRPO), "
+                  "1.0 for dance_sde (reference; DanceGRPO's own scripts use 0.3)."},
     )
     logprob_variant: Literal["reference", "exact"] = field(
         default="reference",
         metadata={"help": "CPS log-prob: 'reference' = -mean (x'-mean)^2 (what the defaults were tuned on); "
-                  "'exact' = the Gaussian log-density. Flow-SDE always uses the exact density."},
+                  "'exact' = the Gaussian log-density. Flow-SDE and Dance-SDE always use the exact density."},
     )
     num_inference_steps: int = field(default=50, metadata={"help": "Denoising steps T of the rollout."})
     image_height: int = field(default=512, metadata={"help": "Generated image height (pixels)."})

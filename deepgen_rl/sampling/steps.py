@@ -27,11 +27,11 @@ from typing import Literal, Optional, Union
 import torch
 from torch import Tensor
 
-Sampler = Literal["ode", "flow_sde", "cps_sde"]
+Sampler = Literal["ode", "flow_sde", "cps_sde", "dance_sde"]
 LogProbVariant = Literal["reference", "exact"]
 SigmaLike = Union[float, Tensor]
 
-SAMPLERS = ("ode", "flow_sde", "cps_sde")
+SAMPLERS = ("ode", "flow_sde", "cps_sde", "dance_sde")
 LOGPROB_VARIANTS = ("reference", "exact")
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -43,6 +43,7 @@ class StepCoefficients:
     Each field is a python float, or a float64 tensor [N, 1, 1, 1] when the sigmas were tensors.
     ``sampler_std`` is the paper's s_t (Flow-SDE: a = eta sqrt(s / (1 - s)); CPS: s' sin(eta pi / 2)); it is the
     std the KL terms divide by. ``noise_std`` is the actual std of x' given x (Flow-SDE: a sqrt(-dt); CPS: s_t).
+    Dance-SDE: both are eta sqrt(-dt), as the reference returns it.
     """
 
     coef_x: SigmaLike
@@ -137,6 +138,21 @@ def _cps_coefficients(s: SigmaLike, s_next: SigmaLike, eta: float) -> StepCoeffi
     return StepCoefficients(coef_x=coef_x, coef_v=coef_v, noise_std=s_t, sampler_std=s_t)
 
 
+def _dance_sde_coefficients(s: float, s_next: float, eta: float) -> StepCoefficients:
+    """Dance-SDE (DanceGRPO, arXiv 2505.07818; the reference's step): with x0_hat = x - s v,
+
+        mean = x + (v + (eta^2 / 2) (x - (1 - s) x0_hat) / (s^2 + 1e-8)) dt,   noise std eta sqrt(-dt).
+
+    x - (1 - s) x0_hat = s x + s (1 - s) v, so mean = (1 + k s dt) x + (1 + k s (1 - s)) dt v with
+    k = eta^2 / (2 (s^2 + 1e-8)). The reference also returns eta sqrt(-dt) as the sampler std (the KL's s_t).
+    """
+    dt = s_next - s
+    k = eta * eta / (2 * (s * s + 1e-8))
+    noise = eta * math.sqrt(-dt)
+    return StepCoefficients(coef_x=1 + k * s * dt, coef_v=(1 + k * s * (1 - s)) * dt, noise_std=noise,
+                            sampler_std=noise)
+
+
 def step_coefficients(
     sampler: Sampler, sigma: SigmaLike, sigma_next: SigmaLike, *, eta: float, sigma_max: Optional[SigmaLike],
     ndim: int = 4,
@@ -151,6 +167,10 @@ def step_coefficients(
         return StepCoefficients(coef_x=1.0, coef_v=s_next - s, noise_std=0.0, sampler_std=0.0)
     if sampler == "flow_sde":
         return _flow_sde_coefficients(s, s_next, eta, _as_f64(sigma_max, ndim) if sigma_max is not None else None)
+    if sampler == "dance_sde":
+        if isinstance(s, Tensor) or isinstance(s_next, Tensor):
+            raise ValueError("dance_sde takes python-float sigmas (one step index shared by the batch).")
+        return _dance_sde_coefficients(s, s_next, eta)
     return _cps_coefficients(s, s_next, eta)
 
 
@@ -251,15 +271,30 @@ def cps_sde_step(
     return sample_with_coefficients(x, v, coefs, logprob_variant, generator, noise)
 
 
+def dance_sde_step(
+    x: Tensor, v: Tensor, sigma: float, sigma_next: float, *, eta: float,
+    generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None,
+) -> StepResult:
+    """Dance-SDE step (always the exact Gaussian log-prob, averaged over latent dims). x, v: [N, C, h, w].
+
+    The reference adds 1e-8 to the variance and to the std inside its log; the exact density here differs from it
+    by a relative ~1e-8 / (eta^2 |dt|), far below any clip range.
+    """
+    coefs = step_coefficients("dance_sde", sigma, sigma_next, eta=eta, sigma_max=None, ndim=x.ndim)
+    return sample_with_coefficients(x, v, coefs, "exact", generator, noise)
+
+
 def sampler_step(
     sampler: Sampler, x: Tensor, v: Tensor, sigma: SigmaLike, sigma_next: SigmaLike, *, eta: float,
     sigma_max: Optional[SigmaLike], logprob_variant: LogProbVariant,
     generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None,
 ) -> StepResult:
-    """Dispatch to :func:`ode_step`, :func:`flow_sde_step` or :func:`cps_sde_step` by name."""
+    """Dispatch to :func:`ode_step`, :func:`flow_sde_step`, :func:`cps_sde_step` or :func:`dance_sde_step`."""
     _check_sampler(sampler)
     if sampler == "ode":
         return ode_step(x, v, sigma, sigma_next)
+    if sampler == "dance_sde":
+        return dance_sde_step(x, v, sigma, sigma_next, eta=eta, generator=generator, noise=noise)
     if sampler == "flow_sde":
         return flow_sde_step(x, v, sigma, sigma_next, eta=eta, sigma_max=sigma_max, generator=generator, noise=noise)
     return cps_sde_step(x, v, sigma, sigma_next, eta=eta, logprob_variant=logprob_variant, generator=generator,
@@ -267,8 +302,8 @@ def sampler_step(
 
 
 def effective_logprob_variant(sampler: Sampler, logprob_variant: LogProbVariant) -> LogProbVariant:
-    """Flow-SDE always uses the exact Gaussian (as Flow-GRPO); the variant flag only concerns CPS."""
-    return "exact" if sampler == "flow_sde" else logprob_variant
+    """Flow-SDE and Dance-SDE always use the exact Gaussian (as their papers); the variant flag only concerns CPS."""
+    return "exact" if sampler in ("flow_sde", "dance_sde") else logprob_variant
 
 
 def transition_mean(
@@ -290,14 +325,16 @@ def transition_log_prob(
     log-prob bit for bit. The ODE has no density: asking for it is an error.
     """
     if sampler == "ode":
-        raise ValueError("sampler 'ode' is deterministic and has no transition log-prob; use cps_sde or flow_sde.")
+        raise ValueError("sampler 'ode' is deterministic and has no transition log-prob; use cps_sde, flow_sde or "
+                         "dance_sde.")
     coefs = step_coefficients(sampler, sigma, sigma_next, eta=eta, sigma_max=sigma_max, ndim=x.ndim)
     mean = step_mean(x, v, coefs)
     return gaussian_log_prob(x_next, mean, coefs.noise_std, effective_logprob_variant(sampler, logprob_variant))
 
 
 def sampler_std_schedule(sampler: Sampler, sigmas: Tensor, *, eta: float) -> Tensor:
-    """s_t of every step: sigmas [T + 1] -> [T] fp32 (flow_sde: a, with sigmas[1] where sigma == 1; cps: s' sin)."""
+    """s_t of every step: sigmas [T + 1] -> [T] fp32 (flow_sde: a, with sigmas[1] where sigma == 1; cps: s' sin;
+    dance_sde: eta sqrt(-dt))."""
     values = []
     sig = sigmas.detach().to(torch.float64).cpu().tolist()
     for i in range(len(sig) - 1):
