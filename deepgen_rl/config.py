@@ -335,12 +335,33 @@ class GRPOConfig(TrainingArguments):
                   "process). Without it such a resume stops with an error naming both sizes."},
     )
     # --- end resume ---
+    # --- EMA of the trained modules (issue 13, trainer/ema.py) ---
+    ema_decay: float = field(
+        default=0.0,
+        metadata={"help": "Decay d of an fp32 EMA of the trained parameters, updated after each optimizer step with "
+                  "the warm-up min((1 + s) / (10 + s), d) (s = optimizer steps before it); evaluation and sample "
+                  "grids then use the EMA weights, and checkpoints save it (ema.pt). 0: off (default)."},
+    )
+    ema_update_every: int = field(
+        default=1, metadata={"help": "Update the EMA on every k-th optimizer step (s % k == 0)."}
+    )
+    ema_device: Literal["cpu", "same"] = field(
+        default="cpu",
+        metadata={"help": "Where the EMA lives: 'cpu' (4 bytes per trained parameter of host memory on every rank) "
+                  "or 'same' (beside the weights, e.g. on the GPU)."},
+    )
+    # --- end EMA ---
 
     def __post_init__(self) -> None:
         self._validate_grpo_flags()
         # Type-check the DeepSpeed JSON now, not at the first optimizer step ("gradient_clipping": "1.0").
         if isinstance(self.deepspeed, str) and self.deepspeed:
-            read_deepspeed_json(self.deepspeed)
+            ds_config = read_deepspeed_json(self.deepspeed)
+            stage = (ds_config.get("zero_optimization") or {}).get("stage")
+            if self.ema_decay > 0 and isinstance(stage, (int, float)) and stage >= 3:
+                raise ValueError(f"--ema_decay {self.ema_decay} needs whole parameters on every rank, but --deepspeed "
+                                 f"{self.deepspeed} is ZeRO-3 (partitioned): use scripts/deepspeed/zero2.json, or "
+                                 "--ema_decay 0.")
         if self.sde_eta is None:
             self.sde_eta = DEFAULT_SDE_ETA[self.atrain_sde_sampler]
         # The guide's launcher passes `--report_to wandb,swanlab`; TrainingArguments expects a list.
@@ -390,6 +411,10 @@ class GRPOConfig(TrainingArguments):
                 raise ValueError(f"--{flag} must be >= 0; got {getattr(self, flag)}.")
         _check_range("max_reward_failure_rate", self.max_reward_failure_rate, 0.0, 1.0, low_open=True)
         _check_positive("reward_failure_window", self.reward_failure_window)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"--ema_decay must be in [0, 1) (0 = no EMA); got {self.ema_decay}.")
+        _check_positive("ema_update_every", self.ema_update_every)
+        _check_choice("ema_device", self.ema_device, ("cpu", "same"))
 
     @property
     def num_train_timesteps(self) -> int:

@@ -29,7 +29,8 @@ from deepgen_rl.sampling.trajectory import Conditioning, SamplerSettings, Trajec
 
 __all__ = [
     "Conditioning", "RecomputedStep", "SamplerSettings", "StepCoefficients", "StepResult", "Trajectory",
-    "cps_sde_step", "dance_sde_step", "decode_images", "encode_conditioning", "flow_sde_step", "gaussian_log_prob", "generate_images",
+    "cps_sde_step", "dance_sde_step", "decode_images", "encode_conditioning", "flow_sde_step", "gaussian_log_prob",
+    "generate_images",
     "guided_velocity", "initial_noise", "ode_step", "recompute_step", "rollout", "sampler_std_schedule",
     "sampler_step", "step_coefficients", "step_mean", "transition_log_prob", "transition_mean",
 ]
