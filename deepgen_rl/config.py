@@ -343,7 +343,9 @@ class GRPOConfig(TrainingArguments):
                   "grids then use the EMA weights, and checkpoints save it (ema.pt). 0: off (default)."},
     )
     ema_update_every: int = field(
-        default=1, metadata={"help": "Update the EMA on every k-th optimizer step (s % k == 0)."}
+        default=1,
+        metadata={"help": "Update the EMA on every k-th optimizer step (when s, the optimizer steps before it, is a "
+                  "multiple of k)."},
     )
     ema_device: Literal["cpu", "same"] = field(
         default="cpu",
