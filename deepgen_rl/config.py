@@ -240,8 +240,8 @@ class GRPOConfig(TrainingArguments):
     )
     sde_eta: Optional[float] = field(
         default=None,
-        metadata={"help": "Sampler noise level eta. Default: 1.0 for cps_sde (reference), 0.7 for flow_sde (Flow-GRPO), "
-                  "1.0 for dance_sde (reference; DanceGRPO's own scripts use 0.3)."},
+        metadata={"help": "Sampler noise level eta. Default: 1.0 for cps_sde (reference), 0.7 for flow_sde "
+                  "(Flow-GRPO), 1.0 for dance_sde (reference; DanceGRPO's own scripts use 0.3)."},
     )
     logprob_variant: Literal["reference", "exact"] = field(
         default="reference",

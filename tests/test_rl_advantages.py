@@ -241,6 +241,7 @@ def test_batch_std_types_mask_failures_clip_and_count_flat_groups():
     gs = compute_advantages("grpo_global_std", rewards, torch.ones(8, 1), 4, valid=valid, std_floor=0.0,
                             zero_variance_rtol=1e-5, clip=5.0)
     group_mean = _mean([0.0, 3.0, 9.0])
-    expected = [0.0] * 4 + [(x - group_mean) / (sd + 1e-4) for x in (0.0, 3.0)] + [0.0, (9.0 - group_mean) / (sd + 1e-4)]
+    expected = ([0.0] * 4 + [(x - group_mean) / (sd + 1e-4) for x in (0.0, 3.0)]
+                + [0.0, (9.0 - group_mean) / (sd + 1e-4)])
     assert gs.advantages.tolist() == pytest.approx(expected, rel=1e-6, abs=1e-12)
     assert gs.zero_variance_group_fraction == 0.5
