@@ -39,7 +39,7 @@ DEFAULT_UNIFIEDREWARD_PORT = 18087
 DEFAULT_UNIGENBENCH_PORT = 8000
 
 # The choices of each flag are its Literal type's arguments (one source: the type the field is annotated with).
-SdeSampler = Literal["cps_sde", "flow_sde"]
+SdeSampler = Literal["cps_sde", "flow_sde", "dance_sde"]
 TrainableModuleSet = Literal["dit", "dit_connector", "dit_connector_llm"]
 ModelDtype = Literal["auto", "bfloat16", "float16", "float32"]
 SDE_SAMPLERS: tuple[str, ...] = get_args(SdeSampler)
@@ -50,8 +50,8 @@ TRAINABLE_MODULE_SETS: tuple[str, ...] = get_args(TrainableModuleSet)
 MODEL_DTYPES: tuple[str, ...] = get_args(ModelDtype)
 
 # Reference defaults for the sampler noise level (DESIGN.md section 4): CPS re-noises x0_hat fully,
-# Flow-GRPO uses 0.7.
-DEFAULT_SDE_ETA = {"cps_sde": 1.0, "flow_sde": 0.7}
+# Flow-GRPO uses 0.7, Dance-SDE 1.0 (the reference's shared default; DanceGRPO's own scripts use 0.3).
+DEFAULT_SDE_ETA = {"cps_sde": 1.0, "flow_sde": 0.7, "dance_sde": 1.0}
 
 
 def _env(name: str, default: str = "") -> str:
@@ -266,16 +266,19 @@ class GRPOConfig(TrainingArguments):
 
     # --- sampler ---
     atrain_sde_sampler: SdeSampler = field(
-        default="cps_sde", metadata={"help": "SDE sampler of rollout and training (log-probs need noise)."}
+        default="cps_sde",
+        metadata={"help": "SDE sampler of rollout and training (log-probs need noise): 'cps_sde' (coefficients-"
+                  "preserving), 'flow_sde' (Flow-GRPO) or 'dance_sde' (DanceGRPO, noise std eta sqrt(-dt))."},
     )
     sde_eta: Optional[float] = field(
         default=None,
-        metadata={"help": "Sampler noise level eta. Default: 1.0 for cps_sde (reference), 0.7 for flow_sde (Flow-GRPO)."},
+        metadata={"help": "Sampler noise level eta. Default: 1.0 for cps_sde (reference), 0.7 for flow_sde "
+                  "(Flow-GRPO), 1.0 for dance_sde (reference; DanceGRPO's own scripts use 0.3)."},
     )
     logprob_variant: LogProbVariant = field(
         default="reference",
         metadata={"help": "CPS log-prob: 'reference' = -mean (x'-mean)^2 (what the defaults were tuned on); "
-                  "'exact' = the Gaussian log-density. Flow-SDE always uses the exact density."},
+                  "'exact' = the Gaussian log-density. Flow-SDE and Dance-SDE always use the exact density."},
     )
     num_inference_steps: int = field(default=50, metadata={"help": "Denoising steps T of the rollout."})
     image_height: int = field(default=512, metadata={"help": "Generated image height (pixels)."})
@@ -295,7 +298,9 @@ class GRPOConfig(TrainingArguments):
     atrain_adv_type: AdvantageType = field(
         default="gdpo",
         metadata={"help": "'gdpo': normalise each reward within the group, then the weighted sum over the batch; "
-                  "'grpo': normalise the weighted reward sum within the group."},
+                  "'grpo': normalise the weighted reward sum within the group; 'grpo_global_std': its group "
+                  "mean over the batch std; 'reinforcepp' (REINFORCE++): batch mean and batch std. Batch statistics "
+                  "span ALL ranks (the reference uses each rank's own batch)."},
     )
     advantage_clip: float = field(default=5.0, metadata={"help": "Advantages are clipped to [-a, a]."})
     reward_std_floor: float = field(
@@ -362,12 +367,35 @@ class GRPOConfig(TrainingArguments):
                   "process). Without it such a resume stops with an error naming both sizes."},
     )
     # --- end resume ---
+    # --- EMA of the trained modules (issue 13, trainer/ema.py) ---
+    ema_decay: float = field(
+        default=0.0,
+        metadata={"help": "Decay d of an fp32 EMA of the trained parameters, updated after each optimizer step with "
+                  "the warm-up min((1 + s) / (10 + s), d) (s = optimizer steps before it); evaluation and sample "
+                  "grids then use the EMA weights, and checkpoints save it (ema.pt). 0: off (default)."},
+    )
+    ema_update_every: int = field(
+        default=1,
+        metadata={"help": "Update the EMA on every k-th optimizer step (when s, the optimizer steps before it, is a "
+                  "multiple of k)."},
+    )
+    ema_device: Literal["cpu", "same"] = field(
+        default="cpu",
+        metadata={"help": "Where the EMA lives: 'cpu' (4 bytes per trained parameter of host memory on every rank) "
+                  "or 'same' (beside the weights, e.g. on the GPU)."},
+    )
+    # --- end EMA ---
 
     def __post_init__(self) -> None:
         self._validate_grpo_flags()
         # Type-check the DeepSpeed JSON now, not at the first optimizer step ("gradient_clipping": "1.0").
         if isinstance(self.deepspeed, str) and self.deepspeed:
-            read_deepspeed_json(self.deepspeed)
+            ds_config = read_deepspeed_json(self.deepspeed)
+            stage = (ds_config.get("zero_optimization") or {}).get("stage")
+            if self.ema_decay > 0 and isinstance(stage, (int, float)) and stage >= 3:
+                raise ValueError(f"--ema_decay {self.ema_decay} needs whole parameters on every rank, but --deepspeed "
+                                 f"{self.deepspeed} is ZeRO-3 (partitioned): use scripts/deepspeed/zero2.json, or "
+                                 "--ema_decay 0.")
         if self.sde_eta is None:
             self.sde_eta = DEFAULT_SDE_ETA[self.atrain_sde_sampler]
         # The guide's launcher passes `--report_to wandb,swanlab`; TrainingArguments expects a list.
@@ -414,6 +442,10 @@ class GRPOConfig(TrainingArguments):
                 raise ValueError(f"--{flag} must be >= 0; got {getattr(self, flag)}.")
         _check_range("max_reward_failure_rate", self.max_reward_failure_rate, 0.0, 1.0, low_open=True)
         _check_positive("reward_failure_window", self.reward_failure_window)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"--ema_decay must be in [0, 1) (0 = no EMA); got {self.ema_decay}.")
+        _check_positive("ema_update_every", self.ema_update_every)
+        _check_choice("ema_device", self.ema_device, ("cpu", "same"))
 
     @property
     def num_train_timesteps(self) -> int:

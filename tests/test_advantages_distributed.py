@@ -1,5 +1,6 @@
-"""GDPO's batch normalisation spans all ranks: 2 gloo processes on 127.0.0.1 give exactly the advantages of a
-single process normalising the concatenated batch (and not those of per-rank normalisation)."""
+"""The batch statistics span all ranks (GDPO's normalisation, grpo_global_std's and reinforcepp's batch std and
+mean): 2 gloo processes on 127.0.0.1 give exactly the advantages of a single process on the concatenated batch (and
+not those of per-rank normalisation)."""
 
 import socket
 import time
@@ -11,10 +12,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from deepgen_rl.rl.advantages import gdpo_advantages
+from deepgen_rl.rl.advantages import compute_advantages
 
 WORLD = 2
 GROUP = 4
+BATCH_TYPES = ("gdpo", "grpo_global_std", "reinforcepp")
 
 
 def _rank_data(rank: int):
@@ -35,8 +37,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                             timeout=timedelta(seconds=60))
     try:
         rewards, weights, valid = _rank_data(rank)
-        result = gdpo_advantages(rewards, weights, GROUP, valid=valid, std_floor=0.0, zero_variance_rtol=0.0, clip=5.0)
-        torch.save(result.advantages, Path(out_dir) / f"rank{rank}.pt")
+        for adv_type in BATCH_TYPES:
+            result = compute_advantages(adv_type, rewards, weights, GROUP, valid=valid, std_floor=0.0,
+                                        zero_variance_rtol=0.0, clip=5.0)
+            torch.save(result.advantages, Path(out_dir) / f"{adv_type}_rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -63,17 +67,17 @@ def _run_two_ranks(out_dir: Path) -> None:
 
 
 @pytest.mark.timeout(180)
-def test_gdpo_batch_normalisation_uses_all_ranks(tmp_path):
+def test_batch_statistics_use_all_ranks(tmp_path):
     _run_two_ranks(tmp_path)
-    distributed = torch.cat([torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)])
-
     data = [_rank_data(r) for r in range(WORLD)]
     rewards, weights, valid = (torch.cat([d[i] for d in data]) for i in range(3))
-    single = gdpo_advantages(rewards, weights, GROUP, valid=valid, std_floor=0.0, zero_variance_rtol=0.0,
-                             clip=5.0).advantages
-    torch.testing.assert_close(distributed, single, rtol=1e-6, atol=1e-6)
-    assert distributed[8 + 5].item() == 0.0  # the failed sample
+    for adv_type in BATCH_TYPES:
+        distributed = torch.cat([torch.load(tmp_path / f"{adv_type}_rank{r}.pt") for r in range(WORLD)])
+        single = compute_advantages(adv_type, rewards, weights, GROUP, valid=valid, std_floor=0.0,
+                                    zero_variance_rtol=0.0, clip=5.0).advantages
+        torch.testing.assert_close(distributed, single, rtol=1e-6, atol=1e-6, msg=adv_type)
+        assert distributed[8 + 5].item() == 0.0  # the failed sample
 
-    per_rank = torch.cat([gdpo_advantages(*d[:2], GROUP, valid=d[2], std_floor=0.0, zero_variance_rtol=0.0,
-                                          clip=5.0).advantages for d in data])
-    assert not torch.allclose(distributed, per_rank, atol=1e-3)
+        per_rank = torch.cat([compute_advantages(adv_type, *d[:2], GROUP, valid=d[2], std_floor=0.0,
+                                                 zero_variance_rtol=0.0, clip=5.0).advantages for d in data])
+        assert not torch.allclose(distributed, per_rank, atol=1e-3), adv_type

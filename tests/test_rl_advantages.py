@@ -189,3 +189,59 @@ def test_gdpo_group_is_zero_variance_only_when_every_used_reward_is():
     expected = _normalise(summed)[:4] + [0.0] * 4
     assert res.advantages.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert res.zero_variance_group_fraction == 0.5
+
+
+# The reference's published example (REFERENCE_SEMANTICS.md section 3): two rewards, n = 4, weights (0.5, 2).
+REF_R1 = [1, 2, 3, 4, 1, 1, 1, 1]
+REF_R2 = [0, 0, 1, 1, 0, 1, 0, 1]
+REF_REWARDS = torch.tensor([[a, b] for a, b in zip(REF_R1, REF_R2)], dtype=torch.float32)
+REF_WEIGHTS = torch.tensor([[0.5, 2.0]] * 8)
+
+
+def test_reinforcepp_matches_the_references_published_example():
+    res = compute_advantages("reinforcepp", REF_REWARDS, REF_WEIGHTS, 4, std_floor=0.0, zero_variance_rtol=1e-5,
+                             clip=5.0)
+    # Published (3 decimals): [-0.959, -0.611, 1.134, 1.483 | -0.959, 0.436, -0.959, 0.436].
+    assert res.advantages.tolist() == pytest.approx([-0.959, -0.611, 1.134, 1.483, -0.959, 0.436, -0.959, 0.436],
+                                                    abs=5e-4)
+    # And exactly: r = 0.5 r1 + 2 r2 = [0.5, 1, 3.5, 4 | 0.5, 2.5, 0.5, 2.5]; batch mean 15 / 8, unbiased batch std.
+    r = [0.5 * a + 2 * b for a, b in zip(REF_R1, REF_R2)]
+    assert r == [0.5, 1.0, 3.5, 4.0, 0.5, 2.5, 0.5, 2.5]
+    expected = [(x - 15 / 8) / (_std(r) + 1e-4) for x in r]
+    assert res.advantages.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_grpo_global_std_is_the_group_mean_over_the_batch_std():
+    res = compute_advantages("grpo_global_std", REF_REWARDS, REF_WEIGHTS, 4, std_floor=0.0, zero_variance_rtol=1e-5,
+                             clip=5.0)
+    r = [0.5 * a + 2 * b for a, b in zip(REF_R1, REF_R2)]
+    sd = _std(r)  # sqrt(14.375 / 7) = 1.43303...
+    assert sd == pytest.approx(math.sqrt(14.375 / 7))
+    expected = [(x - 2.25) / (sd + 1e-4) for x in r[:4]] + [(x - 1.5) / (sd + 1e-4) for x in r[4:]]
+    assert res.advantages.tolist() == pytest.approx(expected, rel=1e-6)
+    # Not the per-group std of grpo: the second group's spread (std 1.1547) differs from the batch's.
+    grpo = compute_advantages("grpo", REF_REWARDS, REF_WEIGHTS, 4, std_floor=0.0, zero_variance_rtol=1e-5, clip=5.0)
+    assert abs(grpo.advantages[5].item() - res.advantages[5].item()) > 0.1
+
+
+def test_batch_std_types_mask_failures_clip_and_count_flat_groups():
+    # Group 0 flat (all 1.0), group 1 varies; sample 6 failed. The batch statistics use the 7 valid samples.
+    rewards = torch.tensor([[1.0], [1.0], [1.0], [1.0], [0.0], [3.0], [NAN], [9.0]])
+    valid = torch.tensor([True] * 6 + [False, True])
+    kept = [1.0, 1.0, 1.0, 1.0, 0.0, 3.0, 9.0]
+    mean, sd = _mean(kept), _std(kept)
+    pp = compute_advantages("reinforcepp", rewards, torch.ones(8, 1), 4, valid=valid, std_floor=0.0,
+                            zero_variance_rtol=1e-5, clip=1.0)
+    raw = [(x - mean) / (sd + 1e-4) for x in kept]
+    expected = [max(-1.0, min(1.0, x)) for x in raw]
+    assert pp.advantages.tolist() == pytest.approx(expected[:6] + [0.0] + expected[6:], rel=1e-6)
+    assert pp.zero_variance_group_fraction == 0.5  # counted, but reinforcepp keeps its batch-centred signal
+    assert pp.advantages[:4].abs().min() > 0.1
+    assert pp.clip_fraction == pytest.approx(sum(abs(x) > 1.0 for x in raw) / 7)
+    gs = compute_advantages("grpo_global_std", rewards, torch.ones(8, 1), 4, valid=valid, std_floor=0.0,
+                            zero_variance_rtol=1e-5, clip=5.0)
+    group_mean = _mean([0.0, 3.0, 9.0])
+    expected = ([0.0] * 4 + [(x - group_mean) / (sd + 1e-4) for x in (0.0, 3.0)]
+                + [0.0, (9.0 - group_mean) / (sd + 1e-4)])
+    assert gs.advantages.tolist() == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert gs.zero_variance_group_fraction == 0.5

@@ -11,7 +11,8 @@ from deepgen_rl.sampling.rollout import decode_images, generate_images, guided_v
 from deepgen_rl.sampling.steps import effective_logprob_variant, gaussian_log_prob, step_coefficients, step_mean
 from deepgen_rl.sampling.trajectory import Conditioning
 
-SAMPLERS = [("cps_sde", "reference", 1.0), ("cps_sde", "exact", 0.8), ("flow_sde", "exact", 0.7)]
+SAMPLERS = [("cps_sde", "reference", 1.0), ("cps_sde", "exact", 0.8), ("flow_sde", "exact", 0.7),
+            ("dance_sde", "exact", 1.0)]
 
 
 class StandInModel(nn.Module):

@@ -189,3 +189,50 @@ def test_bad_arguments_name_the_problem():
         step_coefficients("ddim", 0.5, 0.4, eta=1.0, sigma_max=None)
     with pytest.raises(ValueError, match="logprob_variant"):
         sample_step("cps_sde", x, v, 0.5, 0.4, eta=1.0, variant="approx")
+
+
+def _dance_by_hand(x, v, s, s_next, eta):
+    """The reference's Dance-SDE step as written (REFERENCE_SEMANTICS.md section 2), in float64."""
+    x, v = x.double(), v.double()
+    dt = s_next - s
+    x0_hat = x - s * v
+    correction = 0.5 * eta ** 2 * (x - (1 - s) * x0_hat) / (s ** 2 + 1e-8)
+    return x + (v + correction) * dt, eta * math.sqrt(-dt)
+
+
+@pytest.mark.parametrize("s,s_next,eta", [(1.0, 0.96, 1.0), (0.6, 0.5, 0.3), (0.1, 0.0, 1.0)])
+def test_dance_sde_mean_std_and_log_prob_are_the_closed_form(s, s_next, eta):
+    x, v = _xv(3)
+    res = sample_step("dance_sde", x, v, s, s_next, eta=eta, generator=torch.Generator().manual_seed(2))
+    mean, std = _dance_by_hand(x, v, s, s_next, eta)
+    torch.testing.assert_close(res.mean.double(), mean, rtol=1e-5, atol=1e-5)
+    # The reference returns the noise std eta sqrt(-dt) as the sampler std (what the KL divides by).
+    assert res.noise_std == pytest.approx(std) and res.sampler_std == pytest.approx(std)
+    expected = Normal(mean, std).log_prob(res.next_latents.double()).mean(DIMS)
+    torch.testing.assert_close(res.log_prob.double(), expected, rtol=1e-5, atol=1e-5)
+    # The recompute path scores the sampled transition bit for bit (the variant flag does not apply to Dance).
+    recomputed = recomputed_log_prob("dance_sde", x, res.next_latents, v, s, s_next, eta=eta, variant="reference")
+    assert torch.equal(recomputed, res.log_prob)
+
+
+def test_dance_sde_step_statistics_match_the_closed_form():
+    torch.manual_seed(2)
+    x, v = torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2)
+    s, s_next, eta, draws = 0.7, 0.6, 0.8, 40000
+    res = sample_step("dance_sde", x.expand(draws, -1, -1, -1), v.expand(draws, -1, -1, -1), s, s_next, eta=eta,
+                      generator=torch.Generator().manual_seed(8))
+    mean, std = _dance_by_hand(x, v, s, s_next, eta)
+    assert torch.allclose(res.next_latents.mean(0).double(), mean[0], atol=5 * std / math.sqrt(draws))
+    assert torch.allclose(res.next_latents.std(0), torch.full((2, 2, 2), std), rtol=0.03)
+
+
+def test_dance_sde_schedule_and_eta_zero():
+    sigmas = [1.0, 0.75, 0.4, 0.0]
+    expected = [0.3 * math.sqrt(0.25), 0.3 * math.sqrt(0.35), 0.3 * math.sqrt(0.4)]
+    got = [step_coefficients("dance_sde", s, s_next, eta=0.3, sigma_max=None).sampler_std
+           for s, s_next in zip(sigmas, sigmas[1:])]
+    assert got == pytest.approx(expected, rel=1e-6)
+    x, v = _xv(9)
+    res = sample_step("dance_sde", x, v, 0.55, 0.4, eta=0.0, generator=torch.Generator().manual_seed(0))
+    ode = sample_step("ode", x, v, 0.55, 0.4, eta=0.0)
+    torch.testing.assert_close(res.next_latents, ode.next_latents, rtol=0, atol=1e-6)

@@ -6,6 +6,9 @@ parameters excluded) or, for runs without DeepSpeed, a plain state dict (``model
 key names, which ``xtuner``'s ``guess_load_checkpoint`` + ``load_state_dict(strict=False)`` (and our own
 ``load_checkpoint_into``) read. It holds what RL trained; it is meant to be loaded ON TOP of the pretraining
 checkpoint, which still provides everything else (connector when frozen, LLM LoRA, ...).
+
+``weights="ema"`` exports the fp32 EMA of the trained parameters that a run with --ema_decay saved beside the
+DeepSpeed files (``checkpoint-N/ema.pt``) instead of the raw (live) weights.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ SOURCE = "--rl_checkpoint"
 
 PLAIN_STATE_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHTS = ("raw", "ema")
+EMA_FILE = "ema.pt"  # trainer/checkpointing.py EMA_STATE_NAME
 
 
 @dataclass(frozen=True)
@@ -33,12 +38,16 @@ class ConversionSummary:
     num_parameters: int
     prefix_counts: dict[str, int]
     includes_lmm: bool
+    weights: str = "raw"
+    has_ema: bool = False
 
     def describe(self) -> str:
         prefixes = ", ".join(f"{name}: {count}" for name, count in sorted(self.prefix_counts.items()))
         return (
             f"wrote {self.output} ({self.num_tensors} tensors, {self.num_parameters / 1e6:.2f}M parameters; "
-            f"read as {self.source_format})\n  keys by module: {prefixes}\n"
+            f"read as {self.source_format}; {self.weights} weights)\n  keys by module: {prefixes}\n"
+            + ("  this checkpoint also holds the EMA of the weights: --weights ema exports it\n"
+               if self.has_ema and self.weights == "raw" else "")
             + ("  includes lmm.* weights (the LLM was trained)\n" if self.includes_lmm else "")
             + "  Load it ON TOP of the pretraining checkpoint (CHECKPOINT): it holds only what RL trained, e.g.\n"
             "    model.load_state_dict(guess_load_checkpoint(pretrain_pth), strict=False)\n"
@@ -95,11 +104,36 @@ def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{SOURCE}: {path} could not be read: {type(err).__name__}: {err}") from err
 
 
-def convert_rl_checkpoint(rl_checkpoint: str | Path, output: str | Path, dtype: str = "float32") -> ConversionSummary:
-    """Write the SFT-format ``.pth`` of ``rl_checkpoint`` to ``output`` (parent folders created)."""
+def read_ema_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The EMA of a checkpoint-N folder (its ema.pt, read weights-only): {state-dict name: fp32 tensor}."""
+    path = Path(path)
+    file = path / EMA_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"--weights ema: {file} does not exist: the run was trained without --ema_decay "
+                                "(or this is not a checkpoint-N folder). Export the live weights with --weights raw.")
+    try:
+        state = load_weights_only(file, source=SOURCE)
+    except UnsafeCheckpointError:
+        raise
+    except Exception as err:
+        raise ValueError(f"{SOURCE}: {file} could not be read: {type(err).__name__}: {err}") from err
+    if not isinstance(state, dict) or not isinstance(state.get("shadow"), dict):
+        raise ValueError(f"{SOURCE}: {file} holds no EMA ('shadow' missing): not written by the GRPO trainer.")
+    return dict(state["shadow"])
+
+
+def convert_rl_checkpoint(rl_checkpoint: str | Path, output: str | Path, dtype: str = "float32",
+                          weights: str = "raw") -> ConversionSummary:
+    """Write the SFT-format ``.pth`` of ``rl_checkpoint`` to ``output`` (parent folders created); ``weights``:
+    ``raw`` (the trained weights) or ``ema`` (their EMA, from ``ema.pt``)."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
-    raw, source_format = read_rl_checkpoint(rl_checkpoint)
+    if weights not in WEIGHTS:
+        raise ValueError(f"--weights must be one of {', '.join(WEIGHTS)}; got {weights!r}.")
+    if weights == "ema":
+        raw, source_format = read_ema_weights(rl_checkpoint), f"EMA file {EMA_FILE}"
+    else:
+        raw, source_format = read_rl_checkpoint(rl_checkpoint)
     state = normalize_checkpoint_keys(raw)
     includes_lmm = any(k.startswith("lmm.") for k in state)
     sft_state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in to_reference_keys(state, include_lmm=includes_lmm).items()}
@@ -117,4 +151,6 @@ def convert_rl_checkpoint(rl_checkpoint: str | Path, output: str | Path, dtype: 
         num_parameters=sum(t.numel() for t in sft_state.values()),
         prefix_counts=dict(Counter(k.split(".", 1)[0] for k in sft_state)),
         includes_lmm=includes_lmm,
+        weights=weights,
+        has_ema=Path(rl_checkpoint).is_dir() and (Path(rl_checkpoint) / EMA_FILE).is_file(),
     )

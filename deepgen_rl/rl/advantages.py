@@ -1,4 +1,6 @@
-"""Group-relative advantages: GRPO (normalise the weighted reward sum) and GDPO (normalise each reward, then sum).
+"""Group-relative advantages: GRPO (normalise the weighted reward sum), GDPO (normalise each reward, then sum) and
+the two batch-std variants of the reference: grpo_global_std (group mean, batch std) and reinforcepp (batch mean,
+batch std; REINFORCE++, arXiv 2501.03262).
 
 Shape legend: B prompts, G group size, N = B * G samples (a prompt's G samples adjacent), K rewards.
 
@@ -15,7 +17,10 @@ Zero-variance groups: a group whose spread is float noise carries no signal, but
 |A| = 1.27 under GDPO). So a group is zero-variance when its std <= rtol * max|r| + 1e-8 over its valid samples
 (``zero_variance_rtol``, RELATIVE to the rewards' magnitude, because float32 noise scales with it): its
 normalised values are 0, its advantages are 0 and it is counted, for GRPO and GDPO alike.
-Stats in the result describe this rank's samples; GDPO's batch normalisation alone spans all ranks.
+Stats in the result describe this rank's samples; the batch statistics (GDPO's normalisation, the batch std of
+grpo_global_std and reinforcepp, reinforcepp's batch mean) span ALL ranks (the reference uses each rank's batch).
+reinforcepp has no group baseline, so a zero-variance group still gets the (batch-centred) advantage of its reward;
+it is only counted.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from torch import Tensor
 
 from deepgen_rl.distributed import all_reduce
 
-AdvantageType = Literal["grpo", "gdpo"]
+AdvantageType = Literal["grpo", "gdpo", "grpo_global_std", "reinforcepp"]
 ADVANTAGE_TYPES: tuple[str, ...] = get_args(AdvantageType)
 STD_EPS = 1e-4  # added to every std (DESIGN.md section 4), as in the reference
 ZERO_VARIANCE_ATOL = 1e-8  # below this absolute std a group carries no signal, whatever its magnitude
@@ -108,8 +113,8 @@ def _zero_variance_fraction(flat_groups: Tensor) -> float:
     return float(flat_groups.double().mean()) if flat_groups.numel() else 0.0
 
 
-def batch_normalize(values: Tensor, valid: Tensor, process_group=None) -> Tensor:
-    """(x - mean) / (std + 1e-4) over the valid samples of ALL ranks (GDPO eq. 6). values: [N] float64.
+def batch_mean_std(values: Tensor, valid: Tensor, process_group=None) -> tuple[Tensor, Tensor]:
+    """(mean, unbiased std) of the valid samples of ALL ranks. values: [N] float64 -> two 0-d float64 tensors.
 
     Two all_reduces of two scalars (sum and count, then the centred sum of squares): exactly the statistics of
     the concatenated batch without gathering it. Every rank must call this (it is a collective).
@@ -120,7 +125,16 @@ def batch_normalize(values: Tensor, valid: Tensor, process_group=None) -> Tensor
     mean = total[0] / count.clamp_min(1)
     sq = all_reduce(((values - mean) ** 2 * m).sum().reshape(1), None, group=process_group)[0]
     std = torch.where(count >= 2, (sq / (count - 1).clamp_min(1)).sqrt(), torch.zeros_like(sq))
-    return (values - mean) / (std + STD_EPS) * m
+    return mean, std
+
+
+def batch_normalize(values: Tensor, valid: Tensor, process_group=None) -> Tensor:
+    """(x - mean) / (std + 1e-4) over the valid samples of ALL ranks (GDPO eq. 6). values: [N] float64.
+
+    Collective (see :func:`batch_mean_std`): every rank must call this.
+    """
+    mean, std = batch_mean_std(values, valid, process_group)
+    return (values - mean) / (std + STD_EPS) * valid.to(values.dtype)
 
 
 def _finish(raw: Tensor, valid: Tensor, zero_fraction: float, clip: float, group_size: int) -> AdvantageResult:
@@ -172,6 +186,37 @@ def gdpo_advantages(rewards: Tensor, weights: Tensor, group_size: int, *, valid:
     return _finish(adv, valid, _zero_variance_fraction(flat_groups), clip, group_size)
 
 
+def batch_std_advantages(rewards: Tensor, weights: Tensor, group_size: int, *, baseline: str,
+                         valid: Optional[Tensor] = None, std_floor: float, clip: float, zero_variance_rtol: float,
+                         process_group=None) -> AdvantageResult:
+    """The reference's batch-std types on r = sum_k w_k r_k, over ALL ranks (collective: call on every rank):
+
+    baseline "group" (grpo_global_std): A = (r - mean_G r) / (max(std_batch r, floor) + 1e-4);
+    baseline "batch" (reinforcepp, REINFORCE++ eq. 9): A = (r - mean_batch r) / (max(std_batch r, floor) + 1e-4).
+    std_batch is the unbiased std of r over the valid samples of all ranks; then clip to [-clip, clip].
+    rewards, weights: [N, K]; valid: [N] bool (None = all valid).
+    """
+    valid = _check_inputs(rewards, weights, group_size, valid)
+    r, w = _clean_rewards(rewards, weights, valid)
+    total = (w * r).sum(dim=1)  # [N]
+    batch_mean, batch_std = batch_mean_std(total, valid, process_group)
+    # group_normalize gives the zero-variance flags (and, through its centring, the group baseline).
+    _, flat = group_normalize(total[:, None], valid, group_size, std_floor, zero_variance_rtol)
+    used = (w != 0).view(-1, group_size, w.shape[1]).any(dim=1).any(dim=1, keepdim=True)  # [B, 1]
+    flat_groups = _flat_groups(flat, used)  # [B]
+    m = valid.to(total.dtype)
+    if baseline == "group":
+        grouped, grouped_m = total.view(-1, group_size), m.view(-1, group_size)
+        group_mean = (grouped * grouped_m).sum(dim=1) / grouped_m.sum(dim=1).clamp_min(1)  # [B]
+        centred = (total - group_mean.repeat_interleave(group_size)) * ~flat_groups.repeat_interleave(group_size)
+    elif baseline == "batch":
+        centred = total - batch_mean
+    else:
+        raise ValueError(f"baseline must be 'group' or 'batch'; got {baseline!r}.")
+    adv = centred / (batch_std.clamp_min(std_floor) + STD_EPS) * m
+    return _finish(adv, valid, _zero_variance_fraction(flat_groups), clip, group_size)
+
+
 def compute_advantages(adv_type: AdvantageType, rewards: Tensor, weights: Tensor, group_size: int, *,
                        valid: Optional[Tensor] = None, std_floor: float, clip: float, zero_variance_rtol: float,
                        process_group=None) -> AdvantageResult:
@@ -182,4 +227,8 @@ def compute_advantages(adv_type: AdvantageType, rewards: Tensor, weights: Tensor
     if adv_type == "gdpo":
         return gdpo_advantages(rewards, weights, group_size, valid=valid, std_floor=std_floor, clip=clip,
                                zero_variance_rtol=zero_variance_rtol, process_group=process_group)
+    if adv_type in ("grpo_global_std", "reinforcepp"):
+        return batch_std_advantages(rewards, weights, group_size, baseline="group" if adv_type == "grpo_global_std"
+                                    else "batch", valid=valid, std_floor=std_floor, clip=clip,
+                                    zero_variance_rtol=zero_variance_rtol, process_group=process_group)
     raise ValueError(f"--atrain_adv_type must be one of {', '.join(ADVANTAGE_TYPES)}; got {adv_type!r}.")

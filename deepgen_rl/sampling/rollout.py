@@ -230,7 +230,8 @@ def recompute_step(model, trajectory: Trajectory, step: int, rows: Rows = slice(
     the rollout, so with unchanged weights and the same micro-batch the log-prob equals the recorded one)."""
     settings = trajectory.settings
     if settings.sampler == "ode":
-        raise ValueError("an ODE trajectory has no log-probs to recompute; roll out with cps_sde or flow_sde.")
+        raise ValueError("an ODE trajectory has no log-probs to recompute; roll out with cps_sde, flow_sde or "
+                         "dance_sde.")
     x, x_next = trajectory.transition(step, rows)
     sigma, sigma_next = trajectory.sigma_pair(step)
     sigma_vec = trajectory.sigmas[step].to(x.device).expand(x.shape[0])

@@ -26,7 +26,7 @@ from typing import Literal, Optional, get_args
 import torch
 from torch import Tensor
 
-Sampler = Literal["ode", "flow_sde", "cps_sde"]
+Sampler = Literal["ode", "flow_sde", "cps_sde", "dance_sde"]
 LogProbVariant = Literal["reference", "exact"]
 
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
@@ -40,7 +40,7 @@ class StepCoefficients:
 
     Each field is a python float. ``sampler_std`` is the paper's s_t (Flow-SDE: a = eta sqrt(s / (1 - s)); CPS:
     s' sin(eta pi / 2)); it is the std the KL terms divide by. ``noise_std`` is the actual std of x' given x
-    (Flow-SDE: a sqrt(-dt); CPS: s_t).
+    (Flow-SDE: a sqrt(-dt); CPS: s_t). Dance-SDE: both are eta sqrt(-dt), as the reference returns it.
     """
 
     coef_x: float
@@ -107,6 +107,21 @@ def _cps_coefficients(s: float, s_next: float, eta: float) -> StepCoefficients:
     return StepCoefficients(coef_x=coef_x, coef_v=coef_v, noise_std=s_t, sampler_std=s_t)
 
 
+def _dance_sde_coefficients(s: float, s_next: float, eta: float) -> StepCoefficients:
+    """Dance-SDE (DanceGRPO, arXiv 2505.07818; the reference's step): with x0_hat = x - s v,
+
+        mean = x + (v + (eta^2 / 2) (x - (1 - s) x0_hat) / (s^2 + 1e-8)) dt,   noise std eta sqrt(-dt).
+
+    x - (1 - s) x0_hat = s x + s (1 - s) v, so mean = (1 + k s dt) x + (1 + k s (1 - s)) dt v with
+    k = eta^2 / (2 (s^2 + 1e-8)). The reference also returns eta sqrt(-dt) as the sampler std (the KL's s_t).
+    """
+    dt = s_next - s
+    k = eta * eta / (2 * (s * s + 1e-8))
+    noise = eta * math.sqrt(-dt)
+    return StepCoefficients(coef_x=1 + k * s * dt, coef_v=(1 + k * s * (1 - s)) * dt, noise_std=noise,
+                            sampler_std=noise)
+
+
 def step_coefficients(
     sampler: Sampler, sigma: float, sigma_next: float, *, eta: float, sigma_max: Optional[float],
 ) -> StepCoefficients:
@@ -120,6 +135,8 @@ def step_coefficients(
         return StepCoefficients(coef_x=1.0, coef_v=s_next - s, noise_std=0.0, sampler_std=0.0)
     if sampler == "flow_sde":
         return _flow_sde_coefficients(s, s_next, eta, sigma_max)
+    if sampler == "dance_sde":
+        return _dance_sde_coefficients(s, s_next, eta)
     return _cps_coefficients(s, s_next, eta)
 
 
@@ -181,8 +198,8 @@ def sample_with_coefficients(
 
 
 def effective_logprob_variant(sampler: Sampler, logprob_variant: LogProbVariant) -> LogProbVariant:
-    """Flow-SDE always uses the exact Gaussian (as Flow-GRPO); the variant flag only concerns CPS."""
-    return "exact" if sampler == "flow_sde" else logprob_variant
+    """Flow-SDE and Dance-SDE always use the exact Gaussian (as their papers); the variant flag only concerns CPS."""
+    return "exact" if sampler in ("flow_sde", "dance_sde") else logprob_variant
 
 
 def transition_mean(

@@ -9,6 +9,8 @@ Layout of ``<output_dir>/checkpoint-N/`` (a normal DeepSpeed checkpoint folder p
     zero_to_fp32.py                 DeepSpeed's consolidation script (copied by DeepSpeed)
     trainer_state.json              global step, data sampler states, metrics history, run shape
     rng_state_{rank}.pth            python / numpy / torch / accelerator RNG of each rank
+    ema.pt                          with --ema_decay > 0: the fp32 EMA of the trained parameters and its counters
+                                    (trainer/ema.py; tensors and numbers only, read weights-only)
 
 Atomicity: every rank writes into ``tmp-checkpoint-N``; after a barrier one process renames it to
 ``checkpoint-N`` (a rename within a directory is atomic), then a second barrier. A crash mid-save leaves only a
@@ -46,6 +48,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = "tmp-checkpoint-"
 TRAINER_STATE_NAME = "trainer_state.json"
+EMA_STATE_NAME = "ema.pt"
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 RESUME_FLAG = "--resume_from_checkpoint"
 
@@ -251,11 +254,12 @@ class StepStart:
 
 
 def save_checkpoint(engine, output_dir: str | Path, state: TrainerState, *, rank: int, renamer: bool,
-                    save_total_limit: Optional[int]) -> Path:
+                    save_total_limit: Optional[int], ema_state: Optional[dict] = None) -> Path:
     """Collective: every rank calls it. Writes ``checkpoint-{state.global_step}`` atomically; returns its path.
 
     ``renamer``: whether this process renames the finished folder (global rank 0, or each node's local rank 0
-    with node-local storage); it also prunes old checkpoints beyond ``save_total_limit``.
+    with node-local storage); it also prunes old checkpoints beyond ``save_total_limit``. ``ema_state``: the EMA's
+    ``state_dict()`` (the same on every rank), written by rank 0 as ``ema.pt``.
     """
     root = Path(output_dir)
     step = state.global_step
@@ -272,6 +276,8 @@ def save_checkpoint(engine, output_dir: str | Path, state: TrainerState, *, rank
     torch.save(capture_rng_state(), tmp / f"rng_state_{rank}.pth")
     if rank == 0:
         (tmp / TRAINER_STATE_NAME).write_text(state.to_json())
+        if ema_state is not None:
+            torch.save(ema_state, tmp / EMA_STATE_NAME)
     barrier()
     if renamer:
         if final.exists():
@@ -305,6 +311,20 @@ def read_trainer_state(path: Path) -> TrainerState:
     except (OSError, ValueError, TypeError) as err:
         raise CheckpointLoadError(f"{path}: {TRAINER_STATE_NAME} is unreadable ({type(err).__name__}: {err}); "
                                   f"pass an older checkpoint to {RESUME_FLAG}.") from err
+
+
+def read_ema_state(checkpoint_dir: str | Path, source: str = RESUME_FLAG) -> Optional[dict]:
+    """The checkpoint's ``ema.pt`` read weights-only, or None when the run had no EMA."""
+    path = Path(checkpoint_dir) / EMA_STATE_NAME
+    if not path.is_file():
+        return None
+    try:
+        return load_weights_only(path, source=source)
+    except UnsafeCheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointLoadError(f"{path} could not be read ({type(err).__name__}: {err}); pass an older "
+                                  f"checkpoint to {source}.") from err
 
 
 def load_checkpoint(engine, checkpoint_dir: str | Path, *, rank: int, world_size: int = 1,

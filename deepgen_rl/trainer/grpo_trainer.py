@@ -18,6 +18,7 @@ accumulation is derived, so any NNODES x NGPUS works; resume needs no DeepSpeed 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from .batching import BatchPlan, plan_batches, total_training_steps
 from .deepspeed_setup import initialize_engine
 from ..distributed import (SEED_ROLLOUT, SEED_SFTAUX, SEED_TRAIN_STEPS, all_gather_cat, all_reduce_sum, derive_seed,
                           rank_and_world, seeded_generator)
+from .ema import EMA, ema_sample_images
 from .eval_hook import EvalHook
 from .failure_budget import FailureBudget, RewardFailureBudgetExceeded, RunSummary, budget_verdict, step_counts
 from .logging_utils import MetricsLogger, TrackerSettings
@@ -99,6 +101,7 @@ class DeepGenGRPOTrainer:
         self.device = torch.device(self.engine.device)
         if self.reference is not None:
             self.reference.to(self.device, dtype=next(self.model.transformer.parameters()).dtype)
+        self.ema: Optional[EMA] = EMA.from_args(self.model, args)  # --ema_decay (None when 0)
         self.objective = ObjectiveSettings.from_args(args)
         self.state = checkpointing.TrainerState(max_steps=self.max_steps, world_size=self.world_size,
                                                 global_batch_size=args.global_batch_size)
@@ -222,6 +225,9 @@ class DeepGenGRPOTrainer:
         total = all_reduce_sum(sums, self.device)
         chunks = float(total[5].clamp_min(1))
         applied = bool(self.engine.was_step_applied())
+        # --- EMA (issue 13 item 5): right after each APPLIED optimizer step; moves with the optimizer stepping. ---
+        if applied and self.ema is not None:
+            self.ema.step(self.model)
         nonfinite = float(total[4])
         if nonfinite and applied:
             logger.error("a non-finite loss did not stop the optimizer step: check the DeepSpeed config's overflow "
@@ -237,6 +243,8 @@ class DeepGenGRPOTrainer:
         metrics["loss/total"] = metrics["loss/policy"] + self.args.beta * metrics["loss/kl"]
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
+        if self.ema is not None:
+            metrics.update(self.ema.metrics())
         return metrics
 
     def eval_phase(self, step: int) -> dict[str, float]:
@@ -245,7 +253,8 @@ class DeepGenGRPOTrainer:
         if self.eval_hook is None:
             return {}
         try:
-            return dict(self.eval_hook(self.model, step))
+            with self._ema_weights():
+                return dict(self.eval_hook(self.model, step))
         except Exception as err:  # evaluation must never kill a long training run
             logger.warning("periodic evaluation at step %d failed: %s", step, err)
             return {"eval/failed": 1.0}
@@ -350,8 +359,12 @@ class DeepGenGRPOTrainer:
                 metrics.update(self.eval_phase(step))
         with self.timer("log"):
             if args.sample_image_freq and step % args.sample_image_freq == 0:
-                scores = weighted_reward(rewards.scores, rewards.weights).tolist()
-                metrics_logger.log_samples(step, batch.images, batch.trajectory.prompts, scores, args.rollout_n)
+                if self.ema is None:
+                    scores = weighted_reward(rewards.scores, rewards.weights).tolist()
+                    metrics_logger.log_samples(step, batch.images, batch.trajectory.prompts, scores, args.rollout_n)
+                elif self.rank == 0:  # --ema_decay: the EMA weights' grid (only rank 0 writes grids)
+                    metrics_logger.log_samples(step, self.ema_sample_images(batch, step - 1),
+                                               batch.trajectory.prompts, None, args.rollout_n)
         metrics.update(self.timer.pop())
         metrics["time/step"] = sum(v for k, v in metrics.items() if k.startswith("time/") and k != "time/step")
         metrics_logger.log(step, metrics)
@@ -361,6 +374,15 @@ class DeepGenGRPOTrainer:
                         loss=f"{metrics.get('loss/total', float('nan')):.3g}")
         if self._save_strategy() == "steps" and step % self._save_every() == 0 and step < self.max_steps:
             self.save()
+
+    def _ema_weights(self):
+        """The EMA swapped into the model (then the live weights restored), or nothing when --ema_decay is 0."""
+        return self.ema.applied_to(self.model) if self.ema is not None else contextlib.nullcontext()
+
+    def ema_sample_images(self, batch: RolloutBatch, step: int) -> torch.Tensor:
+        """The grid under --ema_decay: the EMA weights' images of step ``step``'s prompts, from its rollout seed."""
+        generator = seeded_generator(self.device, derive_seed(self.args.seed, SEED_ROLLOUT, step, self.rank))
+        return ema_sample_images(self.ema, self.model, batch.unique_prompts, self.args, generator)
 
     # ----- checkpoints ----------------------------------------------------------------------------------------
 
@@ -380,8 +402,10 @@ class DeepGenGRPOTrainer:
             self.state.sftaux_sampler = self.sftaux_sampler.state_dict()
         local_rank = int(getattr(self.engine, "local_rank", 0) or 0)
         renamer = self.rank == 0 or (bool(self.args.save_on_each_node) and local_rank == 0)
+        ema_state = self.ema.state_dict() if self.ema is not None and self.rank == 0 else None
         path = checkpointing.save_checkpoint(self.engine, self.args.output_dir, self.state, rank=self.rank,
-                                             renamer=renamer, save_total_limit=self.args.save_total_limit)
+                                             renamer=renamer, save_total_limit=self.args.save_total_limit,
+                                             ema_state=ema_state)
         self._last_saved_step = self.state.global_step
         return path
 
@@ -395,6 +419,8 @@ class DeepGenGRPOTrainer:
         self.prompt_sampler.load_state_dict(state.prompt_sampler)
         if self.sftaux_sampler is not None and state.sftaux_sampler:
             self.sftaux_sampler.load_state_dict(state.sftaux_sampler)
+        if self.ema is not None:
+            self.ema.load_checkpoint(self.model, Path(path))
         state.max_steps, state.world_size = self.max_steps, self.world_size
         state.global_batch_size = self.args.global_batch_size
         self.state = state

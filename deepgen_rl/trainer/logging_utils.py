@@ -126,9 +126,11 @@ class MetricsLogger:
         if self._swanlab is not None:
             self._swanlab.log(dict(metrics), step=step)
 
-    def log_samples(self, step: int, images: torch.Tensor, prompts: Sequence[str], rewards: Sequence[float],
+    def log_samples(self, step: int, images: torch.Tensor, prompts: Sequence[str], rewards: Optional[Sequence[float]],
                     columns: int) -> Optional[Path]:
-        """Save a grid of ``images`` [N, 3, H, W] (rows = prompts) as PNG + a caption file; send it to trackers."""
+        """Save a grid of ``images`` [N, 3, H, W] (rows = prompts) as PNG + a caption file; send it to trackers.
+
+        ``rewards`` None: the images were not scored (the EMA weights' grid under --ema_decay)."""
         if not self.is_main:
             return None
         folder = self.output_dir / "samples"
@@ -136,8 +138,9 @@ class MetricsLogger:
         path = folder / f"step_{step:06d}.png"
         grid = image_grid(images, columns)
         grid.save(path)
-        lines = [f"row {row}: {prompts[row * columns]!r}  rewards: "
-                 + ", ".join(f"{r:.4f}" for r in rewards[row * columns:(row + 1) * columns])
+        lines = [f"row {row}: {prompts[row * columns]!r}  "
+                 + ("EMA weights (not scored)" if rewards is None else "rewards: "
+                    + ", ".join(f"{r:.4f}" for r in rewards[row * columns:(row + 1) * columns]))
                  for row in range(math.ceil(len(prompts) / columns))]
         path.with_suffix(".txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         caption = f"step {step}: " + " | ".join(prompts[::columns])

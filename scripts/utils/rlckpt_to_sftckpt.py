@@ -2,6 +2,7 @@
 """Convert an RL checkpoint (checkpoint-N folder: DeepSpeed ZeRO-2/3 or a plain state dict) to an SFT .pth.
 
     python scripts/utils/rlckpt_to_sftckpt.py --rl_checkpoint outputs/run/checkpoint-40 --output rl_step40.pth
+    python scripts/utils/rlckpt_to_sftckpt.py --rl_checkpoint outputs/run/checkpoint-40 --weights ema --output ema40.pth
 
 The .pth has the DeepGen reference key names and holds what RL trained; load it on top of the pretraining
 checkpoint with xtuner's guess_load_checkpoint + model.load_state_dict(state_dict, strict=False).
@@ -15,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a clone without `pip install -e .`
 
-from deepgen_rl.model.convert import DTYPES, convert_rl_checkpoint  # noqa: E402
+from deepgen_rl.model.convert import DTYPES, WEIGHTS, convert_rl_checkpoint  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,9 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rl_checkpoint", required=True, help="checkpoint-N folder written by the GRPO trainer.")
     parser.add_argument("--output", required=True, help="Path of the .pth to write.")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the saved tensors.")
+    parser.add_argument("--weights", default="raw", choices=WEIGHTS,
+                        help="'raw': the trained weights; 'ema': their EMA (runs with --ema_decay > 0 save it as "
+                        "checkpoint-N/ema.pt).")
     args = parser.parse_args(argv)
     try:
-        summary = convert_rl_checkpoint(args.rl_checkpoint, args.output, args.dtype)
+        summary = convert_rl_checkpoint(args.rl_checkpoint, args.output, args.dtype, args.weights)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

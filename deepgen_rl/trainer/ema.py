@@ -1,0 +1,176 @@
+"""Exponential moving average (EMA) of the trained parameters: --ema_decay, --ema_update_every, --ema_device.
+
+The reference's EMA (REFERENCE_SEMANTICS.md section 1) never updates (its hook is never called), is kept in bf16
+(which swallows small updates) and is never saved. This one:
+
+* is updated right after every APPLIED optimizer step of the trained modules (:meth:`EMA.step`). With s the number
+  of optimizer steps taken before this one (0 at the first), an update happens when s % k == 0
+  (k = --ema_update_every), with the warm-up of flow_grpo's ``ema.py`` (the reference's formula):
+
+      d_eff(s) = min((1 + s) / (10 + s), d),        e <- d_eff * e + (1 - d_eff) * p
+
+* keeps fp32 copies, on the CPU (``--ema_device cpu``, default: 4 bytes per trained parameter of host memory on
+  every rank) or beside the weights (``same``);
+* is saved in every checkpoint as ``ema.pt`` (tensors and numbers only: loadable weights-only) and restored exactly
+  on resume; ``scripts/utils/rlckpt_to_sftckpt.py --weights ema`` exports it;
+* is swapped into the model for evaluation and sample grids (:meth:`EMA.applied_to`), then the live weights are
+  restored bit for bit.
+
+Why not diffusers' ``EMAModel``: its update subtracts the shadow from the parameter on one device, so a CPU shadow
+would need a full host copy of the weights per update (here one parameter at a time), and its warm-up counts its own
+calls, not optimizer steps (they differ when k > 1). Under ZeRO-2 every rank holds whole parameters and so the same
+EMA; ZeRO-3 (partitioned parameters) is refused at start-up (config.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Iterator, Literal, Optional, Sequence
+
+import torch
+
+from deepgen_rl.sampling import decode_images, rollout
+
+from . import checkpointing
+
+logger = logging.getLogger(__name__)
+
+EmaDevice = Literal["cpu", "same"]
+EMA_DEVICES = ("cpu", "same")
+
+
+def warmup_decay(step: int, decay: float) -> float:
+    """d_eff(s) = min((1 + s) / (10 + s), d): 0.1 at s = 0, 0.55 at 10, 0.91 at 90 (then capped at d)."""
+    return min((1.0 + step) / (10.0 + step), decay)
+
+
+class EMA:
+    """fp32 shadow copies ``shadow[name]`` of the model's trainable parameters (state-dict names, e.g.
+    ``transformer.proj_out.weight``) and the counters of the warm-up."""
+
+    def __init__(self, model: torch.nn.Module, *, decay: float, update_every: int = 1, device: EmaDevice = "cpu"):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"--ema_decay must be in (0, 1) for an EMA (0 turns it off); got {decay}.")
+        if update_every < 1:
+            raise ValueError(f"--ema_update_every must be a positive integer; got {update_every}.")
+        if device not in EMA_DEVICES:
+            raise ValueError(f"--ema_device must be one of {', '.join(EMA_DEVICES)}; got {device!r}.")
+        self.decay, self.update_every, self.device = float(decay), int(update_every), device
+        self.optimizer_steps = 0  # s: optimizer steps seen so far
+        self.num_updates = 0
+        self.last_decay = float("nan")
+        self.shadow: dict[str, torch.Tensor] = {}
+        self.reset(model)
+
+    @classmethod
+    def from_args(cls, model: torch.nn.Module, args) -> Optional["EMA"]:
+        """The EMA of ``model``'s trainable parameters, or None when --ema_decay is 0."""
+        if not args.ema_decay:
+            return None
+        return cls(model, decay=args.ema_decay, update_every=args.ema_update_every, device=args.ema_device)
+
+    def _trained(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        return ((name, p) for name, p in model.named_parameters() if p.requires_grad)
+
+    def _home(self, param: torch.Tensor) -> torch.device:
+        return torch.device("cpu") if self.device == "cpu" else param.device
+
+    @torch.no_grad()
+    def reset(self, model: torch.nn.Module) -> None:
+        """Start the average at the model's current weights (counters kept)."""
+        self.shadow = {name: p.detach().to(self._home(p), torch.float32, copy=True) for name, p in self._trained(model)}
+        if not self.shadow:
+            raise ValueError("--ema_decay > 0 but the model has no trainable parameters to average.")
+
+    @torch.no_grad()
+    def step(self, model: torch.nn.Module) -> bool:
+        """Call right after each applied optimizer step; returns whether this step updated the average."""
+        s = self.optimizer_steps
+        self.optimizer_steps += 1
+        if s % self.update_every:
+            return False
+        d = warmup_decay(s, self.decay)
+        for name, param in self._trained(model):
+            shadow = self.shadow[name]
+            # lerp_: e + (1 - d) (p - e) = d e + (1 - d) p, one parameter at a time (no full host copy).
+            shadow.lerp_(param.detach().to(shadow.device, torch.float32), 1.0 - d)
+        self.num_updates += 1
+        self.last_decay = d
+        return True
+
+    @contextlib.contextmanager
+    def applied_to(self, model: torch.nn.Module) -> Iterator[None]:
+        """Inside, the model's trained parameters hold the EMA (cast to their dtype); afterwards the live weights are
+        restored exactly (from a CPU backup), even when the body raises."""
+        params = dict(model.named_parameters())
+        backup: dict[str, torch.Tensor] = {}
+        try:
+            with torch.no_grad():
+                for name, shadow in self.shadow.items():
+                    param = params[name]
+                    backup[name] = param.detach().to("cpu", copy=True)
+                    param.copy_(shadow.to(param.device, param.dtype))
+            yield
+        finally:
+            with torch.no_grad():
+                for name, saved in backup.items():
+                    params[name].copy_(saved.to(params[name].device))
+
+    def metrics(self) -> dict[str, float]:
+        return {"ema/decay": self.last_decay, "ema/updates": float(self.num_updates)}
+
+    def state_dict(self) -> dict:
+        """Tensors (on the CPU) and numbers only, so ``torch.load(weights_only=True)`` reads it."""
+        return {"shadow": {name: t.detach().cpu() for name, t in self.shadow.items()}, "decay": self.decay,
+                "update_every": self.update_every, "optimizer_steps": self.optimizer_steps,
+                "num_updates": self.num_updates, "last_decay": self.last_decay}
+
+    def load_state_dict(self, state: dict, source: str) -> None:
+        """Restore a saved EMA exactly; ``source`` (the file) is named in every error."""
+        shadow = state.get("shadow") if isinstance(state, dict) else None
+        if not isinstance(shadow, dict):
+            raise ValueError(f"{source} holds no EMA ('shadow' missing): not written by this trainer.")
+        missing, unexpected = sorted(set(self.shadow) - set(shadow)), sorted(set(shadow) - set(self.shadow))
+        if missing or unexpected:
+            raise ValueError(f"{source} averages other parameters than this run trains (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}): same --trainable_modules / --use_lora as the saved run?")
+        for name, tensor in shadow.items():
+            if tensor.shape != self.shadow[name].shape:
+                raise ValueError(f"{source}: EMA of {name} has shape {tuple(tensor.shape)}, the model's is "
+                                 f"{tuple(self.shadow[name].shape)}.")
+            self.shadow[name] = tensor.to(self.shadow[name].device, torch.float32, copy=True)
+        if state.get("decay") != self.decay or state.get("update_every") != self.update_every:
+            logger.warning("%s was saved with --ema_decay %s --ema_update_every %s; continuing with %s and %s.",
+                           source, state.get("decay"), state.get("update_every"), self.decay, self.update_every)
+        self.optimizer_steps = int(state["optimizer_steps"])
+        self.num_updates = int(state["num_updates"])
+        self.last_decay = float(state.get("last_decay", float("nan")))
+
+    def load_checkpoint(self, model: torch.nn.Module, checkpoint_dir: Path) -> None:
+        """Resume the EMA of ``checkpoint_dir`` (its ema.pt); a checkpoint saved without one restarts the average at
+        the resumed weights, with a warning."""
+        saved = checkpointing.read_ema_state(checkpoint_dir)
+        if saved is None:
+            self.reset(model)
+            logger.warning("%s holds no EMA (saved with --ema_decay 0): the EMA starts at the resumed weights.",
+                           checkpoint_dir)
+            return
+        self.load_state_dict(saved, str(Path(checkpoint_dir) / checkpointing.EMA_STATE_NAME))
+
+
+def ema_sample_images(ema: EMA, model: torch.nn.Module, prompts: Sequence[str], args,
+                      generator: torch.Generator) -> torch.Tensor:
+    """The sample grid under --ema_decay: the EMA weights' images [N, 3, H, W] of the step's B ``prompts`` x G, drawn
+    with the rollout's sampler flags and (given the rollout's seed) its noise, so the grid shows the weights that
+    evaluation and the converter's ``--weights ema`` use, on the same draws as the policy's rollout."""
+    with ema.applied_to(model):
+        model.eval()
+        trajectory = rollout(
+            model, list(prompts), group_size=args.rollout_n, sampler=args.atrain_sde_sampler, eta=args.sde_eta,
+            logprob_variant=args.logprob_variant, num_inference_steps=args.num_inference_steps,
+            height=args.image_height, width=args.image_width, cfg_scale=args.rollout_cfg_scale,
+            init_same_noise=args.init_same_noise, generator=generator,
+            micro_batch_size=args.rollout_micro_batch_size, decode=False)
+        return decode_images(model, trajectory.latents[:, -1], args.vae_decode_micro_batch_size)

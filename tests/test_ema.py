@@ -1,0 +1,256 @@
+"""EMA of the trained parameters (--ema_decay): the closed-form recursion with its warm-up, fp32 storage, the swap
+for evaluation, exact save / resume (weights-only), and the converter's --weights ema, on the tiny trainer."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+from deepgen_rl.config import parse_args
+from deepgen_rl.model.convert import convert_rl_checkpoint
+from deepgen_rl.model.safe_load import load_weights_only
+from deepgen_rl.trainer import grpo_trainer
+from deepgen_rl.trainer.distributed import SEED_ROLLOUT, derive_seed, seeded_generator
+from deepgen_rl.trainer.ema import EMA, warmup_decay
+from deepgen_rl.trainer.logging_utils import MetricsLogger
+from tests.conftest import REPO_ROOT
+from tests.test_trainer_inprocess import build
+from tests.trainer_utils import ZERO3
+
+
+def _perturb(model, generator, scale=1.0):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=generator).to(p.dtype))
+
+
+def _tiny_linear(dtype=torch.float32):
+    model = nn.Linear(3, 2).to(dtype)
+    model.bias.requires_grad_(False)  # frozen: never averaged
+    return model
+
+
+def test_warmup_decay_values():
+    assert [warmup_decay(s, 0.999) for s in (0, 10, 90, 990)] == pytest.approx([0.1, 0.55, 0.91, 0.991])
+    assert warmup_decay(8990, 0.9) == 0.9
+
+
+def test_ema_follows_the_closed_form_recursion_with_warmup_interval_and_cap():
+    model = _tiny_linear(torch.bfloat16)
+    ema = EMA(model, decay=0.3, update_every=2, device="cpu")
+    assert set(ema.shadow) == {"weight"}
+    assert ema.shadow["weight"].dtype == torch.float32 and ema.shadow["weight"].device.type == "cpu"
+    expected = model.weight.detach().double()
+    g = torch.Generator().manual_seed(0)
+    for s in range(7):
+        _perturb(model, g)
+        assert ema.step(model) == (s % 2 == 0)
+        if s % 2 == 0:  # d_eff = 0.1, 0.25, then capped at 0.3 (5/14 and 7/16 exceed it)
+            d = min((1 + s) / (10 + s), 0.3)
+            expected = d * expected + (1 - d) * model.weight.detach().double()
+    torch.testing.assert_close(ema.shadow["weight"].double(), expected, rtol=1e-6, atol=1e-6)
+    assert ema.optimizer_steps == 7 and ema.num_updates == 4 and ema.last_decay == 0.3
+
+
+def test_fp32_storage_keeps_small_updates_that_bf16_would_swallow():
+    # REFERENCE_SEMANTICS.md section 1: tracking 1.05 from 1.0 at decay 0.999, 100 updates past the warm-up:
+    # 1.05 - 0.05 * 0.999^100 = 1.004757...; a bf16 EMA stays at exactly 1.0.
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = EMA(model, decay=0.999, update_every=1)
+    ema.optimizer_steps = 10 ** 7  # past the warm-up: d_eff = d
+    with torch.no_grad():
+        model.weight.fill_(1.05)
+    for _ in range(100):
+        ema.step(model)
+    assert ema.shadow["weight"].item() == pytest.approx(1.05 - 0.05 * 0.999 ** 100, rel=1e-6)
+
+
+def test_applied_to_swaps_in_the_average_and_restores_exactly_even_on_error():
+    model = _tiny_linear(torch.bfloat16)
+    ema = EMA(model, decay=0.9)
+    _perturb(model, torch.Generator().manual_seed(1))
+    ema.step(model)
+    live = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="inside"):
+        with ema.applied_to(model):
+            assert torch.equal(model.weight, ema.shadow["weight"].to(torch.bfloat16))
+            assert not torch.equal(model.weight, live["weight"])
+            assert torch.equal(model.bias, live["bias"])  # frozen parameters are not touched
+            raise RuntimeError("inside")
+    for name, param in model.named_parameters():
+        assert torch.equal(param, live[name])
+
+
+def test_state_dict_round_trip_is_weights_only_and_resumes_bit_exactly(tmp_path):
+    model = _tiny_linear()
+    g = torch.Generator().manual_seed(2)
+    ema = EMA(model, decay=0.95, update_every=2)
+    for _ in range(3):
+        _perturb(model, g)
+        ema.step(model)
+    torch.save(ema.state_dict(), tmp_path / "ema.pt")
+    resumed = EMA(_tiny_linear(), decay=0.95, update_every=2)  # other weights: everything comes from the file
+    resumed.load_state_dict(load_weights_only(tmp_path / "ema.pt", source="test"), "ema.pt")
+    for _ in range(3):
+        _perturb(model, g)
+        ema.step(model)
+        resumed.step(model)
+    assert resumed.optimizer_steps == ema.optimizer_steps == 6 and resumed.num_updates == ema.num_updates == 3
+    assert torch.equal(resumed.shadow["weight"], ema.shadow["weight"])
+
+    other = EMA(nn.Linear(3, 4), decay=0.95)
+    with pytest.raises(ValueError, match="ema.pt"):
+        other.load_state_dict(ema.state_dict(), "ema.pt")
+
+
+def test_ema_flags_are_validated(tmp_path):
+    base = ["--output_dir", str(tmp_path)]
+    with pytest.raises(ValueError, match="--ema_decay"):
+        parse_args(base + ["--ema_decay", "1.0"])
+    with pytest.raises(ValueError, match="--ema_update_every"):
+        parse_args(base + ["--ema_update_every", "0"])
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        parse_args(base + ["--ema_decay", "0.9", "--deepspeed", str(ZERO3)])
+    args, _, _ = parse_args(base)
+    assert args.ema_decay == 0.0 and args.ema_update_every == 1 and args.ema_device == "cpu"
+
+
+def _trained(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def ema_run(process_group, tiny_paths, tmp_path_factory):
+    """2 tiny steps with --ema_decay 0.5, eval every step (a recording hook), checkpoints every step, a sample grid at
+    step 2; records the weights at each EMA update and what evaluation saw."""
+    out = tmp_path_factory.mktemp("ema_run")
+    trainer = build(tiny_paths, out, max_steps=2, ema_decay=0.5, eval_freq=1, reward_health_timeout=1,
+                    save_strategy="steps", save_steps=1, sample_image_freq=2)
+    record = {"initial": {n: t.clone() for n, t in trainer.ema.shadow.items()}, "at_update": [], "eval": [],
+              "grid": []}
+    real_step = trainer.ema.step
+
+    def recording_step(model):
+        record["at_update"].append(_trained(model))
+        return real_step(model)
+
+    def hook(model, step):
+        record["eval"].append((step, _trained(model), {n: t.clone() for n, t in trainer.ema.shadow.items()}))
+        return {}
+
+    def capture_grid(self, step, images, prompts, rewards, columns):
+        record["grid"].append((step, images.clone(), list(prompts), rewards))
+
+    trainer.ema.step = recording_step
+    trainer.eval_hook = hook
+    original = MetricsLogger.log_samples
+    MetricsLogger.log_samples = capture_grid
+    try:
+        trainer.train()
+    finally:
+        MetricsLogger.log_samples = original
+        trainer.close()
+    return trainer, out, record
+
+
+def test_trainer_ema_is_the_closed_form_recursion_of_its_optimizer_steps(ema_run):
+    trainer, _, record = ema_run
+    assert len(record["at_update"]) == 2  # one per applied optimizer step
+    for name, expected in record["initial"].items():
+        e = expected.double()
+        for s, weights in enumerate(record["at_update"]):
+            d = min((1 + s) / (10 + s), 0.5)  # 0.1, then 2 / 11
+            e = d * e + (1 - d) * weights[name].double()
+        torch.testing.assert_close(trainer.ema.shadow[name].double(), e, rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(record["initial"][n], trainer.ema.shadow[n]) for n in record["initial"])
+
+
+def test_evaluation_used_the_ema_and_the_live_weights_came_back(ema_run):
+    trainer, _, record = ema_run
+    assert [step for step, _, _ in record["eval"]] == [1, 2]
+    # Evaluation after step k ran while the live weights were those of update k - 1 (taken right before it).
+    for (step, seen, shadow), live in zip(record["eval"], record["at_update"]):
+        for name, tensor in seen.items():
+            assert torch.equal(tensor, shadow[name].to(tensor.dtype)), (step, name)
+        assert any(not torch.equal(live[n], seen[n]) for n in seen)
+    # The last evaluation came after the last update: the live weights it swapped out are back, bit for bit.
+    final = _trained(trainer.model)
+    for name, tensor in record["at_update"][-1].items():
+        assert torch.equal(final[name], tensor)
+
+
+def test_sample_grid_shows_the_ema_weights_on_the_rollouts_noise(ema_run, tiny_paths):
+    from deepgen_rl.sampling import decode_images, rollout
+
+    trainer, _, record = ema_run
+    [(step, images, prompts, rewards)] = record["grid"]
+    assert step == 2 and rewards is None and images.shape[0] == len(prompts)
+    args, model = trainer.args, trainer.model
+    unique = prompts[::args.rollout_n]
+
+    def generate():
+        generator = seeded_generator(trainer.device, derive_seed(args.seed, SEED_ROLLOUT, step - 1, 0))
+        traj = rollout(model, unique, group_size=args.rollout_n, sampler=args.atrain_sde_sampler, eta=args.sde_eta,
+                       logprob_variant=args.logprob_variant, num_inference_steps=args.num_inference_steps,
+                       height=args.image_height, width=args.image_width, cfg_scale=args.rollout_cfg_scale,
+                       init_same_noise=args.init_same_noise, generator=generator, decode=False)
+        return decode_images(model, traj.latents[:, -1], None)
+
+    raw = generate()
+    live = _trained(model)
+    params = dict(model.named_parameters())
+    with torch.no_grad():  # the EMA at the grid's time is the final one (the grid came after step 2's update)
+        for name, shadow in trainer.ema.shadow.items():
+            params[name].copy_(shadow.to(params[name].dtype))
+        ema_images = generate()
+        for name, tensor in live.items():
+            params[name].copy_(tensor)
+    torch.testing.assert_close(images, ema_images, rtol=0, atol=1e-6)
+    assert not torch.allclose(images, raw, atol=1e-6)
+
+
+def test_checkpoints_save_the_ema_and_resume_it_bit_exactly(ema_run, tiny_paths, tmp_path):
+    trainer, out, _ = ema_run
+    final = load_weights_only(out / "checkpoint-2" / "ema.pt", source="test")
+    assert final["optimizer_steps"] == 2 and final["num_updates"] == 2
+    for name, tensor in trainer.ema.shadow.items():
+        assert torch.equal(final["shadow"][name], tensor)
+
+    saved = load_weights_only(out / "checkpoint-1" / "ema.pt", source="test")
+    resumed = build(tiny_paths, tmp_path, max_steps=2, ema_decay=0.5)
+    try:
+        resumed.load(out / "checkpoint-1")
+        assert resumed.ema.optimizer_steps == 1
+        for name, tensor in saved["shadow"].items():
+            assert torch.equal(resumed.ema.shadow[name], tensor)
+        resumed.train()
+    finally:
+        resumed.close()
+    for name, tensor in trainer.ema.shadow.items():  # step 2 redone from the checkpoint: the same average
+        torch.testing.assert_close(resumed.ema.shadow[name], tensor, rtol=1e-5, atol=1e-8)
+
+
+def test_converter_exports_the_ema_or_the_raw_weights(ema_run, tmp_path):
+    _, out, _ = ema_run
+    spec = importlib.util.spec_from_file_location("rlckpt", REPO_ROOT / "scripts" / "utils" / "rlckpt_to_sftckpt.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--rl_checkpoint", str(out / "checkpoint-2"), "--weights", "ema",
+                        "--output", str(tmp_path / "ema.pth")]) == 0
+    summary = convert_rl_checkpoint(out / "checkpoint-2", tmp_path / "raw.pth", weights="raw")
+    assert summary.has_ema and "--weights ema exports it" in summary.describe()
+    ema_pth = torch.load(tmp_path / "ema.pth", weights_only=True)
+    raw_pth = torch.load(tmp_path / "raw.pth", weights_only=True)
+    shadow = load_weights_only(out / "checkpoint-2" / "ema.pt", source="test")["shadow"]
+    assert set(ema_pth) == set(shadow) and set(shadow) <= set(raw_pth)
+    for name, tensor in shadow.items():
+        assert torch.equal(ema_pth[name], tensor)
+    assert any(not torch.equal(ema_pth[n], raw_pth[n]) for n in shadow)
+    with pytest.raises(FileNotFoundError, match="--weights raw"):
+        convert_rl_checkpoint(tmp_path, tmp_path / "none.pth", weights="ema")
