@@ -12,8 +12,7 @@ from torch import nn
 from deepgen_rl.config import parse_args
 from deepgen_rl.model.convert import convert_rl_checkpoint
 from deepgen_rl.model.safe_load import load_weights_only
-from deepgen_rl.trainer import grpo_trainer
-from deepgen_rl.trainer.distributed import SEED_ROLLOUT, derive_seed, seeded_generator
+from deepgen_rl.distributed import SEED_ROLLOUT, derive_seed, seeded_generator
 from deepgen_rl.trainer.ema import EMA, warmup_decay
 from deepgen_rl.trainer.logging_utils import MetricsLogger
 from tests.conftest import REPO_ROOT
@@ -117,7 +116,7 @@ def test_ema_flags_are_validated(tmp_path):
         parse_args(base + ["--ema_update_every", "0"])
     with pytest.raises(ValueError, match="ZeRO-3"):
         parse_args(base + ["--ema_decay", "0.9", "--deepspeed", str(ZERO3)])
-    args, _, _ = parse_args(base)
+    args = parse_args(base)[0]
     assert args.ema_decay == 0.0 and args.ema_update_every == 1 and args.ema_device == "cpu"
 
 
@@ -130,7 +129,7 @@ def ema_run(process_group, tiny_paths, tmp_path_factory):
     """2 tiny steps with --ema_decay 0.5, eval every step (a recording hook), checkpoints every step, a sample grid at
     step 2; records the weights at each EMA update and what evaluation saw."""
     out = tmp_path_factory.mktemp("ema_run")
-    trainer = build(tiny_paths, out, max_steps=2, ema_decay=0.5, eval_freq=1, reward_health_timeout=1,
+    trainer = build(tiny_paths, out, max_steps=2, ema_decay=0.5, eval_freq=1, reward_health_timeout=1, judge_health_timeout=1,
                     save_strategy="steps", save_steps=1, sample_image_freq=2)
     record = {"initial": {n: t.clone() for n, t in trainer.ema.shadow.items()}, "at_update": [], "eval": [],
               "grid": []}
@@ -199,7 +198,7 @@ def test_sample_grid_shows_the_ema_weights_on_the_rollouts_noise(ema_run, tiny_p
         traj = rollout(model, unique, group_size=args.rollout_n, sampler=args.atrain_sde_sampler, eta=args.sde_eta,
                        logprob_variant=args.logprob_variant, num_inference_steps=args.num_inference_steps,
                        height=args.image_height, width=args.image_width, cfg_scale=args.rollout_cfg_scale,
-                       init_same_noise=args.init_same_noise, generator=generator, decode=False)
+                       init_same_noise=args.init_same_noise, generator=generator)
         return decode_images(model, traj.latents[:, -1], None)
 
     raw = generate()

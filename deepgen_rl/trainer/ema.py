@@ -172,5 +172,5 @@ def ema_sample_images(ema: EMA, model: torch.nn.Module, prompts: Sequence[str], 
             logprob_variant=args.logprob_variant, num_inference_steps=args.num_inference_steps,
             height=args.image_height, width=args.image_width, cfg_scale=args.rollout_cfg_scale,
             init_same_noise=args.init_same_noise, generator=generator,
-            micro_batch_size=args.rollout_micro_batch_size, decode=False)
+            micro_batch_size=args.rollout_micro_batch_size)
         return decode_images(model, trajectory.latents[:, -1], args.vae_decode_micro_batch_size)
