@@ -20,6 +20,7 @@ from typing import Literal, Optional
 from transformers import HfArgumentParser, TrainingArguments
 
 from .deepspeed_json import read_deepspeed_json
+from .rl.losses import clip_band
 from .trainer_flags import HELP_EPILOG, GroupedArgumentParser, refused_flag_errors
 
 SD3_ENV = "SD3_5_MODEL_NAME_OR_PATH"
@@ -35,6 +36,7 @@ SDE_SAMPLERS = ("cps_sde", "flow_sde")
 ADVANTAGE_TYPES = ("gdpo", "grpo")
 KL_TYPES = ("v-based", "x-based")
 LOGPROB_VARIANTS = ("reference", "exact")
+OPTIMIZER_STEP_SCHEDULES = ("reference", "per_timestep", "per_rollout")
 TRAINABLE_MODULE_SETS = ("dit", "dit_connector", "dit_connector_llm")
 MODEL_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -229,7 +231,8 @@ class GRPOConfig(TrainingArguments):
     )
     global_batch_size: int = field(
         default=256,
-        metadata={"help": "Images per optimizer step over all ranks (prompts x rollout_n); one optimizer step per rollout."},
+        metadata={"help": "Images per rollout (GRPO step) over all ranks (prompts x rollout_n); the optimizer steps it "
+                  "takes follow --optimizer_step_schedule."},
     )
 
     # --- sampler ---
@@ -260,6 +263,28 @@ class GRPOConfig(TrainingArguments):
         default=0.6, metadata={"help": "Fraction of the T steps trained per rollout (drawn from 0..T-2)."}
     )
     clip_range: float = field(default=1e-4, metadata={"help": "PPO-style ratio clip range c: ratio in [1-c, 1+c]."})
+    clip_range_low: Optional[float] = field(
+        default=None,
+        metadata={"help": "Signed lower offset of an asymmetric ratio band [1 + low, 1 + high] (e.g. -1e-4); give it "
+                  "with --clip_range_high, and the two replace --clip_range."},
+    )
+    clip_range_high: Optional[float] = field(
+        default=None, metadata={"help": "Signed upper offset of the ratio band (e.g. 2e-4); see --clip_range_low."}
+    )
+    optimizer_step_schedule: Literal["reference", "per_timestep", "per_rollout"] = field(
+        default="reference",
+        metadata={"help": "When AdamW steps. 'reference' (the DeepGen-RL reference under its DeepSpeed launch): one "
+                  "step after the policy backward of every trained timestep (over all its chunks), one more on the "
+                  "beta*KL backward when beta > 0, and one on the SFT-aux backward (61 per rollout at the guide's "
+                  "defaults). 'per_timestep': one step per trained timestep (policy + beta*KL together) + SFT-aux. "
+                  "'per_rollout': one step per rollout. The LR schedule and warm-up count optimizer steps."},
+    )
+    atrain_num_actor_update_steps: int = field(
+        default=1,
+        metadata={"help": "Split the rollout's samples (one random permutation per rank) into N disjoint parts trained "
+                  "one after another over the same drawn timesteps (the remainder is dropped and logged); old "
+                  "log-probs are always the rollout's."},
+    )
     atrain_adv_type: Literal["gdpo", "grpo"] = field(
         default="gdpo",
         metadata={"help": "'gdpo': normalise each reward within the group, then the weighted sum over the batch; "
@@ -350,6 +375,9 @@ class GRPOConfig(TrainingArguments):
         _check_choice("atrain_adv_type", self.atrain_adv_type, ADVANTAGE_TYPES)
         _check_choice("atrain_kl_type", self.atrain_kl_type, KL_TYPES)
         _check_choice("logprob_variant", self.logprob_variant, LOGPROB_VARIANTS)
+        _check_choice("optimizer_step_schedule", self.optimizer_step_schedule, OPTIMIZER_STEP_SCHEDULES)
+        _check_positive("atrain_num_actor_update_steps", self.atrain_num_actor_update_steps)
+        clip_band(self.clip_range, self.clip_range_low, self.clip_range_high)
         for flag in ("rollout_n", "rollout_micro_batch_size", "atrain_micro_batch_size", "global_batch_size",
                      "num_inference_steps", "image_height", "image_width", "sftaux_batch_size"):
             _check_positive(flag, getattr(self, flag))
