@@ -130,7 +130,8 @@ class DeepGenGRPOTrainer:
         self._last_grad_norm = None
         self._step_lr = float("nan")
         if self.rank == 0:
-            logger.info("batch plan: %s; %d optimizer steps", self.plan, self.max_steps)
+            logger.info("batch plan: %s; %d GRPO steps x %d optimizer steps", self.plan, self.max_steps,
+                        self.plan.optimizer_steps_per_rollout)
 
     # ----- phases ---------------------------------------------------------------------------------------------
 
