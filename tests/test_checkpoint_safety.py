@@ -281,7 +281,9 @@ def test_weights_reset_path_fills_partitioned_zero3_parameters(process_group, ti
         saved = param_digests(saver.model)
     finally:
         saver.close()
-    fresh = _build_zero3(tiny_paths, tmp_path / "b", max_steps=2)
+    # per_rollout: the one optimizer step of the next training step runs at the lr set below (more steps would run
+    # at the LR schedule's rates).
+    fresh = _build_zero3(tiny_paths, tmp_path / "b", max_steps=2, optimizer_step_schedule="per_rollout")
     try:
         before = param_digests(fresh.model)
         load_weights_reset_optimizer(fresh.engine, tmp_path / "a" / "checkpoint-1", "global_step1")
