@@ -29,7 +29,8 @@ def test_guide_defaults_on_8_gpus():
     # 256 images / 8 per group = 32 prompts; / 8 ranks = 4 prompts = 32 samples per rank = one chunk of 32;
     # 30 of 50 steps trained -> 30 backward passes, + 1 for the SFT-aux batch.
     plan = plan_batches(global_batch_size=256, rollout_n=8, world_size=8, atrain_micro_batch_size=32,
-                        num_train_timesteps=30, sftaux_enabled=True, optimizer_step_schedule="per_rollout", actor_update_steps=1, kl_step=True)
+                        num_train_timesteps=30, sftaux_enabled=True,
+                        optimizer_step_schedule="per_rollout", actor_update_steps=1, kl_step=True)
     assert (plan.prompts_per_rank, plan.samples_per_rank, plan.chunks_per_timestep) == (4, 32, 1)
     assert plan.gradient_accumulation_steps == 31
     assert plan.deepspeed_train_batch_size == 32 * 31 * 8
@@ -38,7 +39,8 @@ def test_guide_defaults_on_8_gpus():
 def test_uneven_chunks_and_any_world_size():
     # 96 images / 4 per group = 24 prompts over 6 ranks = 4 prompts = 16 samples; chunks of 5 -> 5, 5, 5, 1.
     plan = plan_batches(global_batch_size=96, rollout_n=4, world_size=6, atrain_micro_batch_size=5,
-                        num_train_timesteps=3, sftaux_enabled=False, optimizer_step_schedule="per_rollout", actor_update_steps=1, kl_step=True)
+                        num_train_timesteps=3, sftaux_enabled=False,
+                        optimizer_step_schedule="per_rollout", actor_update_steps=1, kl_step=True)
     assert (plan.samples_per_rank, plan.chunks_per_timestep, plan.gradient_accumulation_steps) == (16, 4, 12)
     assert plan.train_micro_batch_size == 5
 
@@ -89,14 +91,16 @@ def test_impossible_split_names_flags_and_nearest_values():
     # 256 / 8 = 32 prompts cannot be shared by 3 ranks; valid sizes are multiples of 8 x 3 = 24: 240 and 264.
     with pytest.raises(ValueError) as err:
         plan_batches(global_batch_size=256, rollout_n=8, world_size=3, atrain_micro_batch_size=32,
-                     num_train_timesteps=30, sftaux_enabled=False, optimizer_step_schedule="per_rollout", actor_update_steps=1, kl_step=True)
+                     num_train_timesteps=30, sftaux_enabled=False,
+                        optimizer_step_schedule="per_rollout", actor_update_steps=1, kl_step=True)
     message = str(err.value)
     assert "--global_batch_size" in message and "--rollout_n" in message and "world size (3)" in message
     assert "240 or 264" in message
     # Fewer prompts than ranks: 16 / 8 = 2 prompts for 4 ranks -> the smallest valid size is 8 x 4 = 32.
     with pytest.raises(ValueError, match=r"Nearest valid --global_batch_size: 32 "):
         plan_batches(global_batch_size=16, rollout_n=8, world_size=4, atrain_micro_batch_size=8,
-                     num_train_timesteps=3, sftaux_enabled=False, optimizer_step_schedule="per_rollout", actor_update_steps=1, kl_step=True)
+                     num_train_timesteps=3, sftaux_enabled=False,
+                        optimizer_step_schedule="per_rollout", actor_update_steps=1, kl_step=True)
 
 
 def test_total_steps_from_epochs():
@@ -114,7 +118,8 @@ def _args(tmp_path, **kwargs) -> GRPOConfig:
 
 def _plan():
     return plan_batches(global_batch_size=32, rollout_n=4, world_size=2, atrain_micro_batch_size=8,
-                        num_train_timesteps=3, sftaux_enabled=True, optimizer_step_schedule="per_rollout", actor_update_steps=1, kl_step=True)
+                        num_train_timesteps=3, sftaux_enabled=True,
+                        optimizer_step_schedule="per_rollout", actor_update_steps=1, kl_step=True)
 
 
 def test_zero2_auto_values_filled_from_flags(tmp_path):

@@ -112,8 +112,9 @@ def plan_batches(*, global_batch_size: int, rollout_n: int, world_size: int, atr
         )
     samples = prompts_per_rank * rollout_n
     if actor_update_steps > samples:
-        raise ValueError(f"--atrain_num_actor_update_steps {actor_update_steps} exceeds the {samples} samples each rank "
-                         "rolls out (--global_batch_size / world size): every actor update needs at least one sample.")
+        raise ValueError(f"--atrain_num_actor_update_steps {actor_update_steps} exceeds the {samples} samples each "
+                         "rank rolls out (--global_batch_size / world size): every actor update needs at least one "
+                         "sample.")
     micro = min(atrain_micro_batch_size, samples // actor_update_steps)
     return BatchPlan(
         world_size=world_size,

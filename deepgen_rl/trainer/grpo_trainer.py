@@ -317,8 +317,9 @@ class DeepGenGRPOTrainer:
         taken, applied_steps = self.optimizer_steps_taken, self.optimizer_steps_applied
         self.optimizer_steps_taken = self.optimizer_steps_applied = 0
         if taken != self.plan.optimizer_steps_per_rollout:
-            raise RuntimeError(f"the rollout took {taken} optimizer steps, not the {self.plan.optimizer_steps_per_rollout} "
-                               f"of --optimizer_step_schedule {self.plan.optimizer_step_schedule}: a step was misplaced.")
+            raise RuntimeError(f"the rollout took {taken} optimizer steps, not the "
+                               f"{self.plan.optimizer_steps_per_rollout} of --optimizer_step_schedule "
+                               f"{self.plan.optimizer_step_schedule}: a step was misplaced.")
         total = ChunkStats.from_tensor(all_reduce_sum(stats.to_tensor(), self.device))
         chunks = max(total.chunks, 1.0)
         applied = applied_steps == taken

@@ -84,7 +84,8 @@ def policy_chunk_objective(model: torch.nn.Module, trajectory: Trajectory, step:
         deviation = deviation[mask].max() if bool(mask.any()) else deviation.new_zeros(())
         kl_value = float(masked_mean(kl.detach(), mask)) if kl is not None else 0.0
     kl_term = None if kl is None or settings.beta == 0 else settings.beta * masked_mean(kl, mask)
-    return ChunkObjective(loss=loss, policy_term=policy.loss, kl_term=kl_term, policy_loss=float(policy.loss.detach()), kl=kl_value,
+    return ChunkObjective(loss=loss, policy_term=policy.loss, kl_term=kl_term, policy_loss=float(policy.loss.detach()),
+                          kl=kl_value,
                           clip_fraction=float(policy.clip_fraction), ratio_mean=float(policy.ratio_mean),
                           ratio_max_dev=float(deviation), num_valid=int(mask.sum()))
 
