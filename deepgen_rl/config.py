@@ -23,7 +23,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from .deepspeed_json import read_deepspeed_json
 from .rl.advantages import AdvantageType
-from .rl.losses import KLType
+from .rl.losses import KLType, clip_band
 from .rl.timesteps import num_train_steps
 from .sampling.rollout import check_sde_eta
 from .sampling.steps import LogProbVariant
@@ -42,12 +42,14 @@ DEFAULT_UNIGENBENCH_PORT = 8000
 SdeSampler = Literal["cps_sde", "flow_sde", "dance_sde"]
 TrainableModuleSet = Literal["dit", "dit_connector", "dit_connector_llm"]
 ModelDtype = Literal["auto", "bfloat16", "float16", "float32"]
+OptimizerStepSchedule = Literal["reference", "per_timestep", "per_rollout"]
 SDE_SAMPLERS: tuple[str, ...] = get_args(SdeSampler)
 ADVANTAGE_TYPES: tuple[str, ...] = get_args(AdvantageType)
 KL_TYPES: tuple[str, ...] = get_args(KLType)
 LOGPROB_VARIANTS: tuple[str, ...] = get_args(LogProbVariant)
 TRAINABLE_MODULE_SETS: tuple[str, ...] = get_args(TrainableModuleSet)
 MODEL_DTYPES: tuple[str, ...] = get_args(ModelDtype)
+OPTIMIZER_STEP_SCHEDULES: tuple[str, ...] = get_args(OptimizerStepSchedule)
 
 # Reference defaults for the sampler noise level (DESIGN.md section 4): CPS re-noises x0_hat fully,
 # Flow-GRPO uses 0.7, Dance-SDE 1.0 (the reference's shared default; DanceGRPO's own scripts use 0.3).
@@ -261,7 +263,8 @@ class GRPOConfig(TrainingArguments):
     )
     global_batch_size: int = field(
         default=256,
-        metadata={"help": "Images per optimizer step over all ranks (prompts x rollout_n); one optimizer step per rollout."},
+        metadata={"help": "Images per rollout (GRPO step) over all ranks (prompts x rollout_n); the optimizer steps it "
+                  "takes follow --optimizer_step_schedule."},
     )
 
     # --- sampler ---
@@ -295,6 +298,28 @@ class GRPOConfig(TrainingArguments):
         default=0.6, metadata={"help": "Fraction of the T steps trained per rollout (drawn from 0..T-2)."}
     )
     clip_range: float = field(default=1e-4, metadata={"help": "PPO-style ratio clip range c: ratio in [1-c, 1+c]."})
+    clip_range_low: Optional[float] = field(
+        default=None,
+        metadata={"help": "Signed lower offset of an asymmetric ratio band [1 + low, 1 + high] (e.g. -1e-4); give it "
+                  "with --clip_range_high, and the two replace --clip_range."},
+    )
+    clip_range_high: Optional[float] = field(
+        default=None, metadata={"help": "Signed upper offset of the ratio band (e.g. 2e-4); see --clip_range_low."}
+    )
+    optimizer_step_schedule: OptimizerStepSchedule = field(
+        default="reference",
+        metadata={"help": "When AdamW steps. 'reference' (the DeepGen-RL reference under its DeepSpeed launch): one "
+                  "step after the policy backward of every trained timestep (over all its chunks), one more on the "
+                  "beta*KL backward when beta > 0, and one on the SFT-aux backward (61 per rollout at the guide's "
+                  "defaults). 'per_timestep': one step per trained timestep (policy + beta*KL together) + SFT-aux. "
+                  "'per_rollout': one step per rollout. The LR schedule and warm-up count optimizer steps."},
+    )
+    atrain_num_actor_update_steps: int = field(
+        default=1,
+        metadata={"help": "Split the rollout's samples (one random permutation per rank) into N disjoint parts trained "
+                  "one after another over the same drawn timesteps (the remainder is dropped and logged); old "
+                  "log-probs are always the rollout's."},
+    )
     atrain_adv_type: AdvantageType = field(
         default="gdpo",
         metadata={"help": "'gdpo': normalise each reward within the group, then the weighted sum over the batch; "
@@ -410,6 +435,9 @@ class GRPOConfig(TrainingArguments):
         _check_choice("atrain_adv_type", self.atrain_adv_type, ADVANTAGE_TYPES)
         _check_choice("atrain_kl_type", self.atrain_kl_type, KL_TYPES)
         _check_choice("logprob_variant", self.logprob_variant, LOGPROB_VARIANTS)
+        _check_choice("optimizer_step_schedule", self.optimizer_step_schedule, OPTIMIZER_STEP_SCHEDULES)
+        _check_positive("atrain_num_actor_update_steps", self.atrain_num_actor_update_steps)
+        clip_band(self.clip_range, self.clip_range_low, self.clip_range_high)
         for flag in ("rollout_n", "rollout_micro_batch_size", "atrain_micro_batch_size", "global_batch_size",
                      "num_inference_steps", "image_height", "image_width", "sftaux_batch_size"):
             _check_positive(flag, getattr(self, flag))

@@ -17,6 +17,7 @@ import torch.distributed as dist
 SEED_ROLLOUT = 1
 SEED_TRAIN_STEPS = 2
 SEED_SFTAUX = 3
+SEED_ACTOR_UPDATES = 4
 
 _OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 

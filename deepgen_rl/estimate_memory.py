@@ -108,7 +108,9 @@ def num_samples_per_rank(args: GRPOConfig, num_gpus: int) -> int:
 
     plan = plan_batches(global_batch_size=args.global_batch_size, rollout_n=args.rollout_n, world_size=num_gpus,
                         atrain_micro_batch_size=args.atrain_micro_batch_size,
-                        num_train_timesteps=args.num_train_timesteps, sftaux_enabled=False)
+                        num_train_timesteps=args.num_train_timesteps, sftaux_enabled=False,
+                        optimizer_step_schedule=args.optimizer_step_schedule,
+                        actor_update_steps=args.atrain_num_actor_update_steps, kl_step=args.beta > 0)
     return plan.samples_per_rank
 
 

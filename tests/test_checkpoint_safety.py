@@ -54,7 +54,9 @@ def sigterm_run(tiny_paths, tmp_path_factory):
     out, marker = tmp / "run", tmp / "in_step_2"
     env = run_env(tiny_paths)
     env.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", None)  # torchrun's default grace (30 s)
-    flags = tiny_run_flags(tiny_paths, out, deepspeed=str(ZERO2), max_steps=3)
+    # per_rollout: every chunk is a safe point. Under the default (reference) only the chunks before a step's first
+    # optimizer step are, and the rest of this slowed step would outlast the grace.
+    flags = tiny_run_flags(tiny_paths, out, deepspeed=str(ZERO2), max_steps=3, optimizer_step_schedule="per_rollout")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), str(REPO_ROOT / "tests" / "scripts" / "slow_step_run.py"),
                "--chunk_sleep", str(CHUNK_SLEEP_S), "--marker", str(marker), *flags]
@@ -113,7 +115,8 @@ def test_resume_on_fewer_ranks_without_the_flag_names_both_sizes(sigterm_run, pr
 def test_resume_on_fewer_ranks_with_reset_optimizer(sigterm_run, process_group, tiny_paths, tmp_path, caplog):
     checkpoint = sigterm_run[0] / "checkpoint-1"
     saved = torch.load(checkpoint / "global_step1" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    trainer = build(tiny_paths, tmp_path, max_steps=3, resume_reset_optimizer=True)
+    trainer = build(tiny_paths, tmp_path, max_steps=3, resume_reset_optimizer=True,
+                    optimizer_step_schedule="per_rollout")  # the schedule the torchrun run saved
     try:
         with caplog.at_level(logging.WARNING):
             trainer.load(checkpoint)
@@ -278,7 +281,9 @@ def test_weights_reset_path_fills_partitioned_zero3_parameters(process_group, ti
         saved = param_digests(saver.model)
     finally:
         saver.close()
-    fresh = _build_zero3(tiny_paths, tmp_path / "b", max_steps=2)
+    # per_rollout: the one optimizer step of the next training step runs at the lr set below (more steps would run
+    # at the LR schedule's rates).
+    fresh = _build_zero3(tiny_paths, tmp_path / "b", max_steps=2, optimizer_step_schedule="per_rollout")
     try:
         before = param_digests(fresh.model)
         load_weights_reset_optimizer(fresh.engine, tmp_path / "a" / "checkpoint-1", "global_step1")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from deepgen_rl.rl.losses import (
+    clip_band,
     clipped_policy_loss,
     flow_matching_loss,
     grpo_loss,
@@ -36,6 +37,19 @@ def test_clipped_loss_hand_worked():
     res.loss.backward()
     # d/dlogp of -A r = -A r / 5 where unclipped; 0 where the clipped branch won
     assert new.grad.tolist() == pytest.approx([0.0, 0.0, -2.0 / 5, -0.5 * 0.95 / 5, -0.7 / 5], rel=1e-6)
+
+
+def test_signed_band_clips_at_one_plus_low_and_one_plus_high():
+    # band (-0.2, 0.1): ratios clip to [0.8, 1.1]; ratios 1.15 (A=1), 0.85 (A=-1), 0.75 (A=-1)
+    new = torch.tensor([math.log(1.15), math.log(0.85), math.log(0.75)], requires_grad=True)
+    res = clipped_policy_loss(new, torch.zeros(3), torch.tensor([1.0, -1.0, -1.0]), clip_range=0.05,
+                              advantage_clip=5.0, band=clip_band(0.05, -0.2, 0.1))
+    # max(-1.15, -1.1) = -1.1 (clipped); max(0.85, 0.85) = 0.85 (inside); max(0.75, 0.8) = 0.8 (clipped)
+    assert res.loss.item() == pytest.approx((-1.1 + 0.85 + 0.8) / 3, rel=1e-6)
+    assert res.clip_fraction.item() == pytest.approx(2 / 3)
+    res.loss.backward()
+    assert new.grad.tolist() == pytest.approx([0.0, 0.85 / 3, 0.0], rel=1e-6)
+    assert clip_band(1e-4) == (-1e-4, 1e-4)
 
 
 def test_advantages_are_clipped_and_masked_samples_ignored():

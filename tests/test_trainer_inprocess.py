@@ -44,7 +44,8 @@ GOLDEN_ABS_TOLERANCE = {"reward/mean": 8 * PIXEL_QUANTUM, "reward/std": 8 * PIXE
                         "policy/clip_fraction": 1e-9}
 GOLDEN_REL_TOLERANCE = 2e-4
 
-# Golden values of the straight run (the `straight_run` fixture: 4 steps, seed 0, lr 1e-3 linear decay, CPS-SDE,
+# Golden values of the straight run (the `straight_run` fixture: 4 steps, --optimizer_step_schedule per_rollout,
+# seed 0, lr 1e-3 linear decay, CPS-SDE,
 # GDPO, beta 5e-7 v-based KL, SFT-aux 1e-4 on the shipped config), recorded on torch 2.13.0 CPU. After an INTENDED
 # change of the training semantics, rerun `pytest tests/test_trainer_inprocess.py -k golden`: the failure message
 # prints each step's new values (`got`); paste them here. The first step's loss/kl is 0 by construction
@@ -113,7 +114,7 @@ def straight_run(process_group, tiny_paths, tmp_path_factory):
     # One thread: the golden values then do not depend on how many cores the machine has (see the tolerances).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    trainer = build(tiny_paths, tmp_path_factory.mktemp("straight"), max_steps=4)
+    trainer = build(tiny_paths, tmp_path_factory.mktemp("straight"), max_steps=4, optimizer_step_schedule="per_rollout")
     try:
         trainer.train()
     finally:
@@ -138,7 +139,7 @@ def test_first_chunk_ratio_is_one_and_each_step_applies(straight_run):
 
 def test_sigterm_checkpoints_and_resume_repeats_the_run(straight_run, tiny_paths, tmp_path):
     out = tmp_path / "interrupted"
-    first = build(tiny_paths, out, max_steps=4)
+    first = build(tiny_paths, out, max_steps=4, optimizer_step_schedule="per_rollout")
     original = first.reward_phase
 
     def reward_then_sigterm(batch):
@@ -156,7 +157,7 @@ def test_sigterm_checkpoints_and_resume_repeats_the_run(straight_run, tiny_paths
     assert signal.getsignal(signal.SIGTERM) is not first  # handler restored (no stray handler left)
 
     # Step 2's prompt draw and RNG use were rewound, so the resumed run redoes step 2 exactly.
-    second = build(tiny_paths, out, max_steps=4)
+    second = build(tiny_paths, out, max_steps=4, optimizer_step_schedule="per_rollout")
     try:
         second.train(resume_from_checkpoint=str(out / "checkpoint-1"))
     finally:
@@ -169,7 +170,7 @@ def test_sigterm_checkpoints_and_resume_repeats_the_run(straight_run, tiny_paths
 
 
 def test_nonfinite_loss_skips_the_optimizer_step(process_group, tiny_paths, tmp_path, monkeypatch):
-    trainer = build(tiny_paths, tmp_path, max_steps=3)
+    trainer = build(tiny_paths, tmp_path, max_steps=3, optimizer_step_schedule="per_rollout")
     real_objective = grpo_trainer.policy_chunk_objective
 
     def nan_on_step_two(*args, **kwargs):

@@ -29,7 +29,8 @@ def test_guide_defaults_on_8_gpus():
     # 256 images / 8 per group = 32 prompts; / 8 ranks = 4 prompts = 32 samples per rank = one chunk of 32;
     # 30 of 50 steps trained -> 30 backward passes, + 1 for the SFT-aux batch.
     plan = plan_batches(global_batch_size=256, rollout_n=8, world_size=8, atrain_micro_batch_size=32,
-                        num_train_timesteps=30, sftaux_enabled=True)
+                        num_train_timesteps=30, sftaux_enabled=True,
+                        optimizer_step_schedule="per_rollout", actor_update_steps=1, kl_step=True)
     assert (plan.prompts_per_rank, plan.samples_per_rank, plan.chunks_per_timestep) == (4, 32, 1)
     assert plan.gradient_accumulation_steps == 31
     assert plan.deepspeed_train_batch_size == 32 * 31 * 8
@@ -38,23 +39,68 @@ def test_guide_defaults_on_8_gpus():
 def test_uneven_chunks_and_any_world_size():
     # 96 images / 4 per group = 24 prompts over 6 ranks = 4 prompts = 16 samples; chunks of 5 -> 5, 5, 5, 1.
     plan = plan_batches(global_batch_size=96, rollout_n=4, world_size=6, atrain_micro_batch_size=5,
-                        num_train_timesteps=3, sftaux_enabled=False)
+                        num_train_timesteps=3, sftaux_enabled=False,
+                        optimizer_step_schedule="per_rollout", actor_update_steps=1, kl_step=True)
     assert (plan.samples_per_rank, plan.chunks_per_timestep, plan.gradient_accumulation_steps) == (16, 4, 12)
     assert plan.train_micro_batch_size == 5
+
+
+def test_reference_schedule_61_steps_at_the_guide_defaults():
+    # REFERENCE_SEMANTICS.md section 4: 2 x 30 drawn steps x 1 update + 1 (SFT-aux) = 61 AdamW steps per rollout,
+    # each one backward (32 samples per rank = one chunk), so DeepSpeed accumulates 1.
+    plan = plan_batches(global_batch_size=256, rollout_n=8, world_size=8, atrain_micro_batch_size=32,
+                        num_train_timesteps=30, sftaux_enabled=True, optimizer_step_schedule="reference",
+                        actor_update_steps=1, kl_step=True)
+    assert (plan.optimizer_steps_per_rollout, plan.gradient_accumulation_steps) == (61, 1)
+    # Without a KL (beta 0) the policy step is the only one per timestep; per_timestep never splits the KL.
+    for schedule, kl_step, expected in (("reference", False, 31), ("per_timestep", True, 31),
+                                        ("per_rollout", True, 1)):
+        other = plan_batches(global_batch_size=256, rollout_n=8, world_size=8, atrain_micro_batch_size=32,
+                             num_train_timesteps=30, sftaux_enabled=True, optimizer_step_schedule=schedule,
+                             actor_update_steps=1, kl_step=kl_step)
+        assert other.optimizer_steps_per_rollout == expected, schedule
+
+
+def test_actor_updates_split_the_rank_samples_and_count_steps():
+    # 16 samples per rank, 3 updates -> S = 5 (1 dropped); chunks of 2 -> 3 per timestep (2, 2, 1).
+    plan = plan_batches(global_batch_size=32, rollout_n=4, world_size=2, atrain_micro_batch_size=2,
+                        num_train_timesteps=4, sftaux_enabled=False, optimizer_step_schedule="reference",
+                        actor_update_steps=3, kl_step=True)
+    assert (plan.samples_per_update, plan.chunks_per_timestep, plan.gradient_accumulation_steps) == (5, 3, 3)
+    assert plan.optimizer_steps_per_rollout == 3 * 4 * 2
+    assert plan.policy_micro_steps == 3 * 4 * 3
+    with pytest.raises(ValueError, match="--atrain_num_actor_update_steps 17 exceeds the 16 samples"):
+        plan_batches(global_batch_size=32, rollout_n=4, world_size=2, atrain_micro_batch_size=2,
+                     num_train_timesteps=4, sftaux_enabled=False, optimizer_step_schedule="reference",
+                     actor_update_steps=17, kl_step=True)
+
+
+def test_actor_update_parts_are_disjoint_and_chunked():
+    from deepgen_rl.trainer.update_plan import actor_update_parts, part_chunks
+
+    parts = actor_update_parts(11, 3, torch.Generator().manual_seed(0))
+    rows = torch.cat(parts).tolist()
+    assert [len(p) for p in parts] == [3, 3, 3] and len(set(rows)) == 9 and set(rows) <= set(range(11))
+    assert [c.tolist() for c in part_chunks(parts[0], 11, 2)] == [parts[0][:2].tolist(), parts[0][2:].tolist()]
+    # One update keeps every row in order: the contiguous chunks of a per-rollout run.
+    assert actor_update_parts(11, 1, torch.Generator().manual_seed(0)) == [slice(None)]
+    assert part_chunks(slice(None), 5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
 
 
 def test_impossible_split_names_flags_and_nearest_values():
     # 256 / 8 = 32 prompts cannot be shared by 3 ranks; valid sizes are multiples of 8 x 3 = 24: 240 and 264.
     with pytest.raises(ValueError) as err:
         plan_batches(global_batch_size=256, rollout_n=8, world_size=3, atrain_micro_batch_size=32,
-                     num_train_timesteps=30, sftaux_enabled=False)
+                     num_train_timesteps=30, sftaux_enabled=False,
+                        optimizer_step_schedule="per_rollout", actor_update_steps=1, kl_step=True)
     message = str(err.value)
     assert "--global_batch_size" in message and "--rollout_n" in message and "world size (3)" in message
     assert "240 or 264" in message
     # Fewer prompts than ranks: 16 / 8 = 2 prompts for 4 ranks -> the smallest valid size is 8 x 4 = 32.
     with pytest.raises(ValueError, match=r"Nearest valid --global_batch_size: 32 "):
         plan_batches(global_batch_size=16, rollout_n=8, world_size=4, atrain_micro_batch_size=8,
-                     num_train_timesteps=3, sftaux_enabled=False)
+                     num_train_timesteps=3, sftaux_enabled=False,
+                        optimizer_step_schedule="per_rollout", actor_update_steps=1, kl_step=True)
 
 
 def test_total_steps_from_epochs():
@@ -72,7 +118,8 @@ def _args(tmp_path, **kwargs) -> GRPOConfig:
 
 def _plan():
     return plan_batches(global_batch_size=32, rollout_n=4, world_size=2, atrain_micro_batch_size=8,
-                        num_train_timesteps=3, sftaux_enabled=True)
+                        num_train_timesteps=3, sftaux_enabled=True,
+                        optimizer_step_schedule="per_rollout", actor_update_steps=1, kl_step=True)
 
 
 def test_zero2_auto_values_filled_from_flags(tmp_path):

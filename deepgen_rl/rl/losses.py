@@ -28,7 +28,7 @@ def masked_mean(values: Tensor, mask: Optional[Tensor]) -> Tensor:
 
 @dataclass(frozen=True)
 class PolicyLossResult:
-    """loss: scalar (differentiable). clip_fraction: fraction of (valid) samples with |ratio - 1| > clip_range.
+    """loss: scalar (differentiable). clip_fraction: fraction of (valid) samples with the ratio outside the band.
     ratio_mean: mean ratio (detached). Both stats are detached scalars."""
 
     loss: Tensor
@@ -36,22 +36,36 @@ class PolicyLossResult:
     ratio_mean: Tensor
 
 
+def clip_band(clip_range: float, low: Optional[float] = None, high: Optional[float] = None) -> tuple[float, float]:
+    """The signed offsets (low, high) of the ratio band [1 + low, 1 + high]: (-c, c) from the symmetric
+    ``--clip_range`` c, or ``--clip_range_low`` / ``--clip_range_high`` when given (Flow-Factory's tuple form)."""
+    if low is None and high is None:
+        return -clip_range, clip_range
+    if low is None or high is None or not low <= 0.0 <= high:
+        raise ValueError(f"--clip_range_low and --clip_range_high go together with low <= 0 <= high (the band "
+                         f"[1 + low, 1 + high] holds ratio 1); got {low} and {high}.")
+    return low, high
+
+
 def clipped_policy_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, *, clip_range: float,
-                        advantage_clip: float, mask: Optional[Tensor] = None) -> PolicyLossResult:
+                        advantage_clip: float, mask: Optional[Tensor] = None,
+                        band: Optional[tuple[float, float]] = None) -> PolicyLossResult:
     """PPO-clip surrogate (Flow-GRPO eq. 7 without the KL): ratio = exp(logp_new - logp_old),
-    L = mean(max(-A ratio, -A clip(ratio, 1 - c, 1 + c))), A clipped to [-advantage_clip, advantage_clip].
+    L = mean(max(-A ratio, -A clip(ratio, 1 + low, 1 + high))), A clipped to [-advantage_clip, advantage_clip];
+    (low, high) = ``band`` or (-clip_range, clip_range).
 
     log_prob, old_log_prob, advantages: [M]; mask: [M] bool (invalid samples excluded) or None.
     """
     if clip_range < 0:
         raise ValueError(f"clip_range (--clip_range) must be >= 0; got {clip_range}.")
+    low, high = band if band is not None else (-clip_range, clip_range)
     adv = advantages.detach().float().clamp(-advantage_clip, advantage_clip)
     ratio = torch.exp(log_prob.float() - old_log_prob.detach().float())
     unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    clipped = -adv * torch.clamp(ratio, 1.0 + low, 1.0 + high)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
-        outside = ((ratio - 1.0).abs() > clip_range).float()
+        outside = ((ratio - 1.0 < low) | (ratio - 1.0 > high)).float()
         return PolicyLossResult(loss=loss, clip_fraction=masked_mean(outside, mask),
                                 ratio_mean=masked_mean(ratio.detach(), mask))
 

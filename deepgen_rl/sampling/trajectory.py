@@ -81,6 +81,17 @@ class Trajectory:
         return self.latents.shape[1] - 1
 
     @property
+    def group_ids(self) -> list[int]:
+        """[N] the prompt (group) index of each sample: the G copies of a prompt are adjacent."""
+        return [row // self.group_size for row in range(self.num_samples)]
+
+    def per_sample(self, per_prompt: Sequence) -> list:
+        """B per-prompt items -> N per-sample items (each repeated G times, in the samples' order)."""
+        if len(per_prompt) * self.group_size != self.num_samples:
+            raise ValueError(f"{len(per_prompt)} prompts x group size {self.group_size} != {self.num_samples} samples.")
+        return [item for item in per_prompt for _ in range(self.group_size)]
+
+    @property
     def sigma_max(self) -> float:
         """sigmas[1]: Flow-SDE's stand-in denominator where sigma == 1."""
         return float(self.sigmas[1])

@@ -1,13 +1,21 @@
-"""How one GRPO step's batch is split over ranks, rollout micro-batches and training chunks.
+"""How one GRPO step's batch is split over ranks, actor updates, training chunks and optimizer steps.
 
-One optimizer step per rollout (the reference's choice, DESIGN.md section 4): every rank rolls out
-``prompts_per_rank`` prompts x ``rollout_n`` images, then trains on ``num_train_timesteps`` drawn steps in
-chunks of ``atrain_micro_batch_size`` samples; the gradients of all those chunks (plus the SFT-aux batch when
-enabled) accumulate into ONE optimizer step. DeepSpeed's ``gradient_accumulation_steps`` is exactly that count,
-so it is derived from the world size instead of being a flag, and any NNODES x NGPUS works as long as the
-global batch splits into whole prompts per rank.
+Every rank rolls out ``prompts_per_rank`` prompts x ``rollout_n`` images, splits them into U actor-update parts
+of S = N // U samples, and trains each part on ``num_train_timesteps`` drawn steps in chunks of
+``atrain_micro_batch_size`` samples. ``--optimizer_step_schedule`` says which backward passes one optimizer step
+accumulates (REFERENCE_SEMANTICS.md section 4):
 
-Legend: B prompts per rank, G = rollout_n, N = B * G samples per rank, W world size.
+    reference     per (part, timestep): the policy backward of its M chunks -> step; the beta*KL backward of the
+                  M chunks -> step (beta > 0); then the SFT-aux backward -> step.  U*T'*(1 + [beta>0]) + [sft]
+    per_timestep  per (part, timestep): policy + beta*KL of its M chunks -> step; SFT-aux -> step.  U*T' + [sft]
+    per_rollout   everything -> ONE step.                                                              1
+
+DeepSpeed's ``gradient_accumulation_steps`` is the largest number of backward passes one step accumulates (the
+trainer marks each step's last backward as the boundary), derived from the world size instead of being a flag,
+so any NNODES x NGPUS works as long as the global batch splits into whole prompts per rank.
+
+Legend: B prompts per rank, G = rollout_n, N = B * G samples per rank, U actor updates, S = N // U samples per
+update, M = ceil(S / micro) chunks, T' trained timesteps, W world size.
 """
 
 from __future__ import annotations
@@ -25,20 +33,38 @@ class BatchPlan:
     rollout_n: int  # G
     prompts_per_rank: int  # B
     samples_per_rank: int  # N = B * G
-    train_micro_batch_size: int  # samples per training forward/backward (<= N)
-    chunks_per_timestep: int  # ceil(N / train_micro_batch_size)
+    train_micro_batch_size: int  # samples per training forward/backward (<= S)
+    chunks_per_timestep: int  # M = ceil(S / train_micro_batch_size), per actor update
     num_train_timesteps: int  # drawn steps trained per rollout
     sftaux_micro_steps: int  # 1 when the SFT-aux loss is on, else 0
+    optimizer_step_schedule: str  # reference | per_timestep | per_rollout
+    actor_update_steps: int  # U
+    kl_step: bool  # beta > 0: the reference schedule steps once more on the beta*KL backward
+
+    @property
+    def samples_per_update(self) -> int:
+        """S = N // U: each actor update's part (the remainder N - U*S is not trained)."""
+        return self.samples_per_rank // self.actor_update_steps
 
     @property
     def policy_micro_steps(self) -> int:
-        """Forward/backward passes of the policy loss per optimizer step."""
-        return self.num_train_timesteps * self.chunks_per_timestep
+        """Forward/backward passes of the policy loss per rollout (all actor updates)."""
+        return self.actor_update_steps * self.num_train_timesteps * self.chunks_per_timestep
+
+    @property
+    def optimizer_steps_per_rollout(self) -> int:
+        """Optimizer (and LR-scheduler) steps one GRPO step takes under the schedule."""
+        if self.optimizer_step_schedule == "per_rollout":
+            return 1
+        per_timestep = 2 if self.optimizer_step_schedule == "reference" and self.kl_step else 1
+        return self.actor_update_steps * self.num_train_timesteps * per_timestep + self.sftaux_micro_steps
 
     @property
     def gradient_accumulation_steps(self) -> int:
-        """Backward passes accumulated into the single optimizer step of a rollout (DeepSpeed's GAS)."""
-        return self.policy_micro_steps + self.sftaux_micro_steps
+        """The most backward passes one optimizer step accumulates (DeepSpeed's GAS)."""
+        if self.optimizer_step_schedule == "per_rollout":
+            return self.policy_micro_steps + self.sftaux_micro_steps
+        return self.chunks_per_timestep
 
     @property
     def deepspeed_train_batch_size(self) -> int:
@@ -59,7 +85,8 @@ def nearest_valid_global_batch_sizes(global_batch_size: int, rollout_n: int, wor
 
 
 def plan_batches(*, global_batch_size: int, rollout_n: int, world_size: int, atrain_micro_batch_size: int,
-                 num_train_timesteps: int, sftaux_enabled: bool) -> BatchPlan:
+                 num_train_timesteps: int, sftaux_enabled: bool, optimizer_step_schedule: str,
+                 actor_update_steps: int, kl_step: bool) -> BatchPlan:
     """Derive the per-rank batch and the gradient accumulation from the flags and the world size.
 
     Raises ValueError naming --global_batch_size, --rollout_n and the world size (with the nearest valid
@@ -68,7 +95,8 @@ def plan_batches(*, global_batch_size: int, rollout_n: int, world_size: int, atr
     """
     for flag, value in (("global_batch_size", global_batch_size), ("rollout_n", rollout_n),
                         ("atrain_micro_batch_size", atrain_micro_batch_size),
-                        ("num_train_timesteps", num_train_timesteps), ("world size", world_size)):
+                        ("num_train_timesteps", num_train_timesteps), ("world size", world_size),
+                        ("atrain_num_actor_update_steps", actor_update_steps)):
         if value <= 0:
             raise ValueError(f"{flag} must be positive; got {value}.")
     prompts_total, rem_group = divmod(global_batch_size, rollout_n)
@@ -83,7 +111,11 @@ def plan_batches(*, global_batch_size: int, rollout_n: int, world_size: int, atr
             f"processes)."
         )
     samples = prompts_per_rank * rollout_n
-    micro = min(atrain_micro_batch_size, samples)
+    if actor_update_steps > samples:
+        raise ValueError(f"--atrain_num_actor_update_steps {actor_update_steps} exceeds the {samples} samples each "
+                         "rank rolls out (--global_batch_size / world size): every actor update needs at least one "
+                         "sample.")
+    micro = min(atrain_micro_batch_size, samples // actor_update_steps)
     return BatchPlan(
         world_size=world_size,
         global_batch_size=global_batch_size,
@@ -91,14 +123,17 @@ def plan_batches(*, global_batch_size: int, rollout_n: int, world_size: int, atr
         prompts_per_rank=prompts_per_rank,
         samples_per_rank=samples,
         train_micro_batch_size=micro,
-        chunks_per_timestep=math.ceil(samples / micro),
+        chunks_per_timestep=math.ceil((samples // actor_update_steps) / micro),
         num_train_timesteps=num_train_timesteps,
         sftaux_micro_steps=1 if sftaux_enabled else 0,
+        optimizer_step_schedule=optimizer_step_schedule,
+        actor_update_steps=actor_update_steps,
+        kl_step=kl_step,
     )
 
 
 def total_training_steps(*, max_steps: int, num_train_epochs: float, num_prompts: int, prompts_per_step: int) -> int:
-    """Optimizer steps of the run: --max_steps when > 0, else epochs x ceil(prompts / prompts per step).
+    """GRPO steps (rollouts) of the run: --max_steps when > 0, else epochs x ceil(prompts / prompts per step).
 
     An "epoch" is as many prompts as the training datasets hold (prompts are drawn with replacement).
     """

@@ -1,7 +1,7 @@
 """The DeepSpeed engine of the trainer: the ``--deepspeed`` JSON with its "auto" values filled, AdamW, the LR schedule.
 
 The JSON files in scripts/deepspeed/ use the accelerate / HF Trainer convention: a value of ``"auto"`` is
-filled from the flags. The batch keys are DERIVED here (one optimizer step per rollout, see batching.py),
+filled from the flags. The batch keys are DERIVED here (from the optimizer-step schedule, see batching.py),
 so an explicit number there that disagrees with the derivation is an error that says to write "auto".
 
 The engine wraps the whole ``DeepGenModel`` (checkpoint keys are its state-dict names: ``transformer.*``,
@@ -94,7 +94,8 @@ def fill_deepspeed_config(config: dict, *, args: GRPOConfig, plan: BatchPlan, nu
     ``trainable_dtype``: the dtype of the trained weights (bf16 weights turn "auto" bf16 on).
     """
     filler = _filler(config)
-    batch_flags = "--global_batch_size / --rollout_n / --atrain_micro_batch_size / --timestep_fraction"
+    batch_flags = ("--global_batch_size / --rollout_n / --atrain_micro_batch_size / --timestep_fraction / "
+                   "--optimizer_step_schedule / --atrain_num_actor_update_steps")
     for key, value in (("train_micro_batch_size_per_gpu", plan.train_micro_batch_size),
                        ("gradient_accumulation_steps", plan.gradient_accumulation_steps),
                        ("train_batch_size", plan.deepspeed_train_batch_size)):

@@ -1,4 +1,4 @@
-"""DeepGenGRPOTrainer: rollout -> decode -> rewards -> advantages -> one optimizer step, under DeepSpeed.
+"""DeepGenGRPOTrainer: rollout -> decode -> rewards -> advantages -> optimizer step(s), under DeepSpeed.
 
 One GRPO step on every rank (DESIGN.md section 3; legend: B prompts per rank, G = rollout_n, N = B*G):
 
@@ -6,9 +6,10 @@ One GRPO step on every rank (DESIGN.md section 3; legend: B prompts per rank, G 
     decode      VAE -> N images
     rewards     the prompt's datasets' reward functions, concurrently (failed samples are masked, not zeroed)
     advantages  GRPO / GDPO, normalised over ALL ranks (a collective)
-    train       int(T x timestep_fraction) drawn steps x ceil(N / atrain_micro_batch_size) chunks, each a
-                backward of its share of the loss; + the SFT-aux batch; ONE optimizer step (DeepSpeed GAS = the
-                number of those backward passes, so the first chunk's ratio is exactly 1)
+    train       per actor update (--atrain_num_actor_update_steps parts of the N samples): int(T x
+                timestep_fraction) drawn steps x ceil(S / atrain_micro_batch_size) chunks, each a backward of its
+                share of the loss; + the SFT-aux batch; optimizer steps as --optimizer_step_schedule says
+                (batching.py), all taken in ``optimizer_step`` (the first chunk's ratio is exactly 1)
     eval / log  UniGenBench every --eval_freq steps (hook); metrics, sample grids, checkpoints
 
 Departures from the DeepGen-RL reference: failed rewards are excluded instead of scored 0 / 0.5; a non-finite
@@ -21,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -32,14 +33,13 @@ from deepgen_rl.data import PromptSample
 from deepgen_rl.model.vision_tower import drop_vision_tower
 from deepgen_rl.rewards.reward_step import RewardBatch
 from deepgen_rl.rl import AdvantageResult, compute_advantages, sample_train_steps
-from deepgen_rl.sampling import Trajectory, decode_images, encode_conditioning, rollout
-from deepgen_rl.sampling.trajectory import split_rows
+from deepgen_rl.sampling import Conditioning, Trajectory, decode_images, encode_conditioning, rollout
 
 from . import checkpointing
 from .batching import BatchPlan, plan_batches, total_training_steps
 from .deepspeed_setup import initialize_engine
-from ..distributed import (SEED_ROLLOUT, SEED_SFTAUX, SEED_TRAIN_STEPS, all_gather_cat, all_reduce_sum, derive_seed,
-                          rank_and_world, seeded_generator)
+from ..distributed import (SEED_ACTOR_UPDATES, SEED_ROLLOUT, SEED_SFTAUX, SEED_TRAIN_STEPS, all_gather_cat,
+                           all_reduce_sum, derive_seed, rank_and_world, seeded_generator)
 from .ema import EMA, ema_sample_images
 from .eval_hook import EvalHook
 from .failure_budget import FailureBudget, RewardFailureBudgetExceeded, RunSummary, budget_verdict, step_counts
@@ -49,6 +49,7 @@ from .reference_policy import ReferencePolicy
 from .signals import GracefulStop, StepInterrupted
 from .step_metrics import PhaseTimer, advantage_metrics, reward_metrics, weighted_reward
 from .trainable import LoraSettings, configure_trainable
+from .update_plan import ChunkStats, OptimizerStepRecord, actor_update_parts, part_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,19 @@ class RolloutBatch:
     @property
     def unique_prompts(self) -> list[str]:
         return [s.prompt for s in self.samples]
+
+
+@dataclass
+class _UpdateContext:
+    """What every chunk of one GRPO step's update shares (advantages [N] and valid [N] on the device)."""
+
+    batch: RolloutBatch
+    adv: torch.Tensor
+    valid: torch.Tensor
+    reference_conditioning: Optional[Conditioning]
+    first_deviation: float = float("nan")  # max |ratio - 1| of the step's first chunk (exactly 0 up to fp32 noise)
+    max_deviation: float = 0.0
+    rollout_chunks: list = field(default_factory=list)  # per_rollout: the chunks seen before its one step
 
 
 class DeepGenGRPOTrainer:
@@ -92,10 +106,12 @@ class DeepGenGRPOTrainer:
         self.plan: BatchPlan = plan_batches(
             global_batch_size=args.global_batch_size, rollout_n=args.rollout_n, world_size=self.world_size,
             atrain_micro_batch_size=args.atrain_micro_batch_size, num_train_timesteps=args.num_train_timesteps,
-            sftaux_enabled=self.sftaux_sampler is not None)
+            sftaux_enabled=self.sftaux_sampler is not None, optimizer_step_schedule=args.optimizer_step_schedule,
+            actor_update_steps=args.atrain_num_actor_update_steps, kl_step=self.reference is not None)
         self.max_steps = total_training_steps(max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,
                                               num_prompts=num_prompts, prompts_per_step=self.plan.prompts_per_step)
-        parts = initialize_engine(model, args, self.plan, self.max_steps)
+        # The LR schedule and its warm-up count optimizer steps (several per rollout unless per_rollout).
+        parts = initialize_engine(model, args, self.plan, self.max_steps * self.plan.optimizer_steps_per_rollout)
         self.engine, self.ds_config = parts.engine, parts.config
         self.model = self.engine.module
         self.device = torch.device(self.engine.device)
@@ -111,8 +127,14 @@ class DeepGenGRPOTrainer:
         self.summary = RunSummary()
         self._stop: Optional[GracefulStop] = None  # set while train() runs: its safe points may stop a step
         self._last_saved_step: Optional[int] = None
+        self.optimizer_steps_taken = self.optimizer_steps_applied = 0  # in the current GRPO step
+        self.step_records: list[OptimizerStepRecord] = []  # the current GRPO step's optimizer steps
+        self._stats = ChunkStats()
+        self._last_grad_norm = None
+        self._step_lr = float("nan")
         if self.rank == 0:
-            logger.info("batch plan: %s; %d optimizer steps", self.plan, self.max_steps)
+            logger.info("batch plan: %s; %d GRPO steps x %d optimizer steps", self.plan, self.max_steps,
+                        self.plan.optimizer_steps_per_rollout)
 
     # ----- phases ---------------------------------------------------------------------------------------------
 
@@ -136,19 +158,18 @@ class DeepGenGRPOTrainer:
 
     def reward_phase(self, batch: RolloutBatch) -> RewardBatch:
         """This rank's N samples scored by their datasets' rewards (scores [N, K], weights, failed mask)."""
-        group = self.args.rollout_n
-        weights = [s.reward_weights for s in batch.samples for _ in range(group)]
-        group_ids = [b for b in range(len(batch.samples)) for _ in range(group)]
-        return self.reward_step.score(batch.images, batch.trajectory.prompts, weights, group_ids)
+        trajectory = batch.trajectory
+        weights = trajectory.per_sample([s.reward_weights for s in batch.samples])
+        return self.reward_step.score(batch.images, trajectory.prompts, weights, trajectory.group_ids)
 
     def advantage_phase(self, rewards: RewardBatch) -> tuple[Optional[AdvantageResult], dict[str, float]]:
         """Advantages over all ranks (collective), or None when no sample of any rank has a reward."""
         valid = ~rewards.failed
         names = list(rewards.names)
+        failed_all = all_gather_cat(rewards.failed, self.device)  # [N_all] bool, the same on every rank
         metrics = reward_metrics(names, all_gather_cat(rewards.scores, self.device),
-                                 all_gather_cat(rewards.weights, self.device),
-                                 all_gather_cat(rewards.failed, self.device))
-        if metrics["reward/failed_samples"] >= metrics["reward/num_samples"]:
+                                 all_gather_cat(rewards.weights, self.device), failed_all)
+        if bool(failed_all.all()):
             logger.warning("every reward of step %d failed on every rank: the step is skipped.", self.state.global_step)
             return None, metrics
         result = compute_advantages(self.args.atrain_adv_type, rewards.scores, rewards.weights, self.args.rollout_n,
@@ -164,85 +185,164 @@ class DeepGenGRPOTrainer:
         return result, metrics
 
     def train_phase(self, batch: RolloutBatch, advantages: Optional[AdvantageResult], step: int) -> dict[str, float]:
-        """All GRPO chunks (+ SFT-aux) of the step, accumulated into ONE optimizer step."""
+        """Every actor update's drawn timesteps in chunks (+ SFT-aux), stepped as --optimizer_step_schedule says."""
         if advantages is None:
-            return {"train/skipped": 1.0, "train/step_applied": 0.0}
+            return {"train/skipped": 1.0, "train/step_applied": 0.0, "train/optimizer_steps": 0.0}
         args, plan, trajectory = self.args, self.plan, batch.trajectory
-        # One draw shared by every rank (seeded by the step only).
+        # One draw shared by every rank (seeded by the step only); the actor-update split is per rank.
         steps_generator = seeded_generator(torch.device("cpu"), derive_seed(args.seed, SEED_TRAIN_STEPS, step))
         steps = sample_train_steps(args.num_inference_steps, args.timestep_fraction, steps_generator)
-        chunks = split_rows(trajectory.num_samples, plan.train_micro_batch_size)
-        assert len(steps) * len(chunks) == plan.policy_micro_steps, "batch plan and drawn steps disagree"
+        parts_generator = seeded_generator(torch.device("cpu"), derive_seed(args.seed, SEED_ACTOR_UPDATES, step,
+                                                                            self.rank))
+        parts = actor_update_parts(trajectory.num_samples, plan.actor_update_steps, parts_generator)
+        assert len(steps) == plan.num_train_timesteps, "batch plan and drawn steps disagree"
         adv, valid = advantages.advantages.to(self.device), advantages.valid.to(self.device)
-        reference_conditioning = None
+        ctx = _UpdateContext(batch=batch, adv=adv, valid=valid, reference_conditioning=None)
         if self.reference is not None and self.text_trains:
-            reference_conditioning = self.reference.conditioning(batch.unique_prompts, args.rollout_n,
-                                                                 args.rollout_cfg_scale)
-        policy_share = 1.0 - args.sftaux_coef if self.sftaux_sampler is not None else 1.0
-        denominator = max(int(valid.sum()), 1) * len(steps)
-        sums = torch.zeros(6, dtype=torch.float64)  # policy, kl, clip, ratio, non-finite losses, policy chunks
-        first_deviation = float("nan")
+            ctx.reference_conditioning = self.reference.conditioning(batch.unique_prompts, args.rollout_n,
+                                                                     args.rollout_cfg_scale)
+        self.step_records, self._stats = [], ChunkStats()
         lr = float(self.engine.get_lr()[0])
+        valid_cpu = advantages.valid.cpu()
+        per_rollout = plan.optimizer_step_schedule == "per_rollout"
+        # per_rollout: the masked mean over (drawn steps x valid samples of every part); else per (part, timestep).
+        rollout_denominator = sum(max(int(valid_cpu[p].sum()), 1) for p in parts) * len(steps)
         self.model.train()
-        for step_index in steps:
-            for rows in chunks:
-                self._safe_point("training chunk")  # before the optimizer step: nothing of this step applied yet
-                conditioning = (encode_conditioning(self.model, batch.unique_prompts, args.rollout_n,
-                                                    args.rollout_cfg_scale) if self.text_trains else None)
-                out = policy_chunk_objective(self.model, trajectory, step_index, rows, advantages=adv, valid=valid,
-                                             settings=self.objective, reference=self.reference,
-                                             reference_conditioning=reference_conditioning, conditioning=conditioning)
-                if math.isnan(first_deviation):
-                    first_deviation = out.ratio_max_dev
-                # Each chunk's share of the rank's masked mean over (drawn steps x valid samples); the convex
-                # SFT-aux mix L = (1 - lambda) L_grpo + lambda L_sft is applied as per-backward weights.
-                self.engine.backward(out.loss * (policy_share * out.num_valid / denominator), scale_wrt_gas=False)
-                self.engine.step()
-                finite = math.isfinite(float(out.loss.detach()))
-                sums += torch.tensor([out.policy_loss, out.kl, out.clip_fraction, out.ratio_mean,
-                                      0.0 if finite else 1.0, 1.0], dtype=torch.float64)
-        metrics = {"train/lr": lr, "policy/first_chunk_ratio_max_dev": first_deviation}
+        for k, part in enumerate(parts):
+            chunks = part_chunks(part, trajectory.num_samples, plan.train_micro_batch_size)
+            denominator = rollout_denominator if per_rollout else max(int(valid_cpu[part].sum()), 1)
+            for i, step_index in enumerate(steps):
+                rollout_ends = per_rollout and self.sftaux_sampler is None and (k, i) == (len(parts) - 1,
+                                                                                          len(steps) - 1)
+                self._train_timestep(ctx, step_index, chunks, denominator, last_backward=rollout_ends)
+        metrics = {"train/lr": lr, "policy/first_chunk_ratio_max_dev": ctx.first_deviation,
+                   "policy/ratio_max_dev": ctx.max_deviation,
+                   "train/actor_dropped_samples": float(trajectory.num_samples
+                                                        - plan.actor_update_steps * plan.samples_per_update)}
         if self.sftaux_sampler is not None:
             metrics["loss/sft"] = self._sftaux_micro_step(step)
-            sums[4] += 0.0 if math.isfinite(metrics["loss/sft"]) else 1.0
-        return {**metrics, **self._finish_step(sums)}
+            self._stats.nonfinite_losses += 0.0 if math.isfinite(metrics["loss/sft"]) else 1.0
+        return {**metrics, **self._finish_step(self._stats)}
+
+    def _train_timestep(self, ctx: "_UpdateContext", step_index: int, chunks, denominator: int, *,
+                        last_backward: bool) -> None:
+        """One drawn timestep of one actor update: its chunks' backward passes and, unless per_rollout, its
+        optimizer step(s). ``last_backward``: per_rollout's final backward (the rollout's one boundary)."""
+        schedule = self.plan.optimizer_step_schedule
+        split_kl = schedule == "reference" and self.plan.kl_step
+        policy_share = 1.0 - self.args.sftaux_coef if self.sftaux_sampler is not None else 1.0
+        seen = []
+        for j, rows in enumerate(chunks):
+            if not self.optimizer_steps_taken:  # nothing of this GRPO step applied yet: a stop here loses nothing
+                self._safe_point("training chunk")
+            out = self._chunk_objective(ctx, step_index, rows)
+            seen.append(out)
+            # Each chunk's share of the masked mean over the step's valid samples; the convex SFT-aux mix
+            # L = (1 - lambda) L_grpo + lambda L_sft is applied as per-backward weights.
+            term = out.policy_term if split_kl else out.loss
+            boundary = j == len(chunks) - 1 and (last_backward or schedule != "per_rollout")
+            self._backward(term * (policy_share * out.num_valid / denominator), boundary=boundary)
+            self._stats.add(out, math.isfinite(float(term.detach())))
+        if schedule == "per_rollout":
+            if last_backward:
+                self._record_step("rollout", ctx.rollout_chunks + seen)
+            else:
+                ctx.rollout_chunks.extend(seen)
+            return
+        self._record_step("policy" if split_kl else "policy+kl", seen)
+        if split_kl:  # the reference's separate beta*KL backward, on a fresh forward under the updated weights
+            kl_seen = []
+            for j, rows in enumerate(chunks):
+                out = self._chunk_objective(ctx, step_index, rows)
+                kl_seen.append(out)
+                self._backward(out.kl_term * (policy_share * out.num_valid / denominator),
+                               boundary=j == len(chunks) - 1)
+                self._stats.nonfinite_losses += 0.0 if math.isfinite(float(out.kl_term.detach())) else 1.0
+            self._record_step("kl", kl_seen)
+
+    def _chunk_objective(self, ctx: "_UpdateContext", step_index: int, rows):
+        args = self.args
+        conditioning = (encode_conditioning(self.model, ctx.batch.unique_prompts, args.rollout_n,
+                                            args.rollout_cfg_scale) if self.text_trains else None)
+        out = policy_chunk_objective(self.model, ctx.batch.trajectory, step_index, rows, advantages=ctx.adv,
+                                     valid=ctx.valid, settings=self.objective, reference=self.reference,
+                                     reference_conditioning=ctx.reference_conditioning, conditioning=conditioning)
+        if math.isnan(ctx.first_deviation):
+            ctx.first_deviation = out.ratio_max_dev
+        ctx.max_deviation = max(ctx.max_deviation, out.ratio_max_dev)
+        return out
+
+    def _backward(self, loss: torch.Tensor, *, boundary: bool) -> None:
+        """One backward pass; ``boundary``: it ends an optimizer step's accumulation (then the step is taken)."""
+        self.engine.set_gradient_accumulation_boundary(boundary)
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if boundary:
+            self.optimizer_step()
+        else:
+            self.engine.step()  # DeepSpeed's micro-step bookkeeping only: not a boundary, so no update
+
+    def optimizer_step(self) -> bool:
+        """THE place where an optimizer step happens: DeepSpeed clips, steps AdamW and advances the LR schedule at
+        the boundary the last backward set (a non-finite gradient skips the update and holds the schedule).
+        Returns whether the update was applied."""
+        self._step_lr = float(self.engine.get_lr()[0])
+        self.engine.step()
+        applied = bool(self.engine.was_step_applied())
+        self.optimizer_steps_taken += 1
+        self.optimizer_steps_applied += int(applied)
+        if applied:
+            self._last_grad_norm = self.engine.get_global_grad_norm()
+            if self.ema is not None:  # the EMA follows every APPLIED optimizer step (its warm-up counts them)
+                self.ema.step(self.model)
+        return applied
+
+    def _record_step(self, kind: str, chunks: list) -> None:
+        nan = float("nan")
+        ratio = [c.ratio_mean for c in chunks]
+        self.step_records.append(OptimizerStepRecord(
+            kind=kind, lr=self._step_lr, applied=bool(self.engine.was_step_applied()),
+            ratio_mean=sum(ratio) / len(ratio) if ratio else nan,
+            ratio_max_dev=max((c.ratio_max_dev for c in chunks), default=nan),
+            clip_fraction=sum(c.clip_fraction for c in chunks) / len(chunks) if chunks else nan))
 
     def _sftaux_micro_step(self, step: int) -> float:
         sft = self.sftaux_sampler.sample(self.args.sftaux_batch_size)
         generator = seeded_generator(self.device, derive_seed(self.args.seed, SEED_SFTAUX, step, self.rank))
         loss = sftaux_objective(self.model, sft.images.to(self.device), sft.captions, generator,
                                 text_trains=self.text_trains)
-        self.engine.backward(loss * self.args.sftaux_coef, scale_wrt_gas=False)
-        self.engine.step()
+        self._backward(loss * self.args.sftaux_coef, boundary=True)  # last backward of any schedule's rollout
+        if self.plan.optimizer_step_schedule == "per_rollout":
+            self._record_step("rollout", [])
+        else:
+            self._record_step("sft", [])
         return float(loss.detach())
 
-    def _finish_step(self, sums: torch.Tensor) -> dict[str, float]:
-        """Average the chunk statistics over ranks; report whether DeepSpeed applied the optimizer step."""
-        if self.engine.micro_steps % self.plan.gradient_accumulation_steps:
-            raise RuntimeError(f"DeepSpeed ran {self.engine.micro_steps} micro-steps, not a multiple of the batch "
-                               f"plan's {self.plan.gradient_accumulation_steps}: the optimizer step would be "
-                               "misplaced.")
-        total = all_reduce_sum(sums, self.device)
-        chunks = float(total[5].clamp_min(1))
-        applied = bool(self.engine.was_step_applied())
-        # --- EMA (issue 13 item 5): right after each APPLIED optimizer step; moves with the optimizer stepping. ---
-        if applied and self.ema is not None:
-            self.ema.step(self.model)
-        nonfinite = float(total[4])
+    def _finish_step(self, stats: ChunkStats) -> dict[str, float]:
+        """Average the chunk statistics over ranks; report how many optimizer steps DeepSpeed applied."""
+        taken, applied_steps = self.optimizer_steps_taken, self.optimizer_steps_applied
+        self.optimizer_steps_taken = self.optimizer_steps_applied = 0
+        if taken != self.plan.optimizer_steps_per_rollout:
+            raise RuntimeError(f"the rollout took {taken} optimizer steps, not the "
+                               f"{self.plan.optimizer_steps_per_rollout} of --optimizer_step_schedule "
+                               f"{self.plan.optimizer_step_schedule}: a step was misplaced.")
+        total = ChunkStats.from_tensor(all_reduce_sum(stats.to_tensor(), self.device))
+        chunks = max(total.chunks, 1.0)
+        applied = applied_steps == taken
+        nonfinite = total.nonfinite_losses
         if nonfinite and applied:
             logger.error("a non-finite loss did not stop the optimizer step: check the DeepSpeed config's overflow "
                          "checks (bf16.check_grad_overflow).")
         elif nonfinite:
-            logger.warning("step %d: non-finite loss in %d chunk(s): optimizer step skipped.",
-                           self.state.global_step, int(nonfinite))
-        grad_norm = self.engine.get_global_grad_norm() if applied else None
-        metrics = {"loss/policy": float(total[0]) / chunks, "loss/kl": float(total[1]) / chunks,
-                   "policy/clip_fraction": float(total[2]) / chunks, "policy/ratio_mean": float(total[3]) / chunks,
-                   "train/nonfinite_losses": nonfinite, "train/skipped": 0.0 if applied else 1.0,
-                   "train/step_applied": 1.0 if applied else 0.0}
+            logger.warning("step %d: non-finite loss in %d chunk(s): %d of %d optimizer step(s) skipped.",
+                           self.state.global_step, int(nonfinite), taken - applied_steps, taken)
+        metrics = {"loss/policy": total.policy_loss / chunks, "loss/kl": total.kl / chunks,
+                   "policy/clip_fraction": total.clip_fraction / chunks, "policy/ratio_mean": total.ratio_mean / chunks,
+                   "train/nonfinite_losses": nonfinite, "train/skipped": 0.0 if applied_steps else 1.0,
+                   "train/step_applied": 1.0 if applied else 0.0, "train/optimizer_steps": float(applied_steps)}
         metrics["loss/total"] = metrics["loss/policy"] + self.args.beta * metrics["loss/kl"]
-        if grad_norm is not None:
-            metrics["train/grad_norm"] = float(grad_norm)
+        if applied_steps and self._last_grad_norm is not None:
+            metrics["train/grad_norm"] = float(self._last_grad_norm)
+        self._last_grad_norm = None
         if self.ema is not None:
             metrics.update(self.ema.metrics())
         return metrics

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Literal, Optional
 import torch
 from torch import Tensor
 
-from deepgen_rl.rl import clipped_policy_loss, flow_matching_loss, grpo_loss, masked_mean, noised_latents, reference_kl
+from deepgen_rl.rl import (clip_band, clipped_policy_loss, flow_matching_loss, grpo_loss, masked_mean, noised_latents,
+                           reference_kl)
 from deepgen_rl.sampling import Conditioning, Trajectory, recompute_step, transition_mean
 from deepgen_rl.sampling.trajectory import Rows
 
@@ -32,19 +33,26 @@ class ObjectiveSettings:
     advantage_clip: float
     beta: float
     kl_type: Literal["v-based", "x-based"]
+    clip_band: Optional[tuple[float, float]] = None  # signed (low, high); None: (-clip_range, clip_range)
 
     @classmethod
     def from_args(cls, args: GRPOConfig) -> "ObjectiveSettings":
+        band = None
+        if args.clip_range_low is not None or args.clip_range_high is not None:
+            band = clip_band(args.clip_range, args.clip_range_low, args.clip_range_high)
         return cls(clip_range=args.clip_range, advantage_clip=args.advantage_clip, beta=args.beta,
-                   kl_type=args.atrain_kl_type)
+                   kl_type=args.atrain_kl_type, clip_band=band)
 
 
 @dataclass(frozen=True)
 class ChunkObjective:
-    """loss: differentiable scalar (policy + beta KL, masked means over the chunk's valid samples).
+    """loss: differentiable scalar (policy + beta KL, masked means over the chunk's valid samples); policy_term and
+    kl_term: its two parts (kl_term = beta x masked mean KL, None without a KL), for schedules that step on each.
     The rest are detached floats for the logs; ratio_max_dev = max |ratio - 1| over the chunk's valid samples."""
 
     loss: Tensor
+    policy_term: Tensor
+    kl_term: Optional[Tensor]
     policy_loss: float
     kl: float
     clip_fraction: float
@@ -69,7 +77,7 @@ def policy_chunk_objective(model: torch.nn.Module, trajectory: Trajectory, step:
     old_log_prob = trajectory.log_probs[rows, step]
     mask = valid[rows]
     policy = clipped_policy_loss(current.log_prob, old_log_prob, advantages[rows], clip_range=settings.clip_range,
-                                 advantage_clip=settings.advantage_clip, mask=mask)
+                                 advantage_clip=settings.advantage_clip, mask=mask, band=settings.clip_band)
     kl = None
     if reference is not None and settings.beta > 0:
         kl = _reference_kl(trajectory, step, rows, current, reference, reference_conditioning, settings.kl_type)
@@ -78,7 +86,9 @@ def policy_chunk_objective(model: torch.nn.Module, trajectory: Trajectory, step:
         deviation = (torch.exp(current.log_prob.float() - old_log_prob.float()) - 1.0).abs()
         deviation = deviation[mask].max() if bool(mask.any()) else deviation.new_zeros(())
         kl_value = float(masked_mean(kl.detach(), mask)) if kl is not None else 0.0
-    return ChunkObjective(loss=loss, policy_loss=float(policy.loss.detach()), kl=kl_value,
+    kl_term = None if kl is None or settings.beta == 0 else settings.beta * masked_mean(kl, mask)
+    return ChunkObjective(loss=loss, policy_term=policy.loss, kl_term=kl_term, policy_loss=float(policy.loss.detach()),
+                          kl=kl_value,
                           clip_fraction=float(policy.clip_fraction), ratio_mean=float(policy.ratio_mean),
                           ratio_max_dev=float(deviation), num_valid=int(mask.sum()))
 

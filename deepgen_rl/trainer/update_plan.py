@@ -1,0 +1,77 @@
+"""The training side of one GRPO step: actor-update parts, their chunks, and named per-step statistics.
+
+Legend: N samples of the rank, U actor updates, S = N // U samples per update, n samples in a chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass, fields
+from typing import Union
+
+import torch
+
+from deepgen_rl.sampling.trajectory import split_rows
+
+Part = Union[slice, torch.Tensor]  # all rows in order (U == 1), or an index tensor [S]
+
+
+def actor_update_parts(num_samples: int, num_updates: int, generator: torch.Generator) -> list[Part]:
+    """U disjoint parts of S = N // U rows taken from ONE random permutation (PPO mini-batches, as the reference's
+    --atrain_num_actor_update_steps); the last N - U*S rows of the permutation are not trained. U == 1 keeps all
+    rows in their order (nothing to split, and the chunks stay the contiguous ones of a per-rollout run)."""
+    if num_updates == 1:
+        return [slice(None)]
+    size = num_samples // num_updates
+    perm = torch.randperm(num_samples, generator=generator, device=generator.device).cpu()
+    return [perm[k * size:(k + 1) * size] for k in range(num_updates)]
+
+
+def part_chunks(part: Part, num_samples: int, micro_batch_size: int) -> list[Part]:
+    """The training chunks (at most ``micro_batch_size`` rows each) of one actor-update part."""
+    if isinstance(part, slice):
+        return split_rows(num_samples, micro_batch_size)
+    return [part[start:start + micro_batch_size] for start in range(0, part.numel(), micro_batch_size)]
+
+
+@dataclass
+class ChunkStats:
+    """Sums over training chunks (each chunk adds its means; divide by ``chunks``). All-reduced by name."""
+
+    policy_loss: float = 0.0
+    kl: float = 0.0
+    clip_fraction: float = 0.0
+    ratio_mean: float = 0.0
+    nonfinite_losses: float = 0.0
+    chunks: float = 0.0
+
+    def add(self, out, finite: bool) -> None:
+        """Add one ChunkObjective (its detached floats)."""
+        self.policy_loss += out.policy_loss
+        self.kl += out.kl
+        self.clip_fraction += out.clip_fraction
+        self.ratio_mean += out.ratio_mean
+        self.nonfinite_losses += 0.0 if finite else 1.0
+        self.chunks += 1.0
+
+    def to_tensor(self) -> torch.Tensor:
+        return torch.tensor(astuple(self), dtype=torch.float64)
+
+    @classmethod
+    def from_tensor(cls, values: torch.Tensor) -> "ChunkStats":
+        return cls(**{f.name: float(v) for f, v in zip(fields(cls), values.tolist())})
+
+
+@dataclass(frozen=True)
+class OptimizerStepRecord:
+    """One optimizer step of a GRPO step (rank-local), for the logs and tests.
+
+    kind: 'policy' | 'kl' | 'policy+kl' (per_timestep) | 'sft' | 'rollout' (per_rollout); lr: the learning rate the
+    step used; ratio_mean / ratio_max_dev / clip_fraction over the policy chunks it saw (NaN for 'sft').
+    """
+
+    kind: str
+    lr: float
+    applied: bool
+    ratio_mean: float
+    ratio_max_dev: float
+    clip_fraction: float
