@@ -129,8 +129,11 @@ def ema_run(process_group, tiny_paths, tmp_path_factory):
     """2 tiny steps with --ema_decay 0.5, eval every step (a recording hook), checkpoints every step, a sample grid at
     step 2; records the weights at each EMA update and what evaluation saw."""
     out = tmp_path_factory.mktemp("ema_run")
-    trainer = build(tiny_paths, out, max_steps=2, ema_decay=0.5, eval_freq=1, reward_health_timeout=1, judge_health_timeout=1,
-                    save_strategy="steps", save_steps=1, sample_image_freq=2)
+    # per_rollout: one optimizer step (so one EMA update) per GRPO step keeps the eval/update pairing below simple;
+    # the EMA hook itself sits in optimizer_step, which every schedule goes through.
+    trainer = build(tiny_paths, out, max_steps=2, ema_decay=0.5, eval_freq=1, reward_health_timeout=1,
+                    judge_health_timeout=1, save_strategy="steps", save_steps=1, sample_image_freq=2,
+                    optimizer_step_schedule="per_rollout")
     record = {"initial": {n: t.clone() for n, t in trainer.ema.shadow.items()}, "at_update": [], "eval": [],
               "grid": []}
     real_step = trainer.ema.step
@@ -222,7 +225,7 @@ def test_checkpoints_save_the_ema_and_resume_it_bit_exactly(ema_run, tiny_paths,
         assert torch.equal(final["shadow"][name], tensor)
 
     saved = load_weights_only(out / "checkpoint-1" / "ema.pt", source="test")
-    resumed = build(tiny_paths, tmp_path, max_steps=2, ema_decay=0.5)
+    resumed = build(tiny_paths, tmp_path, max_steps=2, ema_decay=0.5, optimizer_step_schedule="per_rollout")
     try:
         resumed.load(out / "checkpoint-1")
         assert resumed.ema.optimizer_steps == 1

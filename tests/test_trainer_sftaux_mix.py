@@ -26,22 +26,24 @@ VALID = torch.tensor([True, True, False, True, True, True, False, True])
 class StandInEngine:
     """What ``train_phase`` needs of a DeepSpeed engine; backward is plain autograd (no loss scaling)."""
 
-    def __init__(self, gradient_accumulation_steps: int) -> None:
-        self.micro_steps, self.gas = 0, gradient_accumulation_steps
-        self.weights: list[float] = []
+    def __init__(self) -> None:
+        self.boundaries: list[bool] = []  # what the trainer declared before each backward
+
+    def set_gradient_accumulation_boundary(self, boundary: bool) -> None:
+        self.boundaries.append(boundary)
 
     def backward(self, loss, scale_wrt_gas=True):
         assert scale_wrt_gas is False  # the trainer weights each backward itself
         loss.backward()
 
     def step(self):
-        self.micro_steps += 1
+        pass
 
     def get_lr(self):
         return [0.0]
 
     def was_step_applied(self):
-        return self.micro_steps % self.gas == 0
+        return self.boundaries[-1]
 
     def get_global_grad_norm(self):
         return 0.0
@@ -67,22 +69,25 @@ def test_backward_weights_give_the_convex_mix_of_gradients(monkeypatch, coef):
         index = torch.arange(N)[rows]
         mask = valid[rows]
         loss = (per_sample_loss(w, step, index) * mask).sum() / mask.sum().clamp_min(1)  # the chunk's masked mean
-        return ChunkObjective(loss=loss, policy_loss=float(loss.detach()), kl=0.0, clip_fraction=0.0, ratio_mean=1.0,
-                              ratio_max_dev=0.0, num_valid=int(mask.sum()))
+        return ChunkObjective(loss=loss, policy_term=loss, kl_term=None, policy_loss=float(loss.detach()), kl=0.0,
+                              clip_fraction=0.0, ratio_mean=1.0, ratio_max_dev=0.0, num_valid=int(mask.sum()))
 
     monkeypatch.setattr(grpo_trainer, "policy_chunk_objective", chunk_objective)
     monkeypatch.setattr(grpo_trainer, "sftaux_objective", lambda *args, **kwargs: sft_loss(w))
 
+    # The convex mix is the per_rollout schedule's one accumulated gradient (the other schedules step in between).
     args = SimpleNamespace(seed=0, num_inference_steps=T, timestep_fraction=0.3, rollout_n=4, rollout_cfg_scale=0.0,
-                           sftaux_coef=coef, sftaux_batch_size=2, beta=0.0)
+                           sftaux_coef=coef, sftaux_batch_size=2, beta=0.0, optimizer_step_schedule="per_rollout")
     trainer = grpo_trainer.DeepGenGRPOTrainer.__new__(grpo_trainer.DeepGenGRPOTrainer)
     plan = plan_batches(global_batch_size=N, rollout_n=4, world_size=1, atrain_micro_batch_size=MICRO,
-                        num_train_timesteps=3, sftaux_enabled=True)
+                        num_train_timesteps=3, sftaux_enabled=True, optimizer_step_schedule="per_rollout",
+                        actor_update_steps=1, kl_step=False)
     sft_batch = SimpleNamespace(images=torch.zeros(2, 3, 8, 8), captions=["a", "b"])
     trainer.__dict__.update(
         args=args, plan=plan, device=torch.device("cpu"), reference=None, text_trains=False, objective=None,
-        engine=StandInEngine(plan.gradient_accumulation_steps), model=torch.nn.Module(), _stop=None,
-        sftaux_sampler=SimpleNamespace(sample=lambda n: sft_batch), rank=0, state=SimpleNamespace(global_step=0))
+        engine=StandInEngine(), model=torch.nn.Module(), _stop=None,
+        sftaux_sampler=SimpleNamespace(sample=lambda n: sft_batch), rank=0, state=SimpleNamespace(global_step=0),
+        ema=None, optimizer_steps_taken=0, optimizer_steps_applied=0, _last_grad_norm=None)
     batch = grpo_trainer.RolloutBatch(samples=[], trajectory=SimpleNamespace(num_samples=N))
     advantages = AdvantageResult(advantages=torch.zeros(N), valid=VALID, zero_variance_group_fraction=0.0,
                                  clip_fraction=0.0, num_valid=int(VALID.sum()), num_groups=2)
@@ -92,6 +97,8 @@ def test_backward_weights_give_the_convex_mix_of_gradients(monkeypatch, coef):
     steps = sorted(set(drawn))
     assert len(steps) == 3 and len(drawn) == 3 * 3  # int(10 x 0.3) steps x 3 chunks
     assert metrics["train/step_applied"] == 1.0
+    # per_rollout: one accumulation over all 9 chunks + SFT-aux, ended by the last backward only.
+    assert trainer.engine.boundaries == [False] * 9 + [True]
     # Independently: L_grpo = mean over drawn steps and valid samples; the mix, differentiated by autograd.
     w_ref = w.detach().clone().requires_grad_(True)
     valid_rows = torch.nonzero(VALID).flatten()
