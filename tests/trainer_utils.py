@@ -97,7 +97,7 @@ def fixed_noise_reward(trainer, seed: int = 1234) -> float:
 
     from deepgen_rl.rewards.jpeg import jpeg_compressibility
     from deepgen_rl.rewards.reward_step import images_to_pil
-    from deepgen_rl.sampling import rollout
+    from deepgen_rl.sampling import decode_images, rollout
 
     args = trainer.args
     prompts = list(trainer.prompt_sampler.datasets[0].prompts)
@@ -106,7 +106,8 @@ def fixed_noise_reward(trainer, seed: int = 1234) -> float:
                     num_inference_steps=args.num_inference_steps, height=args.image_height, width=args.image_width,
                     cfg_scale=args.rollout_cfg_scale, init_same_noise=args.init_same_noise,
                     generator=torch.Generator().manual_seed(seed), micro_batch_size=args.rollout_micro_batch_size)
-    return float(np.mean([jpeg_compressibility(image) for image in images_to_pil(batch.images)]))
+    images = decode_images(trainer.model, batch.latents[:, -1], args.vae_decode_micro_batch_size)
+    return float(np.mean([jpeg_compressibility(image) for image in images_to_pil(images)]))
 
 
 def main(argv: list[str]) -> int:
