@@ -1,12 +1,14 @@
 """Every flag of DeepGen-RL, with its default, in one place.
 
-Five groups are parsed together by :func:`parse_args` with ``transformers.HfArgumentParser``:
+Six groups are parsed together by :func:`parse_args` with ``transformers.HfArgumentParser``:
 
 * :class:`GRPOConfig` -- a ``transformers.TrainingArguments`` with the GRPO, sampling and eval flags;
 * :class:`ModelArguments` -- where the weights live and which modules train;
 * :class:`DataArguments` -- dataset YAMLs;
 * :class:`RewardArguments` -- the reward servers and their timeouts / retries;
-* :class:`JudgeArguments` -- the UniGenBench judge server and its own timeouts / retries.
+* :class:`JudgeArguments` -- the UniGenBench judge server and its own timeouts / retries;
+* :class:`EvalArguments` -- how much a UniGenBench evaluation covers and how long it may take (the trainer's
+  periodic evaluation and ``python -m deepgen_rl.eval``).
 
 Defaults follow the user guide (TRAINING_GUIDE.md, section 5) and the reference semantics of
 DESIGN.md section 4. Model paths and server URLs default to the environment variables the guide names,
@@ -243,6 +245,29 @@ class JudgeArguments:
 
 
 @dataclass
+class EvalArguments:
+    """UniGenBench evaluation (deepgen_rl/eval/): prompts covered, sample images kept, time allowed."""
+
+    eval_timeout: float = field(
+        default=3600.0,
+        metadata={"help": "Seconds one periodic evaluation may take before ranks give up waiting (0: no limit)."},
+    )
+    eval_max_prompts: int = field(
+        default=0,
+        metadata={"help": "Evaluate only the first N prompts of each eval dataset (0: all of them, as the reference)."},
+    )
+    eval_num_sample_images: int = field(
+        default=8,
+        metadata={"help": "Generated eval images saved as PNG per dataset and evaluation (rank 0's first ones)."},
+    )
+
+    def __post_init__(self) -> None:
+        for flag in ("eval_timeout", "eval_max_prompts", "eval_num_sample_images"):
+            if getattr(self, flag) < 0:
+                raise ValueError(f"--{flag} must be >= 0; got {getattr(self, flag)}.")
+
+
+@dataclass
 class GRPOConfig(TrainingArguments):
     """``TrainingArguments`` plus the GRPO flags of the guide (section 5) and DESIGN.md section 4."""
 
@@ -348,21 +373,7 @@ class GRPOConfig(TrainingArguments):
 
     # --- evaluation and logging ---
     eval_freq: int = field(default=10, metadata={"help": "Run UniGenBench evaluation every N optimizer steps (0: never)."})
-    eval_timeout: float = field(
-        default=3600.0,
-        metadata={"help": "Seconds one periodic evaluation may take before ranks give up waiting (0: no limit)."},
-    )
     sample_image_freq: int = field(default=10, metadata={"help": "Log a grid of rollout images every N steps (0: never)."})
-    # --- UniGenBench evaluation (issue 7, deepgen_rl/eval/) ---
-    eval_max_prompts: int = field(
-        default=0,
-        metadata={"help": "Evaluate only the first N prompts of each eval dataset (0: all of them, as the reference)."},
-    )
-    eval_num_sample_images: int = field(
-        default=8,
-        metadata={"help": "Generated eval images saved as PNG per dataset and evaluation (rank 0's first ones)."},
-    )
-    # --- end UniGenBench evaluation ---
     # --- reward failure budget (issue 11, deepgen_rl/trainer/failure_budget.py) ---
     max_failed_reward_steps: int = field(
         default=3,
@@ -455,8 +466,7 @@ class GRPOConfig(TrainingArguments):
         _check_range("sftaux_coef", self.sftaux_coef, 0.0, 1.0)
         if self.sde_eta is not None:
             check_sde_eta(self.sde_eta)
-        for flag in ("clip_range", "beta", "reward_std_floor", "rollout_cfg_scale", "eval_timeout",
-                     "zero_variance_rtol"):
+        for flag in ("clip_range", "beta", "reward_std_floor", "rollout_cfg_scale", "zero_variance_rtol"):
             if getattr(self, flag) < 0:
                 raise ValueError(f"--{flag} must be >= 0; got {getattr(self, flag)}.")
         if self.advantage_clip <= 0:
@@ -464,8 +474,7 @@ class GRPOConfig(TrainingArguments):
         for flag in ("eval_freq", "sample_image_freq"):
             if getattr(self, flag) < 0:
                 raise ValueError(f"--{flag} must be >= 0 (0 disables); got {getattr(self, flag)}.")
-        for flag in ("eval_max_prompts", "eval_num_sample_images", "max_failed_reward_steps",
-                     "reward_step_deadline"):
+        for flag in ("max_failed_reward_steps", "reward_step_deadline"):
             if getattr(self, flag) < 0:
                 raise ValueError(f"--{flag} must be >= 0; got {getattr(self, flag)}.")
         _check_range("max_reward_failure_rate", self.max_reward_failure_rate, 0.0, 1.0, low_open=True)
@@ -481,7 +490,7 @@ class GRPOConfig(TrainingArguments):
         return num_train_steps(self.num_inference_steps, self.timestep_fraction)
 
 
-ARGUMENT_GROUPS = (GRPOConfig, ModelArguments, DataArguments, RewardArguments, JudgeArguments)
+ARGUMENT_GROUPS = (GRPOConfig, ModelArguments, DataArguments, RewardArguments, JudgeArguments, EvalArguments)
 
 
 def build_parser() -> HfArgumentParser:
@@ -492,7 +501,7 @@ def build_parser() -> HfArgumentParser:
 
 
 def parse_args(argv: Optional[list[str]] = None
-               ) -> tuple[GRPOConfig, ModelArguments, DataArguments, RewardArguments, JudgeArguments]:
+               ) -> tuple[GRPOConfig, ModelArguments, DataArguments, RewardArguments, JudgeArguments, EvalArguments]:
     """Parse command-line flags (``argv`` or ``sys.argv``) into the argument groups of ``ARGUMENT_GROUPS``."""
     parser = build_parser()
     # Inherited Trainer flags our loop does not read stop the run instead of being ignored (trainer_flags.py);

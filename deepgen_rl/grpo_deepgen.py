@@ -16,7 +16,8 @@ import sys
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:  # imported lazily at run time: the launcher must start fast
-    from deepgen_rl.config import DataArguments, GRPOConfig, JudgeArguments, ModelArguments, RewardArguments
+    from deepgen_rl.config import (DataArguments, EvalArguments, GRPOConfig, JudgeArguments, ModelArguments,
+                                   RewardArguments)
 
 # Exit status of a run stopped because a reward kept failing (1 stays "crashed"; torchrun passes either on).
 EXIT_REWARD_FAILURE = 3
@@ -72,7 +73,7 @@ def _init_distributed(ddp_timeout_s: Optional[int] = None):
 
 
 def build_trainer(args: GRPOConfig, model_args: ModelArguments, data_args: DataArguments, reward_args: RewardArguments,
-                  judge_args: JudgeArguments, device: str):
+                  judge_args: JudgeArguments, eval_args: EvalArguments, device: str):
     """Model, prompt sampler, rewards, SFT-aux data and the trainer, from the parsed flags."""
     from transformers import set_seed
 
@@ -112,7 +113,7 @@ def build_trainer(args: GRPOConfig, model_args: ModelArguments, data_args: DataA
         return DeepGenGRPOTrainer(
             model, args, prompt_sampler=prompt_sampler, reward_step=reward_step,
             num_prompts=sum(prompt_sampler.sizes), trainable_modules=model_args.trainable_modules, lora=lora,
-            sftaux_sampler=sftaux_sampler, eval_hook=build_eval_hook(args, data_args, judge_args),
+            sftaux_sampler=sftaux_sampler, eval_hook=build_eval_hook(args, data_args, judge_args, eval_args),
             tracker=TrackerSettings.from_env(args.report_to, args.run_name, os.environ),
         )
     except BaseException:

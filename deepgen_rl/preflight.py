@@ -103,7 +103,9 @@ def collect_problems(training_args: GRPOConfig, model_args: ModelArguments, data
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    problems = collect_problems(*parse_args(argv))
+    # EvalArguments (the last group) has nothing to probe.
+    training_args, model_args, data_args, reward_args, judge_args, _ = parse_args(argv)
+    problems = collect_problems(training_args, model_args, data_args, reward_args, judge_args)
     if problems:
         print(f"preflight: {len(problems)} problem(s) stop the launch:", file=sys.stderr)
         for problem in problems:

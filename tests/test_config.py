@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from deepgen_rl.config import (DataArguments, GRPOConfig, JudgeArguments, ModelArguments, RewardArguments, build_parser,
-                               parse_args)
+from deepgen_rl.config import (DataArguments, EvalArguments, GRPOConfig, JudgeArguments, ModelArguments,
+                               RewardArguments, build_parser, parse_args)
 
 # TRAINING_GUIDE.md section 5, "主要默认参数" table, verbatim.
 GUIDE_DEFAULTS = {
@@ -67,7 +67,7 @@ def test_flow_sde_eta_default(clean_env, tmp_path):
 
 
 def test_server_urls_and_paths_default_to_localhost_and_env(clean_env, tmp_path):
-    _, model, data, rewards, judge = parse_args(["--output_dir", str(tmp_path)])
+    _, model, data, rewards, judge, _ = parse_args(["--output_dir", str(tmp_path)])
     assert rewards.ocr_url == "http://localhost:18082"
     assert rewards.unifiedreward_think_url == "http://localhost:18087"
     assert judge.unigenbench_api_url == "http://localhost:8000"
@@ -79,15 +79,24 @@ def test_server_urls_and_paths_default_to_localhost_and_env(clean_env, tmp_path)
     clean_env.setenv("OCR_URL", "http://reward-host:18082")
     clean_env.setenv("SD3_5_MODEL_NAME_OR_PATH", "/models/sd3")
     clean_env.setenv("DATASET_CONFIG", "my.yaml")
-    _, model, data, rewards, _ = parse_args(["--output_dir", str(tmp_path)])
+    _, model, data, rewards, *_ = parse_args(["--output_dir", str(tmp_path)])
     assert rewards.ocr_url == "http://reward-host:18082"
     assert model.sd3_model_name_or_path == "/models/sd3"
     assert data.dataset_config == "my.yaml"
 
 
+def test_eval_flags_parse_into_eval_arguments(clean_env, tmp_path):
+    training, *_, evaluation = parse_args(["--output_dir", str(tmp_path)])
+    assert evaluation == EvalArguments(eval_timeout=3600.0, eval_max_prompts=0, eval_num_sample_images=8)
+    assert not any(hasattr(training, flag) for flag in ("eval_timeout", "eval_max_prompts", "eval_num_sample_images"))
+    *_, evaluation = parse_args(["--output_dir", str(tmp_path), "--eval_timeout", "90", "--eval_max_prompts", "4",
+                                 "--eval_num_sample_images", "0"])
+    assert evaluation == EvalArguments(eval_timeout=90.0, eval_max_prompts=4, eval_num_sample_images=0)
+
+
 def test_every_own_field_has_help():
     inherited = {f.name for f in dataclasses.fields(GRPOConfig.__mro__[1])}
-    for cls in (GRPOConfig, ModelArguments, DataArguments, RewardArguments, JudgeArguments):
+    for cls in (GRPOConfig, ModelArguments, DataArguments, RewardArguments, JudgeArguments, EvalArguments):
         for f in dataclasses.fields(cls):
             if cls is GRPOConfig and f.name in inherited and f.name not in GUIDE_DEFAULTS:
                 continue
@@ -129,6 +138,9 @@ def test_every_own_field_has_help():
         (JudgeArguments, {"judge_timeout": 0}, "--judge_timeout"),
         (JudgeArguments, {"judge_max_retries": -1}, "--judge_max_retries"),
         (JudgeArguments, {"judge_retry_backoff": -1.0}, "--judge_retry_backoff"),
+        (EvalArguments, {"eval_timeout": -1.0}, "--eval_timeout"),
+        (EvalArguments, {"eval_max_prompts": -1}, "--eval_max_prompts"),
+        (EvalArguments, {"eval_num_sample_images": -1}, "--eval_num_sample_images"),
     ],
 )
 def test_bad_value_names_the_flag(cls, kwargs, flag, tmp_path):

@@ -18,9 +18,9 @@ import pytest
 from PIL import Image
 
 from deepgen_rl.eval.dataset import load_eval_datasets
-from deepgen_rl.config import JudgeArguments
+from deepgen_rl.config import EvalArguments, JudgeArguments
 from deepgen_rl.eval.report import JUDGEMENTS_CSV, REPORT_JSON, SAMPLES_DIR, SUMMARY_CSV, metrics_for_logging
-from deepgen_rl.eval.runner import EvalSettings, plan_work, run_evaluation, shard_work
+from deepgen_rl.eval.runner import GenerationSettings, plan_work, run_evaluation, shard_work
 from tests.servers.fake_judge import MALFORMED, MALFORMED_ONCE, NORMAL, SLOW, WRONG_LENGTH, FakeJudge, encode_verdict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -88,10 +88,14 @@ def judge_settings(url: str, **overrides) -> JudgeArguments:
     return JudgeArguments(**values)
 
 
-def eval_settings(**overrides) -> EvalSettings:
-    values = dict(height=64, width=64, seed=100, micro_batch_size=4, num_sample_images=3, timeout_s=60.0)
+def eval_settings(**overrides) -> GenerationSettings:
+    values = dict(height=64, width=64, seed=100, micro_batch_size=4)
     values.update(overrides)
-    return EvalSettings(**values)
+    return GenerationSettings(**values)
+
+
+def eval_args(timeout_s: float = 60.0) -> EvalArguments:
+    return EvalArguments(eval_timeout=timeout_s, eval_num_sample_images=3)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +108,8 @@ def test_end_to_end_hand_worked_report(tmp_path, image_judge):
     datasets = load_eval_datasets(write_bench(tmp_path / "data"))
     generate = ColourGenerator()
     out = tmp_path / "report"
-    report = run_evaluation(generate, judge_settings(image_judge.url), datasets, eval_settings(), out, step=20)
+    report = run_evaluation(generate, judge_settings(image_judge.url), eval_args(), datasets, eval_settings(), out,
+                            step=20)
 
     # Generation: the dataset's cfg_scale and steps, batches of <= 4 images, seed = base + first image id.
     a, b, c = PROMPTS.values()
@@ -144,8 +149,8 @@ def test_end_to_end_hand_worked_report(tmp_path, image_judge):
 def test_deadline_bounds_the_evaluation(tmp_path, image_judge):
     datasets = load_eval_datasets(write_bench(tmp_path / "data"))
     slow = {key: (scores, SLOW) for key, (scores, _) in VERDICTS.items()}  # the judge would take 30 s per image
-    report = run_evaluation(ColourGenerator(slow), judge_settings(image_judge.url, judge_timeout=60.0), datasets,
-                            eval_settings(timeout_s=2.0), tmp_path / "out", step=1)
+    report = run_evaluation(ColourGenerator(slow), judge_settings(image_judge.url, judge_timeout=60.0), eval_args(2.0),
+                            datasets, eval_settings(), tmp_path / "out", step=1)
     # Without the deadline the judge would answer after 30 s and every image would be scored.
     scores = report.dataset("bench").scores
     assert scores.failed_images == 6 and scores.overall.total == 0 and scores.overall.value is None
@@ -156,8 +161,8 @@ def test_deadline_bounds_the_evaluation(tmp_path, image_judge):
 def test_generation_stops_at_the_deadline(tmp_path, image_judge):
     datasets = load_eval_datasets(write_bench(tmp_path / "data"))
     generate = ColourGenerator(delay_s=1.5)
-    report = run_evaluation(generate, judge_settings(image_judge.url), datasets,
-                            eval_settings(timeout_s=1.2, micro_batch_size=2), tmp_path / "out", step=1)
+    report = run_evaluation(generate, judge_settings(image_judge.url), eval_args(1.2), datasets,
+                            eval_settings(micro_batch_size=2), tmp_path / "out", step=1)
     assert len(generate.calls) == 1  # the first batch overran the deadline: no more batches
     scores = report.dataset("bench").scores
     assert scores.failed_images >= 4
@@ -170,8 +175,8 @@ def test_judge_down_skips_generation(tmp_path):
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         generate = ColourGenerator()
-        report = run_evaluation(generate, judge_settings(url, judge_health_timeout=0.5), datasets, eval_settings(),
-                                tmp_path / "out", step=1)
+        report = run_evaluation(generate, judge_settings(url, judge_health_timeout=0.5), eval_args(), datasets,
+                                eval_settings(), tmp_path / "out", step=1)
     assert generate.calls == []
     scores = report.dataset("bench").scores
     assert scores.failed_images == 6 and "scripts/eval_unigenbench_evalmodel.sh" in scores.errors[0]
@@ -197,19 +202,20 @@ def name_judge():
 
 
 def test_eval_hook_on_tiny_model(tmp_path, name_judge):
-    from deepgen_rl.config import DataArguments, GRPOConfig, JudgeArguments
+    from deepgen_rl.config import DataArguments, GRPOConfig
     from deepgen_rl.eval.dataset import EvalDataError
     from deepgen_rl.eval.runner import make_eval_hook
     from deepgen_rl.model.tiny import build_tiny_deepgen
 
     yaml_path = write_bench(tmp_path / "data", steps=2, duplicates=2, name="tiny_bench")
     training_args = GRPOConfig(output_dir=str(tmp_path / "run"), eval_freq=2, image_height=64, image_width=64,
-                               eval_timeout=120.0, eval_num_sample_images=2, report_to="none")
+                               report_to="none")
+    evaluation = EvalArguments(eval_timeout=120.0, eval_num_sample_images=2)
     data_args = DataArguments(eval_dataset_config=str(yaml_path))
     judge_args = JudgeArguments(unigenbench_api_url=name_judge.url, judge_retry_backoff=0.01)
     model = build_tiny_deepgen(seed=0).train()
     # The trainer's hook (trainer/eval_hook.py): config read once at start-up, metrics back on every call.
-    hook = make_eval_hook(training_args, data_args, judge_args)
+    hook = make_eval_hook(training_args, data_args, judge_args, evaluation)
     metrics = hook(model, 4)
     assert model.training  # mode restored
     correct, total = name_rule_expectation(2, {"Style", "Attribute"})
@@ -221,7 +227,8 @@ def test_eval_hook_on_tiny_model(tmp_path, name_judge):
     samples = sorted((folder / SAMPLES_DIR / "tiny_bench").iterdir())
     assert len(samples) == 2 and Image.open(samples[0]).size == (64, 64)
     with pytest.raises(EvalDataError, match="does not exist"):
-        make_eval_hook(training_args, DataArguments(eval_dataset_config=str(tmp_path / "missing.yaml")), judge_args)
+        make_eval_hook(training_args, DataArguments(eval_dataset_config=str(tmp_path / "missing.yaml")), judge_args,
+                       evaluation)
 
 
 def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -265,7 +272,7 @@ def _rank_worker(rank: int, world_size: int, init_file: str, url: str, yaml_path
             # Run 1: rank 1 stalls in generation past the deadline; rank 0 must not wait for it.
             # Run 2: a normal evaluation again (nothing left over from the missed barrier).
             generate = ColourGenerator(uniform, delay_s=stall if rank == 1 else 0.0)
-            report = run_evaluation(generate, judge_settings(url), datasets, eval_settings(timeout_s=timeout_s),
+            report = run_evaluation(generate, judge_settings(url), eval_args(timeout_s), datasets, eval_settings(),
                                     Path(out) / f"run{run}", step=run)
             scores = report.dataset("bench").scores
             results[run] = {"complete": report.complete,

@@ -307,7 +307,7 @@ def test_sftaux_config_errors_name_the_entry(tmp_path):
 def test_eval_hook_off_with_a_reason_when_config_or_judge_is_missing(tmp_path, caplog):
     import socket
 
-    from deepgen_rl.config import DataArguments, JudgeArguments
+    from deepgen_rl.config import DataArguments, EvalArguments, JudgeArguments
     from deepgen_rl.trainer.eval_hook import build_eval_hook
 
     with socket.socket() as sock:
@@ -316,12 +316,12 @@ def test_eval_hook_off_with_a_reason_when_config_or_judge_is_missing(tmp_path, c
     eval_yaml = REPO_ROOT / "assets" / "rl_datasets" / "deepgen" / "eval" / "eval.yaml"
     data = DataArguments(eval_dataset_config=str(eval_yaml))
     judge = JudgeArguments(unigenbench_api_url=f"http://127.0.0.1:{closed}", judge_health_timeout=0.5)
-    assert build_eval_hook(_args(tmp_path, eval_freq=0), data, judge) is None
+    assert build_eval_hook(_args(tmp_path, eval_freq=0), data, judge, EvalArguments()) is None
     with caplog.at_level("WARNING"):
-        assert build_eval_hook(_args(tmp_path, eval_freq=5), data, judge) is None
+        assert build_eval_hook(_args(tmp_path, eval_freq=5), data, judge, EvalArguments()) is None
     assert "periodic evaluation (--eval_freq 5) is OFF" in caplog.text and f"127.0.0.1:{closed}" in caplog.text
     caplog.clear()
     missing = DataArguments(eval_dataset_config=str(tmp_path / "none.yaml"))
     with caplog.at_level("WARNING"):
-        assert build_eval_hook(_args(tmp_path, eval_freq=5), missing, judge) is None
+        assert build_eval_hook(_args(tmp_path, eval_freq=5), missing, judge, EvalArguments()) is None
     assert "none.yaml" in caplog.text and "--eval_dataset_config" in caplog.text

@@ -9,8 +9,9 @@
     python -m deepgen_rl.eval --tiny --output_dir /tmp/eval_tiny --eval_max_prompts 4
 
 Writes report.json, summary.csv, judgements.csv and samples/ into --output_dir and prints the accuracies.
-Model flags (--sd3_model_name_or_path, --checkpoint, ...) and judge flags (--unigenbench_api_url,
---unigenbench_model_name, --judge_timeout, ...) are the training run's; --eval_dataset_config picks the YAML.
+Model flags (--sd3_model_name_or_path, --checkpoint, ...), judge flags (--unigenbench_api_url,
+--unigenbench_model_name, --judge_timeout, ...) and evaluation flags (--eval_max_prompts, --eval_timeout,
+--eval_num_sample_images) are the training run's; --eval_dataset_config picks the YAML.
 Exit status: 0 when every dataset got at least one judged image, 1 otherwise.
 """
 
@@ -26,7 +27,7 @@ from typing import Optional
 
 from transformers import HfArgumentParser
 
-from deepgen_rl.config import DataArguments, GRPOConfig, JudgeArguments, ModelArguments
+from deepgen_rl.config import DataArguments, EvalArguments, GRPOConfig, JudgeArguments, ModelArguments
 
 logger = logging.getLogger("deepgen_rl.eval")
 
@@ -53,15 +54,6 @@ class EvalCliArguments:
         default=None, metadata={"help": f"Image width. Default: {GRPOConfig.image_width} (64 with --tiny)."}
     )
     seed: int = field(default=GRPOConfig.seed, metadata={"help": "Seed of the initial noise (and the tiny model)."})
-    eval_max_prompts: int = field(
-        default=GRPOConfig.eval_max_prompts, metadata={"help": "Evaluate the first N prompts per dataset (0: all)."}
-    )
-    eval_num_sample_images: int = field(
-        default=GRPOConfig.eval_num_sample_images, metadata={"help": "Generated images saved per dataset."}
-    )
-    eval_timeout: float = field(
-        default=GRPOConfig.eval_timeout, metadata={"help": "Seconds before unfinished work is abandoned (0: none)."}
-    )
     micro_batch_size: int = field(
         default=GRPOConfig.rollout_micro_batch_size, metadata={"help": "Images per generation forward per GPU."}
     )
@@ -79,9 +71,6 @@ class EvalCliArguments:
         for flag in ("micro_batch_size", "vae_decode_micro_batch_size"):
             if getattr(self, flag) <= 0:
                 raise ValueError(f"--{flag} must be a positive integer; got {getattr(self, flag)}.")
-        for flag in ("eval_max_prompts", "eval_num_sample_images", "eval_timeout"):
-            if getattr(self, flag) < 0:
-                raise ValueError(f"--{flag} must be >= 0; got {getattr(self, flag)}.")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda; got {self.device!r}.")
 
@@ -133,39 +122,39 @@ def _print_summary(report) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = HfArgumentParser((EvalCliArguments, ModelArguments, DataArguments, JudgeArguments),
+    parser = HfArgumentParser((EvalCliArguments, ModelArguments, DataArguments, JudgeArguments, EvalArguments),
                               prog="python -m deepgen_rl.eval",
                               description=__doc__, formatter_class=_HelpFormatter)
-    cli, model_args, data_args, judge_args = parser.parse_args_into_dataclasses(args=argv)
+    cli, model_args, data_args, judge_args, eval_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per judge request otherwise
 
     from deepgen_rl.eval.dataset import load_eval_datasets
 
-    datasets = load_eval_datasets(data_args.eval_dataset_config, cli.eval_max_prompts)  # bad YAML fails first
+    datasets = load_eval_datasets(data_args.eval_dataset_config, eval_args.eval_max_prompts)  # bad YAML fails first
     device = _setup_distributed(cli.device)
     try:
-        return _evaluate(cli, model_args, judge_args, datasets, device)
+        return _evaluate(cli, model_args, judge_args, eval_args, datasets, device)
     finally:
         from deepgen_rl.distributed import destroy
 
         destroy()
 
 
-def _evaluate(cli: EvalCliArguments, model_args: ModelArguments, judge_args: JudgeArguments, datasets, device) -> int:
+def _evaluate(cli: EvalCliArguments, model_args: ModelArguments, judge_args: JudgeArguments, eval_args: EvalArguments,
+              datasets, device) -> int:
     from deepgen_rl.distributed import rank_and_world
-    from deepgen_rl.eval.runner import EvalSettings, model_generate_fn, run_evaluation
+    from deepgen_rl.eval.runner import GenerationSettings, model_generate_fn, run_evaluation
 
     default_size = 64 if cli.tiny else None
     height = cli.image_height or default_size or GRPOConfig.image_height
     width = cli.image_width or default_size or GRPOConfig.image_width
-    settings = EvalSettings(height=height, width=width, seed=cli.seed, micro_batch_size=cli.micro_batch_size,
-                            num_sample_images=cli.eval_num_sample_images, timeout_s=cli.eval_timeout,
-                            decode_micro_batch_size=cli.vae_decode_micro_batch_size)
+    settings = GenerationSettings(height=height, width=width, seed=cli.seed, micro_batch_size=cli.micro_batch_size,
+                                  decode_micro_batch_size=cli.vae_decode_micro_batch_size)
     model = _build_model(cli, model_args, device)
     report = run_evaluation(model_generate_fn(model, height, width, cli.micro_batch_size,
                                               cli.vae_decode_micro_batch_size),
-                            judge_args, datasets, settings, cli.output_dir, cli.step)
+                            judge_args, eval_args, datasets, settings, cli.output_dir, cli.step)
     if rank_and_world()[0] == 0:
         _print_summary(report)
     return 0 if all(entry.scores.overall.total > 0 for entry in report.datasets) else 1

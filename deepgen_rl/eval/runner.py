@@ -36,7 +36,7 @@ from PIL import Image
 
 from deepgen_rl.eval.aggregate import ImageJudgement, aggregate_dataset, sort_judgements
 from deepgen_rl.eval.dataset import BenchPrompt, EvalDataset, load_eval_datasets
-from deepgen_rl.config import DataArguments, GRPOConfig, JudgeArguments
+from deepgen_rl.config import DataArguments, EvalArguments, GRPOConfig, JudgeArguments
 from deepgen_rl.distributed import rank_and_world, seeded_generator
 from deepgen_rl.eval.judge import UniGenBenchJudge, failed_judgement
 from deepgen_rl.eval.report import SAMPLES_DIR, DatasetReport, EvalReport, metrics_for_logging, write_report
@@ -53,22 +53,21 @@ MIN_BARRIER_WAIT_S = 1.0  # a rank that reaches the gather just after the deadli
 
 
 @dataclass(frozen=True)
-class EvalSettings:
-    """How to generate and how long to take (defaults: GRPOConfig in config.py). timeout_s 0 = no deadline."""
+class GenerationSettings:
+    """How to generate the eval images (the training run's image size, seed and micro-batches); how much to
+    evaluate and how long to take come from :class:`~deepgen_rl.config.EvalArguments`."""
 
     height: int
     width: int
     seed: int
     micro_batch_size: int
-    num_sample_images: int
-    timeout_s: float
     decode_micro_batch_size: Optional[int] = None  # images per VAE decode (None: micro_batch_size)
 
     @classmethod
-    def from_training_args(cls, args: GRPOConfig) -> "EvalSettings":
+    def from_training_args(cls, args: GRPOConfig) -> "GenerationSettings":
         return cls(height=args.image_height, width=args.image_width, seed=args.seed,
-                   micro_batch_size=args.rollout_micro_batch_size, num_sample_images=args.eval_num_sample_images,
-                   timeout_s=args.eval_timeout, decode_micro_batch_size=args.vae_decode_micro_batch_size)
+                   micro_batch_size=args.rollout_micro_batch_size,
+                   decode_micro_batch_size=args.vae_decode_micro_batch_size)
 
 
 @dataclass(frozen=True)
@@ -107,21 +106,23 @@ def generation_batches(items: Sequence[WorkItem], micro_batch_size: int) -> list
     return batches
 
 
-def run_evaluation(generate_fn: GenerateFn, judge_args: JudgeArguments, datasets: Sequence[EvalDataset],
-                   settings: EvalSettings, output_dir: Optional[str | Path], step: int) -> EvalReport:
+def run_evaluation(generate_fn: GenerateFn, judge_args: JudgeArguments, eval_args: EvalArguments,
+                   datasets: Sequence[EvalDataset], settings: GenerationSettings, output_dir: Optional[str | Path],
+                   step: int) -> EvalReport:
     """Evaluate this rank's share, gather every rank's judgements and aggregate; rank 0 writes the files."""
     start = time.monotonic()
-    deadline = start + settings.timeout_s if settings.timeout_s > 0 else None
+    timeout_s = eval_args.eval_timeout
+    deadline = start + timeout_s if timeout_s > 0 else None
     work_deadline = None
     if deadline is not None:
-        work_deadline = deadline - min(GATHER_RESERVE_FRACTION * settings.timeout_s, MAX_GATHER_RESERVE_S)
+        work_deadline = deadline - min(GATHER_RESERVE_FRACTION * timeout_s, MAX_GATHER_RESERVE_S)
     rank, world_size = rank_and_world()
     group = new_gather_group() if world_size > 1 else None  # now, while every rank is here
     plan = plan_work(datasets)
     sample_dir = Path(output_dir) / SAMPLES_DIR if output_dir is not None and rank == 0 else None
     try:
         local = _evaluate_shard(generate_fn, judge_args, datasets, shard_work(plan, rank, world_size), settings,
-                                work_deadline, sample_dir)
+                                eval_args.eval_num_sample_images, work_deadline, sample_dir)
         judgements, complete = gather_judgements(local, deadline, group)
     finally:
         if group is not None:
@@ -138,8 +139,8 @@ def run_evaluation(generate_fn: GenerateFn, judge_args: JudgeArguments, datasets
 
 
 def _evaluate_shard(generate_fn: GenerateFn, judge_args: JudgeArguments, datasets: Sequence[EvalDataset],
-                    items: Sequence[WorkItem], settings: EvalSettings, deadline: Optional[float],
-                    sample_dir: Optional[Path]) -> list[ImageJudgement]:
+                    items: Sequence[WorkItem], settings: GenerationSettings, num_sample_images: int,
+                    deadline: Optional[float], sample_dir: Optional[Path]) -> list[ImageJudgement]:
     """Generate and judge ``items``; every item comes back as a judgement (scored or failed with a reason)."""
     def failed(item: WorkItem, error: str) -> ImageJudgement:
         spec = datasets[item.dataset].spec
@@ -181,7 +182,7 @@ def _evaluate_shard(generate_fn: GenerateFn, judge_args: JudgeArguments, dataset
                 results += [failed(item, f"generation failed: {generation_error}") for item in batch]
                 continue
             for item, image in zip(batch, images):
-                if sample_dir is not None and saved.get(item.dataset, 0) < settings.num_sample_images:
+                if sample_dir is not None and saved.get(item.dataset, 0) < num_sample_images:
                     saved[item.dataset] = saved.get(item.dataset, 0) + 1
                     _save_sample(sample_dir / spec.name, item, image)
                 pending.append((item, judge.submit(spec.name, item.prompt, item.duplicate, image, spec.language,
@@ -261,30 +262,30 @@ def model_generate_fn(model, height: int, width: int, micro_batch_size: Optional
     return generate
 
 
-def evaluate_model(model, training_args: GRPOConfig, judge_args: JudgeArguments, step: int, datasets: Sequence[EvalDataset],
-                   output_dir: Optional[str | Path] = None) -> EvalReport:
+def evaluate_model(model, training_args: GRPOConfig, judge_args: JudgeArguments, eval_args: EvalArguments, step: int,
+                   datasets: Sequence[EvalDataset], output_dir: Optional[str | Path] = None) -> EvalReport:
     """Evaluate ``model`` now (every rank calls it), with the settings of the training flags."""
-    settings = EvalSettings.from_training_args(training_args)
+    settings = GenerationSettings.from_training_args(training_args)
     folder = Path(output_dir) if output_dir is not None else Path(training_args.output_dir) / "eval" / f"step_{step}"
     generate_fn = model_generate_fn(model, settings.height, settings.width, settings.micro_batch_size,
                                     settings.decode_micro_batch_size)
     was_training = model.training
     model.eval()
     try:
-        return run_evaluation(generate_fn, judge_args, datasets, settings, folder, step)
+        return run_evaluation(generate_fn, judge_args, eval_args, datasets, settings, folder, step)
     finally:
         model.train(was_training)
 
 
-def make_eval_hook(training_args: GRPOConfig, data_args: DataArguments, judge_args: JudgeArguments
-                   ) -> Callable[[torch.nn.Module, int], dict[str, float]]:
+def make_eval_hook(training_args: GRPOConfig, data_args: DataArguments, judge_args: JudgeArguments,
+                   eval_args: EvalArguments) -> Callable[[torch.nn.Module, int], dict[str, float]]:
     """``hook(model, step) -> metrics`` for a trainer that decides itself when to evaluate (every rank calls it).
 
     The eval YAML and CSVs are read here, once, so a bad eval config fails at start-up rather than at the
     first evaluation hours later."""
-    datasets = load_eval_datasets(data_args.eval_dataset_config, training_args.eval_max_prompts)
+    datasets = load_eval_datasets(data_args.eval_dataset_config, eval_args.eval_max_prompts)
 
     def hook(model: torch.nn.Module, step: int) -> dict[str, float]:
-        return metrics_for_logging(evaluate_model(model, training_args, judge_args, step, datasets))
+        return metrics_for_logging(evaluate_model(model, training_args, judge_args, eval_args, step, datasets))
 
     return hook

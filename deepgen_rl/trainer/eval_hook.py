@@ -15,7 +15,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from deepgen_rl.config import DataArguments, GRPOConfig, JudgeArguments
+from deepgen_rl.config import DataArguments, EvalArguments, GRPOConfig, JudgeArguments
 
 from ..distributed import all_reduce_flag, is_distributed, rank_and_world
 from .deepspeed_setup import load_deepspeed_config, zero_stage
@@ -53,7 +53,8 @@ def _unavailable_reason(args: GRPOConfig, data_args: DataArguments, judge_args: 
     return None
 
 
-def build_eval_hook(args: GRPOConfig, data_args: DataArguments, judge_args: JudgeArguments) -> Optional[EvalHook]:
+def build_eval_hook(args: GRPOConfig, data_args: DataArguments, judge_args: JudgeArguments,
+                    eval_args: EvalArguments) -> Optional[EvalHook]:
     """``hook(model, step) -> metrics`` (every rank calls it), or None with one warning when evaluation cannot
     run; None without a word when --eval_freq is 0."""
     if not args.eval_freq:
@@ -68,4 +69,4 @@ def build_eval_hook(args: GRPOConfig, data_args: DataArguments, judge_args: Judg
         return None
     from deepgen_rl.eval import make_eval_hook
 
-    return make_eval_hook(args, data_args, judge_args)
+    return make_eval_hook(args, data_args, judge_args, eval_args)
