@@ -24,6 +24,7 @@ from typing import Literal, Optional, get_args
 from transformers import HfArgumentParser, TrainingArguments
 
 from .deepspeed_json import read_deepspeed_json
+from .rewards.scorer_flags import SCORER_URL_FLAGS, ScorerUrlArguments
 from .rl.advantages import AdvantageType
 from .rl.losses import KLType, clip_band
 from .rl.timesteps import num_train_steps
@@ -186,7 +187,7 @@ def _check_urls(args, *flags: str) -> None:
 
 
 @dataclass
-class RewardArguments:
+class RewardArguments(ScorerUrlArguments):
     """The reward servers of training and how hard to try (one request: a batch of images, or one image pair)."""
 
     ocr_url: str = _env_field("OCR_URL", f"http://localhost:{DEFAULT_OCR_PORT}", "OCR reward server.")
@@ -200,7 +201,8 @@ class RewardArguments:
     reward_timeout: float = field(default=300.0, metadata={"help": "Seconds before one reward request is abandoned."})
     reward_max_retries: int = field(default=3, metadata={"help": "Retries of a failed reward request (then reported)."})
     reward_max_concurrency: int = field(default=64, metadata={"help": "Reward requests in flight at once per rank."})
-    reward_request_batch_size: int = field(default=16, metadata={"help": "Images per request to batched servers (OCR)."})
+    reward_request_batch_size: int = field(default=16, metadata={
+        "help": "Images per request to batched servers (OCR, pickscore, hpsv2, image_reward, aesthetic)."})
     reward_retry_backoff: float = field(default=1.0, metadata={
         "help": "Seconds before the first retry of a failed reward request; doubles per retry, capped at 30 s."})
     reward_health_timeout: float = field(default=30.0, metadata={
@@ -213,7 +215,7 @@ class RewardArguments:
         _check_client_flags("reward", self)
         for flag in ("reward_request_batch_size", "unifiedreward_max_tokens"):
             _check_positive(flag, getattr(self, flag))
-        _check_urls(self, "ocr_url", "unifiedreward_think_url")
+        _check_urls(self, "ocr_url", "unifiedreward_think_url", *SCORER_URL_FLAGS)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from .preflight_content import check_checkpoint_loads, check_eval_contents, chec
 from .rewards.http_utils import RewardServerUnavailable
 from .rewards.registry import build_rewards
 
-SERVER_REWARDS = ("ocr", "unifiedreward_think")
+SERVER_REWARDS = ("ocr", "unifiedreward_think", "pickscore", "hpsv2", "image_reward", "aesthetic")
 
 
 def _problem(check: Callable[[], object], *errors: type[BaseException]) -> Optional[str]:

@@ -4,6 +4,8 @@
     unifiedreward_think   UnifiedReward-Think on vLLM, pairwise  unifiedreward.UnifiedRewardThinkClient
     clip_sim              CLIP cosine similarity, in-process     clip_sim.ClipSimilarityReward
     jpeg_compressibility  JPEG compressibility, in-process       jpeg.JpegCompressibilityReward
+    pickscore, hpsv2,     our model scorer servers (one each)    scorer_clients.ModelScorerClient
+    image_reward, aesthetic
 
 Everything a reward needs comes from the parsed flags (``RewardArguments``, plus the CLIP folder and the device of
 in-process models); nothing here reads the environment. Heavy modules are imported only when their reward is built.
@@ -55,11 +57,23 @@ def _build_jpeg(args: RewardArguments, clip_model_path: str, device: str) -> Rew
     return JpegCompressibilityReward()
 
 
+def _scorer_builder(name: str) -> Builder:
+    def build(args: RewardArguments, clip_model_path: str, device: str) -> RewardFunction:
+        from deepgen_rl.rewards.scorer_clients import SCORER_CLIENTS, ModelScorerClient
+
+        return ModelScorerClient(SCORER_CLIENTS[name], getattr(args, f"{name}_url"), _policy(args),
+                                 args.reward_max_concurrency, args.reward_request_batch_size,
+                                 args.reward_health_timeout)
+
+    return build
+
+
 REWARD_BUILDERS: dict[str, Builder] = {
     "ocr": _build_ocr,
     "unifiedreward_think": _build_unifiedreward_think,
     "clip_sim": _build_clip_sim,
     "jpeg_compressibility": _build_jpeg,
+    **{name: _scorer_builder(name) for name in ("pickscore", "hpsv2", "image_reward", "aesthetic")},
 }
 REWARD_NAMES: tuple[str, ...] = tuple(REWARD_BUILDERS)
 
