@@ -79,8 +79,8 @@ def _open_clip_block(state: dict, prefix: str, width: int, g: torch.Generator) -
     _linear(state, prefix + "mlp.c_proj", 4 * width, width, g)
 
 
-# Tiny open_clip sizes: head widths as ViT-H-14's (image 80, text 64), so 2 image heads and 1 text head.
-OC_VISION_WIDTH, OC_TEXT_WIDTH, OC_EMBED, OC_CONTEXT, OC_LAYERS = 160, 64, 16, 20, 2
+# Tiny open_clip sizes: head widths as ViT-H-14's (image 80, text 64), so 2 heads in each tower.
+OC_VISION_WIDTH, OC_TEXT_WIDTH, OC_EMBED, OC_CONTEXT, OC_LAYERS = 160, 128, 16, 20, 2
 
 
 def open_clip_state_dict(vocab_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -124,7 +124,7 @@ def bert_tokenizer():
     return BertTokenizer(vocab={w: i for i, w in enumerate(words)})
 
 
-BLIP_VISION_WIDTH, BLIP_TEXT_WIDTH, BLIP_LAYERS, BLIP_MAX_POSITIONS = 64, 64, 2, 40
+BLIP_VISION_WIDTH, BLIP_TEXT_WIDTH, BLIP_LAYERS, BLIP_MAX_POSITIONS = 128, 128, 2, 40
 
 
 def image_reward_state_dict(vocab_size: int, seed: int = 3) -> dict[str, torch.Tensor]:
