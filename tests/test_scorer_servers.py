@@ -128,8 +128,38 @@ def test_one_process_hosts_the_four_and_counts_their_work(server):
     for name in NAMES:
         assert httpx.get(f"{server.url}/{name}/health", timeout=5).json()["engine"] == name
     assert httpx.post(server.url + "/score", json={"items": []}, timeout=5).status_code in (404, 405)
-    stats = httpx.get(f"{server.url}/aesthetic/stats", timeout=5).json()
-    assert stats["images_scored"] >= 3 and stats["queue_depth"] == 0
+    before = httpx.get(f"{server.url}/aesthetic/stats", timeout=5).json()
+    items = [{"image": encode_png_base64(Image.new("RGB", (32, 32), (i, 0, 0))), "prompt": ""} for i in range(3)]
+    assert httpx.post(f"{server.url}/aesthetic/score", json={"items": items}, timeout=30).status_code == 200
+    after = httpx.get(f"{server.url}/aesthetic/stats", timeout=5).json()
+    # 3 images in model batches of 2: counted as images, not as batches
+    assert after["images_scored"] - before["images_scored"] == 3
+    assert after["requests_completed"] - before["requests_completed"] == 1 and after["queue_depth"] == 0
+
+
+class StubScorer:
+    name = "stub"
+
+    def __init__(self, values=None, error=None):
+        self.values, self.error = values, error
+
+    def score_batch(self, images, prompts):
+        if self.error:
+            raise self.error
+        return self.values
+
+
+def test_a_failing_batch_or_a_non_finite_score_fails_only_its_items():
+    from deepgen_rl.rewards.servers.scorer_app import score_one_batch
+
+    batch = ([Image.new("RGB", (8, 8))] * 3, ["a", "b", "c"])
+    results = score_one_batch(StubScorer(values=[0.5, float("nan"), -2.0]), batch)
+    assert [r.score for r in results] == [0.5, None, -2.0]
+    assert "non-finite score (nan)" in results[1].error and results[0].error is None
+    results = score_one_batch(StubScorer(error=RuntimeError("CUDA out of memory")), batch)
+    assert all(r.score is None and "stub failed: RuntimeError: CUDA out of memory" in r.error for r in results)
+    results = score_one_batch(StubScorer(values=[1.0]), batch)
+    assert all("returned 1 scores for 3 images" in r.error for r in results)
 
 
 # ---------- the key mappings, in-process ----------
