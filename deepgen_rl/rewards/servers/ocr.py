@@ -49,7 +49,7 @@ from deepgen_rl.rewards.protocol import (
     OcrScoreResponse,
     OcrStatsResponse,
 )
-from deepgen_rl.rewards.servers.core import (  # noqa: F401  (ServerLimits: part of this module's API)
+from deepgen_rl.rewards.servers.core import (
     BadRequest,
     ServerLimits,
     env_bool,

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
-
-logger = logging.getLogger("deepgen_rl.scorer_server")
 
 StateDict = dict[str, torch.Tensor]
 

@@ -11,7 +11,6 @@ centre-crops it; generated images are square, where the two agree.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from typing import Sequence
 
@@ -25,8 +24,6 @@ from deepgen_rl.rewards.servers.scorers.open_clip_keys import clip_config_from_o
 NAME = "hpsv2"
 # ViT-H-14 (open_clip's model config): image tower 1280 wide with 80-wide heads, text tower 1024 wide, 64-wide heads.
 VISION_HEAD_WIDTH, TEXT_HEAD_WIDTH = 80, 64
-
-logger = logging.getLogger("deepgen_rl.scorer_server")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
