@@ -79,6 +79,8 @@ REWARD_BUILDERS: dict[str, Builder] = {
     "image_similarity": _build_image_similarity,
 }
 REWARD_NAMES: tuple[str, ...] = tuple(REWARD_BUILDERS)
+# Rewards that compare the result with the sample's source images: only edit datasets (JSONL) can use them.
+EDIT_ONLY_REWARDS: tuple[str, ...] = ("edit_vlm_judge", "image_similarity")
 
 
 def build_rewards(names: Iterable[str], args: RewardArguments, clip_model_path: str = "", device: str = "cpu",
