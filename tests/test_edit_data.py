@@ -66,6 +66,7 @@ def test_bad_edit_lines_name_file_line_and_key(tmp_path, line, message):
 def test_yaml_mixes_text_to_image_and_edit_datasets(tmp_path):
     config = load_dataset_config(write_edit_set(tmp_path), validate_paths=True)
     assert [entry.is_edit for entry in config.datasets] == [False, True]
+    assert config.has_edits and not config.only(["t2i"]).has_edits  # the trainer keeps the vision tower iff so
     samples = PromptSampler(config, seed=0).sample(40)
     edits = [s for s in samples if s.dataset == "edit"]
     assert 0 < len(edits) < 40 and all(s.is_edit for s in edits)
