@@ -66,7 +66,6 @@ def test_bad_edit_lines_name_file_line_and_key(tmp_path, line, message):
 def test_yaml_mixes_text_to_image_and_edit_datasets(tmp_path):
     config = load_dataset_config(write_edit_set(tmp_path), validate_paths=True)
     assert [entry.is_edit for entry in config.datasets] == [False, True]
-    assert config.has_edits and not config.only(["t2i"]).has_edits  # the trainer keeps the vision tower iff so
     samples = PromptSampler(config, seed=0).sample(40)
     edits = [s for s in samples if s.dataset == "edit"]
     assert 0 < len(edits) < 40 and all(s.is_edit for s in edits)
@@ -141,3 +140,15 @@ def test_rollout_log_probs_recompute_exactly_with_source_conditioning(model, tmp
             again = gaussian_log_prob(x_next[row:row + 1], step_mean(x_t[row:row + 1], v, coefs), coefs.noise_std,
                                       variant)
             torch.testing.assert_close(again, log_prob[row:row + 1], rtol=1e-5, atol=1e-6)
+
+
+def test_preflight_reports_bad_edit_lines_and_refuses_untrained_edit_datasets(tmp_path):
+    from deepgen_rl.preflight_content import check_prompt_contents
+
+    config = load_dataset_config(write_edit_set(tmp_path))
+    (problem,) = check_prompt_contents(config)
+    assert "'edit' of" in problem and "do not carry source images yet" in problem and "remove it" in problem
+    path = tmp_path / "edits" / "edits.jsonl"
+    path.write_text(path.read_text() + '{"instruction": "x", "source_images": ["images/gone.png"]}\n')
+    (problem,) = check_prompt_contents(config)
+    assert "edits.jsonl:4: source image" in problem and "gone.png not found" in problem

@@ -64,11 +64,6 @@ class DatasetConfig:
         """Every reward any dataset uses, in first-seen order (the reward step's columns)."""
         return tuple(dict.fromkeys(name for entry in self.datasets for name in entry.rewards))
 
-    @property
-    def has_edits(self) -> bool:
-        """Whether any dataset is an edit dataset (the run then needs the LLM's vision tower)."""
-        return any(entry.is_edit for entry in self.datasets)
-
     def missing_files(self) -> list[Path]:
         return [entry.path for entry in self.datasets if not entry.path.is_file()]
 

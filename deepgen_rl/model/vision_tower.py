@@ -2,10 +2,10 @@
 
 Text-to-image conditioning feeds the LLM token embeddings and meta queries only (``DeepGenModel.forward``); the
 vision tower (~0.67 B parameters in Qwen2.5-VL-3B, ~1.25 GiB in bf16) only encodes reference images, which
-only editing (Kontext, DESIGN.md section 8) has. A run without edit datasets (no ``.jsonl`` in the dataset YAML)
-drops the tower before DeepSpeed moves the model to the GPU: no GPU memory, no reference-copy share, and its host
-memory is freed. RL checkpoints exclude frozen parameters, so they do not change. A run with an edit dataset
-keeps it (frozen: ``DeepGenModel.encode_edit_prompt`` runs it on the source images).
+only editing (Kontext, DESIGN.md section 8) has. Editing datasets do not exist yet, so the trainer drops the
+tower before DeepSpeed moves the model to the GPU: no GPU memory, no reference-copy share, and its host memory
+is freed. RL checkpoints exclude frozen parameters, so they do not change. When editing datasets land, the
+trainer must keep the tower (and move it to the GPU) whenever one of its datasets has reference images.
 """
 
 from __future__ import annotations

@@ -94,8 +94,7 @@ class DeepGenGRPOTrainer:
         self.eval_hook = eval_hook
         self.tracker = tracker or TrackerSettings(report_to=(), run_name=args.run_name or "deepgen-grpo")
         self.trained_modules = configure_trainable(model, trainable_modules, lora)
-        if not prompt_sampler.config.has_edits:  # edit datasets run the vision tower on their source images
-            drop_vision_tower(model)  # text-to-image only: keeps ~1.25 GiB off each GPU (model/vision_tower.py)
+        drop_vision_tower(model)  # text-to-image only: keeps ~1.25 GiB off each GPU (model/vision_tower.py)
         self.text_trains = any(name != "transformer" for name in self.trained_modules)
         if args.gradient_checkpointing:
             model.enable_gradient_checkpointing()
