@@ -131,3 +131,25 @@ def test_edit_pth_with_kontext_names_loads(tiny_model_args, tmp_path):
         ours, theirs = (m.predict_velocity(latents, sigmas, embeds, pooled, reference_latents=references)
                         for m in (loaded, source))
     assert torch.equal(ours, theirs)
+
+
+@torch.no_grad()
+def test_unpadded_edit_forward_equals_diffusers_blocks_on_the_joined_tokens(model):
+    """Without padding, the Kontext forward is diffusers' own SD3 blocks (its unmasked processor) run on
+    [target tokens, reference tokens], read back at the target tokens: checks our masked processor and unpatchify."""
+    plain = SD3Transformer2DModel.from_config(model.transformer.config)
+    plain.load_state_dict(model.transformer.state_dict())
+    latents, sigmas = _target(model, 2)
+    embeds, pooled = torch.randn(2, 5, 32), torch.randn(2, 32)
+    references = [[torch.randn(16, 4, 6), torch.randn(16, 8, 8)], [torch.randn(16, 6, 4), torch.randn(16, 8, 8)]]
+    ours = model.predict_velocity(latents, sigmas, embeds, pooled, reference_latents=references)
+
+    target = plain.pos_embed(latents)  # [2, 16, D]
+    refs = torch.stack([torch.cat([plain.pos_embed(r[None])[0] for r in row]) for row in references])  # [2, 22, D]
+    tokens, temb = torch.cat([target, refs], 1), plain.time_text_embed(sigmas * 1000, pooled)
+    context = plain.context_embedder(embeds)
+    for block in plain.transformer_blocks:
+        context, tokens = block(hidden_states=tokens, encoder_hidden_states=context, temb=temb)
+    out = plain.proj_out(plain.norm_out(tokens[:, :16], temb))  # [2, 16 patches, 2*2*16]
+    expected = out.reshape(2, 4, 4, 2, 2, 16).permute(0, 5, 1, 3, 2, 4).reshape(2, 16, 8, 8)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
