@@ -122,7 +122,8 @@ def test_rollout_log_probs_recompute_exactly_with_source_conditioning(model, tmp
     pad = lambda e: torch.cat([e.new_zeros(e.shape[0], length - e.shape[1], e.shape[2]), e], 1)  # noqa: E731
     embeds, pooled = torch.cat([pad(t2i_embeds), pad(edit_embeds)]), torch.cat([t2i_pooled, edit_pooled])
     sigmas = model.sigma_schedule(3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
-    x = torch.randn(4, *model.latent_shape(TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), generator=torch.Generator().manual_seed(0))
+    shape = model.latent_shape(TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
     variant = effective_logprob_variant("cps_sde", "reference")
     recorded = []
     generator = torch.Generator().manual_seed(1)

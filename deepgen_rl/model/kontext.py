@@ -135,7 +135,8 @@ class SD3Transformer2DKontextModel(SD3Transformer2DModel):
             raise ValueError("reference_latents holds no reference at all: pass None for text-to-image")
         blocks: list[list[torch.Tensor | None]] = [[None] * len(refs) for refs in reference_latents]
         for slots in by_shape.values():
-            stacked = torch.stack([reference_latents[row][index] for row, index in slots]).to(dtype)
+            stacked = torch.stack([reference_latents[row][index] for row, index in slots])
+            stacked = stacked.to(self.pos_embed.proj.weight.device, dtype)
             embedded = self.pos_embed(stacked)  # [R, n_r, D]
             for (row, index), tokens in zip(slots, embedded):
                 blocks[row][index] = tokens

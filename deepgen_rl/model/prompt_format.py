@@ -48,7 +48,8 @@ class FormattedPrompts:
 
 def fit_prompt(tokenizer, prompt: str, max_length: int, render=chat_text) -> str:
     """The longest prefix of ``prompt`` whose chat text has at most ``max_length`` tokens (binary search over the
-    prefix length in characters; each candidate is tokenized in its template ``render``, so merges at the cut are counted)."""
+    prefix length in characters; each candidate is tokenized in its template ``render``, so merges at the cut
+    are counted)."""
     low, high = 0, len(prompt)  # invariant: prompt[:low] fits; prompt[:high + 1] does not (or high == len)
     while low < high:
         middle = (low + high + 1) // 2
