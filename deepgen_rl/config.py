@@ -40,6 +40,7 @@ CHECKPOINT_ENV = "CHECKPOINT"
 DEFAULT_OCR_PORT = 18082
 DEFAULT_UNIFIEDREWARD_PORT = 18087
 DEFAULT_UNIGENBENCH_PORT = 8000
+DEFAULT_EDIT_JUDGE_PORT = 18088
 
 # The choices of each flag are its Literal type's arguments (one source: the type the field is annotated with).
 SdeSampler = Literal["cps_sde", "flow_sde", "dance_sde"]
@@ -210,12 +211,19 @@ class RewardArguments(ScorerUrlArguments):
     unifiedreward_max_tokens: int = field(
         default=4096, metadata={"help": "max_tokens of one UnifiedReward-Think reply (its <think> reasoning is long)."}
     )
+    # The edit_vlm_judge reward (edit datasets): rewards/edit_judge.py.
+    edit_judge_url: str = _env_field("EDIT_JUDGE_URL", f"http://localhost:{DEFAULT_EDIT_JUDGE_PORT}",
+                                     "vLLM server (OpenAI API) of the image-editing judge (edit_vlm_judge reward).")
+    edit_judge_model_name: str = field(
+        default="EditJudge", metadata={"help": "Served model name of the edit judge on its vLLM server."})
+    edit_judge_max_tokens: int = field(
+        default=2048, metadata={"help": "max_tokens of one edit judge reply (reasoning, then <score>X</score>)."})
 
     def __post_init__(self) -> None:
         _check_client_flags("reward", self)
-        for flag in ("reward_request_batch_size", "unifiedreward_max_tokens"):
+        for flag in ("reward_request_batch_size", "unifiedreward_max_tokens", "edit_judge_max_tokens"):
             _check_positive(flag, getattr(self, flag))
-        _check_urls(self, "ocr_url", "unifiedreward_think_url", *SCORER_URL_FLAGS)
+        _check_urls(self, "ocr_url", "unifiedreward_think_url", "edit_judge_url", *SCORER_URL_FLAGS)
 
 
 @dataclass
