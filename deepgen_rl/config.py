@@ -24,6 +24,7 @@ from typing import Literal, Optional, get_args
 from transformers import HfArgumentParser, TrainingArguments
 
 from .deepspeed_json import read_deepspeed_json
+from .judge_flags import JudgeRewardFlags, SleepSwitchFlags
 from .rl.advantages import AdvantageType
 from .rl.losses import KLType, clip_band
 from .rl.timesteps import num_train_steps
@@ -186,7 +187,7 @@ def _check_urls(args, *flags: str) -> None:
 
 
 @dataclass
-class RewardArguments:
+class RewardArguments(JudgeRewardFlags):
     """The reward servers of training and how hard to try (one request: a batch of images, or one image pair)."""
 
     ocr_url: str = _env_field("OCR_URL", f"http://localhost:{DEFAULT_OCR_PORT}", "OCR reward server.")
@@ -214,6 +215,7 @@ class RewardArguments:
         for flag in ("reward_request_batch_size", "unifiedreward_max_tokens"):
             _check_positive(flag, getattr(self, flag))
         _check_urls(self, "ocr_url", "unifiedreward_think_url")
+        self.check_judge_flags()
 
 
 @dataclass
@@ -245,7 +247,7 @@ class JudgeArguments:
 
 
 @dataclass
-class EvalArguments:
+class EvalArguments(SleepSwitchFlags):
     """UniGenBench evaluation (deepgen_rl/eval/): prompts covered, sample images kept, time allowed."""
 
     eval_timeout: float = field(
@@ -265,6 +267,7 @@ class EvalArguments:
         for flag in ("eval_timeout", "eval_max_prompts", "eval_num_sample_images"):
             if getattr(self, flag) < 0:
                 raise ValueError(f"--{flag} must be >= 0; got {getattr(self, flag)}.")
+        self.check_switch_flags()
 
 
 @dataclass
