@@ -9,7 +9,8 @@ reply is read one of two ways (``answer``):
 * ``yes_no``: the question asks for yes or no and the request asks for token log-probabilities; at the first
   non-blank token of the reply, P(yes) and P(no) are the summed probabilities of the top tokens that read "yes" /
   "no" (case and spaces ignored); reward P(yes) / (P(yes) + P(no)) (VQAScore-style, the probability mass on
-  other tokens is dropped). A reply without logprobs, or with neither word among the top tokens, is unreadable.
+  other tokens is dropped). A reply with neither word among the top tokens is unreadable (retried); one without
+  logprobs fails at once (the server does not return them).
 
 Failures follow UnifiedReward-Think's rules (``vllm_chat``): transport errors, 5xx and unreadable replies are
 retried then reported (the sample is excluded, never scored 0), a reply cut at max_tokens before a readable
@@ -32,7 +33,7 @@ from PIL import Image
 
 from deepgen_rl.judge_flags import VLM_ANSWER_FORMATS, VlmAnswerFormat
 from deepgen_rl.rewards.base import RewardScores, check_batch
-from deepgen_rl.rewards.http_utils import RetryPolicy
+from deepgen_rl.rewards.http_utils import PermanentError, RetryPolicy
 from deepgen_rl.rewards.protocol import Choice
 from deepgen_rl.rewards.vllm_chat import VllmChatClient, VllmServer
 
@@ -87,8 +88,9 @@ def parse_score(reply: str) -> float:
 def yes_probability(choice: Choice) -> float:
     """P(yes) / (P(yes) + P(no)) at the first non-blank token of the reply (see the module docstring)."""
     tokens = choice.logprobs.content if choice.logprobs is not None else None
-    if not tokens:
-        raise ValueError("the reply has no token logprobs (answer 'yes_no' needs a server that returns them)")
+    if not tokens:  # asking again cannot fix the server: not retried
+        raise PermanentError("the reply has no token logprobs (answer 'yes_no' needs a server that returns them: "
+                             "vLLM's OpenAI server does when asked; use answer 'score' otherwise)")
     position = next((t for t in tokens if t.token.strip()), tokens[0])
     mass = {"yes": 0.0, "no": 0.0}
     candidates = position.top_logprobs or []
