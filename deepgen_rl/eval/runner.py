@@ -273,7 +273,8 @@ def evaluate_model(model, training_args: GRPOConfig, judge_args: JudgeArguments,
 
 
 def make_eval_hook(training_args: GRPOConfig, data_args: DataArguments, judge_args: JudgeArguments,
-                   eval_args: EvalArguments, lockstep: bool = False) -> Callable[[torch.nn.Module, int], dict[str, float]]:
+                   eval_args: EvalArguments, lockstep: bool = False
+                   ) -> Callable[[torch.nn.Module, int], dict[str, float]]:
     """``hook(model, step) -> metrics`` for a trainer that decides itself when to evaluate (every rank calls it).
 
     The eval YAML and CSVs are read here, once, so a bad eval config fails at start-up rather than at the

@@ -23,7 +23,8 @@ from deepgen_rl.rewards.http_utils import (MAX_CONNECT_TIMEOUT_S, PermanentError
                                            call_with_retries, join_url, make_client, parse_reply, png_data_url,
                                            require_served_model, wait_for_health)
 from deepgen_rl.rewards.protocol import (CHAT_COMPLETIONS_PATH, VLLM_HEALTH_PATH, VLLM_MODELS_PATH, ChatCompletionRequest,
-                                         ChatCompletionResponse, ChatMessage, Choice, ImageContent, ImageUrl, TextContent)
+                                         ChatCompletionResponse, ChatMessage, Choice, ImageContent, ImageUrl,
+                                         TextContent)
 
 T = TypeVar("T")
 TEMPERATURE = 0.0
