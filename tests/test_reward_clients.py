@@ -165,7 +165,7 @@ def settings_for(ocr_url: str = "http://127.0.0.1:1", clip: str = "") -> tuple[R
 
 
 def test_registry_names_and_unknown_reward():
-    assert set(REWARD_NAMES) == {"ocr", "unifiedreward_think", "clip_sim", "jpeg_compressibility"}
+    assert set(REWARD_NAMES) == {"ocr", "unifiedreward_think", "clip_sim", "jpeg_compressibility", "vlm_judge"}
     with pytest.raises(ValueError, match="unknown reward 'aesthetic'.*jpeg_compressibility"):
         build_rewards(["aesthetic"], *settings_for())
 
