@@ -89,7 +89,7 @@ class SleepSwitchFlags:
 
     vllm_sleep_switching: bool = field(
         default=False,
-        metadata={"help": "Around each periodic evaluation put the vLLM reward servers of this run "
+        metadata={"help": "Training only: around each periodic evaluation put the vLLM reward servers of this run "
                   "(unifiedreward_think, vlm_judge*) to sleep and wake the UniGenBench judge, then the reverse "
                   "(the judge is put to sleep at start-up). Needs both servers started by our launchers (sleep "
                   "mode, dev-mode endpoints) on hosts this trainer reaches. Off: nothing is switched."},

@@ -4,9 +4,9 @@
 temperature 0 (a verdict must not depend on sampling luck), and runs ``parse`` on the reply text. A transport
 error, a 5xx or a reply ``parse`` rejects (it raises ``ValueError``) is retried with backoff; what still fails
 comes back as an error string, never raised (``parse`` may raise ``PermanentError`` for a reply that asking
-again cannot fix). A reply cut by ``max_tokens`` (finish_reason "length") that
-``parse`` cannot read is NOT retried: greedy decoding would cut it at the same place again; the failure names the
-flag that raises the limit (``VllmServer.max_tokens_flag``) and ``Answer.truncated`` counts it.
+again cannot fix). A reply cut by ``max_tokens`` (finish_reason "length") that ``parse`` cannot read is NOT
+retried: greedy decoding would cut it at the same place again; the failure names the flag that raises the limit
+(``VllmServer.max_tokens_flag``) and ``Answer.truncated`` counts it.
 """
 
 from __future__ import annotations
