@@ -15,8 +15,9 @@ in the prompt / caption, so one server covers every case:
   token is "Yes" with top log-probabilities log(p) for "Yes", log(1 - p) for "No" (p = clip(b, 0.01, 0.99)) and
   a stray " maybe"; otherwise the reply is "Score: N/10" with N = 1 + round(9 b). Keywords: TRUNCATED as above,
   NOLOGPROBS (no logprobs in the reply), GARBAGE.
-* vLLM sleep mode: ``POST /sleep``, ``POST /wake_up``, ``GET /is_sleeping``; each call is logged in order (with a
-  wall-clock stamp in ns, comparable across two of these servers) in ``/stats`` ``sleep_log``. ``--sleep-mode``:
+* vLLM sleep mode: ``POST /sleep``, ``POST /wake_up``, ``GET /is_sleeping``; each call is logged in order as
+  [path, wall-clock ns (orders the calls of two of these servers), the state /is_sleeping answered or null] in
+  ``/stats`` ``sleep_log``. ``--sleep-mode``:
   ``on`` (state flips ``--sleep-lag-seconds`` after the call), ``stuck`` (calls accepted, state never changes),
   ``off`` (404, as vLLM without VLLM_SERVER_DEV_MODE).
 * OCR /score: score = mean brightness / 255 of the image. Keywords: ERROR500, GARBAGE (JSON not matching the
@@ -103,7 +104,7 @@ class SleepState:
         self.log: list[list] = []
 
     def call(self, path: str, target: bool) -> None:
-        self.log.append([path, time.time_ns()])
+        self.log.append([path, time.time_ns(), None])
         if self.mode == "on":
             self.target, self.flip_at = target, time.monotonic() + self.lag_s
 
@@ -185,8 +186,9 @@ def create_app(served_model_name: str, slow_s: float, lag_s: float, sleep: Sleep
     async def is_sleeping():
         if sleep.mode == "off":
             return PlainTextResponse("Not Found", status_code=404)
-        sleep.log.append(["/is_sleeping", time.time_ns()])
-        return {"is_sleeping": sleep.is_sleeping()}
+        state = sleep.is_sleeping()
+        sleep.log.append(["/is_sleeping", time.time_ns(), state])
+        return {"is_sleeping": state}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
