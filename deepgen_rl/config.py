@@ -25,6 +25,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from .deepspeed_json import read_deepspeed_json
 from .rewards.scorer_flags import SCORER_URL_FLAGS, ScorerUrlArguments
+from .judge_flags import JudgeRewardFlags, SleepSwitchFlags
 from .rl.advantages import AdvantageType
 from .rl.losses import KLType, clip_band
 from .rl.timesteps import num_train_steps
@@ -40,7 +41,7 @@ CHECKPOINT_ENV = "CHECKPOINT"
 DEFAULT_OCR_PORT = 18082
 DEFAULT_UNIFIEDREWARD_PORT = 18087
 DEFAULT_UNIGENBENCH_PORT = 8000
-DEFAULT_EDIT_JUDGE_PORT = 18088
+DEFAULT_EDIT_JUDGE_PORT = 18089
 
 # The choices of each flag are its Literal type's arguments (one source: the type the field is annotated with).
 SdeSampler = Literal["cps_sde", "flow_sde", "dance_sde"]
@@ -188,7 +189,7 @@ def _check_urls(args, *flags: str) -> None:
 
 
 @dataclass
-class RewardArguments(ScorerUrlArguments):
+class RewardArguments(JudgeRewardFlags, ScorerUrlArguments):
     """The reward servers of training and how hard to try (one request: a batch of images, or one image pair)."""
 
     ocr_url: str = _env_field("OCR_URL", f"http://localhost:{DEFAULT_OCR_PORT}", "OCR reward server.")
@@ -224,6 +225,7 @@ class RewardArguments(ScorerUrlArguments):
         for flag in ("reward_request_batch_size", "unifiedreward_max_tokens", "edit_judge_max_tokens"):
             _check_positive(flag, getattr(self, flag))
         _check_urls(self, "ocr_url", "unifiedreward_think_url", "edit_judge_url", *SCORER_URL_FLAGS)
+        self.check_judge_flags()
 
 
 @dataclass
@@ -255,7 +257,7 @@ class JudgeArguments:
 
 
 @dataclass
-class EvalArguments:
+class EvalArguments(SleepSwitchFlags):
     """UniGenBench evaluation (deepgen_rl/eval/): prompts covered, sample images kept, time allowed."""
 
     eval_timeout: float = field(
@@ -275,6 +277,7 @@ class EvalArguments:
         for flag in ("eval_timeout", "eval_max_prompts", "eval_num_sample_images"):
             if getattr(self, flag) < 0:
                 raise ValueError(f"--{flag} must be >= 0; got {getattr(self, flag)}.")
+        self.check_switch_flags()
 
 
 @dataclass

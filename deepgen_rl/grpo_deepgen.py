@@ -81,6 +81,7 @@ def build_trainer(args: GRPOConfig, model_args: ModelArguments, data_args: DataA
     from deepgen_rl.distributed import rank_and_world
     from deepgen_rl.model import load_deepgen_model
     from deepgen_rl.rewards import build_rewards
+    from deepgen_rl.rewards.registry import known_reward_names, vllm_reward_urls
     from deepgen_rl.rewards.reward_step import RewardStep
     from deepgen_rl.trainer import DeepGenGRPOTrainer, LoraSettings, TrackerSettings
     from deepgen_rl.trainer.eval_hook import build_eval_hook
@@ -93,7 +94,7 @@ def build_trainer(args: GRPOConfig, model_args: ModelArguments, data_args: DataA
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
-    dataset_config = load_dataset_config(data_args.dataset_config)
+    dataset_config = load_dataset_config(data_args.dataset_config, known_reward_names(reward_args))
     from deepgen_rl.preflight_content import require_valid_contents
 
     require_valid_contents(dataset_config, model_args.checkpoint,
@@ -113,7 +114,8 @@ def build_trainer(args: GRPOConfig, model_args: ModelArguments, data_args: DataA
         return DeepGenGRPOTrainer(
             model, args, prompt_sampler=prompt_sampler, reward_step=reward_step,
             num_prompts=sum(prompt_sampler.sizes), trainable_modules=model_args.trainable_modules, lora=lora,
-            sftaux_sampler=sftaux_sampler, eval_hook=build_eval_hook(args, data_args, judge_args, eval_args),
+            sftaux_sampler=sftaux_sampler,
+            eval_hook=build_eval_hook(args, data_args, judge_args, eval_args, vllm_reward_urls(rewards)),
             tracker=TrackerSettings.from_env(args.report_to, args.run_name, os.environ),
         )
     except BaseException:

@@ -21,7 +21,7 @@ from .data.dataset_yaml import DatasetConfigError, load_dataset_config
 from .model.loading import ModelPathError, check_checkpoint_path, check_qwen_path, check_sd3_path
 from .preflight_content import check_checkpoint_loads, check_eval_contents, check_prompt_contents
 from .rewards.http_utils import RewardServerUnavailable
-from .rewards.registry import build_rewards
+from .rewards.registry import build_rewards, known_reward_names
 
 SERVER_REWARDS = ("ocr", "unifiedreward_think", "pickscore", "hpsv2", "image_reward", "aesthetic", "edit_vlm_judge")
 CLIP_REWARDS = ("clip_sim", "image_similarity")
@@ -58,8 +58,8 @@ def check_clip_path(path: str) -> Optional[str]:
 
 def check_reward_servers(reward_names: set[str], reward_args: RewardArguments) -> list[str]:
     problems = []
-    for name in SERVER_REWARDS:
-        if name in reward_names:
+    for name in sorted(reward_names):
+        if name in SERVER_REWARDS or name.startswith("vlm_judge"):
             def reach(name: str = name) -> None:
                 for reward in build_rewards([name], reward_args, check_ready=True).values():
                     reward.close()
@@ -84,8 +84,8 @@ def collect_problems(training_args: GRPOConfig, model_args: ModelArguments, data
                      reward_args: RewardArguments, judge_args: JudgeArguments) -> list[str]:
     problems = check_model_paths(model_args)
     try:
-        dataset = load_dataset_config(data_args.dataset_config, validate_paths=True)
-    except (DatasetConfigError, FileNotFoundError) as err:
+        dataset = load_dataset_config(data_args.dataset_config, known_reward_names(reward_args), validate_paths=True)
+    except (DatasetConfigError, FileNotFoundError, ValueError) as err:
         problems.append(f"DATASET_CONFIG (--dataset_config): {err}")
         dataset = None
     if dataset is not None:

@@ -7,16 +7,20 @@
 #
 # Environment:
 #   UNIFIEDREWARD_MODEL          model name or local folder (default CodeGoat24/UnifiedReward-Think-qwen3vl-8b)
-#   UNIFIEDREWARD_PORT           port (default 18087); UNIFIEDREWARD_HOST bind address (default 0.0.0.0)
+#   UNIFIEDREWARD_PORT           port (default 18087)
+#   UNIFIEDREWARD_HOST, VLLM_HOST  bind address (default 127.0.0.1; another one prints a warning: the dev-mode
+#                                endpoints are then open to the network). Set VLLM_HOST=0.0.0.0 when training runs
+#                                on other machines.
 #   UNIFIEDREWARD_SERVED_NAME    name clients ask for (default UnifiedReward = --unifiedreward_model_name)
 #   VLLM_PARALLEL_MODE           dp (one model replica per GPU, default) or tp (one model split over GPUs)
 #   VLLM_DATA_PARALLEL_SIZE      replicas in dp mode (default: number of visible GPUs)
 #   VLLM_TENSOR_PARALLEL_SIZE    GPUs per model in tp mode (default: number of visible GPUs)
 #   VLLM_GPU_MEMORY_UTILIZATION  fraction of each GPU's memory vLLM may use (default 0.9)
 #
-# Sleep mode is on so training can free the GPU of this model around evaluation (vLLM exposes /sleep and
-# /wake_up only with VLLM_SERVER_DEV_MODE=1, which this script sets); prefix caching is on because every
-# pairwise request repeats the same long template.
+# Sleep mode is on so that training can free the GPU of this model around evaluation when it shares GPUs with the
+# UniGenBench judge: only `--vllm_sleep_switching` in training does that (/sleep, /wake_up, checked on /is_sleeping;
+# vLLM exposes them only with VLLM_SERVER_DEV_MODE=1, which this script sets); without the flag nothing is switched.
+# Prefix caching is on because every pairwise request repeats the same long template.
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/utils/vllm_common.sh"
@@ -24,10 +28,10 @@ vllm_parse_args "$@"
 
 model="${UNIFIEDREWARD_MODEL:-CodeGoat24/UnifiedReward-Think-qwen3vl-8b}"
 port="${UNIFIEDREWARD_PORT:-18087}"
-host="${UNIFIEDREWARD_HOST:-0.0.0.0}"
 served_name="${UNIFIEDREWARD_SERVED_NAME:-UnifiedReward}"
 require_positive_int UNIFIEDREWARD_PORT "$port"
 
+vllm_bind_host UNIFIEDREWARD_HOST
 vllm_parallel_args
 
 cmd=(vllm serve "$model"

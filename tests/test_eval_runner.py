@@ -279,9 +279,20 @@ def _rank_worker(rank: int, world_size: int, init_file: str, url: str, yaml_path
                             "generated": [p for call in generate.calls for p in call[0]],
                             "counts": (scores.overall.correct, scores.overall.total, scores.num_images),
                             "images": sorted((j.index, j.duplicate) for j in report.judgements)}
+        # Run 3, in lock-step (ZeRO-3): rank 1's first batch fails, so NO rank generates another batch.
+        generate = ColourGenerator(uniform)
+        report = run_evaluation(generate if rank == 0 else _failing, judge_settings(url), eval_args(60.0), datasets,
+                                eval_settings(micro_batch_size=2), Path(out) / "run3", step=3, lockstep=True)
+        results[3] = {"generated": [p for call in generate.calls for p in call[0]] if rank == 0 else None,
+                      "judged": sorted((j.index, j.duplicate) for j in report.judgements if j.scores is not None),
+                      "errors": sorted({j.error.split(" (")[0] for j in report.judgements if j.error})}
         (Path(out) / f"rank{rank}.pkl").write_bytes(pickle.dumps(results))
     finally:
         dist.destroy_process_group()
+
+
+def _failing(prompts, cfg_scale, num_inference_steps, seed):
+    raise RuntimeError("out of memory (stand-in)")
 
 
 def test_two_ranks_split_generation_and_judging(tmp_path, image_judge):
@@ -308,3 +319,29 @@ def test_two_ranks_split_generation_and_judging(tmp_path, image_judge):
     assert not results[1][1]["complete"]
     report = json.loads((tmp_path / "run1" / REPORT_JSON).read_text())
     assert report["complete"] is False and report["datasets"][0]["missing_images"] == 3
+    # Run 3 (lock-step): rank 0 ran its first batch (images 0 and 2 of the plan) and skipped its second with rank 1.
+    assert results[0][3]["generated"] == [PROMPTS[0], PROMPTS[1]]
+    for result in results:
+        assert result[3]["judged"] == [(0, 0), (1, 0)]
+        assert result[3]["errors"] == ["generation failed: RuntimeError: out of memory",
+                                       "not generated: an earlier batch failed",
+                                       "not generated: another rank stopped"]
+
+
+def test_lockstep_batches_pad_every_rank_to_the_same_plan(tmp_path):
+    """ZeRO-3 evaluation: every rank runs the same datasets' batches in the same order (padding included)."""
+    from deepgen_rl.eval.sharding import lockstep_batches, rank_batches
+
+    first = load_eval_datasets(write_bench(tmp_path / "a", duplicates=2, name="first"))  # 6 images
+    second = load_eval_datasets(write_bench(tmp_path / "b", duplicates=1, name="second"))  # 3 images
+    plan = plan_work(first + second)
+    # 4 ranks, batches of <= 2: rank 1 gets images 1 and 5, both of the first dataset; the others one of each.
+    per_rank = [rank_batches(plan, rank, 4, 2) for rank in range(4)]
+    assert [len(b) for b in per_rank] == [2, 1, 2, 2]
+    padded = [lockstep_batches(plan, rank, 4, 2) for rank in range(4)]
+    assert [[b.dataset for b in batches] for batches in padded] == [[0, 1]] * 4
+    assert [b.padding for b in padded[1]] == [False, True]  # its "second" batch is a dropped one-image padding
+    assert padded[1][1].items == (plan[6],) and padded[1][1].dataset == 1
+    # The real work is exactly the unpadded share of each rank: nothing lost, nothing judged twice.
+    real = [item for batches in padded for b in batches if not b.padding for item in b.items]
+    assert sorted(item.item_id for item in real) == list(range(len(plan)))

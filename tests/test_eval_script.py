@@ -12,7 +12,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "eval_unigenbench_evalmodel.sh"
 OUR_VARS = ("UNIGENBENCH_MODEL_PATH", "UNIGENBENCH_MODEL", "UNIGENBENCH_MODEL_NAME", "UNIGENBENCH_PORT",
             "UNIGENBENCH_HOST", "VLLM_PARALLEL_MODE", "VLLM_DATA_PARALLEL_SIZE", "VLLM_TENSOR_PARALLEL_SIZE",
-            "VLLM_GPU_MEMORY_UTILIZATION", "CUDA_VISIBLE_DEVICES")
+            "VLLM_GPU_MEMORY_UTILIZATION", "CUDA_VISIBLE_DEVICES", "VLLM_HOST")
 
 
 def run_script(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -69,3 +69,12 @@ def test_bad_settings_fail_naming_the_variable(env, variable):
 def test_without_vllm_it_says_what_to_install(tmp_path):
     result = run_script(PATH=f"{tmp_path}:/usr/bin:/bin")  # an environment without vllm
     assert result.returncode != 0 and "vllm is not on PATH" in result.stderr
+
+
+def test_judge_binds_loopback_unless_vllm_host_says_otherwise():
+    quiet = run_script("--dry-run")
+    assert flag_value(shlex.split(quiet.stdout), "--host") == "127.0.0.1" and "warning" not in quiet.stderr
+    assert "--vllm_sleep_switching" in quiet.stderr
+    exposed = run_script("--dry-run", VLLM_HOST="10.0.0.5")
+    assert flag_value(shlex.split(exposed.stdout), "--host") == "10.0.0.5"
+    assert "warning: binding 10.0.0.5" in exposed.stderr and "dev" in exposed.stderr

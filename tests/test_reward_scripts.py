@@ -87,3 +87,15 @@ def test_ocr_script_starts_a_healthy_server():
     with ServerProcess(["bash", str(SCRIPTS / "reward_ocr.sh"), "--log-level", "warning"], port, env=env) as server:
         health = httpx.get(server.url + "/health", timeout=5).json()
     assert health == {"status": "ok", "engine": "rapidocr"}
+
+
+def test_vllm_binds_loopback_unless_vllm_host_says_otherwise():
+    quiet = run("reward_unifiedreward.sh", "--dry-run")
+    assert flag(shlex.split(quiet.stdout)[3:], "--host") == "127.0.0.1"
+    assert "warning" not in quiet.stderr
+    assert "--vllm_sleep_switching" in quiet.stderr and "nothing switches it" in quiet.stderr
+    exposed = run("reward_unifiedreward.sh", "--dry-run", VLLM_HOST="0.0.0.0")
+    assert exposed.returncode == 0 and flag(shlex.split(exposed.stdout)[3:], "--host") == "0.0.0.0"
+    assert "warning: binding 0.0.0.0" in exposed.stderr and "/sleep" in exposed.stderr
+    own = run("reward_unifiedreward.sh", "--dry-run", VLLM_HOST="0.0.0.0", UNIFIEDREWARD_HOST="localhost")
+    assert flag(shlex.split(own.stdout)[3:], "--host") == "localhost" and "warning" not in own.stderr

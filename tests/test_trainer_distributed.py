@@ -5,15 +5,19 @@ deepgen_rl.grpo_deepgen and dumps a SHA-256 of every parameter before and after 
 Checked: every trainable parameter changed and every frozen one did not (ZeRO-2: the DiT; ZeRO-3: DiT +
 connector + meta queries + LLM with gradient checkpointing, which also exercises meta_queries under parameter
 partitioning); the first
-chunk's ratio is 1; the checkpoint-N layout; metrics, sample grids and offline wandb / swanlab runs.
+chunk's ratio is 1; the checkpoint-N layout; metrics, sample grids and offline wandb / swanlab runs. The ZeRO-3 run
+also evaluates at step 2 against the stand-in UniGenBench judge, with shares that need padding to stay in step.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 
 import torch
 
+from tests.servers.fake_judge import FakeJudge
+from tests.test_eval_runner import SERVED, write_bench
 from tests.trainer_utils import REPO_ROOT, ZERO2, ZERO3, run_env, tiny_run_flags, torchrun
 
 SCRIPT = str(REPO_ROOT / "tests" / "trainer_utils.py")
@@ -83,9 +87,29 @@ def test_zero2_dit_two_steps_checkpoint_and_logs(tiny_paths, tmp_path):
     assert all(name.startswith("transformer.") for name in module)
 
 
-def test_zero3_dit_connector_llm_two_steps(tiny_paths, tmp_path):
-    out, dump = _launch(tiny_paths, tmp_path, ZERO3, trainable_modules="dit_connector_llm",
-                        gradient_checkpointing=True)
+def _two_dataset_bench(folder) -> str:
+    """Eval YAML: 'three' (3 prompts; images 0-2) and 'one' (1 prompt; image 3). Over 2 ranks rank 0 gets images
+    0 and 2 (one batch of 'three'), rank 1 images 1 and 3 (one batch of each): rank 0 must run a padding batch of
+    'one' or the ZeRO-3 gathers of rank 1's second generation would wait for it forever."""
+    write_bench(folder, steps=2, duplicates=1, name="three")
+    with (folder / "one.csv").open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["index", "prompt", "sub_dims"])
+        writer.writerow([0, "a blue vase", json.dumps({"Primary Categories": "Art", "Testpoints": ["Style", "Layout"],
+                                                      "Testpoint Description": ["style", "layout"]})])
+    text = (folder / "eval.yaml").read_text(encoding="utf-8")
+    (folder / "eval.yaml").write_text(text + "  - {name: one, path: one.csv, cfg_scale: 4.0, num_inference_steps: 2, "
+                                      "duplicates: 1, scoring: unigenbench/en}\n", encoding="utf-8")
+    return str(folder / "eval.yaml")
+
+
+def test_zero3_dit_connector_llm_two_steps_and_eval(tiny_paths, tmp_path):
+    # The judge passes every "Style" test point only: 'three' has 2 of 8 such points, 'one' 1 of 2.
+    with FakeJudge(rule="name", pass_dims="Style", served_model_name=SERVED) as judge:
+        out, dump = _launch(tiny_paths, tmp_path, ZERO3, trainable_modules="dit_connector_llm",
+                            gradient_checkpointing=True, eval_freq=2, unigenbench_api_url=judge.url,
+                            eval_dataset_config=_two_dataset_bench(tmp_path / "bench"))
+        assert judge.stats()["counts"]["chat"] == 4  # the 4 real images; padding is generated, never judged
     trainable, frozen = _changed(dump)
     assert all(trainable.values()), [n for n, c in trainable.items() if not c]
     assert not any(frozen.values()), [n for n, c in frozen.items() if c]
@@ -100,3 +124,8 @@ def test_zero3_dit_connector_llm_two_steps(tiny_paths, tmp_path):
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(m["policy/first_chunk_ratio_max_dev"] <= 1e-6 for m in metrics)
     assert not (out / "checkpoint-2").exists()  # --save_strategy no
+    evaluated = metrics[1]  # step 2: the ranks' generation forwards stayed in step under ZeRO-3
+    assert "eval/failed" not in evaluated and evaluated["eval/complete"] == 1.0
+    assert evaluated["eval/three/overall"] == 2 / 8 and evaluated["eval/one/overall"] == 1 / 2
+    assert evaluated["eval/three/judged_images"] == 3 and evaluated["eval/one/judged_images"] == 1
+    assert not any(key.startswith("eval/") for key in metrics[0])

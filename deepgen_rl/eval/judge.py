@@ -45,7 +45,8 @@ class UniGenBenchJudge:
     def __init__(self, args: JudgeArguments) -> None:
         self.args = args
         server = VllmServer(args.unigenbench_api_url, args.unigenbench_model_name, "UniGenBench judge",
-                            UNIGENBENCH_START_HINT, "UNIGENBENCH_MODEL_NAME / --unigenbench_model_name")
+                            UNIGENBENCH_START_HINT, "UNIGENBENCH_MODEL_NAME / --unigenbench_model_name",
+                            "--unigenbench_max_tokens")
         policy = RetryPolicy(args.judge_timeout, args.judge_max_retries, args.judge_retry_backoff)
         self.chat = VllmChatClient(server, policy, args.judge_max_concurrency, args.unigenbench_max_tokens,
                                    args.judge_health_timeout, thread_name="unigenbench")

@@ -11,8 +11,9 @@ Deadline (``--eval_timeout``, 0 = none): local work stops by ``deadline - reserv
 no judge attempt starts, unanswered requests are abandoned and reported as failed), and the gather waits
 behind a ``monitored_barrier`` (on a gloo group made for this evaluation) whose timeout ends at the deadline;
 a rank that did not arrive is reported (``EvalReport.complete = False``, its images counted as missing)
-instead of blocking the others. Not for ZeRO-3 (sharded parameters): there every forward is collective, and
-ranks here run different numbers of batches (uneven shares, deadline, judge down); ZeRO-2 (the default) is fine.
+instead of blocking the others. Under ZeRO-3 (``lockstep=True``: partitioned parameters, every forward is
+collective) the ranks run the same padded batch plan and take every stop decision together (``sharding.py``);
+a rank that raises inside a forward still leaves the others waiting until the process group's timeout.
 
 Generation is a callable ``generate_fn(prompts, cfg_scale, num_inference_steps, seed) -> list[PIL.Image]`` so
 the loop is testable without a model; :func:`model_generate_fn` builds it on the DeepGen model with the ODE
@@ -35,15 +36,19 @@ import torch.distributed as dist
 from PIL import Image
 
 from deepgen_rl.eval.aggregate import ImageJudgement, aggregate_dataset, sort_judgements
-from deepgen_rl.eval.dataset import BenchPrompt, EvalDataset, load_eval_datasets
+from deepgen_rl.eval.dataset import EvalDataset, load_eval_datasets
 from deepgen_rl.config import DataArguments, EvalArguments, GRPOConfig, JudgeArguments
 from deepgen_rl.distributed import rank_and_world, seeded_generator
 from deepgen_rl.eval.judge import UniGenBenchJudge, failed_judgement
 from deepgen_rl.eval.report import SAMPLES_DIR, DatasetReport, EvalReport, metrics_for_logging, write_report
+from deepgen_rl.eval.sharding import (GenerationBatch, Lockstep, WorkItem, agree, generation_batches, lockstep_batches,
+                                      plan_work, rank_batches, shard_work)
 from deepgen_rl.rewards.http_utils import RewardServerUnavailable
 from deepgen_rl.rewards.reward_step import images_to_pil
 
 logger = logging.getLogger(__name__)
+__all__ = ["GenerateFn", "GenerationSettings", "WorkItem", "evaluate_model", "generation_batches", "make_eval_hook",
+           "model_generate_fn", "plan_work", "run_evaluation", "shard_work"]
 
 GenerateFn = Callable[[list[str], float, int, int], list[Image.Image]]
 # Part of --eval_timeout kept for the final gather: min(this fraction, MAX_GATHER_RESERVE_S).
@@ -70,46 +75,11 @@ class GenerationSettings:
                    decode_micro_batch_size=args.vae_decode_micro_batch_size)
 
 
-@dataclass(frozen=True)
-class WorkItem:
-    """One image to generate and judge; ``item_id`` is its position in the global plan."""
-
-    dataset: int  # position in the datasets list
-    prompt: BenchPrompt
-    duplicate: int
-    item_id: int
-
-
-def plan_work(datasets: Sequence[EvalDataset]) -> list[WorkItem]:
-    """Every (dataset, prompt, duplicate) in a fixed order: the same on every rank."""
-    items = []
-    for position, dataset in enumerate(datasets):
-        for prompt in dataset.prompts:
-            for duplicate in range(dataset.spec.duplicates):
-                items.append(WorkItem(position, prompt, duplicate, len(items)))
-    return items
-
-
-def shard_work(items: Sequence[WorkItem], rank: int, world_size: int) -> list[WorkItem]:
-    """This rank's share, round-robin: shares differ by at most one image."""
-    return list(items[rank::world_size])
-
-
-def generation_batches(items: Sequence[WorkItem], micro_batch_size: int) -> list[list[WorkItem]]:
-    """Consecutive items of one dataset (same cfg_scale and steps), at most ``micro_batch_size`` per batch."""
-    batches: list[list[WorkItem]] = []
-    for item in items:
-        if batches and batches[-1][0].dataset == item.dataset and len(batches[-1]) < micro_batch_size:
-            batches[-1].append(item)
-        else:
-            batches.append([item])
-    return batches
-
-
 def run_evaluation(generate_fn: GenerateFn, judge_args: JudgeArguments, eval_args: EvalArguments,
                    datasets: Sequence[EvalDataset], settings: GenerationSettings, output_dir: Optional[str | Path],
-                   step: int) -> EvalReport:
-    """Evaluate this rank's share, gather every rank's judgements and aggregate; rank 0 writes the files."""
+                   step: int, lockstep: bool = False) -> EvalReport:
+    """Evaluate this rank's share, gather every rank's judgements and aggregate; rank 0 writes the files.
+    ``lockstep``: every rank runs the same number of generation forwards (needed under ZeRO-3)."""
     start = time.monotonic()
     timeout_s = eval_args.eval_timeout
     deadline = start + timeout_s if timeout_s > 0 else None
@@ -121,8 +91,12 @@ def run_evaluation(generate_fn: GenerateFn, judge_args: JudgeArguments, eval_arg
     plan = plan_work(datasets)
     sample_dir = Path(output_dir) / SAMPLES_DIR if output_dir is not None and rank == 0 else None
     try:
-        local = _evaluate_shard(generate_fn, judge_args, datasets, shard_work(plan, rank, world_size), settings,
-                                eval_args.eval_num_sample_images, work_deadline, sample_dir)
+        if lockstep and group is not None:
+            batches, steps = lockstep_batches(plan, rank, world_size, settings.micro_batch_size), Lockstep(group)
+        else:
+            batches, steps = rank_batches(plan, rank, world_size, settings.micro_batch_size), None
+        local = _evaluate_shard(generate_fn, judge_args, datasets, batches, settings,
+                                eval_args.eval_num_sample_images, work_deadline, sample_dir, steps)
         judgements, complete = gather_judgements(local, deadline, group)
     finally:
         if group is not None:
@@ -139,49 +113,55 @@ def run_evaluation(generate_fn: GenerateFn, judge_args: JudgeArguments, eval_arg
 
 
 def _evaluate_shard(generate_fn: GenerateFn, judge_args: JudgeArguments, datasets: Sequence[EvalDataset],
-                    items: Sequence[WorkItem], settings: GenerationSettings, num_sample_images: int,
-                    deadline: Optional[float], sample_dir: Optional[Path]) -> list[ImageJudgement]:
-    """Generate and judge ``items``; every item comes back as a judgement (scored or failed with a reason)."""
+                    batches: Sequence[GenerationBatch], settings: GenerationSettings, num_sample_images: int,
+                    deadline: Optional[float], sample_dir: Optional[Path],
+                    lockstep: Optional[Lockstep] = None) -> list[ImageJudgement]:
+    """Generate and judge the items of ``batches``; every item comes back as a judgement (scored or failed with a
+    reason). Padding batches are generated and dropped; with ``lockstep`` every skip is decided by all ranks."""
     def failed(item: WorkItem, error: str) -> ImageJudgement:
         spec = datasets[item.dataset].spec
         return failed_judgement(spec.name, item.prompt, item.duplicate, spec.language, error)
 
-    if not items:
+    items = [item for batch in batches if not batch.padding for item in batch.items]
+    if not batches:
         return []
     with UniGenBenchJudge(judge_args) as judge:
-        try:
-            health_wait = judge_args.judge_health_timeout
-            if deadline is not None:
-                health_wait = max(min(health_wait, deadline - time.monotonic()), MIN_BARRIER_WAIT_S)
-            judge.check_ready(timeout_s=health_wait)
-        except RewardServerUnavailable as err:
-            logger.error("UniGenBench evaluation skipped on this rank (%d images not generated): %s", len(items), err)
-            return [failed(item, f"judge unavailable: {err}") for item in items]
+        ready_error = _judge_ready_error(judge, judge_args, deadline) if items else None
+        if not agree(lockstep, ready_error is None):
+            ready_error = ready_error or "another rank could not reach the judge (ZeRO-3 evaluation runs in step)"
+            logger.error("UniGenBench evaluation skipped on this rank (%d images not generated): %s", len(items),
+                         ready_error)
+            return [failed(item, f"judge unavailable: {ready_error}") for item in items]
         pending: list[tuple[WorkItem, Future]] = []
         results: list[ImageJudgement] = []
         saved: dict[int, int] = {}
         generation_error: Optional[str] = None
-        for batch in generation_batches(items, settings.micro_batch_size):
+        for batch in batches:
+            reason = None
             if generation_error is not None:
                 reason = f"not generated: an earlier batch failed ({generation_error})"
-                results += [failed(item, reason) for item in batch]
-                continue
-            if deadline is not None and time.monotonic() >= deadline:
+            elif deadline is not None and time.monotonic() >= deadline:
                 reason = "not generated: evaluation deadline (--eval_timeout) passed"
-                results += [failed(item, reason) for item in batch]
+            if not agree(lockstep, reason is None):
+                reason = reason or "not generated: another rank stopped (ZeRO-3 evaluation runs in step)"
+            if reason is not None:
+                results += [failed(item, reason) for item in batch.items if not batch.padding]
                 continue
-            spec = datasets[batch[0].dataset].spec
+            spec = datasets[batch.dataset].spec
             try:
-                images = generate_fn([item.prompt.prompt for item in batch], spec.cfg_scale, spec.num_inference_steps,
-                                     settings.seed + batch[0].item_id)
-                if len(images) != len(batch):
-                    raise RuntimeError(f"generate_fn returned {len(images)} images for {len(batch)} prompts")
+                images = generate_fn([item.prompt.prompt for item in batch.items], spec.cfg_scale,
+                                     spec.num_inference_steps, settings.seed + batch.items[0].item_id)
+                if len(images) != len(batch.items):
+                    raise RuntimeError(f"generate_fn returned {len(images)} images for {len(batch.items)} prompts")
             except Exception as err:  # keep the trainer alive; the report says what happened
                 logger.exception("UniGenBench generation failed on %s", spec.name)
                 generation_error = f"{type(err).__name__}: {err}"
-                results += [failed(item, f"generation failed: {generation_error}") for item in batch]
+                results += [failed(item, f"generation failed: {generation_error}") for item in batch.items
+                            if not batch.padding]
                 continue
-            for item, image in zip(batch, images):
+            if batch.padding:
+                continue
+            for item, image in zip(batch.items, images):
                 if sample_dir is not None and saved.get(item.dataset, 0) < num_sample_images:
                     saved[item.dataset] = saved.get(item.dataset, 0) + 1
                     _save_sample(sample_dir / spec.name, item, image)
@@ -189,6 +169,19 @@ def _evaluate_shard(generate_fn: GenerateFn, judge_args: JudgeArguments, dataset
                                                    deadline)))
         results += _collect(pending, deadline, failed)
     return results
+
+
+def _judge_ready_error(judge: UniGenBenchJudge, judge_args: JudgeArguments, deadline: Optional[float]
+                       ) -> Optional[str]:
+    """None when the judge answers its health check (bounded by the deadline), else why not."""
+    health_wait = judge_args.judge_health_timeout
+    if deadline is not None:
+        health_wait = max(min(health_wait, deadline - time.monotonic()), MIN_BARRIER_WAIT_S)
+    try:
+        judge.check_ready(timeout_s=health_wait)
+    except RewardServerUnavailable as err:
+        return str(err)
+    return None
 
 
 def _collect(pending: Sequence[tuple[WorkItem, Future]], deadline: Optional[float],
@@ -263,8 +256,10 @@ def model_generate_fn(model, height: int, width: int, micro_batch_size: Optional
 
 
 def evaluate_model(model, training_args: GRPOConfig, judge_args: JudgeArguments, eval_args: EvalArguments, step: int,
-                   datasets: Sequence[EvalDataset], output_dir: Optional[str | Path] = None) -> EvalReport:
-    """Evaluate ``model`` now (every rank calls it), with the settings of the training flags."""
+                   datasets: Sequence[EvalDataset], output_dir: Optional[str | Path] = None,
+                   lockstep: bool = False) -> EvalReport:
+    """Evaluate ``model`` now (every rank calls it), with the settings of the training flags; ``lockstep`` under
+    ZeRO-3 (see :func:`run_evaluation`)."""
     settings = GenerationSettings.from_training_args(training_args)
     folder = Path(output_dir) if output_dir is not None else Path(training_args.output_dir) / "eval" / f"step_{step}"
     generate_fn = model_generate_fn(model, settings.height, settings.width, settings.micro_batch_size,
@@ -272,13 +267,14 @@ def evaluate_model(model, training_args: GRPOConfig, judge_args: JudgeArguments,
     was_training = model.training
     model.eval()
     try:
-        return run_evaluation(generate_fn, judge_args, eval_args, datasets, settings, folder, step)
+        return run_evaluation(generate_fn, judge_args, eval_args, datasets, settings, folder, step, lockstep)
     finally:
         model.train(was_training)
 
 
 def make_eval_hook(training_args: GRPOConfig, data_args: DataArguments, judge_args: JudgeArguments,
-                   eval_args: EvalArguments) -> Callable[[torch.nn.Module, int], dict[str, float]]:
+                   eval_args: EvalArguments, lockstep: bool = False
+                   ) -> Callable[[torch.nn.Module, int], dict[str, float]]:
     """``hook(model, step) -> metrics`` for a trainer that decides itself when to evaluate (every rank calls it).
 
     The eval YAML and CSVs are read here, once, so a bad eval config fails at start-up rather than at the
@@ -286,6 +282,7 @@ def make_eval_hook(training_args: GRPOConfig, data_args: DataArguments, judge_ar
     datasets = load_eval_datasets(data_args.eval_dataset_config, eval_args.eval_max_prompts)
 
     def hook(model: torch.nn.Module, step: int) -> dict[str, float]:
-        return metrics_for_logging(evaluate_model(model, training_args, judge_args, eval_args, step, datasets))
+        return metrics_for_logging(evaluate_model(model, training_args, judge_args, eval_args, step, datasets,
+                                                  lockstep=lockstep))
 
     return hook

@@ -23,7 +23,7 @@ from deepgen_rl.rewards.http_utils import RetryPolicy
 from deepgen_rl.rewards.vllm_chat import VllmChatClient, VllmServer
 
 EDIT_JUDGE_START_HINT = ("serve an image-editing judge with vLLM, e.g. `UNIFIEDREWARD_MODEL=<edit judge model> "
-                         "UNIFIEDREWARD_PORT=18088 UNIFIEDREWARD_SERVED_NAME=EditJudge bash "
+                         "UNIFIEDREWARD_PORT=18089 UNIFIEDREWARD_SERVED_NAME=EditJudge bash "
                          "scripts/reward_unifiedreward.sh`, and point EDIT_JUDGE_URL / --edit_judge_url at it")
 SCORE_MAX = 10.0
 EDIT_JUDGE_TEMPLATE = """You are a strict judge of image editing. The first {num_sources} image(s) are the SOURCE; the last image is the EDITED result, made from the source by following this instruction:
@@ -66,6 +66,7 @@ class EditJudgeClient:
         if "{instruction}" not in template:
             raise ValueError("the edit judge template must contain '{instruction}' where the instruction goes.")
         self.template = template
+        self.vllm_url = url  # what --vllm_sleep_switching puts to sleep around evaluation
         self.service = f"edit judge server at {url}: {EDIT_JUDGE_START_HINT}"
         server = VllmServer(url, model_name, "edit judge server", EDIT_JUDGE_START_HINT, "--edit_judge_model_name")
         self.chat = VllmChatClient(server, policy, max_concurrency, max_tokens, health_timeout_s, "edit-judge")

@@ -127,6 +127,16 @@ class ErrorResponse(BaseModel):
 
 
 # ---- OpenAI-compatible chat completions (the subset vLLM serves and we use) ----
+# vLLM's sleep mode (dev-mode endpoints, VLLM_SERVER_DEV_MODE=1): POST /sleep?level=1 frees the GPU (weights to
+# host memory, KV cache dropped), POST /wake_up restores it, GET /is_sleeping -> {"is_sleeping": bool}.
+VLLM_SLEEP_PATH = "/sleep"
+VLLM_WAKE_UP_PATH = "/wake_up"
+VLLM_IS_SLEEPING_PATH = "/is_sleeping"
+
+
+class IsSleepingResponse(BaseModel):
+    is_sleeping: bool
+
 
 class ImageUrl(BaseModel):
     url: str
@@ -152,15 +162,36 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage]
     temperature: float = 0.0
     max_tokens: int = 4096
+    # Token log-probabilities of the reply (the vlm_judge's yes/no answer); left out of the request when None.
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
 
 
 class ReplyMessage(BaseModel):
     content: Optional[str] = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    """One generated token, its log-probability and the ``top_logprobs`` most likely tokens at its position."""
+
+    token: str
+    logprob: float
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: Optional[list[TokenLogprob]] = None
+
+
 class Choice(BaseModel):
     message: ReplyMessage
     finish_reason: Optional[str] = None  # "stop", or "length" when max_tokens cut the reply
+    logprobs: Optional[ChoiceLogprobs] = None  # present when the request asked for logprobs
 
 
 class ChatCompletionResponse(BaseModel):

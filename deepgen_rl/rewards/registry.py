@@ -8,6 +8,8 @@
     image_reward, aesthetic
     edit_vlm_judge        edit judge VLM on vLLM, per sample     edit_judge.EditJudgeClient          (edit datasets)
     image_similarity      CLIP source-result cosine, in-process  image_similarity.ImageSimilarityReward (edit datasets)
+    vlm_judge, vlm_judge_<name>   a pointwise VLM judge on vLLM  vlm_judge.VlmJudgeReward  (the named ones come from
+                          --vlm_judge_config: ``known_reward_names(args)`` lists them for the dataset YAML check)
 
 Everything a reward needs comes from the parsed flags (``RewardArguments``, plus the CLIP folder and the device of
 in-process models); nothing here reads the environment. Heavy modules are imported only when their reward is built.
@@ -44,7 +46,8 @@ def _build_unifiedreward_think(args: RewardArguments, clip_model_path: str, devi
 
     return UnifiedRewardThinkClient(args.unifiedreward_think_url, args.unifiedreward_model_name, _policy(args),
                                     args.reward_max_concurrency, args.unifiedreward_max_tokens,
-                                    args.reward_health_timeout)
+                                    args.reward_health_timeout, pair_order=args.unifiedreward_pair_order,
+                                    order_seed=args.unifiedreward_order_seed)
 
 
 def _build_clip_sim(args: RewardArguments, clip_model_path: str, device: str) -> RewardFunction:
@@ -83,6 +86,14 @@ def _build_image_similarity(args: RewardArguments, clip_model_path: str, device:
     return ImageSimilarityReward(clip_model_path, device=device)
 
 
+def _build_vlm_judge(args: RewardArguments, clip_model_path: str, device: str, name: str = "vlm_judge"
+                     ) -> RewardFunction:
+    from deepgen_rl.rewards.vlm_judge import VlmJudgeReward, load_judge_specs
+
+    return VlmJudgeReward(load_judge_specs(args)[name], _policy(args), args.reward_max_concurrency,
+                          args.reward_health_timeout)
+
+
 REWARD_BUILDERS: dict[str, Builder] = {
     "ocr": _build_ocr,
     "unifiedreward_think": _build_unifiedreward_think,
@@ -91,16 +102,38 @@ REWARD_BUILDERS: dict[str, Builder] = {
     **{name: _scorer_builder(name) for name in ("pickscore", "hpsv2", "image_reward", "aesthetic")},
     "edit_vlm_judge": _build_edit_judge,
     "image_similarity": _build_image_similarity,
+    "vlm_judge": _build_vlm_judge,
 }
 REWARD_NAMES: tuple[str, ...] = tuple(REWARD_BUILDERS)
 # Rewards that compare the result with the sample's source images: only edit datasets (JSONL) can use them.
 EDIT_ONLY_REWARDS: tuple[str, ...] = ("edit_vlm_judge", "image_similarity")
 
 
+def _named_judge_builders(args: RewardArguments) -> dict[str, Builder]:
+    """A builder per judge of --vlm_judge_config (none without it)."""
+    if not args.vlm_judge_config:
+        return {}
+    from deepgen_rl.rewards.vlm_judge import VLM_JUDGE, load_judge_specs
+
+    return {name: (lambda a, c, d, name=name: _build_vlm_judge(a, c, d, name))
+            for name in load_judge_specs(args) if name != VLM_JUDGE}
+
+
+def known_reward_names(args: RewardArguments) -> tuple[str, ...]:
+    """Every reward name this run can build: the table's and the judges of --vlm_judge_config."""
+    return REWARD_NAMES + tuple(_named_judge_builders(args))
+
+
+def vllm_reward_urls(rewards: dict[str, RewardFunction]) -> list[str]:
+    """The vLLM servers behind ``rewards`` (every reward with a ``vllm_url``: UnifiedReward-Think, the VLM and
+    edit judges), once each: what --vllm_sleep_switching puts to sleep around evaluation."""
+    return list(dict.fromkeys(url for reward in rewards.values() if (url := getattr(reward, "vllm_url", None))))
+
+
 def build_rewards(names: Iterable[str], args: RewardArguments, clip_model_path: str = "", device: str = "cpu",
                   check_ready: bool = True, builders: Optional[dict[str, Builder]] = None) -> dict[str, RewardFunction]:
     """Build each named reward (and, by default, check its server is up: fail at start-up, not mid-run)."""
-    table = builders if builders is not None else REWARD_BUILDERS
+    table = builders if builders is not None else {**REWARD_BUILDERS, **_named_judge_builders(args)}
     rewards: dict[str, RewardFunction] = {}
     try:
         for name in dict.fromkeys(names):

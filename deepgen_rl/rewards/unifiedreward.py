@@ -1,26 +1,31 @@
 """``unifiedreward_think`` reward: pairwise UnifiedReward-Think on a vLLM server (OpenAI chat API).
 
-Within one prompt's group of G images every pair is judged once (C(G, 2) requests; the lower sample index is
-shown as "Image 1"); an image's reward is its win rate
+Within one prompt's group of G images every pair is judged (C(G, 2) pairs); an image's reward is its win rate
 
-    r_i = wins_i / comparisons_i   over the comparisons of i that got a parsed verdict.
+    r_i = wins_i / comparisons_i   over the pairs of i that got a parsed verdict (``pairwise.win_rates``).
 
-The pairs of ALL groups are in flight together (up to ``max_concurrency``; the reference judged groups one
+Which image is shown first follows ``--unifiedreward_pair_order``: 'random' by default (drawn per reward call from
+the seed, the call index and the rank), 'both' (each pair judged in both orders, verdicts averaged) or 'fixed'
+(lower index first, the reference's order, which turns the judge's position bias into index-ordered rewards).
+The requests of ALL groups are in flight together (up to ``max_concurrency``; the reference judged groups one
 after another). A pair whose reply is refused, times out or cannot be parsed is retried, then dropped and
-counted; an image whose comparisons all failed has no reward (excluded, never 0.5). Logged: the share of
-pairs judged and the answer-parse success rate over every reply received (retries included).
+counted; a reply cut at max_tokens is not retried (it fails naming --unifiedreward_max_tokens); an image whose
+comparisons all failed has no reward (excluded, never 0.5). Logged (``pairwise.verdict_metrics``): pairs judged,
+answer-parse rate, truncation rate, the share of "Image 1" verdicts and, in 'both' mode, the agreement rate.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 from PIL import Image
 
+from deepgen_rl.distributed import rank_and_world
+from deepgen_rl.judge_flags import PAIR_ORDERS, PairOrder
 from deepgen_rl.rewards.base import RewardScores, check_batch, groups_by_id
 from deepgen_rl.rewards.http_utils import RetryPolicy, png_data_url
+from deepgen_rl.rewards.pairwise import PairVerdict, order_rng, presentations, verdict_metrics, win_rates
 from deepgen_rl.rewards.vllm_chat import VllmChatClient, VllmServer
 from deepgen_rl.rewards.unifiedreward_template import (
     PAIRWISE_THINK_TEMPLATE,
@@ -28,51 +33,10 @@ from deepgen_rl.rewards.unifiedreward_template import (
     render_pairwise_prompt,
 )
 
+__all__ = ["PairVerdict", "UnifiedRewardThinkClient", "win_rates"]
+
 UNIFIEDREWARD_START_HINT = ("start it with `bash scripts/reward_unifiedreward.sh` (vLLM), or point "
                             "UNIFIEDREWARD_THINK_URL / --unifiedreward_think_url at it")
-
-
-@dataclass(frozen=True)
-class PairVerdict:
-    """One judged pair: sample indices ``first`` (shown as Image 1) and ``second``; ``winner`` is one of them,
-    or None when the pair failed (``error`` says why). ``replies``/``parsed``: HTTP-200 replies received and
-    how many of them had a readable answer."""
-
-    first: int
-    second: int
-    winner: Optional[int]
-    error: Optional[str]
-    replies: int
-    parsed: int
-
-
-def win_rates(num_samples: int, group_ids: Sequence[int], verdicts: Sequence[PairVerdict]) -> RewardScores:
-    """r_i = wins_i / comparisons_i over parsed verdicts; None (with the reason) when i has no parsed verdict."""
-    wins = [0] * num_samples
-    comparisons = [0] * num_samples
-    first_error: list[Optional[str]] = [None] * num_samples
-    for verdict in verdicts:
-        if verdict.winner is None:
-            for index in (verdict.first, verdict.second):
-                first_error[index] = first_error[index] or verdict.error
-            continue
-        comparisons[verdict.first] += 1
-        comparisons[verdict.second] += 1
-        wins[verdict.winner] += 1
-    group_sizes = {gid: len(members) for gid, members in groups_by_id(group_ids).items()}
-    values: list[Optional[float]] = []
-    errors: list[Optional[str]] = []
-    for index in range(num_samples):
-        if comparisons[index]:
-            values.append(wins[index] / comparisons[index])
-            errors.append(None)
-        elif group_sizes[int(group_ids[index])] < 2:
-            values.append(None)
-            errors.append("pairwise reward needs >= 2 samples in the group; this group has 1")
-        else:
-            values.append(None)
-            errors.append(f"every comparison of this image failed; first error: {first_error[index]}")
-    return RewardScores(values=values, errors=errors)
 
 
 def _read_answer(reply: str) -> int:
@@ -87,14 +51,20 @@ class UnifiedRewardThinkClient:
     score_range = (0.0, 1.0)  # a win rate
 
     def __init__(self, url: str, model_name: str, policy: RetryPolicy, max_concurrency: int, max_tokens: int,
-                 health_timeout_s: float, template: str = PAIRWISE_THINK_TEMPLATE) -> None:
+                 health_timeout_s: float, template: str = PAIRWISE_THINK_TEMPLATE, pair_order: PairOrder = "random",
+                 order_seed: int = 0) -> None:
         if "{prompt}" not in template:
             raise ValueError("the UnifiedReward template must contain '{prompt}' where the caption goes.")
-        self.url = url
+        if pair_order not in PAIR_ORDERS:
+            raise ValueError(f"--unifiedreward_pair_order must be one of {', '.join(PAIR_ORDERS)}; got {pair_order!r}.")
+        self.url = self.vllm_url = url
+        self.pair_order, self.order_seed = pair_order, order_seed
+        # Reward calls so far (next() is atomic): with the seed and the rank they seed each call's pair orders.
+        self._calls = itertools.count()
         self.service = f"UnifiedReward-Think server at {url}: {UNIFIEDREWARD_START_HINT}"
         self.template = template
         server = VllmServer(url, model_name, "UnifiedReward-Think server", UNIFIEDREWARD_START_HINT,
-                            "--unifiedreward_model_name")
+                            "--unifiedreward_model_name", "--unifiedreward_max_tokens")
         self.chat = VllmChatClient(server, policy, max_concurrency, max_tokens, health_timeout_s, "unifiedreward")
 
     def check_ready(self) -> None:
@@ -104,25 +74,23 @@ class UnifiedRewardThinkClient:
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str], group_ids: Sequence[int]) -> RewardScores:
         n = check_batch(images, prompts, group_ids)
         pairs = [pair for members in groups_by_id(group_ids).values() for pair in itertools.combinations(members, 2)]
+        call = next(self._calls)
+        rng = order_rng(self.order_seed, rank_and_world()[0], call) if self.pair_order == "random" else None
+        shown = presentations(pairs, self.pair_order, rng)
         needed = sorted({index for pair in pairs for index in pair})
         urls = dict(zip(needed, self.chat.pool.map(lambda i: png_data_url(images[i]), needed)))
         futures = [self.chat.pool.submit(self._judge_pair, first, second, prompts[first], urls[first], urls[second])
-                   for first, second in pairs]
+                   for first, second in shown]
         verdicts = [future.result() for future in futures]
         scores = win_rates(n, group_ids, verdicts)
-        replies = sum(v.replies for v in verdicts)
-        scores.metrics = {
-            "pairs": float(len(pairs)),
-            "pairs_judged": float(sum(v.winner is not None for v in verdicts)),
-            "answer_parse_rate": sum(v.parsed for v in verdicts) / replies if replies else 0.0,
-        }
+        scores.metrics = verdict_metrics(verdicts, len(pairs))
         return scores
 
     def _judge_pair(self, first: int, second: int, prompt: str, url_first: str, url_second: str) -> PairVerdict:
         answer = self.chat.ask([url_first, url_second], render_pairwise_prompt(prompt, self.template), _read_answer,
                                f"UnifiedReward pair ({first}, {second})")
         winner = None if answer.value is None else (first if answer.value == 1 else second)
-        return PairVerdict(first, second, winner, answer.error, answer.replies, answer.parsed)
+        return PairVerdict(first, second, winner, answer.error, answer.replies, answer.parsed, answer.truncated)
 
     def close(self) -> None:
         self.chat.close()

@@ -3,8 +3,10 @@
 ``ask(images, text, parse)`` sends the images (base64 PNG data URLs) and the question in one user message at
 temperature 0 (a verdict must not depend on sampling luck), and runs ``parse`` on the reply text. A transport
 error, a 5xx or a reply ``parse`` rejects (it raises ``ValueError``) is retried with backoff; what still fails
-comes back as an error string, never raised. A reply cut by ``max_tokens`` (finish_reason "length") that
-``parse`` cannot read is NOT retried: greedy decoding would cut it at the same place again.
+comes back as an error string, never raised (``parse`` may raise ``PermanentError`` for a reply that asking
+again cannot fix). A reply cut by ``max_tokens`` (finish_reason "length") that ``parse`` cannot read is NOT
+retried: greedy decoding would cut it at the same place again; the failure names the flag that raises the limit
+(``VllmServer.max_tokens_flag``) and ``Answer.truncated`` counts it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from deepgen_rl.rewards.http_utils import (MAX_CONNECT_TIMEOUT_S, PermanentError
                                            call_with_retries, join_url, make_client, parse_reply, png_data_url,
                                            require_served_model, wait_for_health)
 from deepgen_rl.rewards.protocol import (CHAT_COMPLETIONS_PATH, VLLM_HEALTH_PATH, VLLM_MODELS_PATH, ChatCompletionRequest,
-                                         ChatCompletionResponse, ChatMessage, ImageContent, ImageUrl, TextContent)
+                                         ChatCompletionResponse, ChatMessage, Choice, ImageContent, ImageUrl,
+                                         TextContent)
 
 T = TypeVar("T")
 TEMPERATURE = 0.0
@@ -37,12 +40,14 @@ class VllmServer:
     service: str  # e.g. "UnifiedReward-Think server"
     start_hint: str  # the script to run / the URL flag to set
     model_flag: str  # the flag that names the served model, e.g. "--unifiedreward_model_name"
+    max_tokens_flag: str = "the max_tokens flag"  # e.g. "--unifiedreward_max_tokens", named when a reply is cut
 
 
 @dataclass
 class Answer(Generic[T]):
     """value (None on failure, then ``error`` says why); ``replies``/``parsed``: HTTP-200 replies received and how
-    many ``parse`` accepted; ``last_reply``: the text of the last one."""
+    many ``parse`` accepted; ``last_reply``: the text of the last one; ``truncated``: replies cut at max_tokens
+    that ``parse`` could not read (0 or 1: such a reply ends the question)."""
 
     value: Optional[T]
     error: Optional[str]
@@ -50,6 +55,7 @@ class Answer(Generic[T]):
     replies: int
     parsed: int
     last_reply: str
+    truncated: int = 0
 
 
 class VllmChatClient:
@@ -72,33 +78,42 @@ class VllmChatClient:
 
     def ask(self, images: Sequence[Image.Image | str], text: str, parse: Callable[[str], T], what: str,
             deadline: Optional[float] = None) -> Answer[T]:
-        """One question (images: PIL or data URLs, then ``text``) with retries; ``deadline`` (``time.monotonic()``
-        seconds): no attempt starts after it and no request waits past it. Never raises for a failed request."""
+        """One question (images: PIL or data URLs, then ``text``) with retries; ``parse`` reads the reply text.
+        ``deadline`` (``time.monotonic()`` seconds): no attempt starts after it and no request waits past it.
+        Never raises for a failed request."""
+        return self.ask_choice(images, text, lambda choice: parse(choice.message.content or ""), what, deadline)
+
+    def ask_choice(self, images: Sequence[Image.Image | str], text: str, parse: Callable[[Choice], T], what: str,
+                   deadline: Optional[float] = None, top_logprobs: Optional[int] = None) -> Answer[T]:
+        """As :meth:`ask`, but ``parse`` reads the whole reply choice; ``top_logprobs`` > 0 asks the server for the
+        token log-probabilities of the reply (the ``top_logprobs`` likeliest tokens at each position)."""
         content = [ImageContent(image_url=ImageUrl(url=i if isinstance(i, str) else png_data_url(i))) for i in images]
-        payload = ChatCompletionRequest(model=self.server.model_name, temperature=TEMPERATURE, max_tokens=self.max_tokens,
-                                        messages=[ChatMessage(role="user", content=[*content, TextContent(text=text)])],
-                                        ).model_dump()
+        payload = ChatCompletionRequest(
+            model=self.server.model_name, temperature=TEMPERATURE, max_tokens=self.max_tokens,
+            messages=[ChatMessage(role="user", content=[*content, TextContent(text=text)])],
+            logprobs=True if top_logprobs else None, top_logprobs=top_logprobs or None,
+        ).model_dump(exclude_none=True)
         replies: list[str] = []
-        parsed = 0
+        counts = {"parsed": 0, "truncated": 0}
 
         def attempt() -> T:
-            nonlocal parsed
             choice = self._post(payload, deadline).choices[0]
-            content = choice.message.content or ""
-            replies.append(content)
+            replies.append(choice.message.content or "")
             try:
-                value = parse(content)
+                value = parse(choice)
             except ValueError as err:
                 if choice.finish_reason == "length":
+                    counts["truncated"] += 1
                     raise PermanentError(f"the reply was cut at max_tokens={self.max_tokens} before an answer "
-                                         f"(finish_reason 'length'); raise the max_tokens flag ({err})") from None
+                                         f"(finish_reason 'length'; not retried, greedy decoding would cut it "
+                                         f"again): raise {self.server.max_tokens_flag} ({err})") from None
                 raise RetryableError(f"unusable reply: {err}") from None
-            parsed += 1
+            counts["parsed"] += 1
             return value
 
         outcome = call_with_retries(attempt, self.policy, what)
-        return Answer(outcome.value, outcome.error, outcome.attempts, len(replies), parsed,
-                      replies[-1] if replies else "")
+        return Answer(outcome.value, outcome.error, outcome.attempts, len(replies), counts["parsed"],
+                      replies[-1] if replies else "", counts["truncated"])
 
     def _post(self, payload: dict, deadline: Optional[float]) -> ChatCompletionResponse:
         timeout = self.policy.timeout_s

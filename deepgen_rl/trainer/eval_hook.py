@@ -1,17 +1,20 @@
 """The periodic UniGenBench evaluation hook of the trainer (deepgen_rl/eval/ does the work).
 
-Built once at start-up. Evaluation runs only when every rank can take part: the eval dataset config exists, the
+Built once at start-up. Evaluation runs only when every rank can take part: the eval dataset config exists and the
 judge answers its health check on every rank (the decision is all-reduced, so no rank waits in a collective the
-others skipped) and the parameters are not ZeRO-3-partitioned (the eval runner's uneven per-rank work would
-deadlock partitioned forwards). Otherwise one clear warning says why and training goes on without it; the
-runner itself bounds each evaluation by --eval_timeout.
+others skipped). Otherwise one clear warning says why and training goes on without it; the runner itself bounds
+each evaluation by --eval_timeout. Under ZeRO-3 (partitioned parameters) the runner keeps the ranks' generation
+forwards in step (``eval/sharding.py``).
+
+``--vllm_sleep_switching``: the judge is put to sleep at start-up, and each evaluation runs between
+``to_judge`` and ``to_reward`` (``eval/switching.py``); rank 0 switches, the others wait for its outcome.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -38,8 +41,6 @@ def _unavailable_reason(args: GRPOConfig, data_args: DataArguments, judge_args: 
     config = Path(data_args.eval_dataset_config)
     if not config.is_file():
         return f"the eval dataset config {config} (--eval_dataset_config / EVAL_DATASET_CONFIG) does not exist"
-    if zero_stage(load_deepspeed_config(args.deepspeed)) >= 3:
-        return "ZeRO-3 partitions the weights and the evaluation's uneven per-rank work would deadlock"
     from deepgen_rl.eval import UniGenBenchJudge
     from deepgen_rl.rewards.http_utils import RewardServerUnavailable
 
@@ -54,14 +55,17 @@ def _unavailable_reason(args: GRPOConfig, data_args: DataArguments, judge_args: 
 
 
 def build_eval_hook(args: GRPOConfig, data_args: DataArguments, judge_args: JudgeArguments,
-                    eval_args: EvalArguments) -> Optional[EvalHook]:
+                    eval_args: EvalArguments, vllm_reward_urls: Sequence[str] = ()) -> Optional[EvalHook]:
     """``hook(model, step) -> metrics`` (every rank calls it), or None with one warning when evaluation cannot
-    run; None without a word when --eval_freq is 0."""
+    run; None without a word when --eval_freq is 0. ``vllm_reward_urls``: the vLLM reward servers of this run
+    (what --vllm_sleep_switching puts to sleep around evaluation)."""
+    rank, _ = rank_and_world()
     if not args.eval_freq:
+        if eval_args.vllm_sleep_switching and rank == 0:
+            logger.warning("--vllm_sleep_switching does nothing with --eval_freq 0: there is no evaluation.")
         return None
     reason = _unavailable_reason(args, data_args, judge_args)
     if not _all_ranks_agree(reason is None):
-        rank, _ = rank_and_world()
         if rank == 0:
             logger.warning("periodic evaluation (--eval_freq %d) is OFF for this run: %s. Start the judge with "
                            "`bash scripts/eval_unigenbench_evalmodel.sh` or pass --eval_freq 0.", args.eval_freq,
@@ -69,4 +73,47 @@ def build_eval_hook(args: GRPOConfig, data_args: DataArguments, judge_args: Judg
         return None
     from deepgen_rl.eval import make_eval_hook
 
-    return make_eval_hook(args, data_args, judge_args, eval_args)
+    lockstep = zero_stage(load_deepspeed_config(args.deepspeed)) >= 3
+    hook = make_eval_hook(args, data_args, judge_args, eval_args, lockstep=lockstep)
+    if not eval_args.vllm_sleep_switching:
+        return hook
+    from deepgen_rl.eval.switching import VllmSleepSwitch
+
+    switch = VllmSleepSwitch(vllm_reward_urls, judge_args.unigenbench_api_url, eval_args.vllm_switch_timeout)
+    if rank == 0:
+        logger.info("--vllm_sleep_switching: reward server(s) %s <-> judge %s around each evaluation",
+                    ", ".join(switch.reward_urls) or "(none: this run has no vLLM reward)", switch.judge_url)
+    switch_on_rank0(switch.to_reward)  # the judge sleeps while training; a server that cannot switch stops here
+    return switched_hook(hook, switch)
+
+
+def switched_hook(hook: EvalHook, switch) -> EvalHook:
+    """``hook`` between ``switch.to_judge()`` and ``switch.to_reward()`` (the latter also after a failure)."""
+    def run(model: torch.nn.Module, step: int) -> Mapping[str, float]:
+        try:
+            switch_on_rank0(switch.to_judge)
+            return hook(model, step)
+        finally:
+            switch_on_rank0(switch.to_reward)
+
+    return run
+
+
+def switch_on_rank0(action: Callable[[], None]) -> None:
+    """Run ``action`` on rank 0 only (one switch per server); every rank raises VllmSwitchError if it failed."""
+    from deepgen_rl.eval.switching import VllmSwitchError
+
+    rank, world_size = rank_and_world()
+    message = [""]
+    if rank == 0:
+        try:
+            action()
+        except VllmSwitchError as err:
+            logger.error("vLLM sleep switching failed: %s", err)
+            message = [str(err)]
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(message, src=0)
+    if message[0]:
+        raise VllmSwitchError(message[0])

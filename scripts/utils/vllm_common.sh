@@ -3,6 +3,7 @@
 #
 # After `source`, call:   vllm_parse_args "$@"     -> sets dry_run (0/1) and extra_args (passed to vLLM)
 #                          vllm_parallel_args       -> sets parallel_args, parallel_size from VLLM_PARALLEL_MODE
+#                          vllm_bind_host VAR       -> sets host: $VAR, else $VLLM_HOST, else 127.0.0.1
 #                          vllm_run NAME cmd...     -> prints the command (--dry-run) or execs it
 
 die() { echo "error: $*" >&2; exit 2; }
@@ -58,9 +59,23 @@ vllm_parallel_args() {
     parallel_mode="$mode"
 }
 
+# Sleep mode needs vLLM's dev mode, whose endpoints (/sleep, /wake_up, /reset_prefix_cache, ...) have no
+# authentication: bind to the loopback interface unless told otherwise, and say so loudly when told otherwise.
+vllm_bind_host() {  # VAR: the script's own host variable (read before VLLM_HOST)
+    host="${!1:-${VLLM_HOST:-127.0.0.1}}"
+    case "$host" in
+        127.0.0.1|localhost|::1) ;;
+        *) echo "warning: binding ${host} (${1} / VLLM_HOST): vLLM runs in dev mode (VLLM_SERVER_DEV_MODE=1, for" \
+                "sleep mode), so /sleep, /wake_up, /reset_prefix_cache and its other dev endpoints are open to every" \
+                "host that reaches this port; use a trusted network or firewall the port." >&2 ;;
+    esac
+}
+
 vllm_run() {  # NAME cmd...
     local name="$1"
     shift
+    echo "[$name] sleep mode is enabled but nothing switches it unless training runs with --vllm_sleep_switching" \
+         "(then the trainer puts the reward model to sleep and wakes the judge around each evaluation)." >&2
     if [ "$dry_run" = 1 ]; then
         printf 'VLLM_SERVER_DEV_MODE=1'
         printf ' %q' "$@"

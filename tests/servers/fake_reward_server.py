@@ -8,7 +8,18 @@ in the prompt / caption, so one server covers every case:
 * chat (UnifiedReward): the winner is the BRIGHTER image (mean pixel value; ties -> Image 1), replied in the
   model's <think>...</think><answer>Image N is better</answer> format. Keywords: GARBAGE (a reply without an
   answer), ERROR500 (HTTP 500), BADJSON (200 with a non-JSON body), SLOW (answers after --slow-seconds),
-  LAG (answers after --lag-seconds), FLAKY (HTTP 500 on the first attempt of each pair, then a real answer).
+  LAG (answers after --lag-seconds), FLAKY (HTTP 500 on the first attempt of each pair, then a real answer),
+  FIRST (always "Image 1 is better": a judge with a pure position bias), TRUNCATED (a reply cut inside <think>
+  with finish_reason "length", as vLLM stops at max_tokens).
+* chat with ONE image (the pointwise vlm_judge): brightness b in [0, 1] decides. Asked for logprobs: the first
+  token is "Yes" with top log-probabilities log(p) for "Yes", log(1 - p) for "No" (p = clip(b, 0.01, 0.99)) and
+  a stray " maybe"; otherwise the reply is "Score: N/10" with N = 1 + round(9 b). Keywords: TRUNCATED as above,
+  NOLOGPROBS (no logprobs in the reply), GARBAGE.
+* vLLM sleep mode: ``POST /sleep``, ``POST /wake_up``, ``GET /is_sleeping``; each call is logged in order as
+  [path, wall-clock ns (orders the calls of two of these servers), the state /is_sleeping answered or null] in
+  ``/stats`` ``sleep_log``. ``--sleep-mode``:
+  ``on`` (state flips ``--sleep-lag-seconds`` after the call), ``stuck`` (calls accepted, state never changes),
+  ``off`` (404, as vLLM without VLLM_SERVER_DEV_MODE).
 * OCR /score: score = mean brightness / 255 of the image. Keywords: ERROR500, GARBAGE (JSON not matching the
   contract), SLOW, REJECT (400 naming that item as our OCR server does), ITEMERR (a per-item error), HUGE (a
   score of 1e30, as a broken server might send).
@@ -24,8 +35,10 @@ import argparse
 import asyncio
 import base64
 import io
+import math
 import re
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -42,7 +55,8 @@ from deepgen_rl.rewards.protocol import (  # noqa: E402  (the repo root must be 
     OcrScoreResponse,
 )
 
-KEYWORDS = ("GARBAGE", "ERROR500", "BADJSON", "SLOW", "LAG", "FLAKY", "REJECT", "ITEMERR", "HUGE")
+KEYWORDS = ("GARBAGE", "ERROR500", "BADJSON", "SLOW", "LAG", "FLAKY", "REJECT", "ITEMERR", "HUGE", "FIRST",
+            "TRUNCATED", "NOLOGPROBS")
 CAPTION = re.compile(r"「(.*?)」", re.DOTALL)
 
 
@@ -60,6 +74,44 @@ def think_reply(winner: int) -> str:
     loser = 3 - winner
     return (f"<think>\n1. Semantic consistency:\n    Image {winner} (8/10) - matches;\n    Image {loser} (5/10) - weaker\n"
             f"Total score:\nImage {winner}: 8\nImage {loser}: 5\n</think>\n<answer>Image {winner} is better</answer>")
+
+
+def pointwise_reply(url: str, keyword: str, logprobs: bool) -> dict:
+    """The choice of a one-image (vlm_judge) request; see the module docstring."""
+    level = brightness(url) / 255.0
+    if keyword == "TRUNCATED":
+        return {"message": {"role": "assistant", "content": "The image shows"}, "finish_reason": "length"}
+    if keyword == "GARBAGE":
+        return {"message": {"role": "assistant", "content": "A nice picture."}, "finish_reason": "stop"}
+    if not logprobs:
+        return {"message": {"role": "assistant", "content": f"Score: {1 + round(9 * level)}/10"},
+                "finish_reason": "stop"}
+    p = min(max(level, 0.01), 0.99)
+    top = [{"token": "Yes", "logprob": math.log(p)}, {"token": "No", "logprob": math.log(1 - p)},
+           {"token": " maybe", "logprob": math.log(1e-3)}]
+    choice = {"message": {"role": "assistant", "content": "Yes"}, "finish_reason": "length"}
+    if keyword != "NOLOGPROBS":
+        choice["logprobs"] = {"content": [{"token": "Yes", "logprob": math.log(p), "top_logprobs": top}]}
+    return choice
+
+
+class SleepState:
+    """vLLM sleep mode as the endpoints show it: the state flips ``lag_s`` after /sleep or /wake_up."""
+
+    def __init__(self, mode: str, lag_s: float) -> None:
+        self.mode, self.lag_s = mode, lag_s
+        self.asleep, self.flip_at, self.target = False, 0.0, False
+        self.log: list[list] = []
+
+    def call(self, path: str, target: bool) -> None:
+        self.log.append([path, time.time_ns(), None])
+        if self.mode == "on":
+            self.target, self.flip_at = target, time.monotonic() + self.lag_s
+
+    def is_sleeping(self) -> bool:
+        if self.mode == "on" and time.monotonic() >= self.flip_at:
+            self.asleep = self.target
+        return self.asleep
 
 
 def ocr_results(parsed: OcrScoreRequest, keywords: list[str]) -> list[OcrItemResult]:
@@ -94,7 +146,7 @@ class TrackReplies:
             self.in_flight["now"] -= 1
 
 
-def create_app(served_model_name: str, slow_s: float, lag_s: float) -> FastAPI:
+def create_app(served_model_name: str, slow_s: float, lag_s: float, sleep: SleepState) -> FastAPI:
     app = FastAPI()
     requests: Counter = Counter()
     answered: Counter = Counter()
@@ -114,7 +166,29 @@ def create_app(served_model_name: str, slow_s: float, lag_s: float) -> FastAPI:
     @app.get("/stats")
     async def stats():
         return {"requests": dict(requests), "answered": dict(answered), "max_in_flight": in_flight["max"],
-                "batch_sizes": batch_sizes}
+                "batch_sizes": batch_sizes, "sleep_log": sleep.log}
+
+    @app.post("/sleep")
+    async def go_to_sleep(level: int = 1):
+        if sleep.mode == "off":
+            return PlainTextResponse("Not Found", status_code=404)
+        sleep.call(f"/sleep?level={level}", True)
+        return PlainTextResponse("", status_code=200)
+
+    @app.post("/wake_up")
+    async def wake_up():
+        if sleep.mode == "off":
+            return PlainTextResponse("Not Found", status_code=404)
+        sleep.call("/wake_up", False)
+        return PlainTextResponse("", status_code=200)
+
+    @app.get("/is_sleeping")
+    async def is_sleeping():
+        if sleep.mode == "off":
+            return PlainTextResponse("Not Found", status_code=404)
+        state = sleep.is_sleeping()
+        sleep.log.append(["/is_sleeping", time.time_ns(), state])
+        return {"is_sleeping": state}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -136,11 +210,17 @@ def create_app(served_model_name: str, slow_s: float, lag_s: float) -> FastAPI:
                 return PlainTextResponse("warming up", status_code=503)
         if keyword in ("SLOW", "LAG"):
             await asyncio.sleep(slow_s if keyword == "SLOW" else lag_s)
-        reply = "Both images look nice to me." if keyword == "GARBAGE" else \
-            think_reply(1 if brightness(urls[0]) >= brightness(urls[1]) else 2)
         request.state.answered = [keyword]
+        if len(urls) == 1:
+            return {"id": "fake", "object": "chat.completion", "model": body["model"],
+                    "choices": [{"index": 0, **pointwise_reply(urls[0], keyword, bool(body.get("logprobs")))}]}
+        winner = 1 if keyword == "FIRST" or brightness(urls[0]) >= brightness(urls[1]) else 2
+        reply = "Both images look nice to me." if keyword == "GARBAGE" else think_reply(winner)
+        finish = "stop"
+        if keyword == "TRUNCATED":
+            reply, finish = reply[:40], "length"
         return {"id": "fake", "object": "chat.completion", "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}]}
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": finish}]}
 
     @app.post("/score")
     async def score(request: Request):
@@ -170,10 +250,13 @@ def main() -> None:
     parser.add_argument("--served-model-name", default="UnifiedReward")
     parser.add_argument("--slow-seconds", type=float, default=5.0)
     parser.add_argument("--lag-seconds", type=float, default=0.3)
+    parser.add_argument("--sleep-mode", choices=("on", "stuck", "off"), default="on")
+    parser.add_argument("--sleep-lag-seconds", type=float, default=0.0)
     args = parser.parse_args()
     import uvicorn
 
-    uvicorn.run(create_app(args.served_model_name, args.slow_seconds, args.lag_seconds), host="127.0.0.1",
+    sleep = SleepState(args.sleep_mode, args.sleep_lag_seconds)
+    uvicorn.run(create_app(args.served_model_name, args.slow_seconds, args.lag_seconds, sleep), host="127.0.0.1",
                 port=args.port, log_level="warning")
 
 
