@@ -317,8 +317,8 @@ class GRPOConfig(TrainingArguments, AlgorithmFlags):
     )
     init_same_noise: Optional[bool] = field(
         default=None,
-        metadata={"help": "All images of a prompt's group start from the same initial noise. Default: true (reference), "
-                  "false for --atrain_algorithm diffusionnft (which refuses true)."},
+        metadata={"help": "All images of a prompt's group start from the same initial noise. Default: true "
+                  "(reference), false for --atrain_algorithm diffusionnft (which refuses true)."},
     )
 
     # --- GRPO objective ---

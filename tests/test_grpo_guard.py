@@ -43,7 +43,8 @@ def _log_prob(x_next, mean, std, variant):
     return -sq / (2 * std * std) - math.log(std) - 0.5 * math.log(2 * math.pi)
 
 
-CASES = [("flow_sde", "exact", 0.7), ("cps_sde", "reference", 0.8), ("cps_sde", "exact", 0.8), ("dance_sde", "exact", 0.3)]
+CASES = [("flow_sde", "exact", 0.7), ("cps_sde", "reference", 0.8), ("cps_sde", "exact", 0.8),
+         ("dance_sde", "exact", 0.3)]
 
 
 @pytest.mark.parametrize("sampler,variant,eta", CASES)

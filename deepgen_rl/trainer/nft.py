@@ -65,6 +65,27 @@ class NftDraw:
         return self._cached[column]
 
 
+def _gather_own_partitioned_params_in_forward(module: torch.nn.Module) -> None:
+    """Hooks gathering ``module``'s own ZeRO-3-partitioned parameters around its forward (no-op without any)."""
+    params = [p for p in module.parameters(recurse=False) if hasattr(p, "ds_id")]
+    if not params:
+        return
+    import deepspeed
+
+    open_contexts = []
+
+    def gather(_module, _inputs):
+        context = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        context.__enter__()
+        open_contexts.append(context)
+
+    def release(_module, _inputs, _output):
+        open_contexts.pop().__exit__(None, None, None)
+
+    module.register_forward_pre_hook(gather)
+    module.register_forward_hook(release)
+
+
 class NftOldPolicy:
     """The old policy of DiffusionNFT: a frozen copy of the trained modules, its decay schedule and counters."""
 
@@ -90,7 +111,10 @@ class NftOldPolicy:
         return self.policy.module
 
     def to(self, device: torch.device, dtype: Optional[torch.dtype] = None) -> "NftOldPolicy":
+        """Move the copy beside the policy (after deepspeed.initialize) and, under ZeRO-3, let its forward gather the
+        shared top-level parameters (``meta_queries``) that DeepSpeed gathers only inside the LIVE model's forward."""
         self.policy.to(device, dtype)
+        _gather_own_partitioned_params_in_forward(self.policy.module)
         return self
 
     def _old_params(self) -> dict[str, torch.nn.Parameter]:
