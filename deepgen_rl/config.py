@@ -25,6 +25,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from .algorithm_config import AlgorithmFlags, validate_algorithm_flags
 from .deepspeed_json import read_deepspeed_json
+from .rewards.scorer_flags import SCORER_URL_FLAGS, ScorerUrlArguments
 from .rl.advantages import AdvantageType
 from .rl.losses import KLType, clip_band
 from .rl.timesteps import num_train_steps
@@ -40,6 +41,7 @@ CHECKPOINT_ENV = "CHECKPOINT"
 DEFAULT_OCR_PORT = 18082
 DEFAULT_UNIFIEDREWARD_PORT = 18087
 DEFAULT_UNIGENBENCH_PORT = 8000
+DEFAULT_EDIT_JUDGE_PORT = 18088
 
 # The choices of each flag are its Literal type's arguments (one source: the type the field is annotated with).
 SdeSampler = Literal["cps_sde", "flow_sde", "dance_sde"]
@@ -187,7 +189,7 @@ def _check_urls(args, *flags: str) -> None:
 
 
 @dataclass
-class RewardArguments:
+class RewardArguments(ScorerUrlArguments):
     """The reward servers of training and how hard to try (one request: a batch of images, or one image pair)."""
 
     ocr_url: str = _env_field("OCR_URL", f"http://localhost:{DEFAULT_OCR_PORT}", "OCR reward server.")
@@ -201,7 +203,8 @@ class RewardArguments:
     reward_timeout: float = field(default=300.0, metadata={"help": "Seconds before one reward request is abandoned."})
     reward_max_retries: int = field(default=3, metadata={"help": "Retries of a failed reward request (then reported)."})
     reward_max_concurrency: int = field(default=64, metadata={"help": "Reward requests in flight at once per rank."})
-    reward_request_batch_size: int = field(default=16, metadata={"help": "Images per request to batched servers (OCR)."})
+    reward_request_batch_size: int = field(default=16, metadata={
+        "help": "Images per request to batched servers (OCR, pickscore, hpsv2, image_reward, aesthetic)."})
     reward_retry_backoff: float = field(default=1.0, metadata={
         "help": "Seconds before the first retry of a failed reward request; doubles per retry, capped at 30 s."})
     reward_health_timeout: float = field(default=30.0, metadata={
@@ -209,12 +212,19 @@ class RewardArguments:
     unifiedreward_max_tokens: int = field(
         default=4096, metadata={"help": "max_tokens of one UnifiedReward-Think reply (its <think> reasoning is long)."}
     )
+    # The edit_vlm_judge reward (edit datasets): rewards/edit_judge.py.
+    edit_judge_url: str = _env_field("EDIT_JUDGE_URL", f"http://localhost:{DEFAULT_EDIT_JUDGE_PORT}",
+                                     "vLLM server (OpenAI API) of the image-editing judge (edit_vlm_judge reward).")
+    edit_judge_model_name: str = field(
+        default="EditJudge", metadata={"help": "Served model name of the edit judge on its vLLM server."})
+    edit_judge_max_tokens: int = field(
+        default=2048, metadata={"help": "max_tokens of one edit judge reply (reasoning, then <score>X</score>)."})
 
     def __post_init__(self) -> None:
         _check_client_flags("reward", self)
-        for flag in ("reward_request_batch_size", "unifiedreward_max_tokens"):
+        for flag in ("reward_request_batch_size", "unifiedreward_max_tokens", "edit_judge_max_tokens"):
             _check_positive(flag, getattr(self, flag))
-        _check_urls(self, "ocr_url", "unifiedreward_think_url")
+        _check_urls(self, "ocr_url", "unifiedreward_think_url", "edit_judge_url", *SCORER_URL_FLAGS)
 
 
 @dataclass

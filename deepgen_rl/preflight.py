@@ -23,7 +23,8 @@ from .preflight_content import check_checkpoint_loads, check_eval_contents, chec
 from .rewards.http_utils import RewardServerUnavailable
 from .rewards.registry import build_rewards
 
-SERVER_REWARDS = ("ocr", "unifiedreward_think")
+SERVER_REWARDS = ("ocr", "unifiedreward_think", "pickscore", "hpsv2", "image_reward", "aesthetic", "edit_vlm_judge")
+CLIP_REWARDS = ("clip_sim", "image_similarity")
 
 
 def _problem(check: Callable[[], object], *errors: type[BaseException]) -> Optional[str]:
@@ -47,7 +48,7 @@ def check_model_paths(model_args: ModelArguments) -> list[str]:
 
 def check_clip_path(path: str) -> Optional[str]:
     if not path:
-        return (f"the dataset YAML uses the clip_sim reward but {CLIP_ENV} is not set: export "
+        return (f"the dataset YAML uses a CLIP reward ({' / '.join(CLIP_REWARDS)}) but {CLIP_ENV} is not set: export "
                 f"{CLIP_ENV}=/path/to/clip-vit-large-patch14 (or pass --clip_model_name_or_path).")
     if not (Path(path).expanduser() / "config.json").is_file():
         return (f"{CLIP_ENV} (--clip_model_name_or_path) = {path!r} is not a transformers CLIP folder "
@@ -90,7 +91,7 @@ def collect_problems(training_args: GRPOConfig, model_args: ModelArguments, data
     if dataset is not None:
         names = set(dataset.reward_names)
         problems += check_prompt_contents(dataset)
-        if "clip_sim" in names:
+        if names & set(CLIP_REWARDS):
             problems += [p for p in [check_clip_path(model_args.clip_model_name_or_path)] if p]
         problems += check_reward_servers(names, reward_args)
     if training_args.eval_freq > 0:

@@ -23,6 +23,7 @@ from typing import Optional
 
 from .config import CHECKPOINT_ENV
 from .data.dataset_yaml import DatasetConfig, DatasetEntry
+from .data.edit_prompts import read_edit_file
 from .rewards.ocr_scoring import extract_targets
 
 # What torch's refusal names, e.g. "Unsupported global: GLOBAL argparse.Namespace was not an allowed global ...".
@@ -54,6 +55,8 @@ def check_prompt_file(entry: DatasetEntry, config_source: Path) -> list[str]:
     where = f"dataset {entry.name!r} of {config_source}"
     if not entry.path.is_file():
         return []  # reported by the dataset YAML check, naming the file
+    if entry.is_edit:
+        return check_edit_file(entry, where)
     try:
         lines = numbered_lines(entry.path)
     except UnicodeDecodeError as err:
@@ -70,6 +73,19 @@ def check_prompt_file(entry: DatasetEntry, config_source: Path) -> list[str]:
             f"ocr reward (weight {entry.rewards['ocr']:g}) scores against, so every such sample would fail: "
             f"{_named(entry.path, untargeted)}. Quote the text to render (a sign reading \"OPEN\") or drop the ocr "
             "reward from that dataset."]
+
+
+def check_edit_file(entry: DatasetEntry, where: str) -> list[str]:
+    """An edit JSONL is parsed as training would read it (errors name file, line and key); and, until the rollout
+    and training phases carry source images (issue 17 item 2), training on it is refused rather than run as
+    text-to-image on the bare instructions."""
+    try:
+        read_edit_file(entry.path, entry.name)
+    except (ValueError, FileNotFoundError) as err:  # UnicodeDecodeError is a ValueError
+        return [f"edit file of {where}: {err}"]
+    return [f"{where} is an edit dataset ({entry.path.name}): edit files are parsed, but the rollout and training "
+            "phases do not carry source images yet, so training on it would be text-to-image on the bare "
+            "instructions; remove it from the YAML for now."]
 
 
 def check_prompt_contents(dataset: DatasetConfig) -> list[str]:

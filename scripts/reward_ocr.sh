@@ -26,18 +26,9 @@ for arg in "$@"; do
     esac
 done
 
-if [ -n "${PYTHON:-}" ]; then
-    python_bin="$PYTHON"
-elif [ -n "${VIRTUAL_ENV:-}" ] && [ -x "$VIRTUAL_ENV/bin/python" ]; then
-    python_bin="$VIRTUAL_ENV/bin/python"
-elif [ -n "${CONDA_PREFIX:-}" ] && [ -x "$CONDA_PREFIX/bin/python" ]; then
-    python_bin="$CONDA_PREFIX/bin/python"
-elif [ -x "$repo_root/.venv/bin/python" ]; then
-    python_bin="$repo_root/.venv/bin/python"
-else
-    python_bin="$(command -v python3 || command -v python || true)"
-    [ -n "$python_bin" ] || die "no python found: activate the OCR environment or set PYTHON=/path/to/python."
-fi
+# shellcheck source=utils/python_env.sh
+source "$repo_root/scripts/utils/python_env.sh"
+pick_python
 
 port="${OCR_PORT:-18082}"
 host="${OCR_HOST:-0.0.0.0}"

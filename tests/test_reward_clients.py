@@ -165,9 +165,10 @@ def settings_for(ocr_url: str = "http://127.0.0.1:1", clip: str = "") -> tuple[R
 
 
 def test_registry_names_and_unknown_reward():
-    assert set(REWARD_NAMES) == {"ocr", "unifiedreward_think", "clip_sim", "jpeg_compressibility"}
-    with pytest.raises(ValueError, match="unknown reward 'aesthetic'.*jpeg_compressibility"):
-        build_rewards(["aesthetic"], *settings_for())
+    assert set(REWARD_NAMES) == {"ocr", "unifiedreward_think", "clip_sim", "jpeg_compressibility", "pickscore",
+                                 "hpsv2", "image_reward", "aesthetic", "edit_vlm_judge", "image_similarity"}
+    with pytest.raises(ValueError, match="unknown reward 'laion_aesthetic'.*jpeg_compressibility"):
+        build_rewards(["laion_aesthetic"], *settings_for())
 
 
 def test_build_rewards_checks_servers_at_start_up():

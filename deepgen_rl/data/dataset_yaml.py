@@ -3,7 +3,8 @@
     sampling_mode: sample_proportional        # or weight_only (optional; sample_proportional by default)
     datasets:
       - name: text_render                     # unique
-        path: prompts/text_render.txt         # relative to this YAML (absolute paths allowed); one prompt a line
+        path: prompts/text_render.txt         # relative to this YAML (absolute paths allowed); one prompt a line,
+                                              # or an edit JSONL (``.jsonl``, data/edit_prompts.py)
         sample_weight: 3.0                    # > 0
         rewards:                              # reward name -> weight in the advantage (>= 0)
           - ocr: 0.7
@@ -27,7 +28,7 @@ from typing import Any, Collection, Literal, Mapping, Optional, Union, get_args
 
 import yaml
 
-from deepgen_rl.rewards.registry import REWARD_NAMES
+from deepgen_rl.rewards.registry import EDIT_ONLY_REWARDS, REWARD_NAMES
 
 SamplingMode = Literal["sample_proportional", "weight_only"]
 SAMPLING_MODES: tuple[str, ...] = get_args(SamplingMode)
@@ -45,6 +46,11 @@ class DatasetEntry:
     path: Path
     sample_weight: float
     rewards: Mapping[str, float]
+
+    @property
+    def is_edit(self) -> bool:
+        """An edit dataset (a JSONL of instructions with source images) rather than a text-to-image prompt file."""
+        return self.path.suffix == ".jsonl"
 
 
 @dataclass(frozen=True)
@@ -137,12 +143,18 @@ def _parse_entry(source: Path, index: int, raw: Any, known: Optional[Collection[
     name = raw["name"]
     if not isinstance(name, str) or not name.strip():
         raise _fail(source, f"{key}.name", f"must be a non-empty string, got {name!r}")
-    return DatasetEntry(
+    entry = DatasetEntry(
         name=name,
         path=resolve_path(source, f"{key}.path", raw["path"]),
         sample_weight=number(source, f"{key}.sample_weight", raw.get("sample_weight", 1.0), minimum=0.0, strict=True),
         rewards=_parse_rewards(source, f"{key}.rewards", raw["rewards"], known),
     )
+    edit_only = [reward for reward in entry.rewards if reward in EDIT_ONLY_REWARDS]
+    if edit_only and not entry.is_edit:
+        raise _fail(source, f"{key}.rewards", f"{', '.join(edit_only)} compare the result with source images, which "
+                                              f"only edit datasets have (a .jsonl path); {entry.path.name} is a "
+                                              "text-to-image prompt file")
+    return entry
 
 
 def load_dataset_config(path: Union[str, Path], known_rewards: Optional[Collection[str]] = REWARD_NAMES,

@@ -14,13 +14,14 @@ drawn, so resuming from a checkpoint continues the exact sequence, and ranks dra
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
 from deepgen_rl.data.dataset_yaml import DatasetConfig, DatasetEntry
+from deepgen_rl.data.edit_prompts import EditPrompt, read_edit_file
 from deepgen_rl.distributed import numpy_rng
 
 
@@ -30,6 +31,13 @@ class PromptSample:
     dataset: str
     reward_weights: Mapping[str, float]
     index: int  # line of the prompt in its dataset (0-based, blank lines skipped)
+    # Edit datasets only (data/edit_prompts.py): prompt is the instruction; the first source is the edited image.
+    source_images: tuple[Path, ...] = ()
+    target_text: Optional[str] = None
+
+    @property
+    def is_edit(self) -> bool:
+        return bool(self.source_images)
 
 
 def read_prompt_file(path: Path, dataset: str, config_source: Optional[Path] = None) -> list[str]:
@@ -52,18 +60,28 @@ class PromptDataset:
         self.entry = entry
         self._config_source = config_source
         self._prompts: Optional[list[str]] = None
+        self._edits: Optional[list[EditPrompt]] = None
 
     @property
     def prompts(self) -> list[str]:
+        """The prompts (of an edit dataset: its instructions)."""
         if self._prompts is None:
-            self._prompts = read_prompt_file(self.entry.path, self.entry.name, self._config_source)
+            if self.entry.is_edit:
+                self._edits = read_edit_file(self.entry.path, self.entry.name)
+                self._prompts = [edit.instruction for edit in self._edits]
+            else:
+                self._prompts = read_prompt_file(self.entry.path, self.entry.name, self._config_source)
         return self._prompts
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def __getitem__(self, index: int) -> PromptSample:
-        return PromptSample(self.prompts[index], self.entry.name, self.entry.rewards, index)
+        sample = PromptSample(self.prompts[index], self.entry.name, self.entry.rewards, index)
+        if self._edits is None:
+            return sample
+        edit = self._edits[index]
+        return replace(sample, source_images=edit.source_images, target_text=edit.target_text)
 
 
 def dataset_probabilities(config: DatasetConfig, sizes: Sequence[int]) -> np.ndarray:

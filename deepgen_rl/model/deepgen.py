@@ -27,9 +27,11 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
 
 from .connector import ConnectorConfig, ConnectorEncoder
+from .kontext import ReferenceLatents
 # The templates live in prompt_format.py; tiny.py and model/__init__.py import them from here too.
 from .prompt_format import (CHAT_TEMPLATE, GENERATION_TEMPLATE, NEGATIVE_PROMPT, FormattedPrompts,  # noqa: F401
-                            format_prompts, template_tokens)
+                            format_edit_prompts, format_prompts, template_tokens)
+from .vision_inputs import build_image_processor, prepare_vision_inputs, scatter_image_features
 from .unreachable import freeze_dead_dit_parts, freeze_unreachable_llm_parts
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,7 @@ class DeepGenModel(nn.Module):
         self.meta_queries = nn.Parameter(torch.randn(num_queries, llm_hidden) / math.sqrt(llm_hidden))
         self.vae.requires_grad_(False)
         self.unreachable_parameters: list[str] = []
+        self.image_processor = build_image_processor(lmm.config.vision_config)
 
     # ----- properties -----
     @property
@@ -154,21 +157,38 @@ class DeepGenModel(nn.Module):
                            formatted.texts[index])
         return formatted
 
+    def encode_edit_prompt(self, instructions: list[str], source_images: list[list[torch.Tensor]]
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Edit instructions, each with its source images [3, H, W] in [0, 1], through the vision tower and the
+        LLM -> (prompt_embeds [B, P+Q, D_joint], pooled [B, D_pooled]) (Kontext, DESIGN.md section 8)."""
+        formatted = format_edit_prompts(self.tokenizer, instructions, [len(row) for row in source_images],
+                                        self.max_prompt_length)
+        return self(formatted.texts, source_images)
+
     def encode_negative_prompt(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The CFG negative ``"Generate an image."`` (used as is, not wrapped in the generation template)."""
         embeds, pooled = self([CHAT_TEMPLATE.format(input=NEGATIVE_PROMPT)])
         return embeds.expand(batch_size, -1, -1), pooled.expand(batch_size, -1)
 
-    def forward(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chat-formatted texts -> (prompt_embeds, pooled). Use ``encode_prompt`` / ``encode_negative_prompt``.
+    def forward(self, texts: list[str], images: list[list[torch.Tensor]] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chat-formatted texts (and, for editing, per text its images) -> (prompt_embeds, pooled). Use
+        ``encode_prompt`` / ``encode_edit_prompt`` / ``encode_negative_prompt``.
 
         The conditioning runs as this module's forward, not a plain method, because it reads the top-level
         parameter ``meta_queries`` directly: under DeepSpeed ZeRO-3 a module's own parameters are gathered only
         inside its forward (and re-gathered for its backward), elsewhere they are empty partitions.
         """
-        return self._encode_chat_texts(texts)
+        vision = None
+        if images is not None:
+            if self.lmm.model.visual is None:
+                raise RuntimeError("edit prompts need the Qwen2.5-VL vision tower, which was dropped for a "
+                                   "text-to-image run (model/vision_tower.py)")
+            vision = prepare_vision_inputs(self.image_processor, texts, images)
+            texts = vision.texts
+        return self._encode_chat_texts(texts, vision)
 
-    def _encode_chat_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_chat_texts(self, texts: list[str], vision=None) -> tuple[torch.Tensor, torch.Tensor]:
         # No tokenizer truncation: it would cut the template's end; encode_prompt already fitted the texts.
         tokens = self.tokenizer(
             texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=True,
@@ -179,11 +199,18 @@ class DeepGenModel(nn.Module):
         # real-size ``meta`` model (model/meta.py) at all.
         input_ids = torch.cat([tokens.input_ids, tokens.input_ids.new_zeros(batch, self.num_queries)], dim=1)
         attention_mask = torch.cat([tokens.attention_mask, tokens.attention_mask.new_ones(batch, self.num_queries)], 1)
+        image_token_id = self.lmm.config.image_token_id
         position_ids, _ = self.lmm.model.get_rope_index(
-            input_ids, mm_token_type_ids=torch.zeros_like(input_ids), attention_mask=attention_mask
+            input_ids, attention_mask=attention_mask,
+            mm_token_type_ids=torch.zeros_like(input_ids) if vision is None else (input_ids == image_token_id).long(),
+            **({} if vision is None else {"image_grid_thw": vision.image_grid_thw}),
         )
         position_ids, attention_mask = position_ids.to(self.device), attention_mask.to(self.device)
         text_embeds = self.lmm.get_input_embeddings()(tokens.input_ids.to(self.device))
+        if vision is not None:
+            features = self.lmm.model.get_image_features(vision.pixel_values.to(self.device),
+                                                         vision.image_grid_thw.to(self.device)).pooler_output
+            text_embeds = scatter_image_features(text_embeds, tokens.input_ids, image_token_id, torch.cat(features))
         queries = self.meta_queries[None].expand(batch, -1, -1).to(text_embeds.dtype)
         inputs_embeds = torch.cat([text_embeds, queries], dim=1)
         hidden_states = self.lmm.model.language_model(
@@ -196,9 +223,16 @@ class DeepGenModel(nn.Module):
 
     # ----- diffusion -----
     def predict_velocity(
-        self, latents: torch.Tensor, sigmas: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor
+        self, latents: torch.Tensor, sigmas: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor,
+        reference_latents: ReferenceLatents | None = None,
     ) -> torch.Tensor:
-        """latents [N, C, h, w], sigmas [N] in [0, 1] -> v [N, C, h, w] (v = eps - x0), in the latents' dtype."""
+        """latents [N, C, h, w], sigmas [N] in [0, 1] -> v [N, C, h, w] (v = eps - x0), in the latents' dtype.
+
+        ``reference_latents`` (editing): per row its source latents [C, h_r, w_r] (``encode_reference_images``);
+        None for text-to-image, whose DiT call is then exactly diffusers' SD3 forward.
+        """
+        # Passed only when given: a plain SD3 DiT (built outside our loaders) still runs text-to-image.
+        references = {} if reference_latents is None else {"reference_latents": reference_latents}
         # Not `self.transformer.dtype`: diffusers computes that by walking every submodule, a measurable cost
         # on each of the T denoising steps.
         dtype = next(self.transformer.parameters()).dtype
@@ -208,6 +242,7 @@ class DeepGenModel(nn.Module):
             encoder_hidden_states=prompt_embeds.to(dtype),
             pooled_projections=pooled.to(dtype),
             return_dict=False,
+            **references,
         )[0]
         return velocity.to(latents.dtype)
 
@@ -238,6 +273,21 @@ class DeepGenModel(nn.Module):
         latents = latents.to(self.vae.dtype) / config.scaling_factor + (config.shift_factor or 0.0)
         images = self.vae.decode(latents, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_reference_images(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Source images [3, H, W] in [0, 1] (H, W multiples of 8 * patch size) -> DiT latents [C, h, w] each:
+        the posterior MEAN (no sampling noise: a rollout and its recompute see the same references)."""
+        multiple = 2 ** (len(self.vae.config.block_out_channels) - 1) * self.transformer.config.patch_size
+        latents = []
+        for image in images:
+            if image.shape[-1] % multiple or image.shape[-2] % multiple:
+                raise ValueError(f"source image of size {tuple(image.shape[-2:])} (H, W): both must be multiples "
+                                 f"of {multiple} pixels for the DiT; resize it when loading the edit dataset")
+            posterior = self.vae.encode((image[None] * 2 - 1).to(self.device, self.vae.dtype)).latent_dist
+            config = self.vae.config
+            latents.append(((posterior.mean - (config.shift_factor or 0.0)) * config.scaling_factor)[0])
+        return latents
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

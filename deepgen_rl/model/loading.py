@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
 from ..config import CHECKPOINT_ENV, QWEN_ENV, SD3_ENV, ModelArguments
@@ -24,6 +24,7 @@ from ..config import CHECKPOINT_ENV, QWEN_ENV, SD3_ENV, ModelArguments
 from .checkpoint_loading import CheckpointError, load_checkpoint_into  # noqa: F401
 from .connector import ConnectorConfig
 from .deepgen import DeepGenModel
+from .kontext import SD3Transformer2DKontextModel
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def load_deepgen_model(model_args: ModelArguments, dtype: torch.dtype | None = N
 
     lmm = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         qwen, dtype=dtype, attn_implementation=model_args.attn_implementation)
-    transformer = SD3Transformer2DModel.from_pretrained(
+    transformer = SD3Transformer2DKontextModel.from_pretrained(
         sd3, subfolder="transformer", torch_dtype=dtype, low_cpu_mem_usage=True).to(device)
     vae = AutoencoderKL.from_pretrained(sd3, subfolder="vae", torch_dtype=dtype, low_cpu_mem_usage=True).to(device)
     with created_in(dtype, device):

@@ -11,11 +11,12 @@ and the LLM uses eager attention there (see below).
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from ..config import ModelArguments
 from .deepgen import DeepGenModel
+from .kontext import SD3Transformer2DKontextModel
 from .loading import assemble_deepgen_model, check_qwen_path, check_sd3_path
 
 META = torch.device("meta")
@@ -35,14 +36,14 @@ def build_deepgen_model_on_meta(model_args: ModelArguments, dtype: torch.dtype =
     qwen_config._attn_implementation = "eager"
     tokenizer = AutoTokenizer.from_pretrained(qwen)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(sd3, subfolder="scheduler")
-    transformer_config = SD3Transformer2DModel.load_config(sd3, subfolder="transformer")
+    transformer_config = SD3Transformer2DKontextModel.load_config(sd3, subfolder="transformer")
     vae_config = AutoencoderKL.load_config(sd3, subfolder="vae")
     with META:
         model = assemble_deepgen_model(
             model_args,
             lmm=Qwen2_5_VLForConditionalGeneration(qwen_config),
             tokenizer=tokenizer,
-            transformer=SD3Transformer2DModel.from_config(transformer_config),
+            transformer=SD3Transformer2DKontextModel.from_config(transformer_config),
             vae=AutoencoderKL.from_config(vae_config),
             scheduler=scheduler,
         )

@@ -15,11 +15,20 @@ from typing import Sequence
 CHAT_TEMPLATE = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"
 GENERATION_TEMPLATE = "Generate an image: {input}"
 NEGATIVE_PROMPT = "Generate an image."
+# Editing: each source image as Qwen2.5-VL's vision block (its pad is expanded to the image's token count by
+# model/vision_inputs.py), then the instruction as written; the images come first, as Qwen2.5-VL's chat template
+# places them.
+VISION_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 def chat_text(prompt: str) -> str:
     """The LLM input text of a generation prompt."""
     return CHAT_TEMPLATE.format(input=GENERATION_TEMPLATE.format(input=prompt))
+
+
+def edit_chat_text(instruction: str, num_images: int) -> str:
+    """The LLM input text of an edit instruction over ``num_images`` source images (pads not yet expanded)."""
+    return CHAT_TEMPLATE.format(input=VISION_PLACEHOLDER * num_images + instruction)
 
 
 def num_tokens(tokenizer, text: str) -> int:
@@ -37,13 +46,14 @@ class FormattedPrompts:
     truncated: list[bool]  # whose prompt text was cut
 
 
-def fit_prompt(tokenizer, prompt: str, max_length: int) -> str:
+def fit_prompt(tokenizer, prompt: str, max_length: int, render=chat_text) -> str:
     """The longest prefix of ``prompt`` whose chat text has at most ``max_length`` tokens (binary search over the
-    prefix length in characters; each candidate is tokenized in its template, so merges at the cut are counted)."""
+    prefix length in characters; each candidate is tokenized in its template ``render``, so merges at the cut
+    are counted)."""
     low, high = 0, len(prompt)  # invariant: prompt[:low] fits; prompt[:high + 1] does not (or high == len)
     while low < high:
         middle = (low + high + 1) // 2
-        if num_tokens(tokenizer, chat_text(prompt[:middle])) <= max_length:
+        if num_tokens(tokenizer, render(prompt[:middle])) <= max_length:
             low = middle
         else:
             high = middle - 1
@@ -58,4 +68,20 @@ def format_prompts(tokenizer, prompts: Sequence[str], max_length: int) -> Format
     for index, too_long in enumerate(truncated):
         if too_long:
             texts[index] = chat_text(fit_prompt(tokenizer, prompts[index], max_length))
+    return FormattedPrompts(texts=texts, truncated=truncated)
+
+
+def format_edit_prompts(tokenizer, instructions: Sequence[str], num_images: Sequence[int],
+                        max_length: int) -> FormattedPrompts:
+    """Edit chat texts, each instruction cut to fit ``max_length`` text tokens; the vision blocks count as their
+    three placeholder tokens here (the image tokens they expand to come on top of --max_prompt_length)."""
+    texts, truncated = [], []
+    for instruction, count in zip(instructions, num_images):
+        text = edit_chat_text(instruction, count)
+        too_long = num_tokens(tokenizer, text) > max_length
+        if too_long:
+            text = edit_chat_text(fit_prompt(tokenizer, instruction, max_length,
+                                             render=lambda part, n=count: edit_chat_text(part, n)), count)
+        texts.append(text)
+        truncated.append(too_long)
     return FormattedPrompts(texts=texts, truncated=truncated)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -25,6 +25,7 @@ from ..config import CHECKPOINT_ENV, QWEN_ENV, SD3_ENV
 from .checkpoint_keys import to_reference_keys
 from .connector import ConnectorConfig
 from .deepgen import CHAT_TEMPLATE, GENERATION_TEMPLATE, NEGATIVE_PROMPT, DeepGenModel
+from .kontext import SD3Transformer2DKontextModel
 
 # ModelArguments flags that describe the tiny connector (real defaults describe DeepGen_Image).
 TINY_MODEL_FLAGS = {
@@ -148,8 +149,8 @@ def make_decoder_track_latents(vae: AutoencoderKL) -> None:
         decoder.conv_out.bias.copy_(-to_rgb.sum(dim=1) * torch.nn.functional.silu(torch.tensor(1.0)))
 
 
-def build_tiny_sd3() -> tuple[SD3Transformer2DModel, AutoencoderKL, FlowMatchEulerDiscreteScheduler]:
-    transformer = SD3Transformer2DModel(
+def build_tiny_sd3() -> tuple[SD3Transformer2DKontextModel, AutoencoderKL, FlowMatchEulerDiscreteScheduler]:
+    transformer = SD3Transformer2DKontextModel(
         sample_size=TINY_IMAGE_SIZE // 8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
         pooled_projection_dim=32, pos_embed_max_size=32,

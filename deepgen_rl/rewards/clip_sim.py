@@ -29,7 +29,7 @@ class ClipSimilarityReward:
         from transformers import AutoProcessor, CLIPModel
 
         if not model_path:
-            raise ValueError("the clip_sim reward needs a local CLIP model folder: export CLIP_MODEL_NAME_OR_PATH "
+            raise ValueError(f"the {self.name} reward needs a local CLIP model folder: export CLIP_MODEL_NAME_OR_PATH "
                              "or pass --clip_model_name_or_path.")
         if not Path(model_path).is_dir():
             raise ValueError(f"--clip_model_name_or_path / CLIP_MODEL_NAME_OR_PATH={model_path!r} is not a folder "

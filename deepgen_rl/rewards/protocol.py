@@ -8,6 +8,13 @@ OCR server (ours, ``deepgen_rl.rewards.servers.ocr``)::
                  400 ErrorResponse naming every bad item     (bad JSON, missing/unknown field, non-image, ...)
                  413 ErrorResponse                           (body over the server's --max-body-mb, unread)
 
+Model scorers (ours, ``deepgen_rl.rewards.servers.serve``: pickscore, hpsv2, image_reward, aesthetic), the same
+paths under ``/<scorer>`` (and at the root when the process hosts one scorer)::
+
+    GET  /health -> HealthResponse (engine: the scorer's name)
+    GET  /stats  -> OcrStatsResponse (the same queue counters)
+    POST /score  ScoreRequest -> ScoreResponse               400 / 413 ErrorResponse as above
+
 A request is validated as a whole (400 lists every bad item, e.g. ``items[3].image``); once valid, one image
 that the OCR engine cannot process gets an ``error`` in its own result and never fails the batch.
 
@@ -79,6 +86,29 @@ class OcrStatsResponse(BaseModel):
     images_scored: int
     images_dropped: int = Field(description="never read because their request was abandoned")
     queue_depth: int = Field(description="requests waiting or running now")
+
+
+class ScoreItem(_Strict):
+    """One image and the prompt it was generated from (the aesthetic scorer ignores the prompt)."""
+
+    image: str = Field(description="base64 PNG (or JPEG/WebP) bytes; a 'data:image/...;base64,' prefix is allowed")
+    prompt: str
+
+
+class ScoreRequest(_Strict):
+    items: list[ScoreItem] = Field(min_length=1)
+
+
+class ScoreItemResult(BaseModel):
+    """``score`` (a finite float; its scale is the scorer's) or ``None`` with ``error`` set."""
+
+    score: Optional[float] = None
+    error: Optional[str] = None
+
+
+class ScoreResponse(BaseModel):
+    results: list[ScoreItemResult]
+    scorer: str
 
 
 class HealthResponse(BaseModel):

@@ -4,6 +4,10 @@
     unifiedreward_think   UnifiedReward-Think on vLLM, pairwise  unifiedreward.UnifiedRewardThinkClient
     clip_sim              CLIP cosine similarity, in-process     clip_sim.ClipSimilarityReward
     jpeg_compressibility  JPEG compressibility, in-process       jpeg.JpegCompressibilityReward
+    pickscore, hpsv2,     our model scorer servers (one each)    scorer_clients.ModelScorerClient
+    image_reward, aesthetic
+    edit_vlm_judge        edit judge VLM on vLLM, per sample     edit_judge.EditJudgeClient          (edit datasets)
+    image_similarity      CLIP source-result cosine, in-process  image_similarity.ImageSimilarityReward (edit datasets)
 
 Everything a reward needs comes from the parsed flags (``RewardArguments``, plus the CLIP folder and the device of
 in-process models); nothing here reads the environment. Heavy modules are imported only when their reward is built.
@@ -55,13 +59,42 @@ def _build_jpeg(args: RewardArguments, clip_model_path: str, device: str) -> Rew
     return JpegCompressibilityReward()
 
 
+def _scorer_builder(name: str) -> Builder:
+    def build(args: RewardArguments, clip_model_path: str, device: str) -> RewardFunction:
+        from deepgen_rl.rewards.scorer_clients import SCORER_CLIENTS, ModelScorerClient
+
+        return ModelScorerClient(SCORER_CLIENTS[name], getattr(args, f"{name}_url"), _policy(args),
+                                 args.reward_max_concurrency, args.reward_request_batch_size,
+                                 args.reward_health_timeout)
+
+    return build
+
+
+def _build_edit_judge(args: RewardArguments, clip_model_path: str, device: str) -> RewardFunction:
+    from deepgen_rl.rewards.edit_judge import EditJudgeClient
+
+    return EditJudgeClient(args.edit_judge_url, args.edit_judge_model_name, _policy(args), args.reward_max_concurrency,
+                           args.edit_judge_max_tokens, args.reward_health_timeout)
+
+
+def _build_image_similarity(args: RewardArguments, clip_model_path: str, device: str) -> RewardFunction:
+    from deepgen_rl.rewards.image_similarity import ImageSimilarityReward
+
+    return ImageSimilarityReward(clip_model_path, device=device)
+
+
 REWARD_BUILDERS: dict[str, Builder] = {
     "ocr": _build_ocr,
     "unifiedreward_think": _build_unifiedreward_think,
     "clip_sim": _build_clip_sim,
     "jpeg_compressibility": _build_jpeg,
+    **{name: _scorer_builder(name) for name in ("pickscore", "hpsv2", "image_reward", "aesthetic")},
+    "edit_vlm_judge": _build_edit_judge,
+    "image_similarity": _build_image_similarity,
 }
 REWARD_NAMES: tuple[str, ...] = tuple(REWARD_BUILDERS)
+# Rewards that compare the result with the sample's source images: only edit datasets (JSONL) can use them.
+EDIT_ONLY_REWARDS: tuple[str, ...] = ("edit_vlm_judge", "image_similarity")
 
 
 def build_rewards(names: Iterable[str], args: RewardArguments, clip_model_path: str = "", device: str = "cpu",

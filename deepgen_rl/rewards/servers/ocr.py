@@ -23,22 +23,16 @@ names), OCR_MAX_BATCH_ITEMS, OCR_MAX_IMAGE_PIXELS, OCR_MAX_BODY_MB.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import base64
-import binascii
-import io
-import json
 import logging
 import os
 import sys
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from dataclasses import asdict
+from typing import Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from PIL import Image
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
@@ -47,7 +41,6 @@ from deepgen_rl.rewards.protocol import (
     OCR_HEALTH_PATH,
     OCR_SCORE_PATH,
     OCR_STATS_PATH,
-    ErrorItem,
     ErrorResponse,
     HealthResponse,
     OcrItem,
@@ -56,130 +49,21 @@ from deepgen_rl.rewards.protocol import (
     OcrScoreResponse,
     OcrStatsResponse,
 )
+from deepgen_rl.rewards.servers.core import (
+    BadRequest,
+    ServerLimits,
+    env_bool,
+    env_number,
+    parse_request,
+    read_body,
+    results_unless_abandoned,
+)
 from deepgen_rl.rewards.servers.ocr_engines import ENGINE_NAMES, OcrEngine, build_engine
-from deepgen_rl.rewards.servers.ocr_queue import FifoScorer, Job
+from deepgen_rl.rewards.servers.ocr_queue import FifoScorer
 
 logger = logging.getLogger("deepgen_rl.ocr_server")
 
 DEFAULT_HOST = "0.0.0.0"
-# Only formats a generator produces; never let PIL guess among its dozens of decoders for untrusted bytes.
-ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    max_batch_items: int = 256
-    max_image_pixels: int = 4096 * 4096
-    # 16 PNGs of 512x512 (the client's default batch) are ~10-20 MB of base64; far beyond that is a mistake or abuse.
-    max_body_bytes: int = 64 * 2**20
-
-
-class BadRequest(Exception):
-    def __init__(self, detail: str, errors: list[ErrorItem], status_code: int = 400) -> None:
-        super().__init__(detail)
-        self.response = ErrorResponse(detail=detail, errors=errors)
-        self.status_code = status_code
-
-    def json_response(self) -> JSONResponse:
-        # A 413 leaves the body unread: the connection cannot be reused, say so rather than let the client guess.
-        headers = {"Connection": "close"} if self.status_code == 413 else None
-        return JSONResponse(status_code=self.status_code, content=self.response.model_dump(), headers=headers)
-
-
-def _too_large(size: str, limit: int) -> BadRequest:
-    detail = (f"request body of {size} exceeds the server's limit of {limit} bytes (--max-body-mb / OCR_MAX_BODY_MB): "
-              "send fewer images per request (the trainer's --reward_request_batch_size) or raise the limit")
-    return BadRequest(detail, [ErrorItem(loc="body", msg=detail)], status_code=413)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body; 413 from its Content-Length before reading, or once a chunked body passes ``limit``."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.strip().isdigit():
-            raise BadRequest(f"bad Content-Length header {declared!r}",
-                             [ErrorItem(loc="body", msg="bad Content-Length")])
-        if int(declared) > limit:
-            raise _too_large(f"{int(declared)} bytes", limit)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _too_large(f"more than {limit} bytes (chunked)", limit)
-    return bytes(body)
-
-
-async def _client_gone(request: Request) -> None:
-    """Returns when the client disconnects (after the body is read, the next ASGI message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def results_unless_abandoned(request: Request, scorer: FifoScorer, job: Job) -> Optional[list[OcrItemResult]]:
-    """The job's results, or None (job abandoned) when its client disconnects first."""
-    work = asyncio.wrap_future(job.future)
-    gone = asyncio.ensure_future(_client_gone(request))
-    try:
-        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if work in done and not work.cancelled():
-        return work.result()
-    scorer.abandon(job)
-    logger.info("a client left before its %d image(s) were scored: its request is dropped", len(job.items))
-    return None
-
-
-def parse_request(body: bytes, limits: ServerLimits) -> tuple[OcrScoreRequest, list[Image.Image]]:
-    """Validate a /score body and decode its images; raise BadRequest naming every bad item."""
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BadRequest("request body is not valid JSON", [ErrorItem(loc="body", msg=str(err))]) from None
-    try:
-        request = OcrScoreRequest.model_validate(payload)
-    except ValidationError as err:
-        errors = [ErrorItem(loc=_format_loc(e["loc"]), msg=e["msg"]) for e in err.errors()]
-        raise BadRequest("request does not match the /score contract: " + "; ".join(
-            f"{e.loc}: {e.msg}" for e in errors), errors) from None
-    if len(request.items) > limits.max_batch_items:
-        raise BadRequest(f"too many items: {len(request.items)} > {limits.max_batch_items} (split the batch)",
-                         [ErrorItem(loc="items", msg=f"at most {limits.max_batch_items} items per request")])
-    images, errors = [], []
-    for index, item in enumerate(request.items):
-        try:
-            images.append(decode_image(item.image, limits.max_image_pixels))
-        except ValueError as err:
-            errors.append(ErrorItem(loc=f"items[{index}].image", msg=str(err)))
-    if errors:
-        raise BadRequest("bad image(s): " + "; ".join(f"{e.loc}: {e.msg}" for e in errors), errors)
-    return request, images
-
-
-def _format_loc(loc: Sequence) -> str:
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "body"
-
-
-def decode_image(data: str, max_pixels: int) -> Image.Image:
-    """base64 (optionally a data URL) -> RGB PIL image; ValueError saying what is wrong."""
-    if data.startswith("data:"):
-        data = data.partition(",")[2]
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise ValueError(f"not valid base64 ({err})") from None
-    try:
-        with Image.open(io.BytesIO(raw), formats=ALLOWED_FORMATS) as image:
-            if image.width * image.height > max_pixels:
-                raise ValueError(f"image of {image.width}x{image.height} pixels exceeds the {max_pixels}-pixel limit")
-            return image.convert("RGB")
-    except ValueError:
-        raise
-    except Exception as err:  # PIL raises several types for undecodable bytes
-        raise ValueError(f"not a decodable {'/'.join(ALLOWED_FORMATS)} image ({type(err).__name__}: {err})") from None
 
 
 def score_item(engine: OcrEngine, item: OcrItem, image: Image.Image, options: OcrScoringOptions) -> OcrItemResult:
@@ -225,8 +109,8 @@ def create_app(engine: OcrEngine, options: OcrScoringOptions, limits: Optional[S
               responses={400: {"model": ErrorResponse}, 413: {"model": ErrorResponse}})
     async def score(request: Request):
         try:
-            body = await read_body(request, limits.max_body_bytes)
-            parsed, images = await run_in_threadpool(parse_request, body, limits)
+            body = await read_body(request, limits.max_body_bytes, "--max-body-mb / OCR_MAX_BODY_MB")
+            parsed, images = await run_in_threadpool(parse_request, body, OcrScoreRequest, limits)
         except BadRequest as err:
             return err.json_response()
         except ClientDisconnect:  # the client left during the upload: nothing to score, nobody to answer
@@ -240,53 +124,32 @@ def create_app(engine: OcrEngine, options: OcrScoringOptions, limits: Optional[S
     return app
 
 
-def _env_bool(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    if value.strip().lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if value.strip().lower() in ("0", "false", "no", "n", "off"):
-        return False
-    raise SystemExit(f"error: environment variable {name}={value!r} must be a boolean (1/0, true/false).")
-
-
-def _env_number(name: str, default, kind):
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    try:
-        return kind(value)
-    except ValueError:
-        raise SystemExit(f"error: environment variable {name}={value!r} must be a {kind.__name__}.") from None
-
-
 def build_arg_parser() -> argparse.ArgumentParser:
     d = OcrScoringOptions()
     limits = ServerLimits()
     p = argparse.ArgumentParser(prog="python -m deepgen_rl.rewards.servers.ocr", description=__doc__.split("\n")[0])
     p.add_argument("--host", default=os.environ.get("OCR_HOST", DEFAULT_HOST), help="bind address ($OCR_HOST)")
-    p.add_argument("--port", type=int, default=_env_number("OCR_PORT", None, int),
+    p.add_argument("--port", type=int, default=env_number("OCR_PORT", None, int),
                    help="port ($OCR_PORT; default: the one training's --ocr_url defaults to)")
     p.add_argument("--engine", choices=ENGINE_NAMES, default=os.environ.get("OCR_ENGINE", "auto"),
                    help="auto = paddleocr when installed, else rapidocr ($OCR_ENGINE)")
     p.add_argument("--case-sensitive", action=argparse.BooleanOptionalAction,
-                   default=_env_bool("OCR_CASE_SENSITIVE", d.case_sensitive), help="($OCR_CASE_SENSITIVE)")
+                   default=env_bool("OCR_CASE_SENSITIVE", d.case_sensitive), help="($OCR_CASE_SENSITIVE)")
     p.add_argument("--ignore-punct", action=argparse.BooleanOptionalAction,
-                   default=_env_bool("OCR_IGNORE_PUNCT", d.ignore_punctuation), help="($OCR_IGNORE_PUNCT)")
+                   default=env_bool("OCR_IGNORE_PUNCT", d.ignore_punctuation), help="($OCR_IGNORE_PUNCT)")
     p.add_argument("--confusion-fold", action=argparse.BooleanOptionalAction,
-                   default=_env_bool("OCR_USE_CONFUSION_FOLD", d.confusion_fold), help="($OCR_USE_CONFUSION_FOLD)")
-    p.add_argument("--min-conf", type=float, default=_env_number("OCR_MIN_CONF", d.min_confidence, float),
+                   default=env_bool("OCR_USE_CONFUSION_FOLD", d.confusion_fold), help="($OCR_USE_CONFUSION_FOLD)")
+    p.add_argument("--min-conf", type=float, default=env_number("OCR_MIN_CONF", d.min_confidence, float),
                    help="drop text boxes below this engine confidence ($OCR_MIN_CONF)")
-    p.add_argument("--ngram-max", type=int, default=_env_number("OCR_NGRAM_MAX", d.ngram_max, int),
+    p.add_argument("--ngram-max", type=int, default=env_number("OCR_NGRAM_MAX", d.ngram_max, int),
                    help="longest run of adjacent boxes tried as one candidate ($OCR_NGRAM_MAX)")
     p.add_argument("--max-batch-items", type=int,
-                   default=_env_number("OCR_MAX_BATCH_ITEMS", limits.max_batch_items, int), help="($OCR_MAX_BATCH_ITEMS)")
+                   default=env_number("OCR_MAX_BATCH_ITEMS", limits.max_batch_items, int), help="($OCR_MAX_BATCH_ITEMS)")
     p.add_argument("--max-image-pixels", type=int,
-                   default=_env_number("OCR_MAX_IMAGE_PIXELS", limits.max_image_pixels, int),
+                   default=env_number("OCR_MAX_IMAGE_PIXELS", limits.max_image_pixels, int),
                    help="($OCR_MAX_IMAGE_PIXELS)")
     p.add_argument("--max-body-mb", type=float,
-                   default=_env_number("OCR_MAX_BODY_MB", limits.max_body_bytes / 2**20, float),
+                   default=env_number("OCR_MAX_BODY_MB", limits.max_body_bytes / 2**20, float),
                    help="largest request body in MiB; larger ones get HTTP 413 before being read ($OCR_MAX_BODY_MB)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p

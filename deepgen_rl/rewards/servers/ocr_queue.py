@@ -41,9 +41,12 @@ class Job(Generic[Item]):
 class FifoScorer(Generic[Item, Result]):
     """Runs ``score_one`` over each submitted request's items on ONE worker thread, requests in submission order."""
 
-    def __init__(self, score_one: Callable[[Item], Result]) -> None:
+    def __init__(self, score_one: Callable[[Item], Result], images_in: Callable[[Item], int] = lambda item: 1,
+                 thread_name: str = "ocr-fifo") -> None:
+        # images_in: how many images one item holds (the model scorers queue batches of images as items).
         self._score_one = score_one
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ocr-fifo")
+        self._images_in = images_in
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
         self._lock = threading.Lock()
         self._counters = QueueCounters()
 
@@ -59,17 +62,17 @@ class FifoScorer(Generic[Item, Result]):
         """The client left: drop the job if it has not started, else stop it after its current item."""
         job.abandoned.set()
         if job.future.cancel():  # still queued: the worker will never see it
-            self._finish(dropped_items=len(job.items))
+            self._finish(dropped_items=sum(map(self._images_in, job.items)))
 
     def _run(self, job: Job[Item]) -> Optional[list[Result]]:
         results: list[Result] = []
         for item in job.items:
             if job.abandoned.is_set():
-                self._finish(dropped_items=len(job.items) - len(results))
+                self._finish(dropped_items=sum(map(self._images_in, job.items[len(results):])))
                 return None
             results.append(self._score_one(item))
             with self._lock:
-                self._counters.images_scored += 1
+                self._counters.images_scored += self._images_in(item)
         self._finish(dropped_items=None)
         return results
 

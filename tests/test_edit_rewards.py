@@ -1,0 +1,126 @@
+"""Edit rewards: ``edit_vlm_judge`` over real HTTP against a stand-in vLLM judge process, and ``image_similarity``
+(CLIP image-image cosine) against embeddings computed independently."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deepgen_rl.config import RewardArguments
+from deepgen_rl.rewards.edit_judge import parse_edit_score, render_edit_prompt
+from deepgen_rl.rewards.http_utils import RewardServerUnavailable
+from deepgen_rl.rewards.registry import build_rewards
+from tests.reward_servers import ServerProcess, free_port
+from tests.servers.fake_edit_judge import expected_score
+from tests.test_reward_clients import tiny_clip_dir  # noqa: F401  (the tiny CLIP folder fixture)
+
+pytestmark = pytest.mark.timeout(120)
+FAKE_EDIT_JUDGE = Path(__file__).resolve().parent / "servers" / "fake_edit_judge.py"
+
+
+def gray(level: int) -> Image.Image:
+    return Image.new("RGB", (16, 16), (level, level, level))
+
+
+def reward_args(url: str, **overrides) -> RewardArguments:
+    values = dict(edit_judge_url=url, edit_judge_max_tokens=256, reward_timeout=5.0, reward_max_retries=2,
+                  reward_retry_backoff=0.01, reward_health_timeout=2.0, reward_max_concurrency=8)
+    return RewardArguments(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def judge():
+    port = free_port()
+    with ServerProcess([sys.executable, str(FAKE_EDIT_JUDGE), "--port", str(port)], port) as server:
+        yield server
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("<score>7</score>", 0.7),
+    ("thinking <score>2</score> ... final <SCORE> 9.5 </SCORE>", 0.95),  # the last tag counts
+    ("<score>10</score>", 1.0),
+])
+def test_parse_edit_score(reply, expected):
+    assert parse_edit_score(reply) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("reply", ["7/10", "<score>11</score>", "<score>-1</score>", "", None])
+def test_unusable_edit_scores_are_rejected(reply):
+    with pytest.raises(ValueError):
+        parse_edit_score(reply)
+
+
+def test_edit_judge_scores_source_and_result_over_http(judge):
+    reward = build_rewards(["edit_vlm_judge"], reward_args(judge.url))["edit_vlm_judge"]
+    try:
+        sources = [[gray(100)], [gray(200), gray(10)], [gray(0)]]
+        images = [gray(150), gray(50), gray(255)]
+        scores = reward.score(images, ["brighten it", "darken it", "make it white"], [0, 1, 1], sources=sources)
+        expected = [expected_score(row[0], image) for row, image in zip(sources, images)]
+        assert scores.errors == [None] * 3
+        assert scores.values == pytest.approx(expected, abs=1e-6)
+        assert expected == pytest.approx([305 / 510, 105 / 510, 1.0])
+        assert judge.stats()["last"]["temperature"] == 0.0
+        assert scores.metrics["answer_parse_rate"] == 1.0
+    finally:
+        reward.close()
+
+
+def test_edit_judge_failures_are_retried_then_reported(judge):
+    reward = build_rewards(["edit_vlm_judge"], reward_args(judge.url))["edit_vlm_judge"]
+    try:
+        before = judge.stats()["counts"]
+        instructions = ["GARBAGE edit", "FLAKY edit", "OUTOFRANGE edit", "plain edit"]
+        scores = reward.score([gray(60)] * 4, instructions, [0, 0, 0, 0], sources=[[gray(60)]] * 4)
+        counts = judge.stats()["counts"]
+        assert scores.values[1] == pytest.approx(0.5) and scores.values[3] == pytest.approx(0.5)
+        assert scores.values[0] is None and "no '<score>X</score>'" in scores.errors[0]
+        assert scores.values[2] is None and "outside [0, 10]" in scores.errors[2]
+        # 3 attempts for each reply that never parses (max_retries 2), 2 for the flaky one, 1 for the plain one.
+        assert counts["GARBAGE"] - before.get("GARBAGE", 0) == 3
+        assert counts["OUTOFRANGE"] - before.get("OUTOFRANGE", 0) == 3
+        assert counts["FLAKY"] - before.get("FLAKY", 0) == 2
+        assert scores.metrics["answer_parse_rate"] == pytest.approx(2 / 9)
+        missing = reward.score([gray(1)], ["x"], [0])
+        assert missing.values == [None] and "source images" in missing.errors[0]
+    finally:
+        reward.close()
+
+
+def test_edit_judge_start_up_names_url_and_model(judge):
+    port = free_port()
+    with pytest.raises(RewardServerUnavailable, match=f"127.0.0.1:{port}.*EDIT_JUDGE_URL"):
+        build_rewards(["edit_vlm_judge"], reward_args(f"http://127.0.0.1:{port}", reward_health_timeout=0.3))
+    with pytest.raises(RewardServerUnavailable, match="--edit_judge_model_name"):
+        build_rewards(["edit_vlm_judge"], reward_args(judge.url, edit_judge_model_name="Other"))
+
+
+def test_edit_prompt_names_the_instruction_and_source_count():
+    text = render_edit_prompt("add a hat", 2)
+    assert "「add a hat」" in text and "first 2 image(s)" in text and text.rstrip().endswith("<score>X</score>")
+
+
+def test_image_similarity_is_the_cosine_of_clip_image_embeddings(tiny_clip_dir):  # noqa: F811
+    from transformers import AutoProcessor, CLIPModel
+
+    reward = build_rewards(["image_similarity"], reward_args("http://127.0.0.1:1"), str(tiny_clip_dir),
+                           check_ready=False)["image_similarity"]
+    rng = np.random.default_rng(2)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)) for _ in range(3)]
+    sources = [[images[0]], [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)), images[0]],
+               [images[0]]]
+    scores = reward.score(images, ["a", "b", "c"], [0, 0, 1], sources=sources)
+    # Independently: CLIPModel.forward's L2-normalised image embeddings; the dot of two is their cosine.
+    model = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    processor = AutoProcessor.from_pretrained(tiny_clip_dir)
+    with torch.no_grad():
+        embeds = model(**processor(text=["x"], images=images + [sources[1][0]], return_tensors="pt")).image_embeds
+    expected = [float(embeds[0] @ embeds[0]), float(embeds[1] @ embeds[3]), float(embeds[2] @ embeds[0])]
+    assert scores.values == pytest.approx(expected, abs=1e-5)
+    assert scores.values[0] == pytest.approx(1.0, abs=1e-5)  # an unchanged source is perfectly consistent
+    assert reward.score(images[:1], ["a"], [0]).values == [None]
