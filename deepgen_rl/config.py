@@ -23,6 +23,7 @@ from typing import Literal, Optional, get_args
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from .algorithm_config import AlgorithmFlags, validate_algorithm_flags
 from .deepspeed_json import read_deepspeed_json
 from .rewards.scorer_flags import SCORER_URL_FLAGS, ScorerUrlArguments
 from .judge_flags import JudgeRewardFlags, SleepSwitchFlags
@@ -281,7 +282,7 @@ class EvalArguments(SleepSwitchFlags):
 
 
 @dataclass
-class GRPOConfig(TrainingArguments):
+class GRPOConfig(TrainingArguments, AlgorithmFlags):
     """``TrainingArguments`` plus the GRPO flags of the guide (section 5) and DESIGN.md section 4."""
 
     # --- overrides of TrainingArguments defaults (guide values) ---
@@ -327,8 +328,10 @@ class GRPOConfig(TrainingArguments):
     rollout_cfg_scale: float = field(
         default=0.0, metadata={"help": "CFG scale in rollout and training; 0 disables CFG (reference)."}
     )
-    init_same_noise: bool = field(
-        default=True, metadata={"help": "All images of a prompt's group start from the same initial noise (reference)."}
+    init_same_noise: Optional[bool] = field(
+        default=None,
+        metadata={"help": "All images of a prompt's group start from the same initial noise. Default: true "
+                  "(reference), false for --atrain_algorithm diffusionnft (which refuses true)."},
     )
 
     # --- GRPO objective ---
@@ -461,6 +464,7 @@ class GRPOConfig(TrainingArguments):
         _check_choice("logprob_variant", self.logprob_variant, LOGPROB_VARIANTS)
         _check_choice("optimizer_step_schedule", self.optimizer_step_schedule, OPTIMIZER_STEP_SCHEDULES)
         _check_positive("atrain_num_actor_update_steps", self.atrain_num_actor_update_steps)
+        validate_algorithm_flags(self)  # --atrain_algorithm and its flags (algorithm_config.py)
         clip_band(self.clip_range, self.clip_range_low, self.clip_range_high)
         for flag in ("rollout_n", "rollout_micro_batch_size", "atrain_micro_batch_size", "global_batch_size",
                      "num_inference_steps", "image_height", "image_width", "sftaux_batch_size"):

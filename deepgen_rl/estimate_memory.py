@@ -214,6 +214,10 @@ def estimate_memory(model_args: ModelArguments, args: GRPOConfig, num_gpus: int,
     if args.beta > 0 and not model_args.use_lora:
         components["reference policy copy (frozen trained modules)"] = weight_bytes * _count(
             p for name in trained for p in _parameters_of(getattr(model, name)))
+    if args.atrain_algorithm == "diffusionnft":  # its old policy: the trained modules again (the DiT under LoRA)
+        copied = ["transformer"] if model_args.use_lora else trained
+        components["DiffusionNFT old-policy copy"] = weight_bytes * _count(
+            p for name in copied for p in _parameters_of(getattr(model, name)))
     largest = _largest_layer(model) if zero_stage == 3 else 0
     components[f"gradients + optimizer states (ZeRO-{zero_stage}, DeepSpeed estimate)"] = zero_model_states_bytes(
         trainable, largest, num_gpus, zero_stage, offload_optimizer, offload_params)
@@ -228,6 +232,8 @@ def estimate_memory(model_args: ModelArguments, args: GRPOConfig, num_gpus: int,
     components["rollout storage (latents, log-probs, embeddings, images)"] = rollout_storage_bytes(
         n, args.num_inference_steps, latent, text_tokens, config.joint_attention_dim,
         config.pooled_projection_dim, args.image_height, args.image_width, weight_bytes)
+    if args.atrain_algorithm == "grpoguard":  # the rollout keeps each step's mean (mean_old) fp32 [T, N, C, h, w]
+        components["GRPO-Guard step means"] = args.num_inference_steps * n * latent_elems * 4
     static = list(components)
 
     train_n = min(args.atrain_micro_batch_size, n)

@@ -137,3 +137,14 @@ def test_command_line_names_flags_that_make_it_fit(real, capsys, monkeypatch):
     suggestions = [line for line in out.splitlines() if line.strip().startswith("--") and "->" in line]
     assert any("--vae_decode_micro_batch_size 4" in line for line in suggestions)
     assert all(float(line.split("->")[1].split()[0]) <= 30 for line in suggestions)
+
+
+def test_algorithm_storage_grpoguard_means_and_nft_old_copy(real, guide_args):
+    model_args, model = real
+    trainable = _trainable_dit(model)
+    guard = estimate_memory(model_args, dataclasses.replace(guide_args, atrain_algorithm="grpoguard"), num_gpus=8,
+                            zero_stage=2, model=model).components
+    assert guard["GRPO-Guard step means"] == 50 * 32 * 16 * 64 * 64 * 4  # [T, N, C, h, w] fp32
+    nft_args = dataclasses.replace(guide_args, atrain_algorithm="diffusionnft", init_same_noise=None)
+    nft = estimate_memory(model_args, nft_args, num_gpus=8, zero_stage=2, model=model).components
+    assert nft["DiffusionNFT old-policy copy"] == 2 * (trainable + UNREACHABLE) and "GRPO-Guard step means" not in nft

@@ -98,12 +98,13 @@ def initial_noise(num_prompts: int, group_size: int, latent_shape: tuple[int, in
 
 def denoise_loop(model, x: Tensor, cond: Conditioning, sigmas: Tensor, settings: SamplerSettings,
                  generator: Optional[torch.Generator], latents_out: Optional[Tensor] = None,
-                 log_probs_out: Optional[Tensor] = None) -> Tensor:
+                 log_probs_out: Optional[Tensor] = None, means_out: Optional[Tensor] = None) -> Tensor:
     """Run all T steps on one micro-batch of n samples and return x_T [n, C, h, w] fp32.
 
     x: [n, C, h, w] fp32 initial noise; cond: n rows; sigmas: [T + 1] fp32 (CPU). When given, x_0..x_T are
     written into the STEP-MAJOR ``latents_out`` [T + 1, n, C, h, w] (each step's slot is contiguous, so the
-    sampler writes x' in place: no copy per step) and the step log-probs into ``log_probs_out`` [T, n].
+    sampler writes x' in place: no copy per step) and the step log-probs into ``log_probs_out`` [T, n];
+    ``means_out`` [T, n, C, h, w] receives each step's Gaussian mean (GRPO-Guard's mean_old).
     """
     sigma_list = sigmas.tolist()  # one host read for the whole loop; the step math uses these floats
     num_steps = len(sigma_list) - 1
@@ -128,6 +129,8 @@ def denoise_loop(model, x: Tensor, cond: Conditioning, sigmas: Tensor, settings:
             x = result.next_latents
             if log_probs_out is not None:
                 log_probs_out[i] = result.log_prob
+            if means_out is not None:
+                means_out[i].copy_(result.mean)
     return x
 
 
@@ -178,12 +181,14 @@ def decode_images(model, latents: Tensor, micro_batch_size: Optional[int]) -> Te
 
 def rollout(model, prompts: Sequence[str], *, group_size: int, sampler: Sampler, eta: float,
             logprob_variant: LogProbVariant, num_inference_steps: int, height: int, width: int, cfg_scale: float,
-            init_same_noise: bool, generator: torch.Generator, micro_batch_size: Optional[int] = None) -> Trajectory:
+            init_same_noise: bool, generator: torch.Generator, micro_batch_size: Optional[int] = None,
+            record_means: bool = False) -> Trajectory:
     """Sample G images for each of the B unique ``prompts`` and record the trajectory.
 
     Returns a :class:`Trajectory` with N = B * G rows (prompt b's samples at rows b*G .. b*G + G - 1).
     ``micro_batch_size`` bounds the rows per model forward (None: all at once). ``generator`` drives the
     initial and per-step noise (put it on the model's device to avoid host-to-device copies per step).
+    ``record_means``: also keep every step's Gaussian mean (``Trajectory.means``; GRPO-Guard needs mean_old).
     Images are not decoded here: the trainer decodes x_T in its own phase (:func:`decode_images`).
     """
     _validate(sampler, logprob_variant, eta, num_inference_steps, group_size, cfg_scale, len(prompts))
@@ -201,13 +206,15 @@ def rollout(model, prompts: Sequence[str], *, group_size: int, sampler: Sampler,
         latents = torch.empty((num_inference_steps + 1, num, *latent_shape), dtype=torch.float32, device=device)
         log_probs = None if sampler == "ode" else torch.empty((num_inference_steps, num), dtype=torch.float32,
                                                               device=device)
+        means = (torch.empty((num_inference_steps, num, *latent_shape), dtype=torch.float32, device=device)
+                 if record_means and sampler != "ode" else None)
         for rows in split_rows(num, micro_batch_size):
             denoise_loop(model, x0[rows], cond.select(rows), sigmas, settings, generator, latents[:, rows],
-                         None if log_probs is None else log_probs[:, rows])
+                         None if log_probs is None else log_probs[:, rows], None if means is None else means[:, rows])
     return Trajectory(
         prompts=[p for p in prompts for _ in range(group_size)], group_size=group_size, conditioning=cond,
         latents=latents.transpose(0, 1), log_probs=None if log_probs is None else log_probs.transpose(0, 1),
-        sigmas=sigmas, settings=settings,
+        sigmas=sigmas, settings=settings, means=None if means is None else means.transpose(0, 1),
     )
 
 

@@ -62,6 +62,8 @@ class Trajectory:
     log_probs: [N, T] fp32 log-prob of each recorded transition (None for the ODE); same layout note.
     sigmas: [T + 1] fp32 on CPU, sigma of each latent (sigmas[T] == 0).
     prompts: N prompts (each unique prompt repeated G times, adjacent).
+    means: [N, T, C, h, w] fp32 Gaussian mean of each recorded transition, kept only when the rollout was asked
+        to (``record_means``: GRPO-Guard's mean_old); None otherwise. Same layout note.
     """
 
     prompts: list[str]
@@ -71,6 +73,7 @@ class Trajectory:
     log_probs: Optional[Tensor]
     sigmas: Tensor
     settings: SamplerSettings
+    means: Optional[Tensor] = None
 
     @property
     def num_samples(self) -> int:

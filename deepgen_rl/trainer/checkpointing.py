@@ -11,6 +11,8 @@ Layout of ``<output_dir>/checkpoint-N/`` (a normal DeepSpeed checkpoint folder p
     rng_state_{rank}.pth            python / numpy / torch / accelerator RNG of each rank
     ema.pt                          with --ema_decay > 0: the fp32 EMA of the trained parameters and its counters
                                     (trainer/ema.py; tensors and numbers only, read weights-only)
+    nft_old_policy.pt               with --atrain_algorithm diffusionnft: the old policy's trained parameters and
+                                    its schedule counters (trainer/nft.py; read weights-only)
 
 Atomicity: every rank writes into ``tmp-checkpoint-N``; after a barrier one process renames it to
 ``checkpoint-N`` (a rename within a directory is atomic), then a second barrier. A crash mid-save leaves only a
@@ -254,12 +256,14 @@ class StepStart:
 
 
 def save_checkpoint(engine, output_dir: str | Path, state: TrainerState, *, rank: int, renamer: bool,
-                    save_total_limit: Optional[int], ema_state: Optional[dict] = None) -> Path:
+                    save_total_limit: Optional[int], ema_state: Optional[dict] = None,
+                    extra_states: Optional[dict[str, dict]] = None) -> Path:
     """Collective: every rank calls it. Writes ``checkpoint-{state.global_step}`` atomically; returns its path.
 
     ``renamer``: whether this process renames the finished folder (global rank 0, or each node's local rank 0
     with node-local storage); it also prunes old checkpoints beyond ``save_total_limit``. ``ema_state``: the EMA's
-    ``state_dict()`` (the same on every rank), written by rank 0 as ``ema.pt``.
+    ``state_dict()`` (the same on every rank), written by rank 0 as ``ema.pt``. ``extra_states``: {file name: state}
+    also written by rank 0 (e.g. DiffusionNFT's old policy, ``nft_old_policy.pt``; tensors and numbers only).
     """
     root = Path(output_dir)
     step = state.global_step
@@ -278,6 +282,8 @@ def save_checkpoint(engine, output_dir: str | Path, state: TrainerState, *, rank
         (tmp / TRAINER_STATE_NAME).write_text(state.to_json())
         if ema_state is not None:
             torch.save(ema_state, tmp / EMA_STATE_NAME)
+        for name, extra in (extra_states or {}).items():
+            torch.save(extra, tmp / name)
     barrier()
     if renamer:
         if final.exists():

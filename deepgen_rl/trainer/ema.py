@@ -168,7 +168,8 @@ def ema_sample_images(ema: EMA, model: torch.nn.Module, prompts: Sequence[str], 
     with ema.applied_to(model):
         model.eval()
         trajectory = rollout(
-            model, list(prompts), group_size=args.rollout_n, sampler=args.atrain_sde_sampler, eta=args.sde_eta,
+            model, list(prompts), group_size=args.rollout_n, eta=args.sde_eta,
+            sampler="ode" if args.atrain_algorithm == "diffusionnft" else args.atrain_sde_sampler,
             logprob_variant=args.logprob_variant, num_inference_steps=args.num_inference_steps,
             height=args.image_height, width=args.image_width, cfg_scale=args.rollout_cfg_scale,
             init_same_noise=args.init_same_noise, generator=generator,

@@ -44,6 +44,7 @@ from .ema import EMA, ema_sample_images
 from .eval_hook import EvalHook
 from .failure_budget import FailureBudget, RewardFailureBudgetExceeded, RunSummary, budget_verdict, step_counts
 from .logging_utils import MetricsLogger, TrackerSettings
+from .nft import NFT_STATE_NAME, NftOldPolicy
 from .objective import ObjectiveSettings, policy_chunk_objective, sftaux_objective
 from .reference_policy import ReferencePolicy
 from .signals import GracefulStop, StepInterrupted
@@ -79,6 +80,7 @@ class _UpdateContext:
     first_deviation: float = float("nan")  # max |ratio - 1| of the step's first chunk (exactly 0 up to fp32 noise)
     max_deviation: float = 0.0
     rollout_chunks: list = field(default_factory=list)  # per_rollout: the chunks seen before its one step
+    nft_draw: Optional[object] = None  # --atrain_algorithm diffusionnft: the step's per-sample timesteps (nft.py)
 
 
 class DeepGenGRPOTrainer:
@@ -103,6 +105,7 @@ class DeepGenGRPOTrainer:
         if args.beta > 0:
             self.reference = (ReferencePolicy.adapters_disabled(model) if lora is not None
                               else ReferencePolicy.frozen_copy(model, self.trained_modules))
+        self.nft = NftOldPolicy.from_args(model, args, self.trained_modules)  # diffusionnft's old policy, else None
         self.plan: BatchPlan = plan_batches(
             global_batch_size=args.global_batch_size, rollout_n=args.rollout_n, world_size=self.world_size,
             atrain_micro_batch_size=args.atrain_micro_batch_size, num_train_timesteps=args.num_train_timesteps,
@@ -117,6 +120,8 @@ class DeepGenGRPOTrainer:
         self.device = torch.device(self.engine.device)
         if self.reference is not None:
             self.reference.to(self.device, dtype=next(self.model.transformer.parameters()).dtype)
+        if self.nft is not None:
+            self.nft.to(self.device, dtype=next(self.model.transformer.parameters()).dtype)
         self.ema: Optional[EMA] = EMA.from_args(self.model, args)  # --ema_decay (None when 0)
         self.objective = ObjectiveSettings.from_args(args)
         self.state = checkpointing.TrainerState(max_steps=self.max_steps, world_size=self.world_size,
@@ -144,12 +149,14 @@ class DeepGenGRPOTrainer:
         samples = self.prompt_sampler.sample(self.plan.prompts_per_rank)
         generator = seeded_generator(self.device, derive_seed(args.seed, SEED_ROLLOUT, step, self.rank))
         self.model.eval()
+        # DiffusionNFT: the old policy rolls out with the deterministic ODE (trainer/nft.py).
         trajectory = rollout(
-            self.model, [s.prompt for s in samples], group_size=args.rollout_n, sampler=args.atrain_sde_sampler,
+            self.model if self.nft is None else self.nft.rollout_model, [s.prompt for s in samples],
+            group_size=args.rollout_n, sampler=args.atrain_sde_sampler if self.nft is None else "ode",
             eta=args.sde_eta, logprob_variant=args.logprob_variant, num_inference_steps=args.num_inference_steps,
             height=args.image_height, width=args.image_width, cfg_scale=args.rollout_cfg_scale,
             init_same_noise=args.init_same_noise, generator=generator,
-            micro_batch_size=args.rollout_micro_batch_size)
+            micro_batch_size=args.rollout_micro_batch_size, record_means=args.atrain_algorithm == "grpoguard")
         truncated = sum(self.model.format_prompts([s.prompt for s in samples]).truncated)
         return RolloutBatch(samples=samples, trajectory=trajectory, truncated_prompts=truncated)
 
@@ -198,6 +205,9 @@ class DeepGenGRPOTrainer:
         assert len(steps) == plan.num_train_timesteps, "batch plan and drawn steps disagree"
         adv, valid = advantages.advantages.to(self.device), advantages.valid.to(self.device)
         ctx = _UpdateContext(batch=batch, adv=adv, valid=valid, reference_conditioning=None)
+        if self.nft is not None:  # DiffusionNFT: "timestep" i is column i of per-sample random sigmas (nft.py)
+            ctx.nft_draw = self.nft.draw(trajectory, len(steps), seed=args.seed, step=step, rank=self.rank)
+            steps = list(range(len(steps)))
         if self.reference is not None and self.text_trains:
             ctx.reference_conditioning = self.reference.conditioning(batch.unique_prompts, args.rollout_n,
                                                                      args.rollout_cfg_scale)
@@ -222,7 +232,11 @@ class DeepGenGRPOTrainer:
         if self.sftaux_sampler is not None:
             metrics["loss/sft"] = self._sftaux_micro_step(step)
             self._stats.nonfinite_losses += 0.0 if math.isfinite(metrics["loss/sft"]) else 1.0
-        return {**metrics, **self._finish_step(self._stats)}
+        metrics.update(self._finish_step(self._stats))
+        if self.nft is not None:  # old <- d old + (1 - d) theta, after the step's optimizer steps
+            self.nft.update(self.model, int(metrics["train/optimizer_steps"]))
+            metrics.update(self.nft.metrics(self.device))
+        return metrics
 
     def _train_timestep(self, ctx: "_UpdateContext", step_index: int, chunks, denominator: int, *,
                         last_backward: bool) -> None:
@@ -264,9 +278,15 @@ class DeepGenGRPOTrainer:
         args = self.args
         conditioning = (encode_conditioning(self.model, ctx.batch.unique_prompts, args.rollout_n,
                                             args.rollout_cfg_scale) if self.text_trains else None)
-        out = policy_chunk_objective(self.model, ctx.batch.trajectory, step_index, rows, advantages=ctx.adv,
-                                     valid=ctx.valid, settings=self.objective, reference=self.reference,
-                                     reference_conditioning=ctx.reference_conditioning, conditioning=conditioning)
+        if self.nft is not None:
+            out = self.nft.chunk_objective(self.model, ctx.batch.trajectory, ctx.nft_draw, step_index, rows,
+                                           advantages=ctx.adv, valid=ctx.valid, beta=args.beta,
+                                           reference=self.reference, reference_conditioning=ctx.reference_conditioning,
+                                           conditioning=conditioning)
+        else:
+            out = policy_chunk_objective(self.model, ctx.batch.trajectory, step_index, rows, advantages=ctx.adv,
+                                         valid=ctx.valid, settings=self.objective, reference=self.reference,
+                                         reference_conditioning=ctx.reference_conditioning, conditioning=conditioning)
         if math.isnan(ctx.first_deviation):
             ctx.first_deviation = out.ratio_max_dev
         ctx.max_deviation = max(ctx.max_deviation, out.ratio_max_dev)
@@ -503,9 +523,10 @@ class DeepGenGRPOTrainer:
         local_rank = int(getattr(self.engine, "local_rank", 0) or 0)
         renamer = self.rank == 0 or (bool(self.args.save_on_each_node) and local_rank == 0)
         ema_state = self.ema.state_dict() if self.ema is not None and self.rank == 0 else None
+        extra = {NFT_STATE_NAME: self.nft.state_dict()} if self.nft is not None and self.rank == 0 else None
         path = checkpointing.save_checkpoint(self.engine, self.args.output_dir, self.state, rank=self.rank,
                                              renamer=renamer, save_total_limit=self.args.save_total_limit,
-                                             ema_state=ema_state)
+                                             ema_state=ema_state, extra_states=extra)
         self._last_saved_step = self.state.global_step
         return path
 
@@ -521,6 +542,8 @@ class DeepGenGRPOTrainer:
             self.sftaux_sampler.load_state_dict(state.sftaux_sampler)
         if self.ema is not None:
             self.ema.load_checkpoint(self.model, Path(path))
+        if self.nft is not None:
+            self.nft.load_checkpoint(self.model, Path(path), source=checkpointing.RESUME_FLAG)
         state.max_steps, state.world_size = self.max_steps, self.world_size
         state.global_batch_size = self.args.global_batch_size
         self.state = state

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from deepgen_rl.rl import (clip_band, clipped_policy_loss, flow_matching_loss, grpo_loss, masked_mean, noised_latents,
                            reference_kl)
-from deepgen_rl.sampling import Conditioning, Trajectory, recompute_step, transition_mean
+from deepgen_rl.rl.grpo_guard import dt_reweight, guard_log_ratio
+from deepgen_rl.sampling import Conditioning, Trajectory, recompute_step, step_coefficients, transition_mean
 from deepgen_rl.sampling.trajectory import Rows
 
 from .reference_policy import ReferencePolicy
@@ -34,6 +35,8 @@ class ObjectiveSettings:
     beta: float
     kl_type: Literal["v-based", "x-based"]
     clip_band: Optional[tuple[float, float]] = None  # signed (low, high); None: (-clip_range, clip_range)
+    algorithm: str = "grpo"  # --atrain_algorithm (grpo | grpoguard here; diffusionnft has its own objective)
+    dt_reweight: bool = False  # --grpoguard_dt_reweight
 
     @classmethod
     def from_args(cls, args: GRPOConfig) -> "ObjectiveSettings":
@@ -41,7 +44,8 @@ class ObjectiveSettings:
         if args.clip_range_low is not None or args.clip_range_high is not None:
             band = clip_band(args.clip_range, args.clip_range_low, args.clip_range_high)
         return cls(clip_range=args.clip_range, advantage_clip=args.advantage_clip, beta=args.beta,
-                   kl_type=args.atrain_kl_type, clip_band=band)
+                   kl_type=args.atrain_kl_type, clip_band=band, algorithm=args.atrain_algorithm,
+                   dt_reweight=args.grpoguard_dt_reweight)
 
 
 @dataclass(frozen=True)
@@ -76,14 +80,21 @@ def policy_chunk_objective(model: torch.nn.Module, trajectory: Trajectory, step:
     current = recompute_step(model, trajectory, step, rows)  # log_prob [n], velocity/mean [n, C, h, w]
     old_log_prob = trajectory.log_probs[rows, step]
     mask = valid[rows]
-    policy = clipped_policy_loss(current.log_prob, old_log_prob, advantages[rows], clip_range=settings.clip_range,
+    if settings.algorithm == "grpoguard":  # ratio = exp(rho), rho the normalised log-ratio (rl/grpo_guard.py)
+        log_prob = _guard_log_ratio(trajectory, step, rows, current.mean)
+        old_log_prob = torch.zeros_like(log_prob)
+    else:
+        log_prob = current.log_prob
+    policy = clipped_policy_loss(log_prob, old_log_prob, advantages[rows], clip_range=settings.clip_range,
                                  advantage_clip=settings.advantage_clip, mask=mask, band=settings.clip_band)
+    if settings.dt_reweight:
+        policy = replace(policy, loss=dt_reweight(policy.loss, *trajectory.sigma_pair(step)))
     kl = None
     if reference is not None and settings.beta > 0:
         kl = _reference_kl(trajectory, step, rows, current, reference, reference_conditioning, settings.kl_type)
     loss = grpo_loss(policy.loss, kl, settings.beta, mask)
     with torch.no_grad():
-        deviation = (torch.exp(current.log_prob.float() - old_log_prob.float()) - 1.0).abs()
+        deviation = (torch.exp(log_prob.float() - old_log_prob.float()) - 1.0).abs()
         deviation = deviation[mask].max() if bool(mask.any()) else deviation.new_zeros(())
         kl_value = float(masked_mean(kl.detach(), mask)) if kl is not None else 0.0
     kl_term = None if kl is None or settings.beta == 0 else settings.beta * masked_mean(kl, mask)
@@ -91,6 +102,18 @@ def policy_chunk_objective(model: torch.nn.Module, trajectory: Trajectory, step:
                           kl=kl_value,
                           clip_fraction=float(policy.clip_fraction), ratio_mean=float(policy.ratio_mean),
                           ratio_max_dev=float(deviation), num_valid=int(mask.sum()))
+
+
+def _guard_log_ratio(trajectory: Trajectory, step: int, rows: Rows, mean: Tensor) -> Tensor:
+    """[n] GRPO-Guard's rho of the chunk: eps recovered from the recorded x' and the rollout's step mean."""
+    if trajectory.means is None:
+        raise ValueError("--atrain_algorithm grpoguard needs the rollout's step means: roll out with "
+                         "record_means=True (the trainer does so for grpoguard).")
+    _, x_next = trajectory.transition(step, rows)
+    sigma, sigma_next = trajectory.sigma_pair(step)
+    settings = trajectory.settings
+    coefs = step_coefficients(settings.sampler, sigma, sigma_next, eta=settings.eta, sigma_max=trajectory.sigma_max)
+    return guard_log_ratio(mean, trajectory.means[rows, step].to(mean.device), x_next, coefs.noise_std)
 
 
 def _reference_kl(trajectory: Trajectory, step: int, rows: Rows, current, reference: ReferencePolicy,

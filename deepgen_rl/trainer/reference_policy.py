@@ -59,6 +59,11 @@ class ReferencePolicy:
                 part.eval()
         return cls(reference, owned=trained_modules)
 
+    @property
+    def module(self) -> torch.nn.Module:
+        """The model the policy runs (the partial copy, or the live model under LoRA)."""
+        return self._model
+
     @classmethod
     def adapters_disabled(cls, model: torch.nn.Module) -> "ReferencePolicy":
         """LoRA: the reference is the base model, i.e. the live model with its DiT adapters off."""
