@@ -249,6 +249,7 @@ def test_eval_hook_every_eval_freq_steps_and_a_failing_eval_does_not_stop_traini
     finally:
         trainer.close()
     records = history(trainer)
-    assert calls == [1, 2]
+    assert calls == [0, 1, 2]  # --eval_before_train (default): the step-0 baseline, once
+    assert records[0]["eval/unigenbench/overall"] == 0.25 and "reward/mean" not in records[0]
     assert records[1]["eval/unigenbench/overall"] == 0.25 and "time/eval" in records[1]
     assert records[2]["eval/failed"] == 1.0 and records[2]["train/step_applied"] == 1.0
