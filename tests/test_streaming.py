@@ -34,8 +34,10 @@ class FixedPrompts:
 
 
 def _one_step(tiny_paths, out, url, stream: bool) -> dict:
+    # With an SDE window (steps 1..4 of 6 hold it) both paths decode x_T kept outside the window's slots.
     trainer = build(tiny_paths, out, max_steps=1, global_batch_size=12, rollout_micro_batch_size=4,
-                    optimizer_step_schedule="per_rollout", stream_rewards=stream)
+                    optimizer_step_schedule="per_rollout", stream_rewards=stream, sde_window_size=3,
+                    sde_window_range="1,5", timestep_fraction=1.0)
     trainer.reward_step = RewardStep({REWARD: OcrRewardClient(
         url, RetryPolicy(timeout_s=30.0, max_retries=1, backoff_s=0.01), max_concurrency=4, request_batch_size=2,
         health_timeout_s=5.0)})
@@ -51,14 +53,23 @@ def _one_step(tiny_paths, out, url, stream: bool) -> dict:
         submitted.append(list(prompts))  # called from the rollout's micro-batch callback
         return submit(images, prompts, *rest)
 
+    trained = []
+    train_timestep = trainer._train_timestep
+
+    def record_timestep(ctx, step_index, *rest, **kwargs):
+        trained.append(step_index)
+        return train_timestep(ctx, step_index, *rest, **kwargs)
+
     trainer.advantage_phase, trainer.reward_step.submit = capture_advantages, record_submit
+    trainer._train_timestep = record_timestep
     try:
         metrics, batch, rewards = trainer.training_step()
         phases = set(trainer.timer.seconds)
     finally:
         trainer.close()
     return {"metrics": metrics, "images": batch.images, "rewards": rewards, "advantages": captured["advantages"],
-            "submitted": submitted, "phases": phases}
+            "submitted": submitted, "phases": phases, "window": batch.sde_window, "trained": trained,
+            "latents_shape": tuple(batch.trajectory.latents.shape), "final": batch.trajectory.final}
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +172,14 @@ def test_merged_chunks_equal_one_call():
     assert merged.metrics["r/pairs"] == whole.metrics["r/pairs"] == 24.0
     # Rates weighted by each chunk's pairs: (12 x 9/12 + 12 x 12/12) / 24 = 21/24, the one call's rate.
     assert merged.metrics["r/answer_parse_rate"] == pytest.approx(21 / 24) == whole.metrics["r/answer_parse_rate"]
+
+
+def test_window_trains_only_its_steps_and_keeps_w_plus_one_latents(streamed_and_serial):
+    for run in streamed_and_serial:
+        start, end = run["window"]
+        assert 1 <= start and end == start + 3 <= 5  # drawn in [a, b - W] of --sde_window_range 1,5
+        assert run["trained"] == list(range(start, end))  # --timestep_fraction 1: all W steps, nothing outside
+        assert run["latents_shape"] == (12, 4, 16, 8, 8)  # W + 1 = 4 slots of T + 1 = 7
+        assert run["final"] is None  # x_T released once decoded
+        assert run["metrics"]["policy/first_chunk_ratio_max_dev"] <= 1e-6
+    assert streamed_and_serial[0]["window"] == streamed_and_serial[1]["window"]
