@@ -121,3 +121,11 @@ def test_window_sets_the_number_of_trained_steps(tmp_path):
                         timestep_fraction=1.0)
     assert config.num_train_timesteps == 2
     assert sde_window_range(50, 2, None) == (0, 50)
+
+
+def test_memory_estimate_keeps_w_plus_one_slots_and_x_t():
+    from deepgen_rl.estimate_memory import rollout_storage_bytes
+
+    sizes = (2, 50, (16, 64, 64), 10, 8, 4, 512, 512, 2)  # N, T, latent, tokens, widths, image, bf16
+    slot = 2 * 16 * 64 * 64 * 4  # one latent of N = 2 samples, fp32
+    assert rollout_storage_bytes(*sizes) - rollout_storage_bytes(*sizes, window=2) == (51 - (2 + 2)) * slot
