@@ -2,9 +2,11 @@
 
 One GRPO step on every rank (DESIGN.md section 3; legend: B prompts per rank, G = rollout_n, N = B*G):
 
-    rollout     B prompts from the seeded sampler, G SDE samples each (recorded latents, log-probs, embeddings)
+    rollout     B prompts from the seeded sampler, G SDE samples each (recorded latents, log-probs, embeddings;
+                with --sde_window_size only the window is SDE and recorded: sde_window.py)
     decode      VAE -> N images
-    rewards     the prompt's datasets' reward functions, concurrently (failed samples are masked, not zeroed)
+    rewards     the prompt's datasets' reward functions, concurrently (failed samples are masked, not zeroed);
+                with --stream_rewards decode and scoring start per rollout micro-batch (streaming.py)
     advantages  GRPO / GDPO, normalised over ALL ranks (a collective)
     train       per actor update (--atrain_num_actor_update_steps parts of the N samples): int(T x
                 timestep_fraction) drawn steps x ceil(S / atrain_micro_batch_size) chunks, each a backward of its
