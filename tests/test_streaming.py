@@ -183,3 +183,14 @@ def test_window_trains_only_its_steps_and_keeps_w_plus_one_latents(streamed_and_
         assert run["final"] is None  # x_T released once decoded
         assert run["metrics"]["policy/first_chunk_ratio_max_dev"] <= 1e-6
     assert streamed_and_serial[0]["window"] == streamed_and_serial[1]["window"]
+
+
+def test_group_aligned_chunking_is_logged_only_when_micro_batches_split_groups(caplog):
+    from deepgen_rl.trainer.streaming import log_chunking
+
+    with caplog.at_level("INFO", logger="deepgen_rl.trainer.streaming"):
+        log_chunking(8, 4, stream=True)
+        log_chunking(6, 4, stream=False)
+        assert caplog.text == ""
+        log_chunking(6, 4, stream=True)
+    assert "--rollout_micro_batch_size 6 is not a multiple of --rollout_n 4" in caplog.text
