@@ -122,7 +122,8 @@ def training_flags(settings: CheckSettings, output_dir: str) -> list[str]:
              "num_inference_steps": settings.steps, "rollout_n": settings.group,
              "global_batch_size": settings.images, "rollout_micro_batch_size": settings.images,
              "atrain_micro_batch_size": settings.images, "sftaux_coef": 0.0, "eval_freq": 0,
-             "sample_image_freq": 0, "max_steps": 1, "report_to": "none", "save_strategy": "no", "seed": 0}
+             "sample_image_freq": 0, "max_steps": 1, "report_to": "none", "save_strategy": "no", "seed": 0,
+             "stream_rewards": False}  # serial phases: rollout images/s and decode seconds measured apart
     if settings.smoke:
         flags["gradient_checkpointing"] = False
     else:

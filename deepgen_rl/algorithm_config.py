@@ -65,6 +65,10 @@ def validate_algorithm_flags(args) -> None:
         raise ValueError("--init_same_noise true cannot be used with --atrain_algorithm diffusionnft: its rollout is a "
                          "deterministic ODE, so a group sharing its initial noise gives identical images and zero "
                          "advantages. Drop --init_same_noise (it defaults to false for diffusionnft).")
+    if nft and getattr(args, "sde_window_size", 0):
+        raise ValueError("--sde_window_size applies to the SDE samplers of grpo / grpoguard: --atrain_algorithm "
+                         "diffusionnft rolls out with the ODE and trains on fresh noisings of the clean image, so "
+                         f"there is no window to train; got --sde_window_size {args.sde_window_size}. Drop it.")
     if args.init_same_noise is None:
         args.init_same_noise = not nft
     if args.grpoguard_dt_reweight and args.atrain_algorithm != "grpoguard":

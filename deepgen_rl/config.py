@@ -29,7 +29,7 @@ from .rewards.scorer_flags import SCORER_URL_FLAGS, ScorerUrlArguments
 from .judge_flags import JudgeRewardFlags, SleepSwitchFlags
 from .rl.advantages import AdvantageType
 from .rl.losses import KLType, clip_band
-from .rl.timesteps import num_train_steps
+from .rl.timesteps import num_train_steps, num_window_train_steps, sde_window_range
 from .sampling.rollout import check_sde_eta
 from .sampling.steps import LogProbVariant
 from .trainer_flags import HELP_EPILOG, GroupedArgumentParser, refused_flag_errors
@@ -437,6 +437,30 @@ class GRPOConfig(TrainingArguments, AlgorithmFlags):
                   "or 'same' (beside the weights, e.g. on the GPU)."},
     )
     # --- end EMA ---
+    # --- step pipeline (issue 12: trainer/streaming.py, trainer/sde_window.py) ---
+    stream_rewards: bool = field(
+        default=True,
+        metadata={"help": "Score each rollout micro-batch (whole groups) as soon as it is decoded, while the next one "
+                  "samples; the advantages wait only for what is still in flight (time/reward_wait). Same results "
+                  "as false (serial: rollout, decode, then all rewards)."},
+    )
+    sde_window_size: int = field(
+        default=0,
+        metadata={"help": "MixGRPO / Flow-GRPO-Fast: SDE on W consecutive steps (ODE elsewhere), only those trained "
+                  "(max(1, int(W x --timestep_fraction)) of them; 1.0 trains all) and only their W + 1 latents kept. "
+                  "0: off (reference: every step SDE)."},
+    )
+    sde_window_range: Optional[str] = field(
+        default=None,
+        metadata={"help": "'a,b': the window start is drawn per step in [a, b - W] (one draw shared by all ranks). "
+                  "Default 0,T."},
+    )
+    eval_before_train: bool = field(
+        default=True,
+        metadata={"help": "Run the UniGenBench evaluation once at step 0, before training (a fresh run's baseline; "
+                  "not repeated on resume). Skipped, with a log line, when evaluation is off or no judge answers."},
+    )
+    # --- end step pipeline ---
 
     def __post_init__(self) -> None:
         self._validate_grpo_flags()
@@ -500,10 +524,16 @@ class GRPOConfig(TrainingArguments, AlgorithmFlags):
             raise ValueError(f"--ema_decay must be in [0, 1) (0 = no EMA); got {self.ema_decay}.")
         _check_positive("ema_update_every", self.ema_update_every)
         _check_choice("ema_device", self.ema_device, ("cpu", "same"))
+        if self.sde_window_size:
+            sde_window_range(self.num_inference_steps, self.sde_window_size, self.sde_window_range)
 
     @property
     def num_train_timesteps(self) -> int:
-        """How many of the T denoising steps one rollout trains on (``rl.timesteps.num_train_steps``)."""
+        """How many of the T denoising steps one rollout trains on (``rl.timesteps``; with --sde_window_size, of
+        the window's steps)."""
+        if self.sde_window_size:
+            _, end = sde_window_range(self.num_inference_steps, self.sde_window_size, self.sde_window_range)
+            return num_window_train_steps(self.num_inference_steps, self.sde_window_size, self.timestep_fraction, end)
         return num_train_steps(self.num_inference_steps, self.timestep_fraction)
 
 

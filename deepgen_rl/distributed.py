@@ -18,6 +18,7 @@ SEED_ROLLOUT = 1
 SEED_TRAIN_STEPS = 2
 SEED_SFTAUX = 3
 SEED_ACTOR_UPDATES = 4
+SEED_SDE_WINDOW = 5
 SEED_NFT_TRAIN = 14  # DiffusionNFT's per-sample training timesteps and fresh noise (trainer/nft.py)
 
 _OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}

@@ -133,11 +133,11 @@ def zero_model_states_bytes(trainable: int, largest_layer: int, num_gpus: int, z
 
 
 def rollout_storage_bytes(n: int, steps: int, latent: tuple[int, int, int], text_tokens: int, joint_dim: int,
-                          pooled_dim: int, height: int, width: int, weight_bytes: int) -> int:
-    """Latents fp32 [T+1, N, C, h, w] + log-probs fp32 [T, N] + prompt embeds [N, L, D] and pooled [N, D'] in the
-    weight dtype + decoded images fp32 [N, 3, H, W]."""
+                          pooled_dim: int, height: int, width: int, weight_bytes: int, window: int = 0) -> int:
+    """Latents fp32 [T+1, N, C, h, w] (with an SDE window of W steps: its W + 1 slots and x_T until decoded) +
+    log-probs fp32 [T, N] + prompt embeds [N, L, D] and pooled [N, D'] in the weight dtype + images fp32 [N, 3, H, W]."""
     channels, h, w = latent
-    latents = (steps + 1) * n * channels * h * w * 4
+    latents = ((window + 2) if window else (steps + 1)) * n * channels * h * w * 4
     return (latents + steps * n * 4 + n * (text_tokens * joint_dim + pooled_dim) * weight_bytes
             + n * 3 * height * width * 4)
 
@@ -231,9 +231,10 @@ def estimate_memory(model_args: ModelArguments, args: GRPOConfig, num_gpus: int,
     latent_elems = latent[0] * latent[1] * latent[2]
     components["rollout storage (latents, log-probs, embeddings, images)"] = rollout_storage_bytes(
         n, args.num_inference_steps, latent, text_tokens, config.joint_attention_dim,
-        config.pooled_projection_dim, args.image_height, args.image_width, weight_bytes)
-    if args.atrain_algorithm == "grpoguard":  # the rollout keeps each step's mean (mean_old) fp32 [T, N, C, h, w]
-        components["GRPO-Guard step means"] = args.num_inference_steps * n * latent_elems * 4
+        config.pooled_projection_dim, args.image_height, args.image_width, weight_bytes, args.sde_window_size)
+    if args.atrain_algorithm == "grpoguard":  # the rollout keeps each SDE step's mean (mean_old) fp32 [W, N, C, h, w]
+        sde_steps = args.sde_window_size or args.num_inference_steps
+        components["GRPO-Guard step means"] = sde_steps * n * latent_elems * 4
     static = list(components)
 
     train_n = min(args.atrain_micro_batch_size, n)

@@ -49,6 +49,27 @@ def test_grpoguard_trains_under_every_schedule(process_group, tiny_paths, tmp_pa
     assert all(not torch.equal(before[n], after[n]) for n in before)
 
 
+def test_grpoguard_inside_an_sde_window_keeps_the_window_means(process_group, tiny_paths, tmp_path):
+    # The rollout keeps mean_old only for the W window steps, indexed from the window's start (step_offset).
+    trainer = build(tiny_paths, tmp_path, max_steps=1, atrain_algorithm="grpoguard", optimizer_step_schedule="per_rollout",
+                    sftaux_coef=0.0, sde_window_size=2, timestep_fraction=1.0)
+    try:
+        trajectory = trainer.rollout_phase(0).trajectory
+        assert trajectory.means.shape[1] == 2 == trajectory.latents.shape[1] - 1
+        start = trajectory.step_offset
+        for j in range(2):  # mean_old is the Euler-Maruyama mean of the recorded step: x' = mean + std * eps
+            assert torch.isfinite(trajectory.means[:, j]).all()
+            assert not torch.equal(trajectory.means[:, j], trajectory.latents[:, j + 1])
+        assert torch.isfinite(trajectory.log_probs[:, start:start + 2]).all()
+    finally:
+        trainer.close()
+    trainer = build(tiny_paths, tmp_path / "train", max_steps=1, atrain_algorithm="grpoguard",
+                    optimizer_step_schedule="per_rollout", sftaux_coef=0.0, sde_window_size=2, timestep_fraction=1.0)
+    before, after, record = _train_one_step(trainer)
+    assert record["policy/first_chunk_ratio_max_dev"] == 0.0 and math.isfinite(record["loss/policy"])
+    assert all(not torch.equal(before[n], after[n]) for n in before)
+
+
 @pytest.mark.parametrize("schedule", ["reference", "per_rollout"])  # per_timestep: the resume test below
 def test_diffusionnft_trains_under_every_schedule_and_updates_the_old_policy(process_group, tiny_paths, tmp_path,
                                                                              schedule):

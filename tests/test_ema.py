@@ -133,7 +133,7 @@ def ema_run(process_group, tiny_paths, tmp_path_factory):
     # the EMA hook itself sits in optimizer_step, which every schedule goes through.
     trainer = build(tiny_paths, out, max_steps=2, ema_decay=0.5, eval_freq=1, reward_health_timeout=1,
                     judge_health_timeout=1, save_strategy="steps", save_steps=1, sample_image_freq=2,
-                    optimizer_step_schedule="per_rollout")
+                    optimizer_step_schedule="per_rollout", eval_before_train=False)  # evals paired with updates
     record = {"initial": {n: t.clone() for n, t in trainer.ema.shadow.items()}, "at_update": [], "eval": [],
               "grid": []}
     real_step = trainer.ema.step

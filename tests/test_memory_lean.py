@@ -83,8 +83,10 @@ def test_trainer_decode_phase_uses_the_flag(tiny_model):
 
     latents = torch.randn(6, 3, *tiny_model.latent_shape(64, 64))  # [N, T + 1, C, h, w]
     trainer = SimpleNamespace(model=tiny_model, args=SimpleNamespace(vae_decode_micro_batch_size=4,
-                                                                     rollout_micro_batch_size=32))
-    batch = RolloutBatch(samples=[], trajectory=SimpleNamespace(latents=latents))
+                                                                     rollout_micro_batch_size=32, rollout_n=2))
+    trajectory = SimpleNamespace(latents=latents, num_samples=6, final_latents=latents[:, -1],
+                                 release_final=lambda: None)
+    batch = RolloutBatch(samples=[], trajectory=trajectory)
     sizes, handle = _decoder_batch_sizes(tiny_model)
     try:
         DeepGenGRPOTrainer.decode_phase(trainer, batch)

@@ -102,6 +102,8 @@ def test_flags_refuse_init_same_noise_and_resolve_its_default(tmp_path):
     assert nft.init_same_noise is False and nft.nft_beta == 1.0 and nft.nft_decay_type == 1
     with pytest.raises(ValueError, match="--init_same_noise"):
         parse_args(base + ["--atrain_algorithm", "diffusionnft", "--init_same_noise", "true"])
+    with pytest.raises(ValueError, match="--sde_window_size applies to the SDE samplers"):
+        parse_args(base + ["--atrain_algorithm", "diffusionnft", "--sde_window_size", "2"])
     for bad, flag in ((["--nft_beta", "0"], "--nft_beta"), (["--nft_decay_type", "5"], "--nft_decay_type"),
                       (["--grpoguard_dt_reweight", "true"], "--grpoguard_dt_reweight")):
         with pytest.raises(ValueError, match=flag):

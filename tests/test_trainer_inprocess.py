@@ -10,6 +10,7 @@ name): JPEG sizes jump by whole bytes when one pixel rounds differently.
 from __future__ import annotations
 
 import hashlib
+import logging
 import signal
 
 import numpy as np
@@ -131,10 +132,40 @@ def test_golden_values(straight_run):
             assert got[key] == tolerance, f"step {step} {key}: got {got[key]!r}; all of step {step}: {got}"
 
 
+def test_full_sde_window_and_serial_rewards_reproduce_the_golden_values(process_group, tiny_paths, tmp_path):
+    # A window covering all T = 6 steps is today's full-trajectory run, and the serial reward path (the golden run
+    # streams, the default) gives the same rewards: the first two golden steps, unchanged.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    trainer = build(tiny_paths, tmp_path, max_steps=2, optimizer_step_schedule="per_rollout", sde_window_size=6,
+                    stream_rewards=False)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+        torch.set_num_threads(threads)
+    records = history(trainer)
+    for step in (1, 2):
+        for key in GOLDEN_KEYS:
+            tolerance = pytest.approx(GOLDEN[step][key], rel=GOLDEN_REL_TOLERANCE,
+                                      abs=GOLDEN_ABS_TOLERANCE.get(key, 1e-9))
+            assert records[step][key] == tolerance, (step, key, records[step][key])
+        assert "time/reward_wait" not in records[step] and "time/rewards" in records[step]
+
+
+def test_eval_before_train_without_evaluation_is_skipped_with_a_log_line(caplog):
+    trainer = grpo_trainer.DeepGenGRPOTrainer.__new__(grpo_trainer.DeepGenGRPOTrainer)  # only what the call reads
+    trainer.eval_hook, trainer.rank = None, 0
+    with caplog.at_level(logging.INFO, logger=grpo_trainer.__name__):
+        trainer._eval_before_train(metrics_logger=None)
+    assert "--eval_before_train: skipped, evaluation is off" in caplog.text
+
+
 def test_first_chunk_ratio_is_one_and_each_step_applies(straight_run):
     for record in straight_run.values():
         assert record["policy/first_chunk_ratio_max_dev"] <= 1e-6
         assert record["train/step_applied"] == 1.0
+        assert "time/reward_wait" in record and "time/decode" not in record  # --stream_rewards (default)
 
 
 def test_sigterm_checkpoints_and_resume_repeats_the_run(straight_run, tiny_paths, tmp_path):
@@ -249,6 +280,7 @@ def test_eval_hook_every_eval_freq_steps_and_a_failing_eval_does_not_stop_traini
     finally:
         trainer.close()
     records = history(trainer)
-    assert calls == [1, 2]
+    assert calls == [0, 1, 2]  # --eval_before_train (default): the step-0 baseline, once
+    assert records[0]["eval/unigenbench/overall"] == 0.25 and "reward/mean" not in records[0]
     assert records[1]["eval/unigenbench/overall"] == 0.25 and "time/eval" in records[1]
     assert records[2]["eval/failed"] == 1.0 and records[2]["train/step_applied"] == 1.0

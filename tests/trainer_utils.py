@@ -135,7 +135,7 @@ def main(argv: list[str]) -> int:
         Path(dump).write_text(json.dumps({"before": before, "after": after,
                                           "steps": trainer.state.global_step}, indent=1))
     if reward_dump and trainer.rank == 0:
-        curve = [record["reward/mean"] for record in trainer.state.log_history]
+        curve = [record["reward/mean"] for record in trainer.state.log_history if "reward/mean" in record]
         Path(reward_dump).write_text(json.dumps({"before": reward_before, "after": reward_after, "curve": curve}))
     return 0
 

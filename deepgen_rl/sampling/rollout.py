@@ -15,7 +15,7 @@ Shape legend: B prompts, G group size, N = B * G, T steps, C/h/w latent, H/W ima
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -98,29 +98,34 @@ def initial_noise(num_prompts: int, group_size: int, latent_shape: tuple[int, in
 
 def denoise_loop(model, x: Tensor, cond: Conditioning, sigmas: Tensor, settings: SamplerSettings,
                  generator: Optional[torch.Generator], latents_out: Optional[Tensor] = None,
-                 log_probs_out: Optional[Tensor] = None, means_out: Optional[Tensor] = None) -> Tensor:
+                 log_probs_out: Optional[Tensor] = None, window: Optional[tuple[int, int]] = None,
+                 means_out: Optional[Tensor] = None) -> Tensor:
     """Run all T steps on one micro-batch of n samples and return x_T [n, C, h, w] fp32.
 
-    x: [n, C, h, w] fp32 initial noise; cond: n rows; sigmas: [T + 1] fp32 (CPU). When given, x_0..x_T are
-    written into the STEP-MAJOR ``latents_out`` [T + 1, n, C, h, w] (each step's slot is contiguous, so the
-    sampler writes x' in place: no copy per step) and the step log-probs into ``log_probs_out`` [T, n];
-    ``means_out`` [T, n, C, h, w] receives each step's Gaussian mean (GRPO-Guard's mean_old).
+    x: [n, C, h, w] fp32 initial noise; cond: n rows; sigmas: [T + 1] fp32 (CPU). ``window`` (start, end): the
+    steps start..end-1 run the SDE sampler (log-probs recorded), the others the ODE (MixGRPO / Flow-GRPO-Fast);
+    None = (0, T). When given, x_start..x_end are written into the STEP-MAJOR ``latents_out`` [end - start + 1,
+    n, C, h, w] (each slot contiguous, so the sampler writes x' in place: no copy per step) and the window's
+    log-probs into ``log_probs_out`` [T, n] at their step rows; ``means_out`` [end - start, n, C, h, w] receives each
+    window step's Gaussian mean (GRPO-Guard's mean_old).
     """
     sigma_list = sigmas.tolist()  # one host read for the whole loop; the step math uses these floats
     num_steps = len(sigma_list) - 1
+    start, end = (0, num_steps) if window is None else window
     n = x.shape[0]
     # Row i is sigma_i repeated n times: views made once, indexed by step (never looked up by float timestep).
     sigma_rows = sigmas.to(x.device).unsqueeze(1).expand(num_steps + 1, n).unbind(0)
-    coefs = [step_coefficients(settings.sampler, sigma_list[i], sigma_list[i + 1], eta=settings.eta,
-                               sigma_max=sigma_list[1]) for i in range(num_steps)]
+    sde = settings.sampler != "ode"
+    coefs = [step_coefficients(settings.sampler if sde and start <= i < end else "ode", sigma_list[i],
+                               sigma_list[i + 1], eta=settings.eta, sigma_max=sigma_list[1]) for i in range(num_steps)]
     variant = effective_logprob_variant(settings.sampler, settings.logprob_variant)
     dtype = model.dtype
-    if latents_out is not None:
+    if latents_out is not None and start == 0:
         x = latents_out[0].copy_(x)
     for i in range(num_steps):
         v = guided_velocity(model, x, sigma_rows[i], cond, settings.cfg_scale, dtype)
-        slot = None if latents_out is None else latents_out[i + 1]
-        if settings.sampler == "ode":
+        slot = None if latents_out is None or not start <= i + 1 <= end else latents_out[i + 1 - start]
+        if not (sde and start <= i < end):
             x = step_mean(x, v, coefs[i])
             if slot is not None:
                 x = slot.copy_(x)
@@ -130,7 +135,7 @@ def denoise_loop(model, x: Tensor, cond: Conditioning, sigmas: Tensor, settings:
             if log_probs_out is not None:
                 log_probs_out[i] = result.log_prob
             if means_out is not None:
-                means_out[i].copy_(result.mean)
+                means_out[i - start].copy_(result.mean)
     return x
 
 
@@ -182,16 +187,24 @@ def decode_images(model, latents: Tensor, micro_batch_size: Optional[int]) -> Te
 def rollout(model, prompts: Sequence[str], *, group_size: int, sampler: Sampler, eta: float,
             logprob_variant: LogProbVariant, num_inference_steps: int, height: int, width: int, cfg_scale: float,
             init_same_noise: bool, generator: torch.Generator, micro_batch_size: Optional[int] = None,
+            sde_window: Optional[tuple[int, int]] = None,
+            on_micro_batch: Optional[Callable[[slice, Tensor], None]] = None,
             record_means: bool = False) -> Trajectory:
     """Sample G images for each of the B unique ``prompts`` and record the trajectory.
 
     Returns a :class:`Trajectory` with N = B * G rows (prompt b's samples at rows b*G .. b*G + G - 1).
     ``micro_batch_size`` bounds the rows per model forward (None: all at once). ``generator`` drives the
     initial and per-step noise (put it on the model's device to avoid host-to-device copies per step).
+    ``sde_window`` (start, end): SDE only on steps start..end-1, ODE elsewhere, and only x_start..x_end kept
+    (None: every step SDE, all T + 1 latents kept). ``on_micro_batch(rows, x_T)`` is called after each
+    micro-batch with its rows and final latents [n, C, h, w] (the trainer streams them to the rewards).
     ``record_means``: also keep every step's Gaussian mean (``Trajectory.means``; GRPO-Guard needs mean_old).
     Images are not decoded here: the trainer decodes x_T in its own phase (:func:`decode_images`).
     """
     _validate(sampler, logprob_variant, eta, num_inference_steps, group_size, cfg_scale, len(prompts))
+    start, end = (0, num_inference_steps) if sde_window is None else sde_window
+    if not 0 <= start < end <= num_inference_steps:
+        raise ValueError(f"sde_window {sde_window} must satisfy 0 <= start < end <= {num_inference_steps} steps.")
     settings = SamplerSettings(sampler=sampler, eta=float(eta), logprob_variant=logprob_variant,
                                cfg_scale=float(cfg_scale))
     device = model.device
@@ -202,19 +215,28 @@ def rollout(model, prompts: Sequence[str], *, group_size: int, sampler: Sampler,
         x0 = initial_noise(len(prompts), group_size, latent_shape, same_in_group=init_same_noise,
                            generator=generator, device=device)
         num = x0.shape[0]
-        # Step-major storage (see denoise_loop); the Trajectory sees [N, T + 1, ...] / [N, T] views of it.
-        latents = torch.empty((num_inference_steps + 1, num, *latent_shape), dtype=torch.float32, device=device)
-        log_probs = None if sampler == "ode" else torch.empty((num_inference_steps, num), dtype=torch.float32,
-                                                              device=device)
-        means = (torch.empty((num_inference_steps, num, *latent_shape), dtype=torch.float32, device=device)
+        # Step-major storage (see denoise_loop) of the window's W + 1 latents; the Trajectory sees [N, W + 1, ...]
+        # / [N, T] views of it. x_T is kept apart only when the window ends before T (released once decoded).
+        latents = torch.empty((end - start + 1, num, *latent_shape), dtype=torch.float32, device=device)
+        final = None if end == num_inference_steps else torch.empty((num, *latent_shape), dtype=torch.float32,
+                                                                     device=device)
+        log_probs = None if sampler == "ode" else torch.full((num_inference_steps, num), float("nan"),
+                                                             dtype=torch.float32, device=device)
+        means = (torch.empty((end - start, num, *latent_shape), dtype=torch.float32, device=device)
                  if record_means and sampler != "ode" else None)
         for rows in split_rows(num, micro_batch_size):
-            denoise_loop(model, x0[rows], cond.select(rows), sigmas, settings, generator, latents[:, rows],
-                         None if log_probs is None else log_probs[:, rows], None if means is None else means[:, rows])
+            x_final = denoise_loop(model, x0[rows], cond.select(rows), sigmas, settings, generator, latents[:, rows],
+                                   None if log_probs is None else log_probs[:, rows], (start, end),
+                                   None if means is None else means[:, rows])
+            if final is not None:
+                final[rows] = x_final
+            if on_micro_batch is not None:
+                on_micro_batch(rows, x_final)
     return Trajectory(
         prompts=[p for p in prompts for _ in range(group_size)], group_size=group_size, conditioning=cond,
         latents=latents.transpose(0, 1), log_probs=None if log_probs is None else log_probs.transpose(0, 1),
-        sigmas=sigmas, settings=settings, means=None if means is None else means.transpose(0, 1),
+        sigmas=sigmas, settings=settings, step_offset=start, final=final,
+        means=None if means is None else means.transpose(0, 1),
     )
 
 

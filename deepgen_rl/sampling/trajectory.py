@@ -57,13 +57,18 @@ class Conditioning:
 class Trajectory:
     """One rollout of N samples (T steps), recorded for the GRPO update.
 
-    latents: [N, T + 1, C, h, w] fp32, x_0 (pure noise, sigma_0) .. x_T (the sample). A transposed view of
-        step-major storage (each step's [N, C, h, w] block contiguous): index it, or ``.reshape``, not ``.view``.
-    log_probs: [N, T] fp32 log-prob of each recorded transition (None for the ODE); same layout note.
+    latents: [N, W + 1, C, h, w] fp32, x_s .. x_{s+W} with s = ``step_offset``: without an SDE window s = 0 and
+        W = T (x_0 pure noise .. x_T the sample); with --sde_window_size only the window's latents are kept
+        (what training reads). A transposed view of step-major storage (each step's [N, C, h, w] block
+        contiguous): index it, or ``.reshape``, not ``.view``.
+    log_probs: [N, T] fp32 log-prob of each recorded SDE transition, NaN for ODE steps outside the window (None
+        for an ODE rollout); same layout note. Scalars per step, so kept full length.
     sigmas: [T + 1] fp32 on CPU, sigma of each latent (sigmas[T] == 0).
     prompts: N prompts (each unique prompt repeated G times, adjacent).
-    means: [N, T, C, h, w] fp32 Gaussian mean of each recorded transition, kept only when the rollout was asked
-        to (``record_means``: GRPO-Guard's mean_old); None otherwise. Same layout note.
+    final: [N, C, h, w] x_T when the window ends before T (None otherwise: x_T is ``latents[:, -1]``); the
+        trainer releases it once decoded (``release_final``).
+    means: [N, W, C, h, w] fp32 Gaussian mean of each recorded (window) transition, step ``step_offset + j`` at
+        index j, kept only when the rollout was asked to (``record_means``: GRPO-Guard's mean_old); None otherwise.
     """
 
     prompts: list[str]
@@ -73,6 +78,8 @@ class Trajectory:
     log_probs: Optional[Tensor]
     sigmas: Tensor
     settings: SamplerSettings
+    step_offset: int = 0
+    final: Optional[Tensor] = None
     means: Optional[Tensor] = None
 
     @property
@@ -81,7 +88,26 @@ class Trajectory:
 
     @property
     def num_steps(self) -> int:
-        return self.latents.shape[1] - 1
+        """T, the denoising steps of the rollout (recorded or not)."""
+        return self.sigmas.shape[0] - 1
+
+    @property
+    def recorded_steps(self) -> range:
+        """The steps whose transition (x, x_next) is kept: all T, or the SDE window."""
+        return range(self.step_offset, self.step_offset + self.latents.shape[1] - 1)
+
+    @property
+    def final_latents(self) -> Tensor:
+        """x_T [N, C, h, w], the latents to decode."""
+        if self.final is not None:
+            return self.final
+        if self.recorded_steps.stop != self.num_steps:
+            raise RuntimeError("x_T of this windowed trajectory was released after decoding.")
+        return self.latents[:, -1]
+
+    def release_final(self) -> None:
+        """Drop x_T when it is held outside the window's slots (decoded already; training never reads it)."""
+        self.final = None
 
     @property
     def group_ids(self) -> list[int]:
@@ -107,14 +133,16 @@ class Trajectory:
     def transition(self, step: int, rows: Rows = slice(None)) -> tuple[Tensor, Tensor]:
         """(x, x_next) of step ``step`` for ``rows``: two contiguous fp32 tensors [n, C, h, w]."""
         self._check_step(step)
-        x = self.latents[rows, step].contiguous()
-        x_next = self.latents[rows, step + 1].contiguous()
+        slot = step - self.step_offset
+        x = self.latents[rows, slot].contiguous()
+        x_next = self.latents[rows, slot + 1].contiguous()
         return x, x_next
 
     def _check_step(self, step: int) -> None:
-        if not 0 <= step < self.num_steps:
-            raise IndexError(f"step {step} is outside 0..{self.num_steps - 1} of this "
-                             f"{self.num_steps}-step trajectory.")
+        recorded = self.recorded_steps
+        if step not in recorded:
+            raise IndexError(f"step {step} is outside the recorded steps {recorded.start}..{recorded.stop - 1} of "
+                             f"this {self.num_steps}-step trajectory.")
 
 
 def split_rows(num_samples: int, micro_batch_size: Optional[int]) -> list[slice]:

@@ -2,9 +2,11 @@
 
 One GRPO step on every rank (DESIGN.md section 3; legend: B prompts per rank, G = rollout_n, N = B*G):
 
-    rollout     B prompts from the seeded sampler, G SDE samples each (recorded latents, log-probs, embeddings)
+    rollout     B prompts from the seeded sampler, G SDE samples each (recorded latents, log-probs, embeddings;
+                with --sde_window_size only the window is SDE and recorded: sde_window.py)
     decode      VAE -> N images
-    rewards     the prompt's datasets' reward functions, concurrently (failed samples are masked, not zeroed)
+    rewards     the prompt's datasets' reward functions, concurrently (failed samples are masked, not zeroed);
+                with --stream_rewards decode and scoring start per rollout micro-batch (streaming.py)
     advantages  GRPO / GDPO, normalised over ALL ranks (a collective)
     train       per actor update (--atrain_num_actor_update_steps parts of the N samples): int(T x
                 timestep_fraction) drawn steps x ceil(S / atrain_micro_batch_size) chunks, each a backward of its
@@ -32,13 +34,13 @@ from tqdm.auto import tqdm
 from deepgen_rl.data import PromptSample
 from deepgen_rl.model.vision_tower import drop_vision_tower
 from deepgen_rl.rewards.reward_step import RewardBatch
-from deepgen_rl.rl import AdvantageResult, compute_advantages, sample_train_steps
-from deepgen_rl.sampling import Conditioning, Trajectory, decode_images, encode_conditioning, rollout
+from deepgen_rl.rl import AdvantageResult, compute_advantages
+from deepgen_rl.sampling import Conditioning, Trajectory, encode_conditioning, rollout
 
 from . import checkpointing
 from .batching import BatchPlan, plan_batches, total_training_steps
 from .deepspeed_setup import initialize_engine
-from ..distributed import (SEED_ACTOR_UPDATES, SEED_ROLLOUT, SEED_SFTAUX, SEED_TRAIN_STEPS, all_gather_cat,
+from ..distributed import (SEED_ACTOR_UPDATES, SEED_ROLLOUT, SEED_SFTAUX, all_gather_cat,
                            all_reduce_sum, derive_seed, rank_and_world, seeded_generator)
 from .ema import EMA, ema_sample_images
 from .eval_hook import EvalHook
@@ -47,8 +49,10 @@ from .logging_utils import MetricsLogger, TrackerSettings
 from .nft import NFT_STATE_NAME, NftOldPolicy
 from .objective import ObjectiveSettings, policy_chunk_objective, sftaux_objective
 from .reference_policy import ReferencePolicy
+from .sde_window import draw_sde_window, draw_train_steps
 from .signals import GracefulStop, StepInterrupted
 from .step_metrics import PhaseTimer, advantage_metrics, reward_metrics, weighted_reward
+from .streaming import RewardStream, decode_chunks, log_chunking, reward_chunks
 from .trainable import LoraSettings, configure_trainable
 from .update_plan import ChunkStats, OptimizerStepRecord, actor_update_parts, part_chunks
 
@@ -63,6 +67,8 @@ class RolloutBatch:
     trajectory: Trajectory
     images: Optional[torch.Tensor] = None  # [N, 3, H, W] in [0, 1]
     truncated_prompts: int = 0  # of the B prompts, cut to --max_prompt_length (their user text only)
+    sde_window: Optional[tuple[int, int]] = None  # (start, end) of the SDE window; None: every step SDE
+    rewards_in_flight: Optional[RewardStream] = None  # --stream_rewards: the chunks scored during the rollout
 
     @property
     def unique_prompts(self) -> list[str]:
@@ -140,14 +146,19 @@ class DeepGenGRPOTrainer:
         if self.rank == 0:
             logger.info("batch plan: %s; %d GRPO steps x %d optimizer steps", self.plan, self.max_steps,
                         self.plan.optimizer_steps_per_rollout)
+            log_chunking(args.rollout_micro_batch_size, args.rollout_n, args.stream_rewards)
 
     # ----- phases ---------------------------------------------------------------------------------------------
 
     def rollout_phase(self, step: int) -> RolloutBatch:
-        """Draw this rank's B prompts and sample G trajectories each (no gradients)."""
+        """Draw this rank's B prompts and sample G trajectories each (no gradients); with --stream_rewards each
+        finished micro-batch is decoded and its scoring started at once (trainer/streaming.py)."""
         args = self.args
         samples = self.prompt_sampler.sample(self.plan.prompts_per_rank)
         generator = seeded_generator(self.device, derive_seed(args.seed, SEED_ROLLOUT, step, self.rank))
+        window = draw_sde_window(args, step)  # the same on every rank (seeded by the step)
+        stream = (RewardStream(self.model, self.reward_step, samples, args.rollout_n, args.rollout_micro_batch_size,
+                               args.vae_decode_micro_batch_size) if args.stream_rewards else None)
         self.model.eval()
         # DiffusionNFT: the old policy rolls out with the deterministic ODE (trainer/nft.py).
         trajectory = rollout(
@@ -156,15 +167,29 @@ class DeepGenGRPOTrainer:
             eta=args.sde_eta, logprob_variant=args.logprob_variant, num_inference_steps=args.num_inference_steps,
             height=args.image_height, width=args.image_width, cfg_scale=args.rollout_cfg_scale,
             init_same_noise=args.init_same_noise, generator=generator,
-            micro_batch_size=args.rollout_micro_batch_size, record_means=args.atrain_algorithm == "grpoguard")
+            micro_batch_size=args.rollout_micro_batch_size, sde_window=window,
+            on_micro_batch=None if stream is None else stream.on_micro_batch,
+            record_means=args.atrain_algorithm == "grpoguard")
         truncated = sum(self.model.format_prompts([s.prompt for s in samples]).truncated)
-        return RolloutBatch(samples=samples, trajectory=trajectory, truncated_prompts=truncated)
+        batch = RolloutBatch(samples=samples, trajectory=trajectory, truncated_prompts=truncated, sde_window=window,
+                             rewards_in_flight=stream)
+        if stream is not None:
+            batch.images = stream.images
+            trajectory.release_final()
+        return batch
 
     def decode_phase(self, batch: RolloutBatch) -> None:
-        batch.images = decode_images(self.model, batch.trajectory.latents[:, -1], self.args.vae_decode_micro_batch_size)
+        """Serial path: x_T decoded in the streamed path's group-aligned chunks (identical images)."""
+        trajectory, args = batch.trajectory, self.args
+        chunks = reward_chunks(trajectory.num_samples, args.rollout_micro_batch_size, args.rollout_n)
+        batch.images = decode_chunks(self.model, trajectory.final_latents, chunks, args.vae_decode_micro_batch_size)
+        trajectory.release_final()  # windowed: x_T lived outside the W + 1 training slots
 
     def reward_phase(self, batch: RolloutBatch) -> RewardBatch:
-        """This rank's N samples scored by their datasets' rewards (scores [N, K], weights, failed mask)."""
+        """This rank's N samples scored by their datasets' rewards (scores [N, K], weights, failed mask); when
+        streamed, only the wait for the chunks still in flight."""
+        if batch.rewards_in_flight is not None:
+            return batch.rewards_in_flight.result()
         trajectory = batch.trajectory
         weights = trajectory.per_sample([s.reward_weights for s in batch.samples])
         return self.reward_step.score(batch.images, trajectory.prompts, weights, trajectory.group_ids)
@@ -196,9 +221,9 @@ class DeepGenGRPOTrainer:
         if advantages is None:
             return {"train/skipped": 1.0, "train/step_applied": 0.0, "train/optimizer_steps": 0.0}
         args, plan, trajectory = self.args, self.plan, batch.trajectory
-        # One draw shared by every rank (seeded by the step only); the actor-update split is per rank.
-        steps_generator = seeded_generator(torch.device("cpu"), derive_seed(args.seed, SEED_TRAIN_STEPS, step))
-        steps = sample_train_steps(args.num_inference_steps, args.timestep_fraction, steps_generator)
+        # One draw shared by every rank (seeded by the step only; inside the SDE window when on); the actor-update
+        # split is per rank.
+        steps = draw_train_steps(args, batch.sde_window, step)
         parts_generator = seeded_generator(torch.device("cpu"), derive_seed(args.seed, SEED_ACTOR_UPDATES, step,
                                                                             self.rank))
         parts = actor_update_parts(trajectory.num_samples, plan.actor_update_steps, parts_generator)
@@ -384,13 +409,15 @@ class DeepGenGRPOTrainer:
     def training_step(self) -> tuple[dict[str, float], RolloutBatch, RewardBatch]:
         """One GRPO step (every phase timed); the caller advances ``state.global_step``."""
         step = self.state.global_step
-        with self.timer("rollout"):
+        with self.timer("rollout"):  # streamed: decoding and submitting each micro-batch's rewards included
             batch = self.rollout_phase(step)
         self._safe_point("rollout")
-        with self.timer("decode"):
-            self.decode_phase(batch)
-        self._safe_point("decode")
-        with self.timer("rewards"):
+        if batch.rewards_in_flight is None:
+            with self.timer("decode"):
+                self.decode_phase(batch)
+            self._safe_point("decode")
+        # Serial: the whole reward phase; streamed: time/reward_wait, the scoring the rollout did not hide.
+        with self.timer("rewards" if batch.rewards_in_flight is None else "reward_wait"):
             rewards = self.reward_phase(batch)
         self._safe_point("rewards")
         with self.timer("advantages"):
@@ -417,6 +444,8 @@ class DeepGenGRPOTrainer:
                    disable=self.rank != 0 or bool(args.disable_tqdm))
         stopped = False
         try:
+            if args.eval_before_train and self.state.global_step == 0:  # a fresh run's baseline, not on resume
+                self._eval_before_train(metrics_logger)
             with GracefulStop() as stop:
                 self._stop = stop
                 while self.state.global_step < self.max_steps:
@@ -443,6 +472,19 @@ class DeepGenGRPOTrainer:
                 logger.info("%s", self.summary.text())
                 self.summary.write(args.output_dir)
         return self.state
+
+    def _eval_before_train(self, metrics_logger: MetricsLogger) -> None:
+        """--eval_before_train: the UniGenBench evaluation of the initial weights, logged as step 0."""
+        if self.eval_hook is None:
+            if self.rank == 0:
+                logger.info("--eval_before_train: skipped, evaluation is off for this run (--eval_freq 0, or no eval "
+                            "dataset config / judge: see the warning above).")
+            return
+        with self.timer("eval"):
+            metrics = self.eval_phase(0)
+        metrics.update(self.timer.pop())
+        metrics_logger.log(0, metrics)
+        self.state.log_history.append({"step": 0, **metrics})
 
     def _enforce_failure_budget(self, metrics: dict, rewards: RewardBatch) -> None:
         """Count the step in the run summary; stop (checkpoint first) when a reward has spent its failure budget."""

@@ -113,7 +113,8 @@ def _guard_log_ratio(trajectory: Trajectory, step: int, rows: Rows, mean: Tensor
     sigma, sigma_next = trajectory.sigma_pair(step)
     settings = trajectory.settings
     coefs = step_coefficients(settings.sampler, sigma, sigma_next, eta=settings.eta, sigma_max=trajectory.sigma_max)
-    return guard_log_ratio(mean, trajectory.means[rows, step].to(mean.device), x_next, coefs.noise_std)
+    mean_old = trajectory.means[rows, step - trajectory.step_offset].to(mean.device)
+    return guard_log_ratio(mean, mean_old, x_next, coefs.noise_std)
 
 
 def _reference_kl(trajectory: Trajectory, step: int, rows: Rows, current, reference: ReferencePolicy,
