@@ -26,6 +26,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
 
+from ..model_flags import TrainableModuleSet
 from .connector import ConnectorConfig, ConnectorEncoder
 from .kontext import ReferenceLatents
 # The templates live in prompt_format.py; tiny.py and model/__init__.py import them from here too.
@@ -37,9 +38,9 @@ from .unreachable import freeze_dead_dit_parts, freeze_unreachable_llm_parts
 logger = logging.getLogger(__name__)
 FUSION_LAYER_STRIDE = 6
 
-# Attribute names of each trainable set (config.TRAINABLE_MODULE_SETS).
+# Attribute names of each trainable set: one entry per --trainable_modules choice (tests/test_config_modules.py).
 CONNECTOR_MODULES = ("connector", "projector_1", "projector_2", "projector_3", "meta_queries")
-TRAINABLE_MODULES = {
+TRAINABLE_MODULES: dict[TrainableModuleSet, tuple[str, ...]] = {
     "dit": ("transformer",),
     "dit_connector": ("transformer",) + CONNECTOR_MODULES,
     "dit_connector_llm": ("transformer", "lmm") + CONNECTOR_MODULES,

@@ -27,18 +27,16 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Iterator, Literal, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
+from deepgen_rl.run_flags import EMA_DEVICES, EmaDevice
 from deepgen_rl.sampling import decode_images, rollout
 
 from . import checkpointing
 
 logger = logging.getLogger(__name__)
-
-EmaDevice = Literal["cpu", "same"]
-EMA_DEVICES = ("cpu", "same")
 
 
 def warmup_decay(step: int, decay: float) -> float:

@@ -11,7 +11,7 @@ Legend: n samples in a chunk, N = B*G samples of the rank, C/h/w latent.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
@@ -19,6 +19,7 @@ from torch import Tensor
 from deepgen_rl.rl import (clip_band, clipped_policy_loss, flow_matching_loss, grpo_loss, masked_mean, noised_latents,
                            reference_kl)
 from deepgen_rl.rl.grpo_guard import dt_reweight, guard_log_ratio
+from deepgen_rl.rl.losses import KLType
 from deepgen_rl.sampling import Conditioning, Trajectory, recompute_step, step_coefficients, transition_mean
 from deepgen_rl.sampling.trajectory import Rows
 
@@ -33,7 +34,7 @@ class ObjectiveSettings:
     clip_range: float
     advantage_clip: float
     beta: float
-    kl_type: Literal["v-based", "x-based"]
+    kl_type: KLType
     clip_band: Optional[tuple[float, float]] = None  # signed (low, high); None: (-clip_range, clip_range)
     algorithm: str = "grpo"  # --atrain_algorithm (grpo | grpoguard here; diffusionnft has its own objective)
     dt_reweight: bool = False  # --grpoguard_dt_reweight

@@ -1,0 +1,105 @@
+"""Where the weights and datasets come from and which modules train: ``ModelArguments`` and ``DataArguments``
+(argument groups of :func:`deepgen_rl.config.parse_args`). Model paths default to the environment variables the
+guide names, read when a dataclass or the parser is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from .flag_checks import _check_choice, _check_positive, _env_field
+
+SD3_ENV = "SD3_5_MODEL_NAME_OR_PATH"
+QWEN_ENV = "QWEN2_5_VL_MODEL_NAME_OR_PATH"
+CLIP_ENV = "CLIP_MODEL_NAME_OR_PATH"
+CHECKPOINT_ENV = "CHECKPOINT"
+
+# The choices of each flag are its Literal type's arguments (model/deepgen.py's TRAINABLE_MODULES has one entry each).
+TrainableModuleSet = Literal["dit", "dit_connector", "dit_connector_llm"]
+ModelDtype = Literal["auto", "bfloat16", "float16", "float32"]
+TRAINABLE_MODULE_SETS: tuple[str, ...] = get_args(TrainableModuleSet)
+MODEL_DTYPES: tuple[str, ...] = get_args(ModelDtype)
+
+
+@dataclass
+class ModelArguments:
+    """Where the DeepGen weights are and which parts of the model train."""
+
+    sd3_model_name_or_path: str = _env_field(
+        SD3_ENV, "", "Local diffusers folder of the SD3.5-Medium-Kontext model (transformer/, vae/, scheduler/)."
+    )
+    qwen2_5_vl_model_name_or_path: str = _env_field(
+        QWEN_ENV, "", "Local transformers folder of Qwen2.5-VL-3B-Instruct (config, weights, tokenizer)."
+    )
+    clip_model_name_or_path: str = _env_field(
+        CLIP_ENV, "", "Local transformers folder of the CLIP model used by the clip_sim reward."
+    )
+    checkpoint: str = _env_field(
+        CHECKPOINT_ENV,
+        "",
+        "DeepGen_Image pretraining checkpoint (.pth with the reference key names) loaded on top of the model "
+        "paths. Empty: keep the freshly initialised connector (only sensible for tiny test models).",
+    )
+    num_queries: int = field(default=128, metadata={"help": "Number of learnable meta queries appended to the prompt."})
+    num_fusion_layers: int = field(
+        default=6,
+        metadata={"help": "How many LLM hidden states (layers L-1, L-7, L-13, ...) are concatenated for the connector."},
+    )
+    connector_hidden_size: int = field(default=2048, metadata={"help": "Connector (SigLIP-style encoder) width."})
+    connector_intermediate_size: int = field(default=11946, metadata={"help": "Connector MLP width."})
+    connector_num_layers: int = field(default=6, metadata={"help": "Connector encoder layers."})
+    connector_num_heads: int = field(default=32, metadata={"help": "Connector attention heads."})
+    max_prompt_length: int = field(default=1024, metadata={"help": "Prompt tokens kept (longer prompts are cut)."})
+    trainable_modules: TrainableModuleSet = field(
+        default="dit",
+        metadata={
+            "help": "What GRPO updates: 'dit' (the SD3 transformer only, as the reference), 'dit_connector' "
+            "(+ connector, projectors, meta queries) or 'dit_connector_llm' (+ the Qwen2.5-VL language model)."
+        },
+    )
+    use_lora: bool = field(
+        default=False,
+        metadata={"help": "Train LoRA adapters on the DiT attention instead of its full weights (reference = adapters off)."},
+    )
+    lora_rank: int = field(default=64, metadata={"help": "LoRA rank when --use_lora."})
+    lora_alpha: float = field(default=128.0, metadata={"help": "LoRA alpha when --use_lora."})
+    checkpoint_llm_lora_alpha: float = field(
+        default=128.0,
+        metadata={"help": "Alpha of an LLM LoRA found in CHECKPOINT (merged into the LLM weights at load; rank is read "
+                  "from the tensors)."},
+    )
+    model_dtype: ModelDtype = field(
+        default="auto",
+        metadata={"help": "Weight dtype of the frozen parts and the rollout. 'auto': bfloat16 on GPU, float32 on CPU."},
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "Attention kernel of the Qwen2.5-VL model."})
+
+    def __post_init__(self) -> None:
+        for flag in ("num_queries", "num_fusion_layers", "connector_hidden_size", "connector_intermediate_size",
+                     "connector_num_layers", "connector_num_heads", "max_prompt_length", "lora_rank"):
+            _check_positive(flag, getattr(self, flag))
+        _check_choice("trainable_modules", self.trainable_modules, TRAINABLE_MODULE_SETS)
+        _check_choice("model_dtype", self.model_dtype, MODEL_DTYPES)
+        if self.connector_hidden_size % self.connector_num_heads:
+            raise ValueError(
+                f"--connector_hidden_size ({self.connector_hidden_size}) must be divisible by "
+                f"--connector_num_heads ({self.connector_num_heads})."
+            )
+
+
+@dataclass
+class DataArguments:
+    """Training, evaluation and SFT-aux datasets."""
+
+    dataset_config: str = _env_field(
+        "DATASET_CONFIG", "assets/rl_datasets/deepgen/deepgen_train.yaml", "Training dataset YAML (prompts + rewards)."
+    )
+    eval_dataset_config: str = _env_field(
+        "EVAL_DATASET_CONFIG", "assets/rl_datasets/deepgen/eval/eval.yaml", "Evaluation dataset YAML (UniGenBench)."
+    )
+    sftaux_dataset_config: str = _env_field(
+        "SFTAUX_DATASET_CONFIG",
+        "deepgen_rl/sft/configs/datasets/deepgen/t2i_grpo_moretextdata.py",
+        "MMEngine config of the SFT-aux dataset.",
+    )
