@@ -45,11 +45,11 @@ from .server_flags import (DEFAULT_EDIT_JUDGE_PORT, DEFAULT_OCR_PORT, DEFAULT_UN
 from .trainer_flags import HELP_EPILOG, GroupedArgumentParser, refused_flag_errors
 
 __all__ = [
-    "ADVANTAGE_TYPES", "ARGUMENT_GROUPS", "KL_TYPES", "LOGPROB_VARIANTS", "CHECKPOINT_ENV", "CLIP_ENV", "DEFAULT_EDIT_JUDGE_PORT", "DEFAULT_OCR_PORT", "DEFAULT_SDE_ETA",
-    "DEFAULT_UNIFIEDREWARD_PORT", "DEFAULT_UNIGENBENCH_PORT", "MODEL_DTYPES", "OPTIMIZER_STEP_SCHEDULES", "QWEN_ENV",
-    "SD3_ENV", "SDE_SAMPLERS", "TRAINABLE_MODULE_SETS", "DataArguments", "EvalArguments", "GRPOConfig",
-    "JudgeArguments", "ModelArguments", "ModelDtype", "OptimizerStepSchedule", "RewardArguments", "SdeSampler",
-    "TrainableModuleSet", "build_parser", "parse_args",
+    "ADVANTAGE_TYPES", "ARGUMENT_GROUPS", "CHECKPOINT_ENV", "CLIP_ENV", "DEFAULT_EDIT_JUDGE_PORT", "DEFAULT_OCR_PORT",
+    "DEFAULT_SDE_ETA", "DEFAULT_UNIFIEDREWARD_PORT", "DEFAULT_UNIGENBENCH_PORT", "KL_TYPES", "LOGPROB_VARIANTS",
+    "MODEL_DTYPES", "OPTIMIZER_STEP_SCHEDULES", "QWEN_ENV", "SD3_ENV", "SDE_SAMPLERS", "TRAINABLE_MODULE_SETS",
+    "DataArguments", "EvalArguments", "GRPOConfig", "JudgeArguments", "ModelArguments", "ModelDtype",
+    "OptimizerStepSchedule", "RewardArguments", "SdeSampler", "TrainableModuleSet", "build_parser", "parse_args",
 ]
 
 

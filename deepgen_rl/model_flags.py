@@ -15,7 +15,7 @@ QWEN_ENV = "QWEN2_5_VL_MODEL_NAME_OR_PATH"
 CLIP_ENV = "CLIP_MODEL_NAME_OR_PATH"
 CHECKPOINT_ENV = "CHECKPOINT"
 
-# The choices of each flag are its Literal type's arguments (model/deepgen.py's TRAINABLE_MODULES has one entry each).
+# The choices of each flag are its Literal type's arguments (model/deepgen.py's TRAINABLE_MODULES: one entry each).
 TrainableModuleSet = Literal["dit", "dit_connector", "dit_connector_llm"]
 ModelDtype = Literal["auto", "bfloat16", "float16", "float32"]
 TRAINABLE_MODULE_SETS: tuple[str, ...] = get_args(TrainableModuleSet)
