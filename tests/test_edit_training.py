@@ -101,3 +101,45 @@ def test_mixed_yaml_trains_two_steps_with_source_conditioning(process_group, tin
             assert record["policy/first_chunk_ratio_max_dev"] <= 1e-6, record
             assert record["train/step_applied"] == 1.0
     assert len([r for r in trainer.state.log_history if "train/step_applied" in r]) == 2
+
+
+class Recorder:
+    """A stand-in reward that records the keyword arguments it was given (what the reward step routed to it)."""
+
+    score_range = (0.0, 1.0)
+    service = "in-process test reward"
+
+    def __init__(self, name, **declares):
+        self.name, self.calls = name, []
+        for key, value in declares.items():
+            setattr(self, key, value)
+
+    def check_ready(self):
+        pass
+
+    def score(self, images, prompts, group_ids, **extra):
+        self.calls.append((list(prompts), extra))
+        return RewardScores(values=[0.5] * len(images), errors=[None] * len(images))
+
+    def close(self):
+        pass
+
+
+def test_reward_step_routes_sources_and_targets_to_the_rewards_that_declare_them():
+    judge = Recorder("edit_vlm_judge", needs_sources=True)
+    ocr = Recorder("ocr", needs_targets=True)
+    plain = Recorder("plain")
+    step = RewardStep({"edit_vlm_judge": judge, "ocr": ocr, "plain": plain})
+    images = [Image.new("RGB", (8, 8), (i * 60, 0, 0)) for i in range(4)]
+    src = [Image.new("RGB", (8, 8))]
+    weights = [{"plain": 1.0}, {"plain": 1.0, "ocr": 1.0}, {"edit_vlm_judge": 1.0, "ocr": 1.0},
+               {"edit_vlm_judge": 1.0}]
+    try:
+        batch = step.score(images, ["t0", "t1", "e2", "e3"], weights, [0, 0, 1, 1], sources=[[], [], src, src],
+                           targets=[None, None, "SALE", None])
+    finally:
+        step.close()
+    assert not batch.failed.any()
+    assert judge.calls == [(["e2", "e3"], {"sources": [src, src]})]
+    assert ocr.calls == [(["t1", "e2"], {"targets": [None, "SALE"]})]
+    assert plain.calls == [(["t0", "t1"], {})]

@@ -37,3 +37,11 @@ def row_sources(edit: Optional[EditConditioning], rows: slice | None = None) -> 
         return None
     picked = edit if rows is None else edit.select(range(len(edit))[rows])
     return picked.source_pil()
+
+
+def row_targets(samples: Sequence[PromptSample], group_size: int) -> Optional[list]:
+    """Per row (N) its explicit target text (an edit's ``target_text``, else None) for rewards with
+    ``needs_targets`` (ocr); None when no sample has one (the prompts' quoted spans serve)."""
+    if all(sample.target_text is None for sample in samples):
+        return None
+    return [sample.target_text for sample in samples for _ in range(group_size)]

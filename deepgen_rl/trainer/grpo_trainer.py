@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from deepgen_rl.data import PromptSample
 from deepgen_rl.model.vision_tower import drop_vision_tower
-from deepgen_rl.trainer.edit_rollout import has_edit_datasets, row_sources, step_edit_conditioning
+from deepgen_rl.trainer.edit_rollout import has_edit_datasets, row_sources, row_targets, step_edit_conditioning
 from deepgen_rl.rewards.reward_step import RewardBatch
 from deepgen_rl.rl import AdvantageResult, compute_advantages
 from deepgen_rl.sampling import Conditioning, Trajectory, encode_conditioning, rollout
@@ -196,7 +196,8 @@ class DeepGenGRPOTrainer:
         trajectory = batch.trajectory
         weights = trajectory.per_sample([s.reward_weights for s in batch.samples])
         return self.reward_step.score(batch.images, trajectory.prompts, weights, trajectory.group_ids,
-                                      sources=row_sources(trajectory.edit))
+                                      sources=row_sources(trajectory.edit),
+                                      targets=row_targets(batch.samples, trajectory.group_size))
 
     def advantage_phase(self, rewards: RewardBatch) -> tuple[Optional[AdvantageResult], dict[str, float]]:
         """Advantages over all ranks (collective), or None when no sample of any rank has a reward."""

@@ -25,7 +25,7 @@ from deepgen_rl.rewards.reward_merge import merge_reward_batches
 from deepgen_rl.rewards.reward_step import RewardBatch
 from deepgen_rl.sampling import decode_images
 from deepgen_rl.sampling.edit_conditioning import EditConditioning
-from deepgen_rl.trainer.edit_rollout import row_sources
+from deepgen_rl.trainer.edit_rollout import row_sources, row_targets
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class RewardStream:
                  decode_micro_batch_size: int, edit: Optional[EditConditioning] = None) -> None:
         self.model, self.reward_step = model, reward_step
         self.edit = edit  # the rollout's source conditioning: each chunk's rows go to the edit rewards
+        self.targets = row_targets(samples, group_size)
         self.decode_micro_batch_size = decode_micro_batch_size
         self.prompts = [s.prompt for s in samples for _ in range(group_size)]
         self.weights = [s.reward_weights for s in samples for _ in range(group_size)]
@@ -86,7 +87,8 @@ class RewardStream:
             images = decode_images(self.model, latents, self.decode_micro_batch_size)
             self._images.append(images)
             self._futures.append(self.reward_step.submit(images, self.prompts[chunk], self.weights[chunk],
-                                                         self.group_ids[chunk], row_sources(self.edit, chunk)))
+                                                         self.group_ids[chunk], row_sources(self.edit, chunk),
+                                                         None if self.targets is None else self.targets[chunk]))
 
     @property
     def images(self) -> Tensor:
