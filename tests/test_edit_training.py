@@ -23,7 +23,8 @@ pytestmark = pytest.mark.timeout(600)
 
 class SourceDistance:
     """r = 1 - mean |edited - first source| over 8-bit pixels (sources resized to the result); a text-to-image
-    row (no sources) scores its mean brightness. Records the sources it was given, per call."""
+    row (no sources) scores its mean brightness. Records the number of sources of each row, per call (sources
+    None: a step that drew no edit prompt)."""
 
     name = "jpeg_compressibility"
     score_range = (0.0, 1.0)
@@ -37,7 +38,8 @@ class SourceDistance:
         pass
 
     def score(self, images, prompts, group_ids, sources=None):
-        assert sources is not None and len(sources) == len(images)
+        sources = [[] for _ in images] if sources is None else sources
+        assert len(sources) == len(images)
         self.calls.append([len(row) for row in sources])
         values = []
         for image, row in zip(images, sources):
@@ -78,7 +80,7 @@ def test_mixed_yaml_trains_two_steps_with_source_conditioning(process_group, tin
     yaml_path = write_mixed_yaml(tmp_path / "data")
     flags = tiny_run_flags(tiny_paths, tmp_path / "out", deepspeed=str(ZERO2), learning_rate=1e-3, max_steps=2,
                            optimizer_step_schedule="per_rollout", dataset_config=str(yaml_path),
-                           trainable_modules="dit_connector", seed=3)
+                           trainable_modules="dit_connector", seed=3, sample_image_freq=1)
     args, *groups = parse_args(flags)
     trainer = grpo_deepgen.build_trainer(args, *groups, "cpu")
     trainer.reward_step.close()
@@ -96,11 +98,29 @@ def test_mixed_yaml_trains_two_steps_with_source_conditioning(process_group, tin
     assert not unchanged, f"trainable parameters not updated: {unchanged[:5]}"
     # One streamed chunk per step (micro-batch 8 = all rows): a mixed chunk has text (0 sources) and edit rows.
     assert any(0 in call and max(call) > 0 for call in reward.calls), f"no step mixed both kinds: {reward.calls}"
-    for record in trainer.state.log_history:
-        if "policy/first_chunk_ratio_max_dev" in record:
-            assert record["policy/first_chunk_ratio_max_dev"] <= 1e-6, record
-            assert record["train/step_applied"] == 1.0
-    assert len([r for r in trainer.state.log_history if "train/step_applied" in r]) == 2
+    steps = [record for record in trainer.state.log_history if "train/step_applied" in record]
+    assert len(steps) == 2
+    for record in steps:
+        assert record["reward/failed_samples"] == 0.0 and record["train/step_applied"] == 1.0, record
+        assert record["policy/first_chunk_ratio_max_dev"] <= 1e-6, record
+    check_source_column(tmp_path / "out" / "samples", reward.calls)
+
+
+def check_source_column(folder: Path, calls: list[list[int]]) -> None:
+    """Each step's grid: per prompt row, its source (the red image; black for text-to-image), then its 4 samples;
+    a step without edit prompts keeps the plain 4-column grid."""
+    for step, call in enumerate(calls, start=1):
+        grid = np.asarray(Image.open(folder / f"step_{step:06d}.png"), dtype=np.float64)
+        caption = (folder / f"step_{step:06d}.txt").read_text()
+        if not any(call):
+            assert grid.shape == (2 * 64, 4 * 64, 3) and "source" not in caption
+            continue
+        assert grid.shape == (2 * 64, 5 * 64, 3)
+        for row in range(2):
+            tile = grid[row * 64:(row + 1) * 64, :64].reshape(-1, 3).mean(0)
+            expected = (200, 40, 40) if call[row * 4] else (0, 0, 0)  # both edit prompts edit the red image
+            assert np.allclose(tile, expected, atol=1.0), (step, row, tile)
+        assert caption.count("(first tile: source)") == 2
 
 
 class Recorder:

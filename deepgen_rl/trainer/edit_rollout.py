@@ -45,3 +45,25 @@ def row_targets(samples: Sequence[PromptSample], group_size: int) -> Optional[li
     if all(sample.target_text is None for sample in samples):
         return None
     return [sample.target_text for sample in samples for _ in range(group_size)]
+
+
+def group_sources(edit: Optional[EditConditioning], group_size: int, height: int,
+                  width: int) -> Optional[torch.Tensor]:
+    """The sample grid's source column: per prompt (B) its first source resized to the H x W tile -> [B, 3, H, W]
+    in [0, 1] (a text-to-image prompt: a black tile); None when no prompt is an edit (the grid is unchanged)."""
+    if edit is None or not edit.edit_rows:
+        return None
+    tiles = torch.zeros(len(edit) // group_size, 3, height, width)
+    for prompt in range(len(tiles)):
+        sources = edit.source_images[prompt * group_size]
+        if sources:
+            tiles[prompt] = torch.nn.functional.interpolate(sources[0][None].float().cpu(), size=(height, width),
+                                                            mode="bilinear", align_corners=False)[0].clamp(0, 1)
+    return tiles
+
+
+def prepend_sources(images: torch.Tensor, sources: torch.Tensor, group_size: int) -> torch.Tensor:
+    """images [B * G, 3, H, W] and sources [B, 3, H, W] -> [B * (G + 1), 3, H, W]: each group's row starts with its
+    source, then its G edits."""
+    rows = images.detach().float().cpu().reshape(len(sources), group_size, *images.shape[1:])
+    return torch.cat([sources[:, None], rows], dim=1).flatten(0, 1)

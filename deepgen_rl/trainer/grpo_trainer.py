@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from deepgen_rl.data import PromptSample
 from deepgen_rl.model.vision_tower import drop_vision_tower
-from deepgen_rl.trainer.edit_rollout import has_edit_datasets, row_sources, row_targets, step_edit_conditioning
+from deepgen_rl.trainer.edit_rollout import (group_sources, has_edit_datasets, row_sources, row_targets,
+                                             step_edit_conditioning)
 from deepgen_rl.rewards.reward_step import RewardBatch
 from deepgen_rl.rl import AdvantageResult, compute_advantages
 from deepgen_rl.sampling import Conditioning, Trajectory, encode_conditioning, rollout
@@ -527,12 +528,14 @@ class DeepGenGRPOTrainer:
                 metrics.update(self.eval_phase(step))
         with self.timer("log"):
             if args.sample_image_freq and step % args.sample_image_freq == 0:
+                sources = group_sources(batch.trajectory.edit, args.rollout_n, args.image_height, args.image_width)
                 if self.ema is None:
                     scores = weighted_reward(rewards.scores, rewards.weights).tolist()
-                    metrics_logger.log_samples(step, batch.images, batch.trajectory.prompts, scores, args.rollout_n)
+                    metrics_logger.log_samples(step, batch.images, batch.trajectory.prompts, scores, args.rollout_n,
+                                               sources)
                 elif self.rank == 0:  # --ema_decay: the EMA weights' grid (only rank 0 writes grids)
                     metrics_logger.log_samples(step, self.ema_sample_images(batch, step - 1),
-                                               batch.trajectory.prompts, None, args.rollout_n)
+                                               batch.trajectory.prompts, None, args.rollout_n, sources)
         metrics.update(self.timer.pop())
         metrics["time/step"] = sum(v for k, v in metrics.items() if k.startswith("time/") and k != "time/step")
         metrics_logger.log(step, metrics)
