@@ -89,11 +89,14 @@ def check_prompt_contents(dataset: DatasetConfig) -> list[str]:
 
 
 def check_eval_contents(eval_config: str) -> Optional[str]:
-    """The eval YAML and every UniGenBench CSV it names, parsed as the evaluation will (errors name file + line)."""
+    """The eval YAML and every UniGenBench CSV and edit JSONL it names, parsed as the evaluation will (errors name
+    file + line)."""
     from .eval.dataset import EvalDataError, load_eval_datasets
+    from .eval.edit_eval import load_edit_eval_sets
 
     try:
         load_eval_datasets(eval_config)
+        load_edit_eval_sets(eval_config)
     except EvalDataError as err:
         return (f"EVAL_DATASET_CONFIG (--eval_dataset_config): {err} (fix the file, or pass --eval_freq 0 to "
                 "train without periodic evaluation)")

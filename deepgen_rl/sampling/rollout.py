@@ -293,17 +293,18 @@ def recompute_step(model, trajectory: Trajectory, step: int, rows: Rows = slice(
 
 def generate_images(model, prompts: Sequence[str], *, num_inference_steps: int, height: int, width: int,
                     cfg_scale: float, generator: torch.Generator, micro_batch_size: Optional[int] = None,
-                    decode_micro_batch_size: Optional[int] = None) -> Tensor:
+                    decode_micro_batch_size: Optional[int] = None, edit: Optional[EditConditioning] = None) -> Tensor:
     """Deterministic ODE (Euler) generation for evaluation: one image per prompt -> [len(prompts), 3, H, W] in [0, 1].
 
-    ``decode_micro_batch_size`` bounds the rows per VAE decode (None: ``micro_batch_size``).
+    ``decode_micro_batch_size`` bounds the rows per VAE decode (None: ``micro_batch_size``); ``edit`` (one row per
+    prompt): the source conditioning of edit prompts (edit evaluation).
 
     The reference evaluates with cfg_scale 4.0 and 50 steps (eval.yaml carries both per dataset).
     """
     _validate("ode", "reference", 0.0, num_inference_steps, 1, cfg_scale, len(prompts))
     settings = SamplerSettings(sampler="ode", eta=0.0, logprob_variant="reference", cfg_scale=float(cfg_scale))
     with torch.no_grad():
-        cond = encode_conditioning(model, prompts, 1, cfg_scale)
+        cond = encode_conditioning(model, prompts, 1, cfg_scale, edit)
         sigmas = model.sigma_schedule(num_inference_steps, height, width).detach().to("cpu", torch.float32)
         latent_shape = tuple(model.latent_shape(height, width))
         x0 = initial_noise(len(prompts), 1, latent_shape, same_in_group=False, generator=generator,
