@@ -198,3 +198,15 @@ def test_rollout_of_a_mixed_batch_recomputes_exactly_per_micro_batch(model, tmp_
     assert text_rows.tolist() == [0, 1] and edit_rows.tolist() == [2, 3] and edit_part.references is not None
     alone = encode_conditioning(model, [t2i[0].prompt], 2, 2.0)
     assert torch.equal(text_part.prompt_embeds, alone.prompt_embeds) and text_part.references is None
+
+
+def test_preflight_parses_edit_eval_sets(tmp_path):
+    from deepgen_rl.preflight_content import check_eval_contents
+
+    write_edit_set(tmp_path)
+    (tmp_path / "eval.yaml").write_text("datasets:\n  - {name: my_edits, path: edits/edits.jsonl, cfg_scale: 4.0, "
+                                        "num_inference_steps: 2, duplicates: 1, scoring: edit_judge}\n")
+    assert check_eval_contents(str(tmp_path / "eval.yaml")) is None
+    (tmp_path / "edits" / "edits.jsonl").write_text('{"instruction": "x"}\n')
+    problem = check_eval_contents(str(tmp_path / "eval.yaml"))
+    assert "my_edits (scoring: edit_judge)" in problem and "edits.jsonl:1" in problem and "--eval_freq 0" in problem
