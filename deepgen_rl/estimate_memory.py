@@ -199,7 +199,8 @@ def weight_components(model, weight_bytes: int, zero_stage: int, num_gpus: int, 
 
 
 def estimate_memory(model_args: ModelArguments, args: GRPOConfig, num_gpus: int, zero_stage: int, *, model=None, prompt_tokens: int = 64,
-                    offload_optimizer: bool = False, offload_params: bool = False, edit: bool = False) -> MemoryEstimate:
+                    offload_optimizer: bool = False, offload_params: bool = False,
+                    edit: bool = False) -> MemoryEstimate:
     """Per-rank GPU memory of a GRPO step with the flags ``args`` (GRPOConfig) and ``model_args`` on ``num_gpus``
     ranks under ZeRO ``zero_stage``. ``model``: a real-size meta model (built from ``model_args`` when None).
     ``edit``: the dataset YAML has an edit dataset (the vision tower then stays on the GPU)."""
