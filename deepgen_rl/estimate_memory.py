@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
@@ -172,13 +173,14 @@ def _largest_layer(model) -> int:
     return max((_count(m.parameters(recurse=False)) for m in model.modules()), default=0)
 
 
-def weight_components(model, weight_bytes: int, zero_stage: int, num_gpus: int, trained: list[str]) -> dict[str, int]:
+def weight_components(model, weight_bytes: int, zero_stage: int, num_gpus: int, trained: list[str],
+                      edit: bool = False) -> dict[str, int]:
     """16-bit weights by module. Under ZeRO-3 the engine partitions every module: frozen ones hold 1/num_gpus,
-    trained ones are inside DeepSpeed's model-states figure."""
+    trained ones are inside DeepSpeed's model-states figure. ``edit``: the YAML has an edit dataset."""
     visual = _count(model.lmm.model.visual.parameters())
-    # The trainer drops the vision tower before DeepSpeed (model/vision_tower.py): text-to-image never runs it.
+    # The trainer drops the vision tower before DeepSpeed (model/vision_tower.py) unless an edit dataset needs it.
     parts = {"weights: lmm (Qwen2.5-VL language model)": _count(model.lmm.parameters()) - visual,
-             "weights: vision tower (dropped for t2i)": 0,
+             "weights: vision tower (dropped for t2i)": visual if edit else 0,
              "weights: connector + projectors + meta queries": _count(
                  p for name in ("connector", "projector_1", "projector_2", "projector_3")
                  for p in getattr(model, name).parameters()) + model.meta_queries.numel(),
@@ -197,9 +199,11 @@ def weight_components(model, weight_bytes: int, zero_stage: int, num_gpus: int, 
 
 
 def estimate_memory(model_args: ModelArguments, args: GRPOConfig, num_gpus: int, zero_stage: int, *, model=None, prompt_tokens: int = 64,
-                    offload_optimizer: bool = False, offload_params: bool = False) -> MemoryEstimate:
+                    offload_optimizer: bool = False, offload_params: bool = False,
+                    edit: bool = False) -> MemoryEstimate:
     """Per-rank GPU memory of a GRPO step with the flags ``args`` (GRPOConfig) and ``model_args`` on ``num_gpus``
-    ranks under ZeRO ``zero_stage``. ``model``: a real-size meta model (built from ``model_args`` when None)."""
+    ranks under ZeRO ``zero_stage``. ``model``: a real-size meta model (built from ``model_args`` when None).
+    ``edit``: the dataset YAML has an edit dataset (the vision tower then stays on the GPU)."""
     from deepgen_rl.model.deepgen import TRAINABLE_MODULES
 
     model = model if model is not None else build_meta_model(model_args)
@@ -210,7 +214,7 @@ def estimate_memory(model_args: ModelArguments, args: GRPOConfig, num_gpus: int,
     model.requires_grad_(False)
     if model_args.use_lora:
         trainable, trained = _lora_parameters(model.transformer, model_args.lora_rank), []
-    components = weight_components(model, weight_bytes, zero_stage, num_gpus, trained)
+    components = weight_components(model, weight_bytes, zero_stage, num_gpus, trained, edit)
     if args.beta > 0 and not model_args.use_lora:
         components["reference policy copy (frozen trained modules)"] = weight_bytes * _count(
             p for name in trained for p in _parameters_of(getattr(model, name)))
@@ -290,6 +294,7 @@ class RunShape:
     offload_optimizer: bool = False
     offload_params: bool = False
     deepspeed: str = ""
+    edit: bool = False  # the dataset YAML has an edit dataset (vision tower kept)
 
 
 def _with_arg(shape: RunShape, **changes) -> RunShape:
@@ -343,18 +348,27 @@ def flags_that_fit(shape: RunShape, model, num_gpus: int, gpu_memory_gib: float,
 def _estimate(shape: RunShape, model, num_gpus: int, prompt_tokens: int) -> MemoryEstimate:
     return estimate_memory(shape.model_args, shape.args, num_gpus, shape.zero_stage, model=model,
                            prompt_tokens=prompt_tokens, offload_optimizer=shape.offload_optimizer,
-                           offload_params=shape.offload_params)
+                           offload_params=shape.offload_params, edit=shape.edit)
 
 
 # ----- command line -----
 
-def run_shape_from_args(args: GRPOConfig, model_args: ModelArguments) -> RunShape:
+def run_shape_from_args(args: GRPOConfig, model_args: ModelArguments, dataset_config: str = "") -> RunShape:
     from deepgen_rl.trainer.deepspeed_setup import load_deepspeed_config, offloads, zero_stage
 
     config = load_deepspeed_config(args.deepspeed)
     return RunShape(args=args, model_args=model_args, zero_stage=zero_stage(config),
                     offload_optimizer=offloads(config, "optimizer"), offload_params=offloads(config, "param"),
-                    deepspeed=str(args.deepspeed or "built-in ZeRO-2"))
+                    deepspeed=str(args.deepspeed or "built-in ZeRO-2"), edit=_has_edit_dataset(dataset_config))
+
+
+def _has_edit_dataset(dataset_config: str) -> bool:
+    """Whether the --dataset_config YAML names an edit JSONL (False when none is given or it does not exist)."""
+    from deepgen_rl.data import load_dataset_config
+
+    if not dataset_config or not Path(dataset_config).is_file():
+        return False
+    return any(entry.is_edit for entry in load_dataset_config(dataset_config).datasets)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -363,8 +377,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from deepgen_rl.config import DataArguments, GRPOConfig, ModelArguments
 
     parser = HfArgumentParser((GRPOConfig, ModelArguments, DataArguments, EstimatorArguments))
-    args, model_args, _, estimator = parser.parse_args_into_dataclasses(args=argv)
-    shape = run_shape_from_args(args, model_args)
+    args, model_args, data_args, estimator = parser.parse_args_into_dataclasses(args=argv)
+    shape = run_shape_from_args(args, model_args, data_args.dataset_config)
     model = build_meta_model(model_args)
     estimate = _estimate(shape, model, estimator.num_gpus, estimator.prompt_tokens)
     print(estimate.describe())

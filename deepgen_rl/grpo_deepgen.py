@@ -84,6 +84,7 @@ def build_trainer(args: GRPOConfig, model_args: ModelArguments, data_args: DataA
     from deepgen_rl.rewards.registry import known_reward_names, vllm_reward_urls
     from deepgen_rl.rewards.reward_step import RewardStep
     from deepgen_rl.trainer import DeepGenGRPOTrainer, LoraSettings, TrackerSettings
+    from deepgen_rl.eval.edit_eval import edit_judge_for_eval
     from deepgen_rl.trainer.eval_hook import build_eval_hook
 
     rank, _ = rank_and_world()
@@ -115,7 +116,9 @@ def build_trainer(args: GRPOConfig, model_args: ModelArguments, data_args: DataA
             model, args, prompt_sampler=prompt_sampler, reward_step=reward_step,
             num_prompts=sum(prompt_sampler.sizes), trainable_modules=model_args.trainable_modules, lora=lora,
             sftaux_sampler=sftaux_sampler,
-            eval_hook=build_eval_hook(args, data_args, judge_args, eval_args, vllm_reward_urls(rewards)),
+            eval_hook=build_eval_hook(args, data_args, judge_args, eval_args, vllm_reward_urls(rewards),
+                                      edit_judge_for_eval(data_args.eval_dataset_config if args.eval_freq else "",
+                                                          reward_args, rewards)),
             tracker=TrackerSettings.from_env(args.report_to, args.run_name, os.environ),
         )
     except BaseException:

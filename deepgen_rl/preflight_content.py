@@ -76,16 +76,12 @@ def check_prompt_file(entry: DatasetEntry, config_source: Path) -> list[str]:
 
 
 def check_edit_file(entry: DatasetEntry, where: str) -> list[str]:
-    """An edit JSONL is parsed as training would read it (errors name file, line and key); and, until the rollout
-    and training phases carry source images (issue 17 item 2), training on it is refused rather than run as
-    text-to-image on the bare instructions."""
+    """An edit JSONL is parsed as training would read it (errors name file, line and key)."""
     try:
         read_edit_file(entry.path, entry.name)
     except (ValueError, FileNotFoundError) as err:  # UnicodeDecodeError is a ValueError
         return [f"edit file of {where}: {err}"]
-    return [f"{where} is an edit dataset ({entry.path.name}): edit files are parsed, but the rollout and training "
-            "phases do not carry source images yet, so training on it would be text-to-image on the bare "
-            "instructions; remove it from the YAML for now."]
+    return []
 
 
 def check_prompt_contents(dataset: DatasetConfig) -> list[str]:
@@ -93,11 +89,14 @@ def check_prompt_contents(dataset: DatasetConfig) -> list[str]:
 
 
 def check_eval_contents(eval_config: str) -> Optional[str]:
-    """The eval YAML and every UniGenBench CSV it names, parsed as the evaluation will (errors name file + line)."""
+    """The eval YAML and every UniGenBench CSV and edit JSONL it names, parsed as the evaluation will (errors name
+    file + line)."""
     from .eval.dataset import EvalDataError, load_eval_datasets
+    from .eval.edit_eval import load_edit_eval_sets
 
     try:
         load_eval_datasets(eval_config)
+        load_edit_eval_sets(eval_config)
     except EvalDataError as err:
         return (f"EVAL_DATASET_CONFIG (--eval_dataset_config): {err} (fix the file, or pass --eval_freq 0 to "
                 "train without periodic evaluation)")

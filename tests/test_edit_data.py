@@ -143,13 +143,70 @@ def test_rollout_log_probs_recompute_exactly_with_source_conditioning(model, tmp
             torch.testing.assert_close(again, log_prob[row:row + 1], rtol=1e-5, atol=1e-6)
 
 
-def test_preflight_reports_bad_edit_lines_and_refuses_untrained_edit_datasets(tmp_path):
+def test_preflight_accepts_edit_datasets_and_reports_bad_edit_lines(tmp_path):
     from deepgen_rl.preflight_content import check_prompt_contents
 
     config = load_dataset_config(write_edit_set(tmp_path))
-    (problem,) = check_prompt_contents(config)
-    assert "'edit' of" in problem and "do not carry source images yet" in problem and "remove it" in problem
+    assert check_prompt_contents(config) == []
     path = tmp_path / "edits" / "edits.jsonl"
     path.write_text(path.read_text() + '{"instruction": "x", "source_images": ["images/gone.png"]}\n')
     (problem,) = check_prompt_contents(config)
     assert "edits.jsonl:4: source image" in problem and "gone.png not found" in problem
+
+
+def test_mixed_conditioning_selects_rows_of_each_kind_in_order():
+    from deepgen_rl.sampling.mixed_conditioning import MixedConditioning
+    from deepgen_rl.sampling.trajectory import Conditioning
+
+    # 5 rows: text rows 0, 2, 3 (embeddings of length 2), edit rows 1, 4 (length 3, with references).
+    text = Conditioning(torch.arange(3.0).view(3, 1, 1).expand(3, 2, 1), torch.arange(3.0).view(3, 1))
+    edit = Conditioning(torch.tensor([10.0, 11.0]).view(2, 1, 1).expand(2, 3, 1), torch.tensor([[10.0], [11.0]]),
+                        references=[["r1"], ["r4"]])
+    mixed = MixedConditioning((((torch.tensor([0, 2, 3])), text), (torch.tensor([1, 4]), edit)), 5)
+    for rows in ([4, 0, 3], torch.tensor([4, 0, 3])):
+        picked = mixed.select(rows)
+        (text_pos, text_part), (edit_pos, edit_part) = picked.parts
+        assert picked.num_rows == 3 and text_pos.tolist() == [1, 2] and edit_pos.tolist() == [0]
+        assert text_part.pooled.flatten().tolist() == [0.0, 2.0] and edit_part.references == [["r4"]]
+    only_text = mixed.select(slice(2, 4))
+    assert len(only_text.parts) == 1 and only_text.parts[0][1].pooled.flatten().tolist() == [1.0, 2.0]
+    # combine scatters each part's rows back to their positions (row value = its pooled value here).
+    out = mixed.combine(lambda rows, part: part.pooled.expand(len(rows), 2), torch.zeros(5, 2))
+    assert out[:, 0].tolist() == [0.0, 10.0, 1.0, 2.0, 11.0]
+
+
+@torch.no_grad()
+def test_rollout_of_a_mixed_batch_recomputes_exactly_per_micro_batch(model, tmp_path):
+    """The real rollout on 2 prompts (text-to-image, edit) x G = 2 in micro-batches of 3 rows (one mixes both
+    kinds): recompute_step on the same micro-batches gives the recorded log-probs; the text rows'
+    embeddings equal a text-only encoding's (the edit prompt's image tokens do not pad them)."""
+    from deepgen_rl.sampling import encode_conditioning, recompute_step, rollout
+
+    config = load_dataset_config(write_edit_set(tmp_path))
+    t2i, edit = PromptSampler(config, seed=0).datasets
+    cond = build_edit_conditioning(model, [t2i[0], edit[1]], group_size=2, target_area=TINY_IMAGE_SIZE ** 2)
+    kwargs = dict(group_size=2, sampler="cps_sde", eta=1.0, logprob_variant="reference", num_inference_steps=3,
+                  height=TINY_IMAGE_SIZE, width=TINY_IMAGE_SIZE, cfg_scale=2.0, init_same_noise=False,
+                  micro_batch_size=3)
+    traj = rollout(model, [t2i[0].prompt, edit[1].prompt], generator=torch.Generator().manual_seed(0), edit=cond,
+                   **kwargs)
+    for step in range(2):
+        for rows in (slice(0, 3), slice(3, 4)):
+            again = recompute_step(model, traj, step, rows).log_prob
+            torch.testing.assert_close(again, traj.log_probs[rows, step], rtol=0, atol=1e-6)
+    (text_rows, text_part), (edit_rows, edit_part) = traj.conditioning.parts
+    assert text_rows.tolist() == [0, 1] and edit_rows.tolist() == [2, 3] and edit_part.references is not None
+    alone = encode_conditioning(model, [t2i[0].prompt], 2, 2.0)
+    assert torch.equal(text_part.prompt_embeds, alone.prompt_embeds) and text_part.references is None
+
+
+def test_preflight_parses_edit_eval_sets(tmp_path):
+    from deepgen_rl.preflight_content import check_eval_contents
+
+    write_edit_set(tmp_path)
+    (tmp_path / "eval.yaml").write_text("datasets:\n  - {name: my_edits, path: edits/edits.jsonl, cfg_scale: 4.0, "
+                                        "num_inference_steps: 2, duplicates: 1, scoring: edit_judge}\n")
+    assert check_eval_contents(str(tmp_path / "eval.yaml")) is None
+    (tmp_path / "edits" / "edits.jsonl").write_text('{"instruction": "x"}\n')
+    problem = check_eval_contents(str(tmp_path / "eval.yaml"))
+    assert "my_edits (scoring: edit_judge)" in problem and "edits.jsonl:1" in problem and "--eval_freq 0" in problem

@@ -124,3 +124,45 @@ def test_image_similarity_is_the_cosine_of_clip_image_embeddings(tiny_clip_dir):
     assert scores.values == pytest.approx(expected, abs=1e-5)
     assert scores.values[0] == pytest.approx(1.0, abs=1e-5)  # an unchanged source is perfectly consistent
     assert reward.score(images[:1], ["a"], [0]).values == [None]
+
+
+def test_edit_eval_set_is_generated_and_judged_over_http(judge, tmp_path):
+    """An eval YAML entry with ``scoring: edit_judge``: its instructions edited by the tiny model (ODE, 2 steps, 2
+    duplicates) and judged by the stand-in server; the mean equals the server's rule on the same images, and a
+    judge that never answers with a score counts failed images, not zeros."""
+    import torch
+
+    from deepgen_rl.data.prompts import PromptSample
+    from deepgen_rl.eval.dataset import load_eval_datasets
+    from deepgen_rl.eval.edit_eval import edit_eval_seed, evaluate_edit_sets, load_edit_eval_sets
+    from deepgen_rl.model.tiny import TINY_IMAGE_SIZE, build_tiny_deepgen
+    from deepgen_rl.rewards.reward_step import images_to_pil
+    from deepgen_rl.sampling import generate_images
+    from deepgen_rl.sampling.edit_conditioning import build_edit_conditioning
+
+    gray(90).save(tmp_path / "src.png")
+    (tmp_path / "edits.jsonl").write_text('{"instruction": "brighten it", "source_images": ["src.png"]}\n'
+                                          '{"instruction": "GARBAGE please", "source_images": ["src.png"]}\n')
+    (tmp_path / "eval.yaml").write_text("datasets:\n  - {name: my_edits, path: edits.jsonl, cfg_scale: 0.0, "
+                                        "num_inference_steps: 2, duplicates: 2, scoring: edit_judge}\n")
+    assert load_eval_datasets(tmp_path / "eval.yaml") == []  # UniGenBench skips the edit entry
+    (edit_set,) = load_edit_eval_sets(tmp_path / "eval.yaml")
+    model = build_tiny_deepgen(seed=0)
+    reward = build_rewards(["edit_vlm_judge"], reward_args(judge.url))["edit_vlm_judge"]
+    try:
+        metrics = evaluate_edit_sets(model, reward, [edit_set], height=TINY_IMAGE_SIZE, width=TINY_IMAGE_SIZE,
+                                     seed=5, output_dir=tmp_path / "out")
+    finally:
+        reward.close()
+    sample = edit_set.prompts[0]
+    with torch.no_grad():
+        row = PromptSample("brighten it", "my_edits", {}, 0, sample.source_images)
+        edit = build_edit_conditioning(model, [row] * 2, 1, TINY_IMAGE_SIZE ** 2)
+    images = generate_images(model, ["brighten it"] * 2, num_inference_steps=2, height=TINY_IMAGE_SIZE,
+                             width=TINY_IMAGE_SIZE, cfg_scale=0.0, edit=edit,
+                             generator=torch.Generator().manual_seed(edit_eval_seed(5, 0)))
+    source = edit.source_pil()[0][0]
+    expected = [expected_score(source, image) for image in images_to_pil(images)]
+    assert metrics["eval/my_edits/edit_score"] == pytest.approx(sum(expected) / 2, abs=1e-6)
+    assert metrics["eval/my_edits/judged_images"] == 2.0 and metrics["eval/my_edits/failed_images"] == 2.0
+    assert (tmp_path / "out" / "edit_eval.json").is_file()

@@ -146,7 +146,7 @@ def ema_run(process_group, tiny_paths, tmp_path_factory):
         record["eval"].append((step, _trained(model), {n: t.clone() for n, t in trainer.ema.shadow.items()}))
         return {}
 
-    def capture_grid(self, step, images, prompts, rewards, columns):
+    def capture_grid(self, step, images, prompts, rewards, columns, sources=None):
         record["grid"].append((step, images.clone(), list(prompts), rewards))
 
     trainer.ema.step = recording_step

@@ -148,3 +148,14 @@ def test_algorithm_storage_grpoguard_means_and_nft_old_copy(real, guide_args):
     nft_args = dataclasses.replace(guide_args, atrain_algorithm="diffusionnft", init_same_noise=None)
     nft = estimate_memory(model_args, nft_args, num_gpus=8, zero_stage=2, model=model).components
     assert nft["DiffusionNFT old-policy copy"] == 2 * (trainable + UNREACHABLE) and "GRPO-Guard step means" not in nft
+
+
+def test_edit_dataset_keeps_the_vision_tower_in_the_estimate(real, guide_args):
+    # An edit YAML keeps the vision tower on every GPU (trainer/edit_rollout.py): its bf16 weights, ~0.67 B x 2 bytes.
+    model_args, model = real
+    visual = sum(p.numel() for p in model.lmm.model.visual.parameters())
+    assert abs(visual - 0.67e9) < 0.01e9
+    t2i = estimate_memory(model_args, guide_args, num_gpus=8, zero_stage=2, model=model)
+    edit = estimate_memory(model_args, guide_args, num_gpus=8, zero_stage=2, model=model, edit=True)
+    assert edit.components["weights: vision tower (dropped for t2i)"] == 2 * visual
+    assert edit.total_bytes - t2i.total_bytes == 2 * visual

@@ -202,3 +202,16 @@ def test_ocr_client_end_to_end(server, renderings):
     assert scores.values[0] > scores.values[1]
     assert scores.values[2] is None and "no double-quoted target" in scores.errors[2]
     assert scores.metrics["requests"] == 2
+
+
+def test_ocr_client_scores_explicit_target_texts(server, renderings):
+    # An edit's target_text replaces the quoted spans: the instruction quotes nothing, the target decides.
+    client = OcrRewardClient(server.url, RetryPolicy(timeout_s=60, max_retries=1, backoff_s=0.01),
+                             max_concurrency=1, request_batch_size=3, health_timeout_s=10)
+    try:
+        scores = client.score([renderings[0]] * 3, ["make the sign read the new slogan"] * 3, [0, 0, 0],
+                              targets=["Hello DeepGen", "Goodbye Moon", None])
+    finally:
+        client.close()
+    assert scores.values[0] >= 0.9 and scores.values[1] < 0.5
+    assert scores.values[2] is None and scores.errors[2]  # no target text and no quoted span: fails, with a reason

@@ -9,6 +9,8 @@ Eval YAML (``assets/rl_datasets/deepgen/eval/eval.yaml``)::
         num_inference_steps: 50
         duplicates: 4                              # images generated (and judged) per prompt
         scoring: unigenbench/en                    # unigenbench[/en|/zh]: the judge prompt's language
+      - {name: my_edits, path: edits/edits.jsonl, cfg_scale: 4.0, num_inference_steps: 50, duplicates: 1,
+         scoring: edit_judge}                      # an edit JSONL scored by the edit VLM judge (eval/edit_eval.py)
 
 UniGenBench CSV: columns ``index,prompt,sub_dims``; ``sub_dims`` is JSON. The English file names its keys
 ``Primary Categories``, ``Secondary Categories``, ``Testpoints``, ``Testpoint Description``; the Chinese file
@@ -31,7 +33,9 @@ from typing import Any, Literal
 import yaml
 
 Language = Literal["en", "zh"]
-SCORING_LANGUAGES: dict[str, Language] = {"unigenbench": "en", "unigenbench/en": "en", "unigenbench/zh": "zh"}
+EDIT_SCORING = "edit_judge"  # an edit JSONL (data/edit_prompts.py) judged by the edit VLM judge
+SCORING_LANGUAGES: dict[str, Language] = {"unigenbench": "en", "unigenbench/en": "en", "unigenbench/zh": "zh",
+                                          EDIT_SCORING: "en"}
 PRIMARY_SEPARATORS: dict[str, str] = {"en": " - ", "zh": "-"}
 CSV_COLUMNS = ("index", "prompt", "sub_dims")
 DATASET_KEYS = ("name", "path", "cfg_scale", "num_inference_steps", "duplicates", "scoring")
@@ -236,11 +240,14 @@ class EvalDataset:
 
 
 def load_eval_datasets(config_path: str | Path, max_prompts: int = 0) -> list[EvalDataset]:
-    """Read the eval YAML and every CSV it names; ``max_prompts`` > 0 keeps the first N prompts of each."""
+    """Read the eval YAML and every CSV it names; ``max_prompts`` > 0 keeps the first N prompts of each. Edit
+    entries (``scoring: edit_judge``) are left to eval/edit_eval.py."""
     if max_prompts < 0:
         raise ValueError(f"--eval_max_prompts must be >= 0 (0: all prompts); got {max_prompts}.")
     datasets = []
     for spec in load_eval_config(config_path):
+        if spec.scoring == EDIT_SCORING:
+            continue
         prompts = load_unigenbench_csv(spec.path)
         datasets.append(EvalDataset(spec=spec, prompts=tuple(prompts[:max_prompts] if max_prompts else prompts)))
     return datasets

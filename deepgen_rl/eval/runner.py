@@ -273,16 +273,25 @@ def evaluate_model(model, training_args: GRPOConfig, judge_args: JudgeArguments,
 
 
 def make_eval_hook(training_args: GRPOConfig, data_args: DataArguments, judge_args: JudgeArguments,
-                   eval_args: EvalArguments, lockstep: bool = False
+                   eval_args: EvalArguments, lockstep: bool = False, edit_judge=None
                    ) -> Callable[[torch.nn.Module, int], dict[str, float]]:
     """``hook(model, step) -> metrics`` for a trainer that decides itself when to evaluate (every rank calls it).
 
     The eval YAML and CSVs are read here, once, so a bad eval config fails at start-up rather than at the
-    first evaluation hours later."""
+    first evaluation hours later. ``edit_judge``: scores the YAML's ``scoring: edit_judge`` sets (edit_eval.py),
+    whose metrics join UniGenBench's."""
+    from deepgen_rl.eval.edit_eval import evaluate_edits_now, load_edit_eval_sets
+
     datasets = load_eval_datasets(data_args.eval_dataset_config, eval_args.eval_max_prompts)
+    edit_sets = load_edit_eval_sets(data_args.eval_dataset_config, eval_args.eval_max_prompts)
+    if edit_sets and edit_judge is None:
+        raise ValueError(f"{data_args.eval_dataset_config}: edit eval sets need the edit judge (--edit_judge_url).")
 
     def hook(model: torch.nn.Module, step: int) -> dict[str, float]:
-        return metrics_for_logging(evaluate_model(model, training_args, judge_args, eval_args, step, datasets,
-                                                  lockstep=lockstep))
+        metrics = (metrics_for_logging(evaluate_model(model, training_args, judge_args, eval_args, step, datasets,
+                                                      lockstep=lockstep)) if datasets else {})
+        if edit_sets:
+            metrics.update(evaluate_edits_now(model, training_args, edit_judge, edit_sets, step))
+        return metrics
 
     return hook

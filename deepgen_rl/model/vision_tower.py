@@ -2,10 +2,10 @@
 
 Text-to-image conditioning feeds the LLM token embeddings and meta queries only (``DeepGenModel.forward``); the
 vision tower (~0.67 B parameters in Qwen2.5-VL-3B, ~1.25 GiB in bf16) only encodes reference images, which
-only editing (Kontext, DESIGN.md section 8) has. Editing datasets do not exist yet, so the trainer drops the
-tower before DeepSpeed moves the model to the GPU: no GPU memory, no reference-copy share, and its host memory
-is freed. RL checkpoints exclude frozen parameters, so they do not change. When editing datasets land, the
-trainer must keep the tower (and move it to the GPU) whenever one of its datasets has reference images.
+only editing (Kontext, DESIGN.md section 8) has. Unless the dataset YAML has an edit dataset
+(trainer/edit_rollout.py), the trainer drops the tower before DeepSpeed moves the model to the GPU: no GPU memory,
+no reference-copy share, and its host memory is freed. RL checkpoints exclude frozen parameters, so they do not
+change. With an edit dataset the tower stays (frozen) and moves to the GPU with the model.
 """
 
 from __future__ import annotations
@@ -33,5 +33,5 @@ def drop_vision_tower(model: nn.Module) -> int:
     nbytes = sum(p.numel() * p.element_size() for p in tower.parameters())
     inner.visual = None  # nn.Module keeps the slot: state_dict, .to() and parameters() skip it
     logger.info("Qwen2.5-VL vision tower dropped (%.0fM parameters, %.2f GiB): text-to-image training never runs "
-                "it; editing datasets would need it.", count / 1e6, nbytes / 2**30)
+                "it (a YAML with an edit dataset keeps it).", count / 1e6, nbytes / 2**30)
     return count

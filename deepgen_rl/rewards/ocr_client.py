@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional, Sequence
+
+from PIL import Image
+
+from deepgen_rl.rewards.base import RewardScores
 from deepgen_rl.rewards.http_scorer_client import HttpScorerClient, ItemResult
 from deepgen_rl.rewards.protocol import OcrItem, OcrItemResult, OcrScoreRequest, OcrScoreResponse
 
@@ -16,11 +21,29 @@ class OcrRewardClient(HttpScorerClient):
     server_label = "OCR server"
     start_hint = OCR_START_HINT
     response_model = OcrScoreResponse
+    needs_targets = True  # the reward step passes each sample's explicit target text (an edit's target_text)
 
-    def _request(self, images_b64: list[str], prompts: list[str]) -> OcrScoreRequest:
-        return OcrScoreRequest(items=[OcrItem(image=image, prompt=prompt) for image, prompt in zip(images_b64, prompts)])
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str], group_ids: Sequence[int],
+              targets: Optional[Sequence[Optional[str]]] = None) -> RewardScores:
+        """``targets``: per sample its target text, or None to score the prompt's double-quoted spans."""
+        targets = [None] * len(prompts) if targets is None else list(targets)
+        if len(targets) != len(prompts):
+            raise ValueError(f"ocr got {len(targets)} target texts for {len(prompts)} prompts")
+        return super().score(images, [_Item(p, t) for p, t in zip(prompts, targets)], group_ids)
+
+    def _request(self, images_b64: list[str], items: list["_Item"]) -> OcrScoreRequest:
+        return OcrScoreRequest(items=[
+            OcrItem(image=image, prompt=item.prompt, targets=None if item.target is None else [item.target])
+            for image, item in zip(images_b64, items)])
 
     def _read(self, result: OcrItemResult) -> ItemResult:
         if result.score is not None:
             return ItemResult(result.score, None)
         return ItemResult(None, f"OCR server: {result.error or 'no score and no error returned'}")
+
+
+class _Item(NamedTuple):
+    """A prompt and its explicit target text (None: the prompt's quoted spans), as one request item."""
+
+    prompt: str
+    target: Optional[str]

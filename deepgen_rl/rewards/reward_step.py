@@ -35,6 +35,8 @@ from deepgen_rl.rewards.base import RewardFunction, RewardScores
 logger = logging.getLogger(__name__)
 
 ImageBatch = Union[Sequence[Image.Image], torch.Tensor]
+Sources = Sequence[Sequence[Image.Image]]  # per sample its source images (editing)
+Targets = Sequence[Optional[str]]  # per sample an edit's target_text (None: the prompt's quoted spans)
 # A score within this (relative) distance of its range's bound is float rounding (a cosine of 1 + 1 ulp), not a
 # broken server.
 RANGE_SLACK = 1e-6
@@ -109,18 +111,26 @@ class RewardStep:
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-step")
 
     def submit(self, images: ImageBatch, prompts: Sequence[str], reward_weights: Sequence[Mapping[str, float]],
-               group_ids: Sequence[int]) -> "Future[RewardBatch]":
+               group_ids: Sequence[int], sources: Optional[Sources] = None,
+               targets: Optional[Targets] = None) -> "Future[RewardBatch]":
         """Start scoring in the background (e.g. while the next rollout runs); ``.result()`` gives the batch."""
         pil_images = images_to_pil(images)  # convert now: the caller may reuse its tensor
-        return self._background.submit(self.score, pil_images, prompts, reward_weights, group_ids)
+        return self._background.submit(self.score, pil_images, prompts, reward_weights, group_ids, sources, targets)
 
     def score(self, images: ImageBatch, prompts: Sequence[str], reward_weights: Sequence[Mapping[str, float]],
-              group_ids: Sequence[int]) -> RewardBatch:
+              group_ids: Sequence[int], sources: Optional[Sources] = None,
+              targets: Optional[Targets] = None) -> RewardBatch:
+        """``sources``: per sample its source images (edit rows; [] for text-to-image), given to the rewards that
+        declare ``needs_sources``; ``targets``: per sample an edit's target_text or None, given to the rewards
+        that declare ``needs_targets`` (ocr); both None when no sample is an edit."""
         pil_images = images_to_pil(images)
         n = len(pil_images)
         if not (len(prompts) == len(reward_weights) == len(group_ids) == n):
             raise ValueError(f"reward step inputs differ in length: {n} images, {len(prompts)} prompts, "
                              f"{len(reward_weights)} reward weights, {len(group_ids)} group ids.")
+        if sources is not None and len(sources) != n or targets is not None and len(targets) != n:
+            raise ValueError(f"reward step got {len(sources or [])} rows of sources / {len(targets or [])} target "
+                             f"texts for {n} images.")
         weights = self._weight_matrix(reward_weights)  # [N, K]
         started = time.perf_counter()
         jobs: dict[str, tuple[list[int], Future]] = {}
@@ -132,8 +142,9 @@ class RewardStep:
             if name in self._in_flight and not self._in_flight[name].done():
                 busy[name] = rows
                 continue
+            extra = self._edit_inputs(self.rewards[name], rows, sources, targets)
             jobs[name] = (rows, self._start(name, [pil_images[i] for i in rows], [prompts[i] for i in rows],
-                                            [group_ids[i] for i in rows]))
+                                            [group_ids[i] for i in rows], extra))
         results = {name: (rows, self._wait(name, future, len(rows), started)) for name, (rows, future) in jobs.items()}
         for name, rows in busy.items():
             results[name] = (rows, RewardScores.all_failed(
@@ -143,12 +154,25 @@ class RewardStep:
         batch.metrics["seconds"] = time.perf_counter() - started
         return batch
 
-    def _start(self, name: str, images: list[Image.Image], prompts: list[str], group_ids: list[int]) -> Future:
+    @staticmethod
+    def _edit_inputs(reward: RewardFunction, rows: list[int], sources: Optional[Sources],
+                     targets: Optional[Targets]) -> dict:
+        """The keyword arguments a reward declares it takes (``needs_sources`` / ``needs_targets``), for ``rows``.
+        A reward that needs sources gets them even when None (it then fails its rows, naming the cause)."""
+        extra = {}
+        if getattr(reward, "needs_sources", False):
+            extra["sources"] = None if sources is None else [sources[i] for i in rows]
+        if getattr(reward, "needs_targets", False) and targets is not None:
+            extra["targets"] = [targets[i] for i in rows]
+        return extra
+
+    def _start(self, name: str, images: list[Image.Image], prompts: list[str], group_ids: list[int],
+               extra: Optional[dict] = None) -> Future:
         """Run one reward on a daemon thread: a call abandoned at the deadline cannot keep the process alive."""
         future: Future = Future()
 
         def run() -> None:
-            future.set_result(self._run_reward(name, images, prompts, group_ids))  # _run_reward never raises
+            future.set_result(self._run_reward(name, images, prompts, group_ids, extra))  # never raises
 
         self._in_flight[name] = future
         threading.Thread(target=run, name=f"reward-{name}", daemon=True).start()
@@ -186,10 +210,10 @@ class RewardStep:
         return weights
 
     def _run_reward(self, name: str, images: list[Image.Image], prompts: list[str],
-                    group_ids: list[int]) -> RewardScores:
+                    group_ids: list[int], extra: Optional[dict] = None) -> RewardScores:
         started = time.perf_counter()
         try:
-            scores = self.rewards[name].score(images, prompts, group_ids)
+            scores = self.rewards[name].score(images, prompts, group_ids, **(extra or {}))
         except Exception as err:  # a crashing reward fails its samples loudly; the others still count
             logger.exception("reward %s raised on a batch of %d samples", name, len(images))
             scores = RewardScores.all_failed(len(images), f"reward {name} raised {type(err).__name__}: {err}")

@@ -20,6 +20,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from deepgen_rl.sampling.edit_conditioning import EditConditioning
+from deepgen_rl.sampling.mixed_conditioning import MixedConditioning, encode_edit_aware
 from deepgen_rl.sampling.steps import (
     LOGPROB_VARIANTS,
     SAMPLERS,
@@ -48,11 +50,16 @@ def guided_velocity(model, latents: Tensor, sigma: Tensor, cond: Conditioning, c
     latents: [n, C, h, w] (fp32; cast to the model dtype for the forward); sigma: [n]; cond: n rows.
     cfg_scale > 0: v = v_neg + cfg * (v_pos - v_neg) (one batched forward when the prompt and negative sequences
     have the same length, else two). Rollout and training both call this, so their velocities match exactly.
+    Edit rows pass their reference latents to the DiT; a MixedConditioning runs one pass per prompt kind.
     """
+    if isinstance(cond, MixedConditioning):
+        return cond.combine(lambda rows, part: guided_velocity(model, latents[rows], sigma[rows], part, cfg_scale,
+                                                               model_dtype), latents)
     dtype = model.dtype if model_dtype is None else model_dtype
     x = latents.to(dtype)
+    refs = cond.references
     if cfg_scale <= 0:
-        return model.predict_velocity(x, sigma, cond.prompt_embeds, cond.pooled).float()
+        return model.predict_velocity(x, sigma, cond.prompt_embeds, cond.pooled, **_dit_refs(refs)).float()
     neg, neg_pooled = cond.negative_prompt_embeds, cond.negative_pooled
     if neg is None or neg_pooled is None:
         raise ValueError("cfg_scale > 0 needs negative-prompt embeddings in the conditioning "
@@ -61,19 +68,29 @@ def guided_velocity(model, latents: Tensor, sigma: Tensor, cond: Conditioning, c
         v = model.predict_velocity(
             torch.cat([x, x]), torch.cat([sigma, sigma]),
             torch.cat([cond.prompt_embeds, neg]), torch.cat([cond.pooled, neg_pooled]),
+            **_dit_refs(None if refs is None else refs + refs),
         ).float()
         v_pos, v_neg = v.chunk(2)
     else:
-        v_pos = model.predict_velocity(x, sigma, cond.prompt_embeds, cond.pooled).float()
-        v_neg = model.predict_velocity(x, sigma, neg, neg_pooled).float()
+        v_pos = model.predict_velocity(x, sigma, cond.prompt_embeds, cond.pooled, **_dit_refs(refs)).float()
+        v_neg = model.predict_velocity(x, sigma, neg, neg_pooled, **_dit_refs(refs)).float()
     return v_neg + cfg_scale * (v_pos - v_neg)
 
 
-def encode_conditioning(model, prompts: Sequence[str], group_size: int, cfg_scale: float) -> Conditioning:
+def _dit_refs(references: Optional[list]) -> dict:
+    # Passed only for edit rows: a text-to-image call stays exactly the SD3 forward it always was.
+    return {} if references is None else {"reference_latents": references}
+
+
+def encode_conditioning(model, prompts: Sequence[str], group_size: int, cfg_scale: float,
+                        edit: Optional[EditConditioning] = None) -> Conditioning:
     """Encode the B unique prompts once (one ``encode_prompt`` call) and repeat each G times -> N rows.
 
-    With cfg_scale > 0 the negative prompt is encoded once and expanded (a view) to N rows.
+    With cfg_scale > 0 the negative prompt is encoded once and expanded (a view) to N rows. ``edit`` (N rows):
+    edit prompts go through the vision tower in their own forward (sampling/mixed_conditioning.py).
     """
+    if edit is not None and edit.edit_rows:
+        return encode_edit_aware(model, prompts, group_size, cfg_scale, edit)
     prompt_embeds, pooled = model.encode_prompt(list(prompts))  # [B, L, D], [B, D']
     num = len(prompts) * group_size
     neg = neg_pooled = None
@@ -189,7 +206,7 @@ def rollout(model, prompts: Sequence[str], *, group_size: int, sampler: Sampler,
             init_same_noise: bool, generator: torch.Generator, micro_batch_size: Optional[int] = None,
             sde_window: Optional[tuple[int, int]] = None,
             on_micro_batch: Optional[Callable[[slice, Tensor], None]] = None,
-            record_means: bool = False) -> Trajectory:
+            record_means: bool = False, edit: Optional[EditConditioning] = None) -> Trajectory:
     """Sample G images for each of the B unique ``prompts`` and record the trajectory.
 
     Returns a :class:`Trajectory` with N = B * G rows (prompt b's samples at rows b*G .. b*G + G - 1).
@@ -199,6 +216,7 @@ def rollout(model, prompts: Sequence[str], *, group_size: int, sampler: Sampler,
     (None: every step SDE, all T + 1 latents kept). ``on_micro_batch(rows, x_T)`` is called after each
     micro-batch with its rows and final latents [n, C, h, w] (the trainer streams them to the rewards).
     ``record_means``: also keep every step's Gaussian mean (``Trajectory.means``; GRPO-Guard needs mean_old).
+    ``edit``: the N rows' source conditioning (``build_edit_conditioning``) when a prompt is an edit.
     Images are not decoded here: the trainer decodes x_T in its own phase (:func:`decode_images`).
     """
     _validate(sampler, logprob_variant, eta, num_inference_steps, group_size, cfg_scale, len(prompts))
@@ -209,7 +227,7 @@ def rollout(model, prompts: Sequence[str], *, group_size: int, sampler: Sampler,
                                cfg_scale=float(cfg_scale))
     device = model.device
     with torch.no_grad():
-        cond = encode_conditioning(model, prompts, group_size, cfg_scale)
+        cond = encode_conditioning(model, prompts, group_size, cfg_scale, edit)
         sigmas = model.sigma_schedule(num_inference_steps, height, width).detach().to("cpu", torch.float32)
         latent_shape = tuple(model.latent_shape(height, width))
         x0 = initial_noise(len(prompts), group_size, latent_shape, same_in_group=init_same_noise,
@@ -236,7 +254,7 @@ def rollout(model, prompts: Sequence[str], *, group_size: int, sampler: Sampler,
         prompts=[p for p in prompts for _ in range(group_size)], group_size=group_size, conditioning=cond,
         latents=latents.transpose(0, 1), log_probs=None if log_probs is None else log_probs.transpose(0, 1),
         sigmas=sigmas, settings=settings, step_offset=start, final=final,
-        means=None if means is None else means.transpose(0, 1),
+        means=None if means is None else means.transpose(0, 1), edit=edit,
     )
 
 
@@ -275,17 +293,18 @@ def recompute_step(model, trajectory: Trajectory, step: int, rows: Rows = slice(
 
 def generate_images(model, prompts: Sequence[str], *, num_inference_steps: int, height: int, width: int,
                     cfg_scale: float, generator: torch.Generator, micro_batch_size: Optional[int] = None,
-                    decode_micro_batch_size: Optional[int] = None) -> Tensor:
+                    decode_micro_batch_size: Optional[int] = None, edit: Optional[EditConditioning] = None) -> Tensor:
     """Deterministic ODE (Euler) generation for evaluation: one image per prompt -> [len(prompts), 3, H, W] in [0, 1].
 
-    ``decode_micro_batch_size`` bounds the rows per VAE decode (None: ``micro_batch_size``).
+    ``decode_micro_batch_size`` bounds the rows per VAE decode (None: ``micro_batch_size``); ``edit`` (one row per
+    prompt): the source conditioning of edit prompts (edit evaluation).
 
     The reference evaluates with cfg_scale 4.0 and 50 steps (eval.yaml carries both per dataset).
     """
     _validate("ode", "reference", 0.0, num_inference_steps, 1, cfg_scale, len(prompts))
     settings = SamplerSettings(sampler="ode", eta=0.0, logprob_variant="reference", cfg_scale=float(cfg_scale))
     with torch.no_grad():
-        cond = encode_conditioning(model, prompts, 1, cfg_scale)
+        cond = encode_conditioning(model, prompts, 1, cfg_scale, edit)
         sigmas = model.sigma_schedule(num_inference_steps, height, width).detach().to("cpu", torch.float32)
         latent_shape = tuple(model.latent_shape(height, width))
         x0 = initial_noise(len(prompts), 1, latent_shape, same_in_group=False, generator=generator,

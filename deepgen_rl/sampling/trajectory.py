@@ -8,14 +8,26 @@ H/W image height/width.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from deepgen_rl.sampling.steps import LogProbVariant, Sampler
 
+if TYPE_CHECKING:
+    from deepgen_rl.sampling.edit_conditioning import EditConditioning
+
 Rows = Union[slice, Sequence[int], Tensor]
+
+
+def pick_rows(items: list, rows: Rows) -> list:
+    """The items of a python list at ``rows`` (slice, index list or index tensor), in that order."""
+    if isinstance(rows, slice):
+        return items[rows]
+    if isinstance(rows, Tensor):
+        rows = rows.nonzero().flatten().tolist() if rows.dtype == torch.bool else rows.tolist()
+    return [items[r] for r in rows]
 
 
 @dataclass(frozen=True)
@@ -33,13 +45,16 @@ class Conditioning:
     """Text conditioning of n samples (n = N or a micro-batch of it).
 
     prompt_embeds: [n, L, D]; pooled: [n, D']; negative_*: the CFG "Generate an image." embeddings
-    ([n, L', D], [n, D'], possibly expanded views) or None when CFG is off.
+    ([n, L', D], [n, D'], possibly expanded views) or None when CFG is off. references: editing only, per row
+    its source latents [C, h_r, w_r] for the DiT (both CFG branches see them: only the text is dropped), None for
+    text-to-image (whose DiT call then stays diffusers' SD3 forward).
     """
 
     prompt_embeds: Tensor
     pooled: Tensor
     negative_prompt_embeds: Optional[Tensor] = None
     negative_pooled: Optional[Tensor] = None
+    references: Optional[list] = None
 
     def select(self, rows: Rows) -> "Conditioning":
         """The conditioning of a subset of samples (slice, index list or index tensor)."""
@@ -50,6 +65,7 @@ class Conditioning:
             pooled=self.pooled[rows],
             negative_prompt_embeds=None if neg is None else neg[rows],
             negative_pooled=None if neg_pooled is None else neg_pooled[rows],
+            references=None if self.references is None else pick_rows(self.references, rows),
         )
 
 
@@ -69,6 +85,8 @@ class Trajectory:
         trainer releases it once decoded (``release_final``).
     means: [N, W, C, h, w] fp32 Gaussian mean of each recorded (window) transition, step ``step_offset + j`` at
         index j, kept only when the rollout was asked to (``record_means``: GRPO-Guard's mean_old); None otherwise.
+    edit: the N rows' source conditioning when a prompt is an edit (rewards' sources, re-encoding in training);
+        None for text-to-image. The DiT references it holds are also in ``conditioning``.
     """
 
     prompts: list[str]
@@ -81,6 +99,7 @@ class Trajectory:
     step_offset: int = 0
     final: Optional[Tensor] = None
     means: Optional[Tensor] = None
+    edit: Optional["EditConditioning"] = None
 
     @property
     def num_samples(self) -> int:
@@ -158,4 +177,4 @@ def repeat_groups(tensor: Tensor, group_size: int) -> Tensor:
     return torch.repeat_interleave(tensor, group_size, dim=0)
 
 
-__all__ = ["Conditioning", "Rows", "SamplerSettings", "Trajectory", "repeat_groups", "split_rows"]
+__all__ = ["Conditioning", "Rows", "pick_rows", "SamplerSettings", "Trajectory", "repeat_groups", "split_rows"]

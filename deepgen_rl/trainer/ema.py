@@ -159,7 +159,7 @@ class EMA:
 
 
 def ema_sample_images(ema: EMA, model: torch.nn.Module, prompts: Sequence[str], args,
-                      generator: torch.Generator) -> torch.Tensor:
+                      generator: torch.Generator, edit=None) -> torch.Tensor:
     """The sample grid under --ema_decay: the EMA weights' images [N, 3, H, W] of the step's B ``prompts`` x G, drawn
     with the rollout's sampler flags and (given the rollout's seed) its noise, so the grid shows the weights that
     evaluation and the converter's ``--weights ema`` use, on the same draws as the policy's rollout."""
@@ -171,5 +171,5 @@ def ema_sample_images(ema: EMA, model: torch.nn.Module, prompts: Sequence[str], 
             logprob_variant=args.logprob_variant, num_inference_steps=args.num_inference_steps,
             height=args.image_height, width=args.image_width, cfg_scale=args.rollout_cfg_scale,
             init_same_noise=args.init_same_noise, generator=generator,
-            micro_batch_size=args.rollout_micro_batch_size)
+            micro_batch_size=args.rollout_micro_batch_size, edit=edit)
         return decode_images(model, trajectory.latents[:, -1], args.vae_decode_micro_batch_size)

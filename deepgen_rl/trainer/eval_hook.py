@@ -55,10 +55,11 @@ def _unavailable_reason(args: GRPOConfig, data_args: DataArguments, judge_args: 
 
 
 def build_eval_hook(args: GRPOConfig, data_args: DataArguments, judge_args: JudgeArguments,
-                    eval_args: EvalArguments, vllm_reward_urls: Sequence[str] = ()) -> Optional[EvalHook]:
+                    eval_args: EvalArguments, vllm_reward_urls: Sequence[str] = (),
+                    edit_judge=None) -> Optional[EvalHook]:
     """``hook(model, step) -> metrics`` (every rank calls it), or None with one warning when evaluation cannot
     run; None without a word when --eval_freq is 0. ``vllm_reward_urls``: the vLLM reward servers of this run
-    (what --vllm_sleep_switching puts to sleep around evaluation)."""
+    (what --vllm_sleep_switching puts to sleep around evaluation); ``edit_judge``: for the eval YAML's edit sets."""
     rank, _ = rank_and_world()
     if not args.eval_freq:
         if eval_args.vllm_sleep_switching and rank == 0:
@@ -74,7 +75,7 @@ def build_eval_hook(args: GRPOConfig, data_args: DataArguments, judge_args: Judg
     from deepgen_rl.eval import make_eval_hook
 
     lockstep = zero_stage(load_deepspeed_config(args.deepspeed)) >= 3
-    hook = make_eval_hook(args, data_args, judge_args, eval_args, lockstep=lockstep)
+    hook = make_eval_hook(args, data_args, judge_args, eval_args, lockstep=lockstep, edit_judge=edit_judge)
     if not eval_args.vllm_sleep_switching:
         return hook
     from deepgen_rl.eval.switching import VllmSleepSwitch

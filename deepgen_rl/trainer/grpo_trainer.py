@@ -33,6 +33,8 @@ from tqdm.auto import tqdm
 
 from deepgen_rl.data import PromptSample
 from deepgen_rl.model.vision_tower import drop_vision_tower
+from deepgen_rl.trainer.edit_rollout import (group_sources, has_edit_datasets, row_sources, row_targets,
+                                             step_edit_conditioning)
 from deepgen_rl.rewards.reward_step import RewardBatch
 from deepgen_rl.rl import AdvantageResult, compute_advantages
 from deepgen_rl.sampling import Conditioning, Trajectory, encode_conditioning, rollout
@@ -102,7 +104,8 @@ class DeepGenGRPOTrainer:
         self.eval_hook = eval_hook
         self.tracker = tracker or TrackerSettings(report_to=(), run_name=args.run_name or "deepgen-grpo")
         self.trained_modules = configure_trainable(model, trainable_modules, lora)
-        drop_vision_tower(model)  # text-to-image only: keeps ~1.25 GiB off each GPU (model/vision_tower.py)
+        if not has_edit_datasets(prompt_sampler):  # edit prompts read their sources with it
+            drop_vision_tower(model)  # text-to-image only: keeps ~1.25 GiB off each GPU (model/vision_tower.py)
         self.text_trains = any(name != "transformer" for name in self.trained_modules)
         if args.gradient_checkpointing:
             model.enable_gradient_checkpointing()
@@ -157,8 +160,9 @@ class DeepGenGRPOTrainer:
         samples = self.prompt_sampler.sample(self.plan.prompts_per_rank)
         generator = seeded_generator(self.device, derive_seed(args.seed, SEED_ROLLOUT, step, self.rank))
         window = draw_sde_window(args, step)  # the same on every rank (seeded by the step)
+        edit = step_edit_conditioning(self.model, samples, args.rollout_n, args.image_height, args.image_width)
         stream = (RewardStream(self.model, self.reward_step, samples, args.rollout_n, args.rollout_micro_batch_size,
-                               args.vae_decode_micro_batch_size) if args.stream_rewards else None)
+                               args.vae_decode_micro_batch_size, edit) if args.stream_rewards else None)
         self.model.eval()
         # DiffusionNFT: the old policy rolls out with the deterministic ODE (trainer/nft.py).
         trajectory = rollout(
@@ -169,7 +173,7 @@ class DeepGenGRPOTrainer:
             init_same_noise=args.init_same_noise, generator=generator,
             micro_batch_size=args.rollout_micro_batch_size, sde_window=window,
             on_micro_batch=None if stream is None else stream.on_micro_batch,
-            record_means=args.atrain_algorithm == "grpoguard")
+            record_means=args.atrain_algorithm == "grpoguard", edit=edit)
         truncated = sum(self.model.format_prompts([s.prompt for s in samples]).truncated)
         batch = RolloutBatch(samples=samples, trajectory=trajectory, truncated_prompts=truncated, sde_window=window,
                              rewards_in_flight=stream)
@@ -192,7 +196,9 @@ class DeepGenGRPOTrainer:
             return batch.rewards_in_flight.result()
         trajectory = batch.trajectory
         weights = trajectory.per_sample([s.reward_weights for s in batch.samples])
-        return self.reward_step.score(batch.images, trajectory.prompts, weights, trajectory.group_ids)
+        return self.reward_step.score(batch.images, trajectory.prompts, weights, trajectory.group_ids,
+                                      sources=row_sources(trajectory.edit),
+                                      targets=row_targets(batch.samples, trajectory.group_size))
 
     def advantage_phase(self, rewards: RewardBatch) -> tuple[Optional[AdvantageResult], dict[str, float]]:
         """Advantages over all ranks (collective), or None when no sample of any rank has a reward."""
@@ -235,7 +241,7 @@ class DeepGenGRPOTrainer:
             steps = list(range(len(steps)))
         if self.reference is not None and self.text_trains:
             ctx.reference_conditioning = self.reference.conditioning(batch.unique_prompts, args.rollout_n,
-                                                                     args.rollout_cfg_scale)
+                                                                     args.rollout_cfg_scale, trajectory.edit)
         self.step_records, self._stats = [], ChunkStats()
         lr = float(self.engine.get_lr()[0])
         valid_cpu = advantages.valid.cpu()
@@ -302,7 +308,8 @@ class DeepGenGRPOTrainer:
     def _chunk_objective(self, ctx: "_UpdateContext", step_index: int, rows):
         args = self.args
         conditioning = (encode_conditioning(self.model, ctx.batch.unique_prompts, args.rollout_n,
-                                            args.rollout_cfg_scale) if self.text_trains else None)
+                                            args.rollout_cfg_scale, ctx.batch.trajectory.edit)
+                        if self.text_trains else None)
         if self.nft is not None:
             out = self.nft.chunk_objective(self.model, ctx.batch.trajectory, ctx.nft_draw, step_index, rows,
                                            advantages=ctx.adv, valid=ctx.valid, beta=args.beta,
@@ -521,12 +528,14 @@ class DeepGenGRPOTrainer:
                 metrics.update(self.eval_phase(step))
         with self.timer("log"):
             if args.sample_image_freq and step % args.sample_image_freq == 0:
+                sources = group_sources(batch.trajectory.edit, args.rollout_n, args.image_height, args.image_width)
                 if self.ema is None:
                     scores = weighted_reward(rewards.scores, rewards.weights).tolist()
-                    metrics_logger.log_samples(step, batch.images, batch.trajectory.prompts, scores, args.rollout_n)
+                    metrics_logger.log_samples(step, batch.images, batch.trajectory.prompts, scores, args.rollout_n,
+                                               sources)
                 elif self.rank == 0:  # --ema_decay: the EMA weights' grid (only rank 0 writes grids)
                     metrics_logger.log_samples(step, self.ema_sample_images(batch, step - 1),
-                                               batch.trajectory.prompts, None, args.rollout_n)
+                                               batch.trajectory.prompts, None, args.rollout_n, sources)
         metrics.update(self.timer.pop())
         metrics["time/step"] = sum(v for k, v in metrics.items() if k.startswith("time/") and k != "time/step")
         metrics_logger.log(step, metrics)
@@ -544,7 +553,8 @@ class DeepGenGRPOTrainer:
     def ema_sample_images(self, batch: RolloutBatch, step: int) -> torch.Tensor:
         """The grid under --ema_decay: the EMA weights' images of step ``step``'s prompts, from its rollout seed."""
         generator = seeded_generator(self.device, derive_seed(self.args.seed, SEED_ROLLOUT, step, self.rank))
-        return ema_sample_images(self.ema, self.model, batch.unique_prompts, self.args, generator)
+        return ema_sample_images(self.ema, self.model, batch.unique_prompts, self.args, generator,
+                                 batch.trajectory.edit)
 
     # ----- checkpoints ----------------------------------------------------------------------------------------
 

@@ -127,18 +127,24 @@ class MetricsLogger:
             self._swanlab.log(dict(metrics), step=step)
 
     def log_samples(self, step: int, images: torch.Tensor, prompts: Sequence[str], rewards: Optional[Sequence[float]],
-                    columns: int) -> Optional[Path]:
+                    columns: int, sources: Optional[torch.Tensor] = None) -> Optional[Path]:
         """Save a grid of ``images`` [N, 3, H, W] (rows = prompts) as PNG + a caption file; send it to trackers.
 
-        ``rewards`` None: the images were not scored (the EMA weights' grid under --ema_decay)."""
+        ``rewards`` None: the images were not scored (the EMA weights' grid under --ema_decay). ``sources``
+        [N / columns, 3, H, W] (edit datasets): each row's source, shown in a first column before its edits."""
         if not self.is_main:
             return None
         folder = self.output_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step_{step:06d}.png"
-        grid = image_grid(images, columns)
+        if sources is None:
+            grid = image_grid(images, columns)
+        else:
+            from deepgen_rl.trainer.edit_rollout import prepend_sources
+
+            grid = image_grid(prepend_sources(images, sources, columns), columns + 1)
         grid.save(path)
-        lines = [f"row {row}: {prompts[row * columns]!r}  "
+        lines = [f"row {row}: {prompts[row * columns]!r}  " + ("" if sources is None else "(first tile: source) ")
                  + ("EMA weights (not scored)" if rewards is None else "rewards: "
                     + ", ".join(f"{r:.4f}" for r in rewards[row * columns:(row + 1) * columns]))
                  for row in range(math.ceil(len(prompts) / columns))]

@@ -91,10 +91,11 @@ class ReferencePolicy:
             self._lora_model.enable_adapters()
 
     @torch.no_grad()
-    def conditioning(self, prompts: Sequence[str], group_size: int, cfg_scale: float) -> Conditioning:
-        """Reference embeddings of the B unique ``prompts`` repeated G times (N rows), same batch composition."""
+    def conditioning(self, prompts: Sequence[str], group_size: int, cfg_scale: float, edit=None) -> Conditioning:
+        """Reference embeddings of the B unique ``prompts`` repeated G times (N rows), same batch composition
+        (``edit``: the rollout's source conditioning, whose edit prompts are encoded as the policy's)."""
         with self._active() as model:
-            return encode_conditioning(model, prompts, group_size, cfg_scale)
+            return encode_conditioning(model, prompts, group_size, cfg_scale, edit)
 
     @torch.no_grad()
     def velocity(self, latents: Tensor, sigmas: Tensor, cond: Conditioning, cfg_scale: float) -> Tensor:

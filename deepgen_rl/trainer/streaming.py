@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -24,6 +24,8 @@ from deepgen_rl.data import PromptSample
 from deepgen_rl.rewards.reward_merge import merge_reward_batches
 from deepgen_rl.rewards.reward_step import RewardBatch
 from deepgen_rl.sampling import decode_images
+from deepgen_rl.sampling.edit_conditioning import EditConditioning
+from deepgen_rl.trainer.edit_rollout import row_sources, row_targets
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +57,10 @@ class RewardStream:
     """One GRPO step's streamed reward phase on this rank (create it before the rollout, pass ``on_micro_batch``)."""
 
     def __init__(self, model, reward_step, samples: Sequence[PromptSample], group_size: int, micro_batch_size: int,
-                 decode_micro_batch_size: int) -> None:
+                 decode_micro_batch_size: int, edit: Optional[EditConditioning] = None) -> None:
         self.model, self.reward_step = model, reward_step
+        self.edit = edit  # the rollout's source conditioning: each chunk's rows go to the edit rewards
+        self.targets = row_targets(samples, group_size)
         self.decode_micro_batch_size = decode_micro_batch_size
         self.prompts = [s.prompt for s in samples for _ in range(group_size)]
         self.weights = [s.reward_weights for s in samples for _ in range(group_size)]
@@ -83,7 +87,8 @@ class RewardStream:
             images = decode_images(self.model, latents, self.decode_micro_batch_size)
             self._images.append(images)
             self._futures.append(self.reward_step.submit(images, self.prompts[chunk], self.weights[chunk],
-                                                         self.group_ids[chunk]))
+                                                         self.group_ids[chunk], row_sources(self.edit, chunk),
+                                                         None if self.targets is None else self.targets[chunk]))
 
     @property
     def images(self) -> Tensor:
