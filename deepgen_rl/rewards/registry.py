@@ -10,6 +10,7 @@
     image_similarity      CLIP source-result cosine, in-process  image_similarity.ImageSimilarityReward (edit datasets)
     vlm_judge, vlm_judge_<name>   a pointwise VLM judge on vLLM  vlm_judge.VlmJudgeReward  (the named ones come from
                           --vlm_judge_config: ``known_reward_names(args)`` lists them for the dataset YAML check)
+    synthetic_match       synthetic scene match, in-process      synthetic.SyntheticMatchReward
 
 Everything a reward needs comes from the parsed flags (``RewardArguments``, plus the CLIP folder and the device of
 in-process models); nothing here reads the environment. Heavy modules are imported only when their reward is built.
@@ -94,6 +95,12 @@ def _build_vlm_judge(args: RewardArguments, clip_model_path: str, device: str, n
                           args.reward_health_timeout)
 
 
+def _build_synthetic_match(args: RewardArguments, clip_model_path: str, device: str) -> RewardFunction:
+    from deepgen_rl.rewards.synthetic import SyntheticMatchReward
+
+    return SyntheticMatchReward()
+
+
 REWARD_BUILDERS: dict[str, Builder] = {
     "ocr": _build_ocr,
     "unifiedreward_think": _build_unifiedreward_think,
@@ -103,6 +110,7 @@ REWARD_BUILDERS: dict[str, Builder] = {
     "edit_vlm_judge": _build_edit_judge,
     "image_similarity": _build_image_similarity,
     "vlm_judge": _build_vlm_judge,
+    "synthetic_match": _build_synthetic_match,
 }
 REWARD_NAMES: tuple[str, ...] = tuple(REWARD_BUILDERS)
 # Rewards that compare the result with the sample's source images: only edit datasets (JSONL) can use them.
