@@ -20,7 +20,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -158,3 +158,20 @@ def budget_verdict(budget: FailureBudget, reward_step, step: int, counts: Counts
         where = (f"although it answers its health check ({reward_step.rewards[name].service}); last error: "
                  + next((f.message for f in failures if f.reward == name), "none on this rank"))
     return f"reward {name!r} {exhausted.reason}; {where}."
+
+
+def enforce_budget(budget: FailureBudget, summary: RunSummary, reward_step, step: int, metrics: Mapping[str, float],
+                   failures, device, save: Optional[Callable[[], object]]) -> None:
+    """Count step ``step`` in the run summary; when a reward has spent its failure budget, checkpoint with ``save``
+    (None: --save_strategy no) and raise RewardFailureBudgetExceeded with the reason and the way back."""
+    counts = step_counts(reward_step.names, metrics)
+    summary.add(metrics.get("train/step_applied") == 1.0, counts)
+    message = budget_verdict(budget, reward_step, step, counts, failures, device)
+    if message is None:
+        return
+    if save is not None:
+        message += (f" {save()} holds the run up to step {step}: bring the server back, then resume with "
+                    "--resume_from_checkpoint latest.")
+    message += " (--max_failed_reward_steps / --max_reward_failure_rate set the budget; 0 / 1 disable them.)"
+    summary.stopped_because = message
+    raise RewardFailureBudgetExceeded(message)

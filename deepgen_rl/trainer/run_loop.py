@@ -1,0 +1,103 @@
+"""The run around the GRPO steps: resume, step until --max_steps, and the faults that end a run early.
+
+A SIGTERM abandons the step in flight at its next safe point (signals.py) and rewinds its prompt draws, so the
+checkpoint of the last completed step resumes exactly; a reward that spent its failure budget stops the run after
+a checkpoint (failure_budget.py). Whatever ends the run, the trackers are closed and the run summary written.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Optional
+
+from tqdm.auto import tqdm
+
+from deepgen_rl.rewards.reward_step import RewardBatch
+from deepgen_rl.trainer.edit_rollout import group_sources
+
+from ..distributed import SEED_ROLLOUT, derive_seed, seeded_generator
+from . import checkpointing, run_checkpoints
+from .ema import ema_sample_images
+from .failure_budget import enforce_budget
+from .logging_utils import MetricsLogger
+from .rollout_batch import RolloutBatch
+from .signals import GracefulStop, StepInterrupted
+from .step_metrics import weighted_reward
+
+if TYPE_CHECKING:
+    from .grpo_trainer import DeepGenGRPOTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def run(trainer: "DeepGenGRPOTrainer", resume_from_checkpoint: Optional[str]) -> checkpointing.TrainerState:
+    """``trainer.train()``: resume when asked, run the steps, checkpoint at the end (or on a stop)."""
+    args = trainer.args
+    resume = run_checkpoints.resume_path(args, resume_from_checkpoint, trainer.device)
+    if resume is not None:
+        trainer.load(resume)
+    config = run_checkpoints.run_config(args, world_size=trainer.world_size, trained_modules=trainer.trained_modules,
+                                        gradient_accumulation_steps=trainer.plan.gradient_accumulation_steps)
+    metrics_logger = MetricsLogger(args.output_dir, trainer.tracker, is_main=trainer.rank == 0, run_config=config,
+                                   resume_step=trainer.state.global_step)
+    bar = tqdm(total=trainer.max_steps, initial=trainer.state.global_step, desc="GRPO",
+               disable=trainer.rank != 0 or bool(args.disable_tqdm))
+    try:
+        if args.eval_before_train and trainer.state.global_step == 0:  # a fresh run's baseline, not on resume
+            trainer._eval_before_train(metrics_logger)
+        stopped = _steps(trainer, metrics_logger, bar)
+        if stopped or run_checkpoints.save_strategy(args) != "no":
+            trainer.save()
+    finally:
+        trainer._stop = None
+        bar.close()
+        metrics_logger.close()
+        if trainer.rank == 0:
+            logger.info("%s", trainer.summary.text())
+            trainer.summary.write(args.output_dir)
+    return trainer.state
+
+
+def _steps(trainer: "DeepGenGRPOTrainer", metrics_logger: MetricsLogger, bar) -> bool:
+    """GRPO steps until --max_steps; True when a SIGTERM stopped the run first."""
+    with GracefulStop() as stop:
+        trainer._stop = stop
+        while trainer.state.global_step < trainer.max_steps:
+            start = checkpointing.StepStart.capture(trainer.prompt_sampler, trainer.sftaux_sampler)
+            try:
+                metrics, batch, rewards = trainer.training_step()
+            except StepInterrupted as interrupted:
+                rewind(trainer, start, str(interrupted))
+                return True
+            trainer.state.global_step += 1
+            trainer._after_step(metrics, batch, rewards, metrics_logger, bar)
+            save = trainer.save if run_checkpoints.save_strategy(trainer.args) != "no" else None
+            enforce_budget(trainer.failure_budget, trainer.summary, trainer.reward_step, trainer.state.global_step,
+                           metrics, rewards.failures, trainer.device, save)
+            if stop.should_stop(trainer.device):
+                return True
+    return False
+
+
+def rewind(trainer: "DeepGenGRPOTrainer", start: checkpointing.StepStart, where: str) -> None:
+    """Undo an abandoned step's draws, so the checkpoint of the last completed step resumes exactly."""
+    start.restore(trainer.prompt_sampler, trainer.sftaux_sampler)
+    if trainer.rank == 0:
+        logger.warning("stop requested: step %d abandoned at a safe point (%s, before its optimizer step); "
+                       "checkpointing step %d.", trainer.state.global_step + 1, where, trainer.state.global_step)
+
+
+def log_sample_grid(trainer: "DeepGenGRPOTrainer", metrics_logger: MetricsLogger, batch: RolloutBatch,
+                    rewards: RewardBatch, step: int) -> None:
+    """Step ``step``'s sample grid: its rollout images with their rewards, or under --ema_decay the EMA weights'
+    images of the same prompts and noise (only rank 0 writes grids)."""
+    args = trainer.args
+    sources = group_sources(batch.trajectory.edit, args.rollout_n, args.image_height, args.image_width)
+    if trainer.ema is None:
+        scores = weighted_reward(rewards.scores, rewards.weights).tolist()
+        metrics_logger.log_samples(step, batch.images, batch.trajectory.prompts, scores, args.rollout_n, sources)
+    elif trainer.rank == 0:  # from step ``step``'s rollout seed (its draws were made at global_step step - 1)
+        generator = seeded_generator(trainer.device, derive_seed(args.seed, SEED_ROLLOUT, step - 1, trainer.rank))
+        images = ema_sample_images(trainer.ema, trainer.model, batch.unique_prompts, args, generator,
+                                   batch.trajectory.edit)
+        metrics_logger.log_samples(step, images, batch.trajectory.prompts, None, args.rollout_n, sources)
