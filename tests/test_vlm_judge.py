@@ -13,7 +13,7 @@ from deepgen_rl.config import RewardArguments
 from deepgen_rl.data.dataset_yaml import load_dataset_config
 from deepgen_rl.rewards.http_utils import PermanentError
 from deepgen_rl.rewards.protocol import Choice
-from deepgen_rl.rewards.registry import build_rewards, known_reward_names
+from deepgen_rl.rewards.registry import REWARD_NAMES, build_rewards, known_reward_names
 from deepgen_rl.rewards.vlm_judge import load_judge_specs, parse_score, yes_probability
 from tests.reward_servers import fake_server
 
@@ -122,7 +122,7 @@ def test_named_judges_per_dataset(tmp_path, server):
         "datasets:\n  - {name: a, path: p.txt, rewards: [vlm_judge: 1.0]}\n"
         "  - {name: b, path: p.txt, rewards: [vlm_judge_yes: 1.0]}\n", encoding="utf-8")
     args = reward_args(server.url, vlm_judge_config=str(config))
-    assert known_reward_names(args)[-2:] == ("vlm_judge", "vlm_judge_yes")
+    assert known_reward_names(args) == (*REWARD_NAMES, "vlm_judge_yes") and "vlm_judge" in REWARD_NAMES
     dataset = load_dataset_config(tmp_path / "train.yaml", known_reward_names(args))
     rewards = build_rewards(dataset.reward_names, args)
     try:
