@@ -246,6 +246,25 @@ def test_clip_sim_is_the_cosine_of_clip_embeddings(tiny_clip_dir):
     assert all(-1.0 <= v <= 1.0 for v in scores.values)
 
 
+def test_clip_batch_that_raises_fails_only_its_own_samples(tiny_clip_dir):
+    reward = build_rewards(["clip_sim"], *settings_for(clip=str(tiny_clip_dir)))["clip_sim"]
+    reward.batch_size = 2
+    real = reward.similarities
+
+    def similarities(images, prompts):  # the second batch (samples 2-3) hits an out-of-memory-like error
+        if prompts[0] == "boom":
+            raise RuntimeError("out of memory")
+        return real(images, prompts)
+
+    reward.similarities = similarities
+    images = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue", "green", "white", "black")]
+    scores = reward.score(images, ["a", "b", "boom", "c", "d"], [0, 0, 1, 1, 2])
+    assert [v is None for v in scores.values] == [False, False, True, True, False]
+    assert scores.errors[2] == scores.errors[3] == "CLIP similarity failed: RuntimeError: out of memory"
+    assert scores.errors[0] is None and scores.errors[4] is None
+    assert scores.values[:2] == pytest.approx(real(images[:2], ["a", "b"]).tolist())
+
+
 def test_clip_sim_names_a_missing_model_folder(tmp_path):
     with pytest.raises(ValueError, match="CLIP_MODEL_NAME_OR_PATH"):
         build_rewards(["clip_sim"], *settings_for(clip=""))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -60,17 +60,20 @@ class ClipSimilarityReward:
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str], group_ids: Sequence[int]) -> RewardScores:
         n = check_batch(images, prompts, group_ids)
+        return self.score_in_batches(n, lambda rows: self.similarities(images[rows], prompts[rows]), "CLIP similarity")
+
+    def score_in_batches(self, n: int, compute: Callable[[slice], torch.Tensor], what: str) -> RewardScores:
+        """Run ``compute(rows)`` -> [len(rows)] over n samples in --clip batches, one call at a time on the shared
+        model; a batch that raises fails only its own samples (with ``what`` and the error), never scores 0."""
         values: list[Optional[float]] = [None] * n
         errors: list[Optional[str]] = [None] * n
         with self._lock:
             for start in range(0, n, self.batch_size):
-                stop = min(start + self.batch_size, n)
+                rows = slice(start, min(start + self.batch_size, n))
                 try:
-                    chunk = self.similarities(images[start:stop], prompts[start:stop]).tolist()
+                    values[rows] = compute(rows).tolist()
                 except (RuntimeError, ValueError, OSError) as err:
-                    errors[start:stop] = [f"CLIP similarity failed: {type(err).__name__}: {err}"] * (stop - start)
-                    continue
-                values[start:stop] = chunk
+                    errors[rows] = [f"{what} failed: {type(err).__name__}: {err}"] * (rows.stop - start)
         return RewardScores(values=values, errors=errors)
 
     def close(self) -> None:

@@ -38,15 +38,6 @@ class ImageSimilarityReward(ClipSimilarityReward):
         if sources is None or len(sources) != n or any(len(row) == 0 for row in sources):
             return RewardScores.all_failed(n, "image_similarity needs each sample's source images: use it only on "
                                               "edit datasets (JSONL with source_images)")
-        values: list[Optional[float]] = [None] * n
-        errors: list[Optional[str]] = [None] * n
-        with self._lock:
-            for start in range(0, n, self.batch_size):
-                stop = min(start + self.batch_size, n)
-                try:
-                    chunk = self.image_similarities(images[start:stop], [row[0] for row in sources[start:stop]])
-                except (RuntimeError, ValueError, OSError) as err:
-                    errors[start:stop] = [f"CLIP image similarity failed: {type(err).__name__}: {err}"] * (stop - start)
-                    continue
-                values[start:stop] = chunk.tolist()
-        return RewardScores(values=values, errors=errors)
+        first_sources = [row[0] for row in sources]
+        return self.score_in_batches(
+            n, lambda rows: self.image_similarities(images[rows], first_sources[rows]), "CLIP image similarity")
