@@ -25,6 +25,74 @@ def tiny_paths(tmp_path_factory):
     return save_tiny_deepgen(tmp_path_factory.mktemp("tiny_deepgen"), seed=0)
 
 
+class _BackgroundPretraining:
+    """The tiny model pretrained on the synthetic prompt -> image task, made once per session by the command users
+    run (``python -m deepgen_rl.model.tiny --pretrain_steps N``, PretrainSettings' defaults: the quick start's
+    artifact) in a background process with one thread.
+
+    WHY in the background: pretraining takes ~2-4 min of one core; started as soon as collection shows a test
+    needs it, it runs on the second core while the other tests run, instead of adding its time to the suite."""
+
+    def __init__(self, root: Path, temporary: bool) -> None:
+        import subprocess
+        import sys
+
+        from deepgen_rl.model.tiny_pretrain import PretrainSettings
+
+        self.root, self.temporary = root, temporary
+        self.log = root.parent / f"{root.name}.log"
+        command = [sys.executable, "-m", "deepgen_rl.model.tiny", "--output_dir", str(root),
+                   "--pretrain_steps", str(PretrainSettings.steps), "--pretrain_vae_steps",
+                   str(PretrainSettings.vae_steps)]
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                            stdout=log, stderr=subprocess.STDOUT)
+
+    def wait(self):
+        from deepgen_rl.model.tiny import TinyModelPaths
+
+        returncode = self.process.wait()
+        assert returncode == 0, f"pretraining failed (exit {returncode}):\n{self.log.read_text()[-3000:]}"
+        return TinyModelPaths(self.root / "sd3", self.root / "qwen2_5_vl", self.root / "deepgen_tiny.pth")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+_PRETRAINING: list[_BackgroundPretraining] = []
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: start only when a selected test needs it
+def pytest_collection_modifyitems(session, config, items):
+    if any("pretrained_tiny_paths" in getattr(item, "fixturenames", ()) for item in items):
+        import tempfile
+
+        # DEEPGEN_RL_TEST_PRETRAINED=<folder>: keep the pretrained model there between sessions (the CLI reuses it
+        # only when it was made with the same settings); by default a temporary folder, removed at the end.
+        kept = os.environ.get("DEEPGEN_RL_TEST_PRETRAINED")
+        root = Path(kept) if kept else Path(tempfile.mkdtemp(prefix="tiny_pretrained_")) / "model"
+        root.parent.mkdir(parents=True, exist_ok=True)
+        _PRETRAINING.append(_BackgroundPretraining(root, temporary=not kept))
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    for job in _PRETRAINING:
+        job.stop()
+        if job.temporary:
+            shutil.rmtree(job.root.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny_paths():
+    """Paths of the session's pretrained tiny model (``_BackgroundPretraining``); waits for it."""
+    assert _PRETRAINING, "pretraining was not started at collection"
+    return _PRETRAINING[0].wait()
+
+
 @pytest.fixture()
 def tiny_model_args(tiny_paths):
     """ModelArguments pointing at the tiny parts, as a user's exports + flags would."""

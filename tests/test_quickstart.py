@@ -1,37 +1,59 @@
-"""scripts/quickstart.sh end to end (shortened): tiny models, OCR server, GRPO through train.sh, conversion."""
+"""scripts/quickstart.sh end to end (shortened): the pretrained tiny model (reused from the session's cache),
+OCR server, before/after sample grids, GRPO through train.sh with synthetic_match, conversion."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from PIL import Image
 
+from deepgen_rl.config import ModelArguments
 from deepgen_rl.model import load_checkpoint_into, load_deepgen_model
+from deepgen_rl.model.tiny import TINY_MODEL_FLAGS
 from tests.conftest import REPO_ROOT
 
+# The session's pretraining (setup) counts against the timeout too; ~1 min on idle cores, 10 on a loaded machine.
+pytestmark = pytest.mark.timeout(1200)
 
-def test_quickstart_writes_curve_grids_and_pth(tmp_path, tiny_model_args):
+
+def test_quickstart_writes_curve_grids_and_pth(tmp_path, pretrained_tiny_paths):
     out = tmp_path / "quickstart"
+    # The session's pretrained model, where the quick start caches its own: the script must reuse it.
+    shutil.copytree(pretrained_tiny_paths.checkpoint.parent, out / "tiny_pretrained")
     env = dict(os.environ, PYTHON=sys.executable, QUICKSTART_DIR=str(out), QUICKSTART_STEPS="4")
     result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "quickstart.sh")], env=env, cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "starting the OCR reward server" in result.stdout  # RapidOCR is a dependency: the server path runs
+    assert "reusing the pretrained tiny model" in (out / "pretrain.log").read_text()
 
-    curve = out / "run" / "reward_curve.png"
+    curve = out / "run" / "synthetic_reward_curve.png"
     grids = sorted((out / "run" / "samples").glob("step_*.png"))
     assert curve.is_file() and Image.open(curve).size[0] > 100
     assert len(grids) >= 2 and all(Image.open(g).size[0] >= 64 for g in grids)
     lines = (out / "run" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 4
+    assert len(lines) == 4 and all("reward/synthetic_match/mean" in json.loads(line) for line in lines)
+    # Before / after grids: 8 prompts x 8 samples of 64 px, with a caption strip under each row.
+    summaries = [json.loads(line.split(":", 1)[1]) for line in result.stdout.splitlines()
+                 if line.startswith(("before GRPO:", "after GRPO:"))]
+    assert len(summaries) == 2 and all(0 <= s["reward"] <= 1 for s in summaries)
+    for name in ("before.png", "after.png"):
+        width, height = Image.open(out / name).size
+        assert width == 8 * 64 and height > 8 * 64
 
     pth = out / "deepgen_rl_quickstart.pth"
     converted = torch.load(pth, weights_only=True)
     assert converted and all(key.startswith("transformer.") for key in converted)
-    model = load_deepgen_model(tiny_model_args)
+    model = load_deepgen_model(ModelArguments(
+        sd3_model_name_or_path=str(pretrained_tiny_paths.sd3_dir), model_dtype="float32", **TINY_MODEL_FLAGS,
+        qwen2_5_vl_model_name_or_path=str(pretrained_tiny_paths.qwen_dir),
+        checkpoint=str(pretrained_tiny_paths.checkpoint)))
     load_checkpoint_into(model, pth, trainable_modules="dit")
     own = model.state_dict()
     assert all(torch.equal(own[key], value) for key, value in converted.items())

@@ -89,25 +89,36 @@ def _pop_flag(argv: list[str], flag: str) -> tuple[list[str], Optional[str]]:
     return argv[:index] + argv[index + 2:], argv[index + 1]
 
 
-def fixed_noise_reward(trainer, seed: int = 1234) -> float:
-    """Mean JPEG-compressibility of the quick-start prompts x rollout_n samples drawn with a FIXED generator:
-    common random numbers, so the difference between two calls measures the weights' change, not sampling noise."""
+def fixed_noise_reward(trainer, seed: int = 1234, samples_per_prompt: int = 16) -> dict[str, float]:
+    """The first dataset's prompts x ``samples_per_prompt`` samples drawn with a FIXED generator (common random
+    numbers, so the difference between two calls measures the weights' change, not sampling noise), scored:
+    "scores" holds each sample's JPEG compressibility, or for synthetic prompts (rewards/synthetic.py) its
+    synthetic_match, and "reward" their mean; "mismatched" (synthetic only) is the mean score of the same images
+    against the next prompt's objects: the part of the reward that is not about the image's own prompt."""
     import numpy as np
     import torch
 
     from deepgen_rl.rewards.jpeg import jpeg_compressibility
     from deepgen_rl.rewards.reward_step import images_to_pil
+    from deepgen_rl.rewards.synthetic import match_score, parse_prompt
     from deepgen_rl.sampling import decode_images, rollout
 
     args = trainer.args
     prompts = list(trainer.prompt_sampler.datasets[0].prompts)
-    batch = rollout(trainer.model, prompts, group_size=args.rollout_n, sampler=args.atrain_sde_sampler,
+    batch = rollout(trainer.model, prompts, group_size=samples_per_prompt, sampler=args.atrain_sde_sampler,
                     eta=args.sde_eta, logprob_variant=args.logprob_variant,
                     num_inference_steps=args.num_inference_steps, height=args.image_height, width=args.image_width,
                     cfg_scale=args.rollout_cfg_scale, init_same_noise=args.init_same_noise,
                     generator=torch.Generator().manual_seed(seed), micro_batch_size=args.rollout_micro_batch_size)
-    images = decode_images(trainer.model, batch.latents[:, -1], args.vae_decode_micro_batch_size)
-    return float(np.mean([jpeg_compressibility(image) for image in images_to_pil(images)]))
+    images = images_to_pil(decode_images(trainer.model, batch.latents[:, -1], args.vae_decode_micro_batch_size))
+    if parse_prompt(prompts[0]) is None:
+        scores = [jpeg_compressibility(image) for image in images]
+        return {"reward": float(np.mean(scores)), "scores": scores}
+    owners = [prompts[i // samples_per_prompt] for i in range(len(images))]
+    others = [prompts[(prompts.index(owner) + 1) % len(prompts)] for owner in owners]
+    scores = [match_score(image, parse_prompt(prompt)) for image, prompt in zip(images, owners)]
+    mismatched = [match_score(image, parse_prompt(prompt)) for image, prompt in zip(images, others)]
+    return {"reward": float(np.mean(scores)), "mismatched": float(np.mean(mismatched)), "scores": scores}
 
 
 def main(argv: list[str]) -> int:

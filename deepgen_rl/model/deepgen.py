@@ -190,6 +190,12 @@ class DeepGenModel(nn.Module):
         return self._encode_chat_texts(texts, vision)
 
     def _encode_chat_texts(self, texts: list[str], vision=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.connect_fused_states(self.fused_llm_states(texts, vision))
+
+    def fused_llm_states(self, texts: list[str], vision=None) -> torch.Tensor:
+        """Chat texts (left-padded to the longest) + meta queries through the LLM -> its fusion layers' hidden
+        states concatenated, [B, P+Q, F * D_llm]. Called directly only outside ZeRO-3 (it reads ``meta_queries``;
+        see ``forward``): the tiny model's pretraining caches these for its frozen LLM (model/tiny_pretrain.py)."""
         # No tokenizer truncation: it would cut the template's end; encode_prompt already fitted the texts.
         tokens = self.tokenizer(
             texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=True,
@@ -218,7 +224,11 @@ class DeepGenModel(nn.Module):
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
             output_hidden_states=True, use_cache=False,
         ).hidden_states
-        fused = torch.cat([hidden_states[i] for i in self.fusion_layers], dim=-1)
+        return torch.cat([hidden_states[i] for i in self.fusion_layers], dim=-1)
+
+    def connect_fused_states(self, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused LLM states [B, P+Q, F * D_llm] -> connector -> (prompt_embeds [B, P+Q, D_joint],
+        pooled [B, D_pooled])."""
         connected = self.connector(self.projector_1(fused.to(self.projector_1.weight.dtype)))
         return self.projector_3(connected), self.projector_2(connected.mean(dim=1))
 

@@ -5,12 +5,15 @@ them in the real on-disk layouts (a diffusers SD3 folder, a transformers Qwen2.5
 a DeepGen ``.pth`` with the reference key names) so they load through ``load_deepgen_model`` like real weights.
 
     python -m deepgen_rl.model.tiny --output_dir outputs/tiny_models   # prints the env exports and flags
+    python -m deepgen_rl.model.tiny --output_dir outputs/tiny_pretrained --pretrain_steps 2000
+        # pretrained on the synthetic prompt -> image task (model/tiny_pretrain.py; cached in --output_dir)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,8 @@ from .checkpoint_keys import to_reference_keys
 from .connector import ConnectorConfig
 from .deepgen import CHAT_TEMPLATE, GENERATION_TEMPLATE, NEGATIVE_PROMPT, DeepGenModel
 from .kontext import SD3Transformer2DKontextModel
+
+logger = logging.getLogger(__name__)
 
 # ModelArguments flags that describe the tiny connector (real defaults describe DeepGen_Image).
 TINY_MODEL_FLAGS = {
@@ -149,17 +154,36 @@ def make_decoder_track_latents(vae: AutoencoderKL) -> None:
         decoder.conv_out.bias.copy_(-to_rgb.sum(dim=1) * torch.nn.functional.silu(torch.tensor(1.0)))
 
 
-def build_tiny_sd3() -> tuple[SD3Transformer2DKontextModel, AutoencoderKL, FlowMatchEulerDiscreteScheduler]:
+@dataclass(frozen=True)
+class TinyDiTSize:
+    """The tiny DiT's depth and attention heads; its width (joint / caption / pooled dims too) is
+    num_heads * head_dim. The default is the untrained test model; the pretrained quick-start model is
+    bigger (model/tiny_pretrain.py: a 2-layer, 32-wide DiT did not learn to follow the synthetic prompts)."""
+
+    num_layers: int = 2
+    num_heads: int = 2
+    head_dim: int = 16
+
+    @property
+    def width(self) -> int:
+        return self.num_heads * self.head_dim
+
+
+def build_tiny_sd3(dit_size: TinyDiTSize = TinyDiTSize()
+                   ) -> tuple[SD3Transformer2DKontextModel, AutoencoderKL, FlowMatchEulerDiscreteScheduler]:
     transformer = SD3Transformer2DKontextModel(
-        sample_size=TINY_IMAGE_SIZE // 8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
-        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
-        pooled_projection_dim=32, pos_embed_max_size=32,
+        sample_size=TINY_IMAGE_SIZE // 8, patch_size=2, in_channels=16, out_channels=16,
+        num_layers=dit_size.num_layers, attention_head_dim=dit_size.head_dim, num_attention_heads=dit_size.num_heads,
+        joint_attention_dim=dit_size.width, caption_projection_dim=dit_size.width,
+        pooled_projection_dim=dit_size.width, pos_embed_max_size=32,
     )
     # WHY: a 2-layer random DiT cannot learn to denoise in a few dozen RL steps; what GRPO does learn quickly is
     # to stop its random velocity from adding structure to x0_hat = x - sigma v. At the default init that random
     # part is small (the policy starts near its quick optimum: +0.004 JPEG reward in 30 steps); scaled 3x, the
-    # untrained policy makes busier images and the learning test / quick start see a clear rise (+0.011 to +0.023
-    # in 30 steps, ~20x the step-to-step noise; tests/test_trainer_learning.py has the measurements).
+    # untrained policy made busier images and 30 GRPO steps raised the JPEG reward by +0.011 to +0.023 (~20x the
+    # step-to-step noise). The learning test and the quick start now use the pretrained model
+    # (model/tiny_pretrain.py); this gain and the decoder below stay because the pinned golden runs
+    # (tests/test_trainer_inprocess.py and others) were measured on this model.
     with torch.no_grad():
         transformer.proj_out.weight.mul_(TINY_DIT_OUTPUT_GAIN)
     vae = AutoencoderKL(
@@ -173,11 +197,11 @@ def build_tiny_sd3() -> tuple[SD3Transformer2DKontextModel, AutoencoderKL, FlowM
     return transformer, vae, scheduler
 
 
-def build_tiny_deepgen(seed: int = 0) -> DeepGenModel:
+def build_tiny_deepgen(seed: int = 0, dit_size: TinyDiTSize = TinyDiTSize()) -> DeepGenModel:
     """A float32 CPU DeepGen model with every part tiny and random (deterministic in ``seed``)."""
     torch.manual_seed(seed)
     tokenizer = build_tiny_tokenizer()
-    transformer, vae, scheduler = build_tiny_sd3()
+    transformer, vae, scheduler = build_tiny_sd3(dit_size)
     model = DeepGenModel(
         lmm=build_tiny_lmm(tokenizer), tokenizer=tokenizer, transformer=transformer, vae=vae, scheduler=scheduler,
         connector_config=ConnectorConfig(
@@ -197,11 +221,10 @@ def build_tiny_deepgen(seed: int = 0) -> DeepGenModel:
     return model.eval()
 
 
-def save_tiny_deepgen(output_dir: str | Path, seed: int = 0) -> TinyModelPaths:
-    """Write a tiny model in the real layouts; returns where each part is."""
+def save_deepgen_parts(model: DeepGenModel, output_dir: str | Path) -> TinyModelPaths:
+    """Write ``model``'s parts in the real layouts under ``output_dir``; returns where each part is."""
     root = Path(output_dir)
     paths = TinyModelPaths(root / "sd3", root / "qwen2_5_vl", root / "deepgen_tiny.pth")
-    model = build_tiny_deepgen(seed)
     model.lmm.save_pretrained(paths.qwen_dir)
     model.tokenizer.save_pretrained(paths.qwen_dir)
     model.transformer.save_pretrained(paths.sd3_dir / "transformer")
@@ -215,12 +238,49 @@ def save_tiny_deepgen(output_dir: str | Path, seed: int = 0) -> TinyModelPaths:
     return paths
 
 
+def save_tiny_deepgen(output_dir: str | Path, seed: int = 0) -> TinyModelPaths:
+    """Write a tiny model in the real layouts; returns where each part is."""
+    return save_deepgen_parts(build_tiny_deepgen(seed), output_dir)
+
+
+def save_pretrained_tiny_deepgen(output_dir: str | Path, settings, seed: int = 0) -> TinyModelPaths:
+    """The tiny model pretrained on the synthetic task (model/tiny_pretrain.py), written under ``output_dir``;
+    reused as is when ``output_dir`` already holds one pretrained with the same settings and seed."""
+    from .tiny_pretrain import PRETRAIN_RECORD, cached_record, pretrain_tiny_deepgen
+
+    root = Path(output_dir)
+    paths = TinyModelPaths(root / "sd3", root / "qwen2_5_vl", root / "deepgen_tiny.pth")
+    if cached_record(root, settings, seed) is not None and paths.checkpoint.is_file():
+        logger.info("reusing the pretrained tiny model in %s (%s)", root, PRETRAIN_RECORD)
+        return paths
+    (root / PRETRAIN_RECORD).unlink(missing_ok=True)  # written last: a half-written folder is never reused
+    model = build_tiny_deepgen(seed, TinyDiTSize(settings.dit_layers, settings.dit_heads, settings.dit_head_dim))
+    record = pretrain_tiny_deepgen(model, settings)
+    save_deepgen_parts(model, root)
+    (root / PRETRAIN_RECORD).write_text(json.dumps({**record, "model_seed": seed}, indent=2))
+    return paths
+
+
 def main() -> None:
+    from .tiny_pretrain import PretrainSettings
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/tiny_models", help="Where to write the tiny parts.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
+    parser.add_argument("--pretrain_steps", type=int, default=0,
+                        help="Flow-matching steps on the synthetic task (model/tiny_pretrain.py) before saving; "
+                             "0: the untrained tiny model. The result is cached in --output_dir.")
+    parser.add_argument("--pretrain_vae_steps", type=int, default=PretrainSettings.vae_steps,
+                        help="Autoencoder steps of the tiny VAE before the flow-matching steps.")
     args = parser.parse_args()
-    paths = save_tiny_deepgen(args.output_dir, args.seed)
+    if args.pretrain_steps < 0:
+        parser.error(f"--pretrain_steps must be >= 0; got {args.pretrain_steps}.")
+    if args.pretrain_steps:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        settings = PretrainSettings(steps=args.pretrain_steps, vae_steps=args.pretrain_vae_steps, seed=args.seed)
+        paths = save_pretrained_tiny_deepgen(args.output_dir, settings, args.seed)
+    else:
+        paths = save_tiny_deepgen(args.output_dir, args.seed)
     for name, value in paths.env().items():
         print(f"export {name}={value}")
     print("# model flags:", " ".join(paths.model_flags()))

@@ -5,7 +5,7 @@
 i.e. the fraction of bytes JPEG saves: near 1 for flat, simple images, lower for busy, noisy ones; higher is
 better and the value does not depend on the resolution. It is the "compressibility" task of DDPO / Flow-GRPO
 (they use minus the size in kB; GRPO's group normalisation makes the two equivalent up to scale). Cheap and
-deterministic, it drives the CPU quick start and the learning tests.
+deterministic, it is the reward of the tiny test runs (the quick start and the learning test use synthetic_match).
 """
 
 from __future__ import annotations

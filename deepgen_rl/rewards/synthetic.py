@@ -12,9 +12,8 @@ reward compares a generated image with that rendering, object by object, through
 i.e. a soft intersection-over-union of "pixels of the named colour" with "where the object should be": 1 for
 the exact rendering, ~0 when the named colour is absent or sits in the wrong half; the wrong shape at the right
 place keeps the overlap (a circle inside its square scores pi/4). The colours (and the white background) are
->= 1 apart in RGB, so the membership of one at another is <= exp(-8) ~ 3e-4. It is meant as a yardstick for
-learning on CPU: a tiny model pretrained on these renderings, then improved by GRPO with this reward (issue 16; the
-pretraining recipe is still being sized, see the README).
+>= 1 apart in RGB, so the membership of one at another is <= exp(-8) ~ 3e-4. The tiny quick-start model is pretrained on
+these renderings (deepgen_rl/model/tiny_pretrain.py) and then improved by GRPO with this reward.
 
 Legend: H, W image size; N images.
 """

@@ -191,8 +191,10 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def plot_metric_curve(metrics_path: Path, key: str, output: Path) -> Optional[Path]:
-    """A PNG line plot of ``key`` against the step (None when no record has it)."""
+def plot_metric_curve(metrics_path: Path, key: str, output: Path, smooth: int = 0) -> Optional[Path]:
+    """A PNG line plot of ``key`` against the step (None when no record has it); ``smooth`` > 1 draws the raw
+    points faintly and their trailing mean over ``smooth`` steps as the line (for rewards that jump with each
+    step's prompt draw)."""
     if not Path(metrics_path).is_file():
         return None
     points = [(r["step"], r[key]) for r in read_metrics(metrics_path) if isinstance(r.get(key), (int, float))]
@@ -203,8 +205,16 @@ def plot_metric_curve(metrics_path: Path, key: str, output: Path) -> Optional[Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    steps, values = [p[0] for p in points], [p[1] for p in points]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=2)
+    if smooth > 1:
+        trailing = [sum(values[max(0, i - smooth + 1):i + 1]) / len(values[max(0, i - smooth + 1):i + 1])
+                    for i in range(len(values))]
+        ax.plot(steps, values, marker="o", markersize=2, linewidth=0.5, alpha=0.35, label="per step")
+        ax.plot(steps, trailing, linewidth=2, label=f"mean of the last {smooth} steps")
+        ax.legend()
+    else:
+        ax.plot(steps, values, marker="o", markersize=2)
     ax.set_xlabel("step")
     ax.set_ylabel(key)
     ax.grid(alpha=0.3)

@@ -139,10 +139,16 @@ def sftaux_objective(model: torch.nn.Module, images: Tensor, captions: list[str]
     """Flow-matching loss L_sft = mean ||v_theta(x_t, t, c) - (eps - x0)||^2, x_t = (1 - t) x0 + t eps,
     t ~ U(0, 1) (DESIGN.md section 4). images: [n, 3, H, W] in [0, 1] on the model's device."""
     x0 = model.encode_images(images, generator=generator).float()  # the VAE is frozen: no graph needed
-    noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=torch.float32).to(x0.device)
-    t = torch.rand((x0.shape[0],), generator=generator, device=generator.device, dtype=torch.float32).to(x0.device)
-    x_t = noised_latents(x0, noise, t)
     with torch.set_grad_enabled(text_trains):
         prompt_embeds, pooled = model.encode_prompt(captions)
-    velocity = model.predict_velocity(x_t, t, prompt_embeds, pooled).float()
+    return flow_matching_objective(model, x0, prompt_embeds, pooled, generator)
+
+
+def flow_matching_objective(model: torch.nn.Module, x0: Tensor, prompt_embeds: Tensor, pooled: Tensor,
+                            generator: torch.Generator) -> Tensor:
+    """The SFT-aux loss on latents already encoded: x0 [n, C, h, w] (scaled VAE latents, float32) with their
+    conditioning; draws eps ~ N(0, I) then t ~ U(0, 1) from ``generator`` (in that order)."""
+    noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=torch.float32).to(x0.device)
+    t = torch.rand((x0.shape[0],), generator=generator, device=generator.device, dtype=torch.float32).to(x0.device)
+    velocity = model.predict_velocity(noised_latents(x0, noise, t), t, prompt_embeds, pooled).float()
     return flow_matching_loss(velocity, x0, noise)
