@@ -36,7 +36,7 @@ DATASET = REPO / "assets" / "rl_datasets" / "synthetic" / "synthetic.yaml"
 REWARD_KEY = "reward/synthetic_match/mean"
 TAIL = 10  # last steps compared with lr0
 SMOOTH = 5  # trailing mean of the plotted curves
-# The quick start's run (scripts/quickstart.sh): 4 sampler steps (all trained), 4 prompts x 8 samples per step.
+# The quick start's run (scripts/quickstart.sh): 4 sampler steps (3 trained), 4 prompts x 8 samples per step.
 BASE_FLAGS = {
     "image_height": 64, "image_width": 64, "num_inference_steps": 4, "timestep_fraction": 1.0, "rollout_n": 8,
     "global_batch_size": 32, "rollout_micro_batch_size": 32, "atrain_micro_batch_size": 32,
