@@ -30,7 +30,7 @@ class _BackgroundPretraining:
     run (``python -m deepgen_rl.model.tiny --pretrain_steps N``, PretrainSettings' defaults: the quick start's
     artifact) in a background process with one thread.
 
-    WHY in the background: pretraining takes ~2-4 min of one core; started as soon as collection shows a test
+    WHY in the background: pretraining takes ~4-5 min of one core; started as soon as collection shows a test
     needs it, it runs on the second core while the other tests run, instead of adding its time to the suite."""
 
     def __init__(self, root: Path, temporary: bool) -> None:

@@ -18,7 +18,7 @@ from deepgen_rl.model import load_checkpoint_into, load_deepgen_model
 from deepgen_rl.model.tiny import TINY_MODEL_FLAGS
 from tests.conftest import REPO_ROOT
 
-# The session's pretraining (setup) counts against the timeout too; ~1 min on idle cores, 10 on a loaded machine.
+# The session's pretraining (tests/conftest.py, in the background) may still be running: ~4-5 min of one core.
 pytestmark = pytest.mark.timeout(1200)
 
 

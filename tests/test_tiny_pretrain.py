@@ -19,7 +19,7 @@ from deepgen_rl.rewards.synthetic import all_prompts
 from deepgen_rl.rewards.synthetic_report import DEFAULT_PROMPTS, sample_synthetic
 from tests.conftest import REPO_ROOT
 
-# The session's pretraining (tests/conftest.py, in the background) may still be running: ~2-4 min of one core.
+# The session's pretraining (tests/conftest.py, in the background) may still be running: ~4-5 min of one core.
 pytestmark = pytest.mark.timeout(1200)
 # Measured with PretrainSettings' defaults (seed 0): flow-matching loss with the rendering's own prompt 0.0527,
 # with another prompt's 0.9325 (17.7x); the untrained model 6.4880 vs 6.4875. Asked: 4x.

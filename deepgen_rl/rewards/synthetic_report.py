@@ -1,12 +1,13 @@
 """Samples of a tiny model on the synthetic task, scored by ``synthetic_match``, as numbers and a captioned grid.
 
-    python -m deepgen_rl.rewards.synthetic_report --output before.png [--checkpoint trained.pth] <model flags>
+    python -m deepgen_rl.rewards.synthetic_report --output before.png [--checkpoint trained.pth]
 
-loads the model from the usual paths (SD3_5_MODEL_NAME_OR_PATH / QWEN2_5_VL_MODEL_NAME_OR_PATH / CHECKPOINT,
-then ``--checkpoint`` on top, e.g. the quick start's converted ``.pth``), samples ``--group_size`` images per
-prompt of ``--prompts`` with a FIXED generator (so two models are compared on the same noise), and writes a grid:
-one row per prompt, the prompt and the row's mean reward written under it. It prints the mean reward and the
-prompt-specific part of it (``prompt_specific_gain``).
+loads the tiny model (with its connector flags) from the usual paths (SD3_5_MODEL_NAME_OR_PATH /
+QWEN2_5_VL_MODEL_NAME_OR_PATH / CHECKPOINT, then ``--checkpoint`` on top, e.g. the quick start's converted
+``.pth``), samples ``--group_size`` images per prompt of ``--prompts`` with a FIXED generator (so two models are
+compared on the same noise), and writes a grid: one row per prompt, the prompt and the row's mean reward written
+under it. It prints the mean reward and the prompt-specific part of it (``prompt_specific_reward``: the reward
+minus the same images' reward against the next prompt's objects).
 
 Legend: B prompts, G samples per prompt, N = B * G images.
 """
@@ -58,7 +59,8 @@ class SyntheticSamples:
 
 def sample_synthetic(model, prompts: Sequence[str], *, group_size: int, num_inference_steps: int, image_size: int,
                      seed: int, sampler: str = "cps_sde", eta: float = 1.0) -> SyntheticSamples:
-    """G samples per prompt (the quick start's rollout settings; fixed generator) and their rewards."""
+    """G samples per prompt and their rewards: ``sampler`` at ``eta`` with no CFG, independent initial noise per
+    sample, all drawn from one generator seeded ``seed`` (the same noise for two models compared)."""
     from deepgen_rl.rewards.reward_step import images_to_pil
     from deepgen_rl.sampling import decode_images, rollout
 
