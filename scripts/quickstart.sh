@@ -46,17 +46,32 @@ use_ocr="${QUICKSTART_OCR:-1}"
     exit 2
 }
 
-rm -rf "$out/run"
-mkdir -p "$out"
 defaults="$("$PYTHON" -c 'from deepgen_rl.model.tiny_pretrain import PretrainSettings as S; print(S.steps, S.vae_steps)')"
 read -r default_steps default_vae_steps <<< "$defaults"
 pretrain_steps="${QUICKSTART_PRETRAIN_STEPS:-$default_steps}"
 pretrain_vae_steps="${QUICKSTART_PRETRAIN_VAE_STEPS:-$default_vae_steps}"
-echo "[quickstart 1/5] tiny model pretrained on the synthetic task ($pretrain_steps steps; cached) in $out/tiny_pretrained"
+lr="${QUICKSTART_LR:-5e-5}"
+# Every setting is checked before anything of an earlier run is replaced.
+for name in pretrain_steps pretrain_vae_steps; do
+    [[ "${!name}" =~ ^[0-9]+$ ]] || {
+        echo "error: QUICKSTART_${name^^} must be a non-negative integer, got '${!name}'" >&2; exit 2; }
+done
+"$PYTHON" -c 'import sys; assert float(sys.argv[1]) >= 0' "$lr" 2>/dev/null || {
+    echo "error: QUICKSTART_LR must be a non-negative number (e.g. 5e-5), got '$lr'" >&2; exit 2; }
+
+rm -rf "$out/run" "$out/before.png" "$out/after.png"
+mkdir -p "$out"
+echo "[quickstart 1/5] tiny model pretrained on the synthetic task ($pretrain_steps steps) in $out/tiny_pretrained"
+start=$SECONDS
 "$PYTHON" -m deepgen_rl.model.tiny --output_dir "$out/tiny_pretrained" --pretrain_steps "$pretrain_steps" \
     --pretrain_vae_steps "$pretrain_vae_steps" \
     > "$out/tiny_models.log" 2> "$out/pretrain.log" \
     || { echo "error: pretraining failed, see $out/pretrain.log" >&2; tail -20 "$out/pretrain.log" >&2; exit 1; }
+if grep -q "reusing the pretrained tiny model" "$out/pretrain.log"; then
+    echo "  reused: it was pretrained with these settings by an earlier run (delete the folder to pretrain again)"
+else
+    echo "  pretrained in $(( SECONDS - start )) s (log: $out/pretrain.log); later runs reuse it"
+fi
 grep "^export " "$out/tiny_models.log" > "$out/tiny_pretrained/env.sh"
 # shellcheck disable=SC1091
 source "$out/tiny_pretrained/env.sh"
@@ -95,7 +110,7 @@ OUTPUT_DIR="$out/run" DATASET_CONFIG="$dataset" \
     bash scripts/train.sh "${model_flags[@]}" \
         --image_height 64 --image_width 64 --num_inference_steps 4 --timestep_fraction 1.0 \
         --rollout_n 8 --global_batch_size 32 --rollout_micro_batch_size 32 --atrain_micro_batch_size 32 \
-        --learning_rate "${QUICKSTART_LR:-5e-5}" --clip_range 1e-2 --lr_scheduler_type constant --max_steps "$steps" \
+        --learning_rate "$lr" --clip_range 1e-2 --lr_scheduler_type constant --max_steps "$steps" \
         --eval_freq 0 --sample_image_freq "$(( steps / 4 > 0 ? steps / 4 : 1 ))" --save_steps "$steps" \
         --reward_health_timeout 60 --report_to none --seed 0
 

@@ -4,8 +4,10 @@ synthetic_match, the result is saved in the real layouts and the cache is reused
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,14 @@ def test_cached_llm_states_equal_the_batch_forward():
         with torch.no_grad():
             expected = model.fused_llm_states(model.format_prompts(batch).texts)
         torch.testing.assert_close(cache(batch), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_untrained_weights_written_over_a_pretrained_folder_are_not_reused_as_pretrained(tmp_path):
+    from deepgen_rl.model.tiny import save_tiny_deepgen
+    from deepgen_rl.model.tiny_pretrain import PRETRAIN_RECORD
+
+    settings = PretrainSettings()
+    (tmp_path / PRETRAIN_RECORD).write_text(json.dumps({"settings": asdict(settings), "model_seed": 0}))
+    assert cached_record(tmp_path, settings, seed=0) is not None
+    save_tiny_deepgen(tmp_path, seed=0)  # what --pretrain_steps 0 does
+    assert cached_record(tmp_path, settings, seed=0) is None

@@ -154,11 +154,16 @@ def test_full_sde_window_and_serial_rewards_reproduce_the_golden_values(process_
 
 
 def test_eval_before_train_without_evaluation_is_skipped_with_a_log_line(caplog):
+    from types import SimpleNamespace
+
     trainer = grpo_trainer.DeepGenGRPOTrainer.__new__(grpo_trainer.DeepGenGRPOTrainer)  # only what the call reads
     trainer.eval_hook, trainer.rank = None, 0
-    with caplog.at_level(logging.INFO, logger=grpo_trainer.__name__):
-        trainer._eval_before_train(metrics_logger=None)
-    assert "--eval_before_train: skipped, evaluation is off" in caplog.text
+    for eval_freq, reason in ((0, "(--eval_freq 0)"), (5, "(no eval dataset config or judge: see the warning above)")):
+        trainer.args = SimpleNamespace(eval_freq=eval_freq)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=grpo_trainer.__name__):
+            trainer._eval_before_train(metrics_logger=None)
+        assert f"--eval_before_train: skipped, evaluation is off for this run {reason}" in caplog.text
 
 
 def test_first_chunk_ratio_is_one_and_each_step_applies(straight_run):

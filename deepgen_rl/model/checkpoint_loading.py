@@ -143,8 +143,9 @@ def load_state_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], so
     assert summary.accounted_keys() == set(state_dict), "a checkpoint key is missing from the load summary"
     frozen_gaps = [k for k in result.missing_keys if not k.startswith(("lmm.", "vae.")) and owners.get(k, k) == k]
     if frozen_gaps:
-        logger.warning("%s has no value for %d frozen parameter(s), which keep their initialisation, e.g. %s",
-                       source, len(frozen_gaps), frozen_gaps[:5])
+        logger.warning("%s has no value for %d frozen parameter(s), which keep the values they had before this "
+                       "load (their initialisation, or an earlier checkpoint's), e.g. %s", source, len(frozen_gaps),
+                       frozen_gaps[:5])
     return summary
 
 

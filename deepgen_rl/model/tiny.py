@@ -240,6 +240,10 @@ def save_deepgen_parts(model: DeepGenModel, output_dir: str | Path) -> TinyModel
 
 def save_tiny_deepgen(output_dir: str | Path, seed: int = 0) -> TinyModelPaths:
     """Write a tiny model in the real layouts; returns where each part is."""
+    from .tiny_pretrain import PRETRAIN_RECORD
+
+    # Untrained weights over a pretrained folder: its record must not make a later call reuse them as pretrained.
+    (Path(output_dir) / PRETRAIN_RECORD).unlink(missing_ok=True)
     return save_deepgen_parts(build_tiny_deepgen(seed), output_dir)
 
 
@@ -264,7 +268,8 @@ def save_pretrained_tiny_deepgen(output_dir: str | Path, settings, seed: int = 0
 def main() -> None:
     from .tiny_pretrain import PretrainSettings
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m deepgen_rl.model.tiny", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/tiny_models", help="Where to write the tiny parts.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     parser.add_argument("--pretrain_steps", type=int, default=0,

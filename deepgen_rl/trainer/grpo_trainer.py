@@ -277,8 +277,9 @@ class DeepGenGRPOTrainer:
         """--eval_before_train: the UniGenBench evaluation of the initial weights, logged as step 0."""
         if self.eval_hook is None:
             if self.rank == 0:
-                logger.info("--eval_before_train: skipped, evaluation is off for this run (--eval_freq 0, or no eval "
-                            "dataset config / judge: see the warning above).")
+                reason = ("--eval_freq 0" if self.args.eval_freq <= 0
+                          else "no eval dataset config or judge: see the warning above")
+                logger.info("--eval_before_train: skipped, evaluation is off for this run (%s).", reason)
             return
         with self.timer("eval"):
             metrics = self.eval_phase(0)
