@@ -115,12 +115,10 @@ def summarise(curves: dict[str, list[list[float]]]) -> list[dict]:
     return rows
 
 
-def trailing_mean(values: list[float], width: int) -> list[float]:
-    return [statistics.mean(values[max(0, i - width + 1):i + 1]) for i in range(len(values))]
-
-
 def plot(curves: dict[str, list[list[float]]], output: Path) -> None:
     import matplotlib
+
+    from deepgen_rl.trainer.logging_utils import trailing_mean
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -53,7 +53,7 @@ class _BackgroundPretraining:
 
         returncode = self.process.wait()
         assert returncode == 0, f"pretraining failed (exit {returncode}):\n{self.log.read_text()[-3000:]}"
-        return TinyModelPaths(self.root / "sd3", self.root / "qwen2_5_vl", self.root / "deepgen_tiny.pth")
+        return TinyModelPaths.under(self.root)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -96,13 +96,18 @@ def pretrained_tiny_paths():
 @pytest.fixture()
 def tiny_model_args(tiny_paths):
     """ModelArguments pointing at the tiny parts, as a user's exports + flags would."""
+    return model_args_for(tiny_paths)
+
+
+def model_args_for(paths):
+    """float32 ModelArguments pointing at tiny parts written by model/tiny.py (untrained or pretrained)."""
     from deepgen_rl.config import ModelArguments
     from deepgen_rl.model.tiny import TINY_MODEL_FLAGS
 
     return ModelArguments(
-        sd3_model_name_or_path=str(tiny_paths.sd3_dir),
-        qwen2_5_vl_model_name_or_path=str(tiny_paths.qwen_dir),
-        checkpoint=str(tiny_paths.checkpoint),
+        sd3_model_name_or_path=str(paths.sd3_dir),
+        qwen2_5_vl_model_name_or_path=str(paths.qwen_dir),
+        checkpoint=str(paths.checkpoint),
         model_dtype="float32",
         **TINY_MODEL_FLAGS,
     )

@@ -13,10 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from deepgen_rl.config import ModelArguments
 from deepgen_rl.model import load_checkpoint_into, load_deepgen_model
-from deepgen_rl.model.tiny import TINY_MODEL_FLAGS
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, model_args_for
 
 # The session's pretraining (tests/conftest.py, in the background) may still be running: ~4-5 min of one core.
 pytestmark = pytest.mark.timeout(1200)
@@ -50,10 +48,7 @@ def test_quickstart_writes_curve_grids_and_pth(tmp_path, pretrained_tiny_paths):
     pth = out / "deepgen_rl_quickstart.pth"
     converted = torch.load(pth, weights_only=True)
     assert converted and all(key.startswith("transformer.") for key in converted)
-    model = load_deepgen_model(ModelArguments(
-        sd3_model_name_or_path=str(pretrained_tiny_paths.sd3_dir), model_dtype="float32", **TINY_MODEL_FLAGS,
-        qwen2_5_vl_model_name_or_path=str(pretrained_tiny_paths.qwen_dir),
-        checkpoint=str(pretrained_tiny_paths.checkpoint)))
+    model = load_deepgen_model(model_args_for(pretrained_tiny_paths))
     load_checkpoint_into(model, pth, trainable_modules="dit")
     own = model.state_dict()
     assert all(torch.equal(own[key], value) for key, value in converted.items())

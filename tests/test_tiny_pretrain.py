@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepgen_rl.config import ModelArguments
 from deepgen_rl.model import load_deepgen_model
-from deepgen_rl.model.tiny import TINY_MODEL_FLAGS, save_pretrained_tiny_deepgen
+from deepgen_rl.model.tiny import save_pretrained_tiny_deepgen
 from deepgen_rl.model.tiny_pretrain import PretrainSettings, cached_record, conditional_gap, rendered_batch
 from deepgen_rl.rewards.synthetic import all_prompts
 from deepgen_rl.rewards.synthetic_report import DEFAULT_PROMPTS, sample_synthetic
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, model_args_for
 
 # The session's pretraining (tests/conftest.py, in the background) may still be running: ~4-5 min of one core.
 pytestmark = pytest.mark.timeout(1200)
@@ -33,9 +32,7 @@ MAX_UNTRAINED_REWARD = 0.05
 
 
 def _load(paths) -> torch.nn.Module:
-    args = ModelArguments(sd3_model_name_or_path=str(paths.sd3_dir), qwen2_5_vl_model_name_or_path=str(paths.qwen_dir),
-                          checkpoint=str(paths.checkpoint), model_dtype="float32", **TINY_MODEL_FLAGS)
-    return load_deepgen_model(args).eval()
+    return load_deepgen_model(model_args_for(paths)).eval()
 
 
 def test_pretrained_vae_autoencodes_the_renderings(pretrained_tiny_paths, tiny_paths):

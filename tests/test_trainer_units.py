@@ -325,3 +325,12 @@ def test_eval_hook_off_with_a_reason_when_config_or_judge_is_missing(tmp_path, c
     with caplog.at_level("WARNING"):
         assert build_eval_hook(_args(tmp_path, eval_freq=5), missing, judge, EvalArguments()) is None
     assert "none.yaml" in caplog.text and "--eval_dataset_config" in caplog.text
+
+
+def test_trailing_mean_by_hand():
+    from deepgen_rl.trainer.logging_utils import trailing_mean
+
+    # width 2: [1], [1, 3], [3, 5], [5, 7]; width 1 is the values themselves.
+    assert trailing_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert trailing_mean([1.0, 3.0, 5.0], 1) == [1.0, 3.0, 5.0]
+    assert trailing_mean([2.0, 4.0, 9.0], 5) == [2.0, 3.0, 5.0]

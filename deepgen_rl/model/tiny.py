@@ -58,6 +58,12 @@ class TinyModelPaths:
     qwen_dir: Path
     checkpoint: Path
 
+    @classmethod
+    def under(cls, root: str | Path) -> "TinyModelPaths":
+        """The layout ``save_deepgen_parts`` writes under ``root``."""
+        root = Path(root)
+        return cls(root / "sd3", root / "qwen2_5_vl", root / "deepgen_tiny.pth")
+
     def env(self) -> dict[str, str]:
         """The environment variables a real run would export, pointing at the tiny parts."""
         return {SD3_ENV: str(self.sd3_dir), QWEN_ENV: str(self.qwen_dir), CHECKPOINT_ENV: str(self.checkpoint)}
@@ -223,8 +229,7 @@ def build_tiny_deepgen(seed: int = 0, dit_size: TinyDiTSize = TinyDiTSize()) -> 
 
 def save_deepgen_parts(model: DeepGenModel, output_dir: str | Path) -> TinyModelPaths:
     """Write ``model``'s parts in the real layouts under ``output_dir``; returns where each part is."""
-    root = Path(output_dir)
-    paths = TinyModelPaths(root / "sd3", root / "qwen2_5_vl", root / "deepgen_tiny.pth")
+    paths = TinyModelPaths.under(output_dir)
     model.lmm.save_pretrained(paths.qwen_dir)
     model.tokenizer.save_pretrained(paths.qwen_dir)
     model.transformer.save_pretrained(paths.sd3_dir / "transformer")
@@ -253,7 +258,7 @@ def save_pretrained_tiny_deepgen(output_dir: str | Path, settings, seed: int = 0
     from .tiny_pretrain import PRETRAIN_RECORD, cached_record, pretrain_tiny_deepgen
 
     root = Path(output_dir)
-    paths = TinyModelPaths(root / "sd3", root / "qwen2_5_vl", root / "deepgen_tiny.pth")
+    paths = TinyModelPaths.under(root)
     if cached_record(root, settings, seed) is not None and paths.checkpoint.is_file():
         logger.info("reusing the pretrained tiny model in %s (%s)", root, PRETRAIN_RECORD)
         return paths

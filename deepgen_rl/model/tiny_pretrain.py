@@ -142,11 +142,12 @@ class FrozenLLMStates:
     def __call__(self, captions: list[str]) -> torch.Tensor:
         """captions (n) -> fused states [n, P+Q, F * D_llm], P the longest caption's token count."""
         texts = self.model.format_prompts(captions).texts
-        length = max(len(ids) for ids in self.model.tokenizer(texts).input_ids)
+        lengths = [len(ids) for ids in self.model.tokenizer(texts).input_ids]
+        length = max(lengths)
         missing = [text for text in dict.fromkeys(texts) if (text, length) not in self.states]
         if missing:
             # Pad the missing ones to this batch's length by computing them beside a caption of that length.
-            longest = max(texts, key=lambda text: len(self.model.tokenizer(text).input_ids))
+            longest = texts[lengths.index(length)]
             with torch.no_grad():
                 fused = self.model.fused_llm_states(missing + [longest])
             for text, row in zip(missing, fused):

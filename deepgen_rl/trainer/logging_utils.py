@@ -191,6 +191,11 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def trailing_mean(values: list[float], width: int) -> list[float]:
+    """values (n) -> n means, each of the value and up to ``width`` - 1 values before it."""
+    return [sum(values[max(0, i - width + 1):i + 1]) / (i + 1 - max(0, i - width + 1)) for i in range(len(values))]
+
+
 def plot_metric_curve(metrics_path: Path, key: str, output: Path, smooth: int = 0) -> Optional[Path]:
     """A PNG line plot of ``key`` against the step (None when no record has it); ``smooth`` > 1 draws the raw
     points faintly and their trailing mean over ``smooth`` steps as the line (for rewards that jump with each
@@ -208,8 +213,7 @@ def plot_metric_curve(metrics_path: Path, key: str, output: Path, smooth: int = 
     steps, values = [p[0] for p in points], [p[1] for p in points]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if smooth > 1:
-        trailing = [sum(values[max(0, i - smooth + 1):i + 1]) / len(values[max(0, i - smooth + 1):i + 1])
-                    for i in range(len(values))]
+        trailing = trailing_mean(values, smooth)
         ax.plot(steps, values, marker="o", markersize=2, linewidth=0.5, alpha=0.35, label="per step")
         ax.plot(steps, trailing, linewidth=2, label=f"mean of the last {smooth} steps")
         ax.legend()
