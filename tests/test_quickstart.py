@@ -52,3 +52,19 @@ def test_quickstart_writes_curve_grids_and_pth(tmp_path, pretrained_tiny_paths):
     load_checkpoint_into(model, pth, trainable_modules="dit")
     own = model.state_dict()
     assert all(torch.equal(own[key], value) for key, value in converted.items())
+
+
+@pytest.mark.parametrize("setting", ["QUICKSTART_LR=abc", "QUICKSTART_PRETRAIN_STEPS=-5",
+                                     "QUICKSTART_PRETRAIN_VAE_STEPS=x"])
+def test_bad_setting_is_named_and_replaces_nothing(tmp_path, setting):
+    out = tmp_path / "quickstart"
+    (out / "run").mkdir(parents=True)
+    earlier = [out / "run" / "metrics.jsonl", out / "before.png", out / "after.png"]
+    for path in earlier:
+        path.write_text("an earlier run's result")
+    name, value = setting.split("=")
+    env = dict(os.environ, PYTHON=sys.executable, QUICKSTART_DIR=str(out), **{name: value})
+    result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "quickstart.sh")], env=env, cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and f"error: {name} must be" in result.stderr and value in result.stderr
+    assert all(path.read_text() == "an earlier run's result" for path in earlier)
