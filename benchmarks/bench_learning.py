@@ -17,7 +17,7 @@ vs control (final minus the control's final on the same seed: mean over seeds an
 ``learning_curves.png``: per run kind, the mean over seeds of the batch reward, as a trailing ``SMOOTH``-step
 mean (controls dashed).
 
-Variants: the sampler (CPS-SDE, Flow-SDE) and the advantage (GDPO, GRPO) of DESIGN.md section 4; CPS-SDE + GDPO
+Variants: the sampler (CPS-SDE, Flow-SDE) and the advantage (GDPO, GRPO) of docs/algorithms.md#samplers; CPS-SDE + GDPO
 trained on a 2-step SDE window instead of the whole trajectory; GRPO-Guard and DiffusionNFT (issue 14) at the same
 learning rate (not tuned for them).
 """

@@ -7,7 +7,7 @@ Both sides use the same client code (``OcrRewardClient``), the same images and t
 side in one run; only ``request_batch_size`` / ``max_concurrency`` differ. The default stand-in speaks our OCR
 contract and answers each request after ``latency + per_image * n`` seconds, like a GPU model server whose
 cost is dominated by per-request overhead and that serves concurrent requests in parallel. Prints
-``ratio: <batched images/s / sequential images/s>`` (target >= 4, DESIGN.md section 6).
+``ratio: <batched images/s / sequential images/s>`` (target >= 4, docs/benchmarks.md#performance-yardsticks).
 With ``--server ocr`` the work is CPU OCR on this machine's cores, so batching gains little there.
 """
 

@@ -10,8 +10,8 @@ Six groups are parsed together by :func:`parse_args` with ``transformers.HfArgum
 * :class:`EvalArguments` -- how much a UniGenBench evaluation covers and how long it may take (the trainer's
   periodic evaluation and ``python -m deepgen_rl.eval``).
 
-Defaults follow the user guide (TRAINING_GUIDE.md, section 5) and the reference semantics of
-DESIGN.md section 4. Model paths and server URLs default to the environment variables the guide names,
+Defaults follow the user guide (docs/training_guide.md#default-parameters) and the reference semantics of
+docs/algorithms.md. Model paths and server URLs default to the environment variables the guide names,
 read once (when a dataclass or the parser is built) and nowhere else.
 
 The fields live in small modules, one per concern: ``model_flags`` (ModelArguments, DataArguments),
@@ -57,7 +57,7 @@ __all__ = [
 # RolloutFlags, ObjectiveFlags, RunFlags, then any declared below (the order of --help).
 @dataclass
 class GRPOConfig(RunFlags, ObjectiveFlags, RolloutFlags, TrainingArguments, AlgorithmFlags):
-    """``TrainingArguments`` plus the GRPO flags of the guide (section 5) and DESIGN.md section 4."""
+    """``TrainingArguments`` plus the GRPO flags of docs/training_guide.md#default-parameters and docs/algorithms.md."""
 
     # --- overrides of TrainingArguments defaults (guide values) ---
     learning_rate: float = field(default=2e-6, metadata={"help": "AdamW learning rate."})

@@ -17,7 +17,7 @@ OptimizerStepSchedule = Literal["reference", "per_timestep", "per_rollout"]
 SDE_SAMPLERS: tuple[str, ...] = get_args(SdeSampler)
 OPTIMIZER_STEP_SCHEDULES: tuple[str, ...] = get_args(OptimizerStepSchedule)
 
-# Reference defaults for the sampler noise level (DESIGN.md section 4): CPS re-noises x0_hat fully,
+# Reference defaults for the sampler noise level (docs/algorithms.md#samplers): CPS re-noises x0_hat fully,
 # Flow-GRPO uses 0.7, Dance-SDE 1.0 (the reference's shared default; DanceGRPO's own scripts use 0.3).
 DEFAULT_SDE_ETA = {"cps_sde": 1.0, "flow_sde": 0.7, "dance_sde": 1.0}
 

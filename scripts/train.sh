@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# DeepGen-RL GRPO training (TRAINING_GUIDE.md section 4).
+# DeepGen-RL GRPO training (docs/training_guide.md#launch-flow).
 #
 #   bash scripts/train.sh                         # one node, all its GPUs
 #   NNODES=4 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29700 NGPUS=8 bash scripts/train.sh
@@ -42,7 +42,7 @@ RDZV_TIMEOUT="${RDZV_TIMEOUT:-600}"
 # scheduler's own grace (Slurm KillWait / --signal, Kubernetes terminationGracePeriodSeconds) longer still.
 SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}}"
 
-# Experiment tracking is offline unless you say otherwise (guide section 5).
+# Experiment tracking is offline unless you say otherwise (docs/training_guide.md#logging).
 export WANDB_MODE="${WANDB_MODE:-offline}"
 export WANDB_PROJECT="${WANDB_PROJECT:-DeepGen-RL}"
 export SWANLAB_MODE="${SWANLAB_MODE:-offline}"

@@ -9,7 +9,7 @@ import pytest
 from deepgen_rl.config import (DataArguments, EvalArguments, GRPOConfig, JudgeArguments, ModelArguments,
                                RewardArguments, build_parser, parse_args)
 
-# TRAINING_GUIDE.md section 5, "主要默认参数" table, verbatim.
+# The guide's default-parameter table (docs/training_guide.md#default-parameters), with our two schedule defaults.
 GUIDE_DEFAULTS = {
     "learning_rate": 2e-6,
     "rollout_n": 8,

@@ -56,7 +56,7 @@ def test_ema_follows_the_closed_form_recursion_with_warmup_interval_and_cap():
 
 
 def test_fp32_storage_keeps_small_updates_that_bf16_would_swallow():
-    # REFERENCE_SEMANTICS.md section 1: tracking 1.05 from 1.0 at decay 0.999, 100 updates past the warm-up:
+    # docs/algorithms.md#ema: tracking 1.05 from 1.0 at decay 0.999, 100 updates past the warm-up:
     # 1.05 - 0.05 * 0.999^100 = 1.004757...; a bf16 EMA stays at exactly 1.0.
     model = nn.Linear(1, 1, bias=False)
     with torch.no_grad():

@@ -33,7 +33,7 @@ def real(real_size_model):
 
 @pytest.fixture()
 def guide_args(tmp_path):
-    return GRPOConfig(output_dir=str(tmp_path), report_to="none")  # the guide's defaults (section 5)
+    return GRPOConfig(output_dir=str(tmp_path), report_to="none")  # docs/training_guide.md#default-parameters
 
 
 def _trainable_dit(model) -> int:

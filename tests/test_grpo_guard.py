@@ -20,7 +20,7 @@ S, S_NEXT = 0.7, 0.62
 
 
 def _hand_step(sampler: str, x, v, eta: float):
-    """(mean, noise std, sampler std s_t) of one step from S to S_NEXT in float64, from DESIGN.md section 4."""
+    """(mean, noise std, sampler std s_t) of one step from S to S_NEXT in float64, from docs/algorithms.md#samplers."""
     dt = S_NEXT - S
     if sampler == "flow_sde":
         a = eta * math.sqrt(S / (1 - S))

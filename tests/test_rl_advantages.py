@@ -191,7 +191,7 @@ def test_gdpo_group_is_zero_variance_only_when_every_used_reward_is():
     assert res.zero_variance_group_fraction == 0.5
 
 
-# The reference's published example (REFERENCE_SEMANTICS.md section 3): two rewards, n = 4, weights (0.5, 2).
+# The reference's published example (docs/algorithms.md#advantages): two rewards, n = 4, weights (0.5, 2).
 REF_R1 = [1, 2, 3, 4, 1, 1, 1, 1]
 REF_R2 = [0, 0, 1, 1, 0, 1, 0, 1]
 REF_REWARDS = torch.tensor([[a, b] for a, b in zip(REF_R1, REF_R2)], dtype=torch.float32)

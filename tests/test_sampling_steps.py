@@ -1,4 +1,4 @@
-"""One-step samplers against closed forms written out here (DESIGN.md section 4), torch.distributions and
+"""One-step samplers against closed forms written out here (docs/algorithms.md#samplers), torch.distributions and
 empirical statistics, through the functions the rollout and the training recompute call: ``step_coefficients``,
 ``sample_with_coefficients`` (rollout), ``step_mean`` + ``gaussian_log_prob`` (recompute)."""
 
@@ -192,7 +192,7 @@ def test_bad_arguments_name_the_problem():
 
 
 def _dance_by_hand(x, v, s, s_next, eta):
-    """The reference's Dance-SDE step as written (REFERENCE_SEMANTICS.md section 2), in float64."""
+    """The reference's Dance-SDE step as written (docs/algorithms.md#dance-sde), in float64."""
     x, v = x.double(), v.double()
     dt = s_next - s
     x0_hat = x - s * v

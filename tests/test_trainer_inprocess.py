@@ -248,7 +248,7 @@ def test_failed_rewards_are_masked_and_an_all_failed_step_is_skipped(process_gro
         assert advantages.valid.tolist() == (~rewards.failed).tolist()
         assert advantages.advantages[rewards.failed].abs().sum() == 0.0
         # The valid samples' advantages are exactly those of the batch without the failed ones (GDPO, one
-        # reward: group z-score then batch z-score, unbiased stds, +1e-4 as DESIGN.md section 4).
+        # reward: group z-score then batch z-score, unbiased stds, +1e-4 as docs/algorithms.md#advantages).
         r = rewards.scores[:, 0].double()
         z = torch.zeros(8, dtype=torch.float64)
         for rows in ([1, 2, 3], [4, 6, 7]):

@@ -2,7 +2,8 @@
 ZeRO-2 on CPU, the tiny run: 8 samples per rank in one chunk, 3 of 6 steps trained, beta > 0, SFT-aux on).
 
 Per GRPO step the optimizer (and the LR scheduler) must step exactly as often as the schedule's formula says
-(REFERENCE_SEMANTICS.md section 4: reference = 2 x drawn steps x updates + 1 with beta > 0 and SFT-aux), the first
+(docs/algorithms.md#optimizer-steps-per-rollout: reference = 2 x drawn steps x updates + 1 with beta > 0 and SFT-aux),
+the first
 chunk's ratio is exactly 1, later policy steps see moved weights under `reference`, and actor updates partition
 the samples.
 """

@@ -1,4 +1,4 @@
-"""The trainer's per-backward weights realise the convex SFT-aux mix of DESIGN.md section 4:
+"""The trainer's per-backward weights realise the convex SFT-aux mix of docs/algorithms.md#sft-aux:
 
     grad = (1 - lambda) grad L_grpo + lambda grad L_sft,
 

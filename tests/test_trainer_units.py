@@ -46,7 +46,8 @@ def test_uneven_chunks_and_any_world_size():
 
 
 def test_reference_schedule_61_steps_at_the_guide_defaults():
-    # REFERENCE_SEMANTICS.md section 4: 2 x 30 drawn steps x 1 update + 1 (SFT-aux) = 61 AdamW steps per rollout,
+    # docs/algorithms.md#optimizer-steps-per-rollout: 2 x 30 drawn steps x 1 update + 1 (SFT-aux) = 61 AdamW steps per
+    # rollout,
     # each one backward (32 samples per rank = one chunk), so DeepSpeed accumulates 1.
     plan = plan_batches(global_batch_size=256, rollout_n=8, world_size=8, atrain_micro_batch_size=32,
                         num_train_timesteps=30, sftaux_enabled=True, optimizer_step_schedule="reference",

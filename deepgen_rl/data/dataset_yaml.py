@@ -1,4 +1,5 @@
-"""The training dataset YAML -> typed config (format of the DeepGen-RL reference, DESIGN.md section 8).
+"""The training dataset YAML -> typed config (format of the DeepGen-RL reference,
+docs/upstream_compatibility.md#dataset-yaml).
 
     sampling_mode: sample_proportional        # or weight_only (optional; sample_proportional by default)
     datasets:

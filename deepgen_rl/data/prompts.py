@@ -3,7 +3,7 @@
 Each drawn ``PromptSample`` carries its dataset's name and reward weights, so the reward step knows which
 rewards to compute for it and with which weight.
 
-Sampling (DESIGN.md section 8): a dataset is drawn with probability
+Sampling (docs/upstream_compatibility.md#dataset-yaml): a dataset is drawn with probability
 
     sample_proportional:  p_d = w_d n_d / sum_e w_e n_e       weight_only:  p_d = w_d / sum_e w_e
 

@@ -1,4 +1,5 @@
-"""UniGenBench evaluation (DESIGN.md section 8): eval YAML + CSV, judge client, aggregation, runner.
+"""UniGenBench evaluation (docs/upstream_compatibility.md#eval-yaml-and-unigenbench-csv): eval YAML + CSV, judge
+client, aggregation, runner.
 
 The trainer builds ``hook = make_eval_hook(training_args, data_args, judge_args, eval_args)`` at start-up (it reads
 and checks the eval YAML; see ``deepgen_rl.trainer.eval_hook``) and, every ``--eval_freq`` steps, calls

@@ -1,4 +1,5 @@
-"""UniGenBench accuracies from per-image judgements (pure functions; DESIGN.md section 8).
+"""UniGenBench accuracies from per-image judgements (pure functions;
+docs/upstream_compatibility.md#eval-yaml-and-unigenbench-csv).
 
 For one dataset, with s_ij in {0, 1} the judge's score of test point j on image i (every duplicate of every
 prompt is one image):

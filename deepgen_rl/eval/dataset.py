@@ -1,4 +1,4 @@
-"""Eval YAML and UniGenBench CSV -> typed records (DESIGN.md section 8).
+"""Eval YAML and UniGenBench CSV -> typed records (docs/upstream_compatibility.md#eval-yaml-and-unigenbench-csv).
 
 Eval YAML (``assets/rl_datasets/deepgen/eval/eval.yaml``)::
 

@@ -1,5 +1,5 @@
 """Evaluation of editing: a user-supplied edit JSONL (data/edit_prompts.py) scored by the edit VLM judge, reported
-beside UniGenBench (DESIGN.md section 8, issue 17 item 5).
+beside UniGenBench (docs/upstream_compatibility.md#eval-yaml-and-unigenbench-csv, issue 17 item 5).
 
 An eval YAML entry with ``scoring: edit_judge`` names an edit JSONL; for each of its instructions the model
 generates ``duplicates`` edits (ODE, the entry's cfg_scale and steps, noise seeded by the run's seed and the

@@ -149,7 +149,8 @@ class JudgeReplyError(ValueError):
 def parse_judge_scores(text: Optional[str], num_test_points: int) -> list[int]:
     """The 0/1 scores of ``<score>[...]</score>`` (the last such tag); JudgeReplyError if unusable.
 
-    A list whose length differs from the number of test points is unusable (DESIGN.md section 8): the scores
+    A list whose length differs from the number of test points is unusable
+    (docs/upstream_compatibility.md#eval-yaml-and-unigenbench-csv): the scores
     cannot be matched to test points, so the reply is a failure, never padded or truncated.
     """
     if not text:

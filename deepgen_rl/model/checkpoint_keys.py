@@ -1,6 +1,6 @@
 """Key names of DeepGen checkpoints: normalise what real files contain, and write the reference layout.
 
-Real ``.pth`` files vary (DESIGN.md section 8):
+Real ``.pth`` files vary (docs/upstream_compatibility.md#checkpoints):
 * wrappers add leading ``module.`` (DeepSpeed/DDP) or ``model.`` prefixes;
 * Qwen2.5-VL keys moved between transformers versions. The reference (older transformers) writes
   ``lmm.visual.*`` and ``lmm.model.*``; current transformers names them ``lmm.model.visual.*`` and

@@ -1,6 +1,6 @@
 """The DeepGen joint model: Qwen2.5-VL -> meta queries -> multi-layer fusion -> connector -> SD3 DiT.
 
-Conditioning path (DESIGN.md section 8), for B prompts:
+Conditioning path (docs/upstream_compatibility.md#conditioning-path), for B prompts:
 
     chat-formatted prompt tokens [B, P] ++ meta queries [B, Q]        (queries replace zero token ids)
     -> Qwen2.5-VL decoder, hidden states of layers L-1, L-7, ... concatenated   [B, P+Q, n*H_llm]
@@ -161,7 +161,8 @@ class DeepGenModel(nn.Module):
     def encode_edit_prompt(self, instructions: list[str], source_images: list[list[torch.Tensor]]
                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """Edit instructions, each with its source images [3, H, W] in [0, 1], through the vision tower and the
-        LLM -> (prompt_embeds [B, P+Q, D_joint], pooled [B, D_pooled]) (Kontext, DESIGN.md section 8)."""
+        LLM -> (prompt_embeds [B, P+Q, D_joint], pooled [B, D_pooled]) (Kontext,
+        docs/upstream_compatibility.md#editing-kontext)."""
         formatted = format_edit_prompts(self.tokenizer, instructions, [len(row) for row in source_images],
                                         self.max_prompt_length)
         return self(formatted.texts, source_images)

@@ -1,4 +1,5 @@
-"""The Kontext variant of the SD3 DiT: reference-image latents as extra image tokens (DESIGN.md section 8).
+"""The Kontext variant of the SD3 DiT: reference-image latents as extra image tokens
+(docs/upstream_compatibility.md#editing-kontext).
 
 UniPic2-SD3.5M-Kontext-2B's ``transformer/config.json`` names ``SD3Transformer2DKontextModel``: the parameters
 of diffusers' ``SD3Transformer2DModel`` with a forward that also reads reference latents. For N rows:

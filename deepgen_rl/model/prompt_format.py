@@ -1,7 +1,8 @@
 """Chat-formatted prompts that fit ``--max_prompt_length`` by cutting only the user's prompt text.
 
 The LLM reads ``<|im_start|>user\\nGenerate an image: {prompt}<|im_end|>\\n<|im_start|>assistant\\n`` and then the meta
-queries (DESIGN.md section 8). The tokenizer's own truncation cuts the END of that string: the ``<|im_end|>`` and the
+queries (docs/upstream_compatibility.md#prompt-template). The tokenizer's own truncation cuts the END of that
+string: the ``<|im_end|>`` and the
 assistant header go first, so a long prompt conditions the model on a sequence it never saw in training. Here the
 template is always whole and only the prompt's tail is dropped, to the longest prefix whose formatted text fits;
 the meta queries are appended after the text by the model, untouched. Callers count the truncated prompts.

@@ -8,7 +8,8 @@ outputs; those pads' embeddings are replaced by the tower's output and the (m)Ro
 LLM's ``get_rope_index`` with the grid (3-D positions for image tokens, 1-D for text).
 
 The full ``Qwen2_5_VLProcessor`` cannot be built here (it requires a video processor, which needs torchvision;
-DESIGN.md section 7), so its image processor (the PIL backend) is used directly, with the same expansion rule.
+docs/upstream_compatibility.md#dependencies-we-avoid), so its image processor (the PIL backend) is used directly, with
+the same expansion rule.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Text-to-image conditioning feeds the LLM token embeddings and meta queries only (``DeepGenModel.forward``); the
 vision tower (~0.67 B parameters in Qwen2.5-VL-3B, ~1.25 GiB in bf16) only encodes reference images, which
-only editing (Kontext, DESIGN.md section 8) has. Unless the dataset YAML has an edit dataset
+only editing (Kontext, docs/upstream_compatibility.md#editing-kontext) has. Unless the dataset YAML has an edit dataset
 (trainer/edit_rollout.py), the trainer drops the tower before DeepSpeed moves the model to the GPU: no GPU memory,
 no reference-copy share, and its host memory is freed. RL checkpoints exclude frozen parameters, so they do not
 change. With an edit dataset the tower stays (frozen) and moves to the GPU with the model.

@@ -1,6 +1,7 @@
 """HTTP plumbing shared by the reward clients: timeouts, bounded retries with backoff, health checks, images.
 
-Failure policy (DESIGN.md section 5): transport errors (refused, reset, timed out), 5xx/429 replies and
+Failure policy (docs/upstream_compatibility.md#failure-policy): transport errors (refused, reset, timed out), 5xx/429
+replies and
 replies that do not match the contract are retried ``max_retries`` times with exponential backoff; a 4xx
 reply is the caller's bug and is not retried. What still fails is returned as an error string, never raised,
 so the reward step can exclude and count the sample.

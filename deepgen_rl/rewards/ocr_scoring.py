@@ -1,6 +1,6 @@
 """OCR reward from recognised text: pure functions, no OCR engine here (the server runs the engine).
 
-The reward follows the DeepGen-RL reference (DESIGN.md sections 5 and 8):
+The reward follows the DeepGen-RL reference (docs/upstream_compatibility.md#ocr):
 
 * targets = every double-quoted span of the prompt (``'a sign reading "OPEN 24 HOURS"'`` -> ``OPEN 24 HOURS``);
 * texts are normalised: whitespace removed; by default punctuation/symbols removed and case folded;
@@ -10,9 +10,9 @@ The reward follows the DeepGen-RL reference (DESIGN.md sections 5 and 8):
 * per target  r_t = 1 - min(1, d_t / len_t);  reward = sum_t len_t r_t / sum_t len_t  (length-weighted mean).
 
 Departures from the reference, on purpose: punctuation removal keeps letters of every script (the reference
-keeps only ASCII letters and digits, which erases Chinese targets), case folding is on by default (DESIGN.md
-section 5; the reference default is case-sensitive, ``case_sensitive=True`` restores it) and a prompt without a
-quoted target is an error (the reference scores it 0, a fake reward).
+keeps only ASCII letters and digits, which erases Chinese targets), case folding is on by default
+(docs/upstream_compatibility.md#ocr; the reference default is case-sensitive, ``case_sensitive=True`` restores it)
+and a prompt without a quoted target is an error (the reference scores it 0, a fake reward).
 """
 
 from __future__ import annotations

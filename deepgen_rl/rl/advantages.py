@@ -35,7 +35,7 @@ from deepgen_rl.distributed import all_reduce
 
 AdvantageType = Literal["grpo", "gdpo", "grpo_global_std", "reinforcepp"]
 ADVANTAGE_TYPES: tuple[str, ...] = get_args(AdvantageType)
-STD_EPS = 1e-4  # added to every std (DESIGN.md section 4), as in the reference
+STD_EPS = 1e-4  # added to every std (docs/algorithms.md#advantages), as in the reference
 ZERO_VARIANCE_ATOL = 1e-8  # below this absolute std a group carries no signal, whatever its magnitude
 
 

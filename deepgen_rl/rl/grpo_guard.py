@@ -12,7 +12,7 @@ scale s cancels the 1/s of Delta: the factor left is 1). We compute that quantit
 step mean and the recorded x' (eps = (x' - mean_old) / noise_std), so it holds whatever log-prob each sampler uses:
 the exact Gaussian (Flow-SDE, Dance-SDE, CPS ``exact``) or the reference's CPS ``-mean((x' - mean)^2)``, for which
 rho = (Delta + mse) / (2 noise_std). The reference instead applies the Flow-SDE form to every sampler, which leaves a
-positive, mean-shift-driven bias with CPS-SDE and Dance-SDE (REFERENCE_SEMANTICS.md section 5).
+positive, mean-shift-driven bias with CPS-SDE and Dance-SDE (docs/algorithms.md#grpo-guard).
 
 Gradient reweighting (the paper's second component, optional): the policy loss of a step is divided by |dt|
 (= (sqrt(-dt))^2), which evens out the gradient sizes over the denoising steps.

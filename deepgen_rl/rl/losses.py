@@ -2,7 +2,8 @@
 
 The convex SFT-aux mix (1 - lambda) L_grpo + lambda L_sft is applied by the trainer as per-backward weights.
 
-Shape legend: M samples in a training micro-batch, C/h/w latent. Formulas: DESIGN.md section 4.
+Shape legend: M samples in a training micro-batch, C/h/w latent. Formulas: docs/algorithms.md#policy-loss,
+#kl-penalty, #sft-aux.
 """
 
 from __future__ import annotations

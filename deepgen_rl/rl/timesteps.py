@@ -1,4 +1,4 @@
-"""Which denoising steps one rollout trains on (DESIGN.md section 4).
+"""Which denoising steps one rollout trains on (docs/algorithms.md#trained-timesteps).
 
 int(T * timestep_fraction) step indices drawn without replacement from 0..T-2 (the last step, which lands on
 sigma = 0, is never trained: its s_t = 0 makes the log-prob and the KL degenerate), one draw shared by the batch.

@@ -1,6 +1,7 @@
 """One denoising step of the flow-matching samplers, with the log-prob of the transition.
 
-Convention (DESIGN.md section 4): x_t = (1 - s) x0 + s eps, the model predicts v = eps - x0, s = sigma in [0, 1].
+Convention (docs/algorithms.md#conventions): x_t = (1 - s) x0 + s eps, the model predicts v = eps - x0, s = sigma in
+[0, 1].
 A step goes from sigma ``s`` to ``s' < s``; x0_hat = x - s v, eps_hat = x + (1 - s) v, dt = s' - s < 0.
 
 Every sampler here is a Gaussian transition whose mean is LINEAR in (x, v):

@@ -3,7 +3,7 @@
 Every rank rolls out ``prompts_per_rank`` prompts x ``rollout_n`` images, splits them into U actor-update parts
 of S = N // U samples, and trains each part on ``num_train_timesteps`` drawn steps in chunks of
 ``atrain_micro_batch_size`` samples. ``--optimizer_step_schedule`` says which backward passes one optimizer step
-accumulates (REFERENCE_SEMANTICS.md section 4):
+accumulates (docs/algorithms.md#optimizer-steps-per-rollout):
 
     reference     per (part, timestep): the policy backward of its M chunks -> step; the beta*KL backward of the
                   M chunks -> step (beta > 0); then the SFT-aux backward -> step.  U*T'*(1 + [beta>0]) + [sft]

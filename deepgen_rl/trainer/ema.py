@@ -1,6 +1,7 @@
 """Exponential moving average (EMA) of the trained parameters: --ema_decay, --ema_update_every, --ema_device.
 
-The reference's EMA (REFERENCE_SEMANTICS.md section 1) never updates (its hook is never called), is kept in bf16
+The reference's EMA (docs/algorithms.md#what-the-reference-trainer-does) never updates (its hook is never called), is
+kept in bf16
 (which swallows small updates) and is never saved. This one:
 
 * is updated right after every APPLIED optimizer step of the trained modules (:meth:`EMA.step`). With s the number

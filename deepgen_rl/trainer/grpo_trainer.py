@@ -1,6 +1,6 @@
 """DeepGenGRPOTrainer: rollout -> decode -> rewards -> advantages -> optimizer step(s), under DeepSpeed.
 
-One GRPO step on every rank (DESIGN.md section 3; legend: B prompts per rank, G = rollout_n, N = B*G):
+One GRPO step on every rank (docs/algorithms.md#one-grpo-step; legend: B prompts per rank, G = rollout_n, N = B*G):
 
     rollout     B prompts from the seeded sampler, G SDE samples each (recorded latents, log-probs, embeddings;
                 with --sde_window_size only the window is SDE and recorded: sde_window.py)

@@ -1,6 +1,7 @@
 """DiffusionNFT in the trainer (--atrain_algorithm diffusionnft): the old policy, its update, and the chunk loss.
 
-As the official NVlabs implementation (REFERENCE_SEMANTICS.md section 6 lists what the DeepGen-RL reference got
+As the official NVlabs implementation (docs/algorithms.md#what-the-reference-trainer-does lists what the DeepGen-RL
+reference got
 wrong):
 
 * the OLD policy is a separate frozen copy of the trained modules (shared frozen parts, as the KL reference); it

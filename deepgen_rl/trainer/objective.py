@@ -1,6 +1,6 @@
 """The losses of one training micro-step: a GRPO chunk (one drawn step x a chunk of samples) and SFT-aux.
 
-GRPO chunk (DESIGN.md section 4): recompute the log-prob of the RECORDED transition x_t -> x_{t+1} under the
+GRPO chunk (docs/algorithms.md#policy-loss): recompute the log-prob of the RECORDED transition x_t -> x_{t+1} under the
 current policy (same sampler arithmetic as the rollout, so the first chunk's ratio is 1), clipped-ratio loss,
 plus beta x KL to the reference policy (v-based: velocities; x-based: step means), both masked to the samples
 whose rewards were computed. SFT-aux: the flow-matching loss on an image-caption batch.
@@ -137,7 +137,7 @@ def _reference_kl(trajectory: Trajectory, step: int, rows: Rows, current, refere
 def sftaux_objective(model: torch.nn.Module, images: Tensor, captions: list[str], generator: torch.Generator, *,
                      text_trains: bool) -> Tensor:
     """Flow-matching loss L_sft = mean ||v_theta(x_t, t, c) - (eps - x0)||^2, x_t = (1 - t) x0 + t eps,
-    t ~ U(0, 1) (DESIGN.md section 4). images: [n, 3, H, W] in [0, 1] on the model's device."""
+    t ~ U(0, 1) (docs/algorithms.md#sft-aux). images: [n, 3, H, W] in [0, 1] on the model's device."""
     x0 = model.encode_images(images, generator=generator).float()  # the VAE is frozen: no graph needed
     with torch.set_grad_enabled(text_trains):
         prompt_embeds, pooled = model.encode_prompt(captions)

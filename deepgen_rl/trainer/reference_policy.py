@@ -1,4 +1,4 @@
-"""The frozen reference policy of the KL term (DESIGN.md section 4): what the policy was before GRPO.
+"""The frozen reference policy of the KL term (docs/algorithms.md#kl-penalty): what the policy was before GRPO.
 
 * Full fine-tuning: a frozen copy of the TRAINED modules only. It is made with ``copy.deepcopy`` whose memo
   maps every frozen module (LLM, VAE, ...) to itself, so the copy shares them instead of duplicating them

@@ -1,6 +1,7 @@
 """One GRPO step's update: the chunks' backward passes, THE optimizer step, and the step's training metrics.
 
-A ``StepUpdate`` lives for one GRPO step (DESIGN.md section 3, "train"). The trainer builds it with what the
+A ``StepUpdate`` lives for one GRPO step (docs/algorithms.md#one-grpo-step, "train"). The trainer builds it with what
+the
 update reads (engine, plan, EMA, the rollout and its advantages) and two callbacks: the chunk objective (the
 trainer's, so GRPO, GRPO-Guard and DiffusionNFT share this loop) and the SIGTERM safe point. Optimizer steps are
 placed as --optimizer_step_schedule says (batching.py); each is recorded as an ``OptimizerStepRecord``.
