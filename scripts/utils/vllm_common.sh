@@ -25,18 +25,12 @@ vllm_parse_args() {
     done
 }
 
-visible_gpus() {
-    if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
-        local ids
-        IFS=',' read -r -a ids <<< "$CUDA_VISIBLE_DEVICES"
-        echo "${#ids[@]}"
-    elif command -v nvidia-smi > /dev/null 2>&1; then
-        local n
-        n="$(nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true)"
-        echo "${n:-1}" | awk '{print ($1 > 0) ? $1 : 1}'
-    else
-        echo 1
-    fi
+# shellcheck source=gpus.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpus.sh"
+
+visible_gpus() {  # the default dp / tp size: the GPUs CUDA will show vLLM (at least 1)
+    count_gpus
+    echo $((gpu_count > 0 ? gpu_count : 1))
 }
 
 vllm_parallel_args() {
@@ -57,6 +51,9 @@ vllm_parallel_args() {
             die "VLLM_PARALLEL_MODE must be 'dp' (data parallel: one replica per GPU) or 'tp' (tensor parallel), got '$mode'." ;;
     esac
     parallel_mode="$mode"
+    count_gpus
+    echo "[$(basename "$0")] GPUs taken: $gpu_source; $mode size $parallel_size; each GPU's memory fraction" \
+         "$gpu_util (VLLM_GPU_MEMORY_UTILIZATION)" >&2
 }
 
 # Sleep mode needs vLLM's dev mode, whose endpoints (/sleep, /wake_up, /reset_prefix_cache, ...) have no
