@@ -113,9 +113,9 @@ def unpickler_reason(message: str) -> str:
     return lines[-1] if lines else "no reason given"
 
 
-# torch.save writes a zip archive (torch >= 1.6) or, in the legacy format, a pickle stream: protocol 2+ starts
-# with the PROTO opcode 0x80.
-_PICKLE_PROTO = b"\x80"
+# torch.save writes a zip archive (torch >= 1.6: a local file header "PK\x03\x04" first, even when the file was cut
+# short) or, in the legacy format, a pickle stream: protocol 2+ starts with the PROTO opcode 0x80.
+_TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
 
 
 def not_a_torch_file(path: str) -> Optional[str]:
@@ -124,7 +124,7 @@ def not_a_torch_file(path: str) -> Optional[str]:
     reads as a file that pickles code."""
     with open(path, "rb") as handle:
         head = handle.read(64)
-    if zipfile.is_zipfile(path) or head.startswith(_PICKLE_PROTO):
+    if head.startswith(_TORCH_FILE_STARTS):
         return None
     if not head:
         return "the file is empty, not a torch checkpoint: copy it again or point CHECKPOINT at the right .pth."
