@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -143,3 +144,29 @@ def test_entry_point_checks_before_any_model_loads(real_configs, monkeypatch):
                         "--num_train_epochs 3 -> 6 GRPO step(s); --max_steps N sets the length directly; first "
                         "checkpoint after step 6, then every 10 (--save_steps).")
     assert "EXAMPLE data" in notes[1] and f"{eval_prompts} eval prompt(s)" in notes[1]
+
+
+def test_a_bad_flag_value_ends_in_its_message_not_a_traceback(capsys):
+    from deepgen_rl.config import parse_args_or_exit
+
+    with pytest.raises(SystemExit) as done:
+        parse_args_or_exit(["--output_dir", "unused", "--rollout_n", "1"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.startswith("error: --rollout_n must be >= 2") and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit) as done:
+        preflight.main(["--output_dir", "unused", "--sde_eta", "2"])
+    assert done.value.code == 2 and "Traceback" not in capsys.readouterr().err
+
+
+def test_shipped_data_defaults_are_found_from_any_working_directory(tmp_path, monkeypatch):
+    from deepgen_rl.config import DataArguments
+
+    monkeypatch.chdir(tmp_path)  # e.g. `python -m deepgen_rl.eval --tiny` started outside the repository
+    for key in ("DATASET_CONFIG", "EVAL_DATASET_CONFIG", "SFTAUX_DATASET_CONFIG"):
+        monkeypatch.delenv(key, raising=False)
+    data = DataArguments()
+    assert data.eval_dataset_config == str(REPO_ROOT / "assets/rl_datasets/deepgen/eval/eval.yaml")
+    assert all(Path(value).is_file() for value in (data.dataset_config, data.sftaux_dataset_config))
+    (tmp_path / "assets/rl_datasets/deepgen/eval").mkdir(parents=True)
+    (tmp_path / "assets/rl_datasets/deepgen/eval/eval.yaml").write_text("datasets: []\n")
+    assert DataArguments().eval_dataset_config == "assets/rl_datasets/deepgen/eval/eval.yaml"  # a local one wins

@@ -82,3 +82,13 @@ def test_reward_server_help(tmp_path):
     named = _run("reward_server.sh", env, "hpsv2", "--help")
     assert named.returncode == 0, named.stderr
     assert "bash scripts/reward_server.sh pickscore" in named.stdout and "--batch-size" in named.stdout
+
+
+@pytest.mark.parametrize("script, variable", [("reward_unifiedreward.sh", "UNIFIEDREWARD_MODEL"),
+                                              ("eval_unigenbench_evalmodel.sh", "UNIGENBENCH_MODEL_PATH")])
+def test_vllm_launchers_say_whether_they_download(script, variable, eight_gpu_path, tmp_path):
+    hub = _run(script, _env(eight_gpu_path), "--dry-run")
+    assert "is not a local folder, so vLLM will DOWNLOAD it" in hub.stderr and f"Set {variable}=" in hub.stderr
+    local = _run(script, _env(eight_gpu_path, **{variable: str(tmp_path)}), "--dry-run")
+    assert f"model: local folder {tmp_path}" in local.stderr and "DOWNLOAD" not in local.stderr
+    assert f"vllm serve {tmp_path}" in local.stdout
