@@ -8,7 +8,8 @@ point (``deepgen_rl.grpo_deepgen``, for runs started without train.sh):
   initialisation and the run would burn GPU hours for nothing;
 * a real-size model trained or evaluated on our SHIPPED example data (48 prompts, 12 eval prompts, six 64x64
   PNGs under ``assets/``) gets a prominent warning with the counts;
-* the global batch must split into whole prompt groups on every rank of the world size;
+* the global batch must split into whole prompt groups on every rank of the world size, and the --deepspeed JSON
+  must fill as the trainer fills it (no explicit batch value that disagrees, no "auto" left);
 * the run length: prompts, prompts per step, epochs -> GRPO steps, and when the first checkpoint is written.
 """
 
@@ -103,16 +104,39 @@ def shipped_data_warning(lines: list[str]) -> str:
 
 def batch_problem(args, world_size: int, sftaux_enabled: bool) -> Optional[str]:
     """The batch plan's refusal (--global_batch_size over the world size) as a message, None when it splits."""
-    from .trainer.batching import plan_batches
-
     try:
-        plan_batches(global_batch_size=args.global_batch_size, rollout_n=args.rollout_n, world_size=world_size,
-                     atrain_micro_batch_size=args.atrain_micro_batch_size,
-                     num_train_timesteps=args.num_train_timesteps, sftaux_enabled=sftaux_enabled,
-                     optimizer_step_schedule=args.optimizer_step_schedule,
-                     actor_update_steps=args.atrain_num_actor_update_steps, kl_step=args.beta > 0)
+        _plan(args, world_size, sftaux_enabled)
     except ValueError as err:
         return f"{err} (world size {world_size} = NNODES x NGPUS)"
+    return None
+
+
+def _plan(args, world_size: int, sftaux_enabled: bool):
+    from .trainer.batching import plan_batches
+
+    return plan_batches(global_batch_size=args.global_batch_size, rollout_n=args.rollout_n, world_size=world_size,
+                        atrain_micro_batch_size=args.atrain_micro_batch_size,
+                        num_train_timesteps=args.num_train_timesteps, sftaux_enabled=sftaux_enabled,
+                        optimizer_step_schedule=args.optimizer_step_schedule,
+                        actor_update_steps=args.atrain_num_actor_update_steps, kl_step=args.beta > 0)
+
+
+def deepspeed_problem(args, world_size: int, sftaux_enabled: bool, steps: int) -> Optional[str]:
+    """The --deepspeed JSON filled as the trainer fills it (an explicit batch value that disagrees with the batch
+    plan, an "auto" no rule fills): found here instead of after every rank loaded the model. Assumes the batch
+    splits (``batch_problem`` is None)."""
+    import torch
+
+    from .trainer.deepspeed_setup import fill_deepspeed_config, load_deepspeed_config
+
+    plan = _plan(args, world_size, sftaux_enabled)
+    try:
+        # The DiT width and dtype only size buckets and pick bf16: no check depends on them.
+        fill_deepspeed_config(load_deepspeed_config(args.deepspeed), args=args, plan=plan,
+                              num_training_steps=steps * plan.optimizer_steps_per_rollout, hidden_size=1536,
+                              trainable_dtype=torch.bfloat16)
+    except ValueError as err:
+        return f"DEEPSPEED_CONFIG (--deepspeed) = {args.deepspeed}: {err}"
     return None
 
 
@@ -165,14 +189,17 @@ def require_launchable(args, model_args: ModelArguments, data_args: DataArgument
     """The entry point's checks before any model loads (runs without train.sh's preflight): raises
     LaunchCheckError on a real-size model without CHECKPOINT or a batch that does not split over the world size;
     returns the log lines to print (the run length, and the shipped-data banner when it applies)."""
-    problems = [p for p in [untrained_connector_problem(model_args),
-                            batch_problem(args, world_size, sftaux_datasets is not None)] if p]
+    from .data.prompts import PromptDataset
+
+    length = run_length(args, sum(len(PromptDataset(entry)) for entry in dataset.datasets))
+    sftaux = sftaux_datasets is not None
+    problems = [p for p in [untrained_connector_problem(model_args), batch_problem(args, world_size, sftaux)] if p]
+    if not problems:
+        problems += [p for p in [deepspeed_problem(args, world_size, sftaux, length.steps)] if p]
     if problems:
         raise LaunchCheckError(f"{len(problems)} launch problem(s) stop the run before any model loads:\n"
                                + "\n".join(f"  - {problem}" for problem in problems))
-    from .data.prompts import PromptDataset
-
-    lines = [run_length(args, sum(len(PromptDataset(entry)) for entry in dataset.datasets)).describe()]
+    lines = [length.describe()]
     if is_real_size_model(model_args):
         eval_sets = None
         if args.eval_freq > 0 and Path(data_args.eval_dataset_config).is_file():

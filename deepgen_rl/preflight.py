@@ -27,8 +27,8 @@ from typing import Callable, Optional
 from .config import (CLIP_ENV, DataArguments, GRPOConfig, JudgeArguments, ModelArguments, RewardArguments,
                      parse_args_or_exit)
 from .data.dataset_yaml import DatasetConfigError, load_dataset_config
-from .launch_checks import (RunLength, batch_problem, is_real_size_model, run_length, shipped_data_lines,
-                            shipped_data_warning, untrained_connector_problem)
+from .launch_checks import (RunLength, batch_problem, deepspeed_problem, is_real_size_model, run_length,
+                            shipped_data_lines, shipped_data_warning, untrained_connector_problem)
 from .model.loading import ModelPathError, check_checkpoint_path, check_qwen_path, check_sd3_path
 from .preflight_content import check_checkpoint_loads, check_eval_contents, check_prompt_contents
 from .rewards.http_utils import RewardServerUnavailable
@@ -161,8 +161,8 @@ def local_checks(training_args: GRPOConfig, model_args: ModelArguments, data_arg
                  reward_args: RewardArguments, judge_args: JudgeArguments, world_size: int) -> LocalReport:
     """Every check that needs only flags and files, and the servers still to await."""
     problems = check_model_paths(model_args)
-    problems += [p for p in [untrained_connector_problem(model_args),
-                             batch_problem(training_args, world_size, training_args.sftaux_coef > 0)] if p]
+    batch = batch_problem(training_args, world_size, training_args.sftaux_coef > 0)
+    problems += [p for p in [untrained_connector_problem(model_args), batch] if p]
     servers: list[ServerCheck] = []
     length = None
     try:
@@ -185,7 +185,14 @@ def local_checks(training_args: GRPOConfig, model_args: ModelArguments, data_arg
     if dataset is not None and not content:
         from .data.prompts import PromptDataset
 
-        length = run_length(training_args, sum(len(PromptDataset(entry)) for entry in dataset.datasets))
+        try:
+            length = run_length(training_args, sum(len(PromptDataset(entry)) for entry in dataset.datasets))
+        except ValueError as err:  # --num_train_epochs <= 0 without --max_steps
+            problems.append(str(err))
+            return LocalReport(problems, warnings, servers, None)
+        if batch is None:  # the JSON's batch keys are derived from the batch plan
+            problems += [p for p in [deepspeed_problem(training_args, world_size, training_args.sftaux_coef > 0,
+                                                       length.steps)] if p]
         if is_real_size_model(model_args):
             lines = shipped_data_lines(dataset, eval_sets, sftaux_sets, data_args)
             warnings += [shipped_data_warning(lines)] if lines else []

@@ -6,6 +6,7 @@ awaited together under one deadline. The entry point repeats the flag-and-file c
 from __future__ import annotations
 
 import csv
+import json
 import socket
 import time
 from pathlib import Path
@@ -15,7 +16,6 @@ import pytest
 from deepgen_rl import preflight
 from deepgen_rl.config import parse_args
 from deepgen_rl.data.dataset_yaml import load_dataset_config
-from deepgen_rl.launch_checks import LaunchCheckError, require_launchable
 from deepgen_rl.model.published_configs import write_published_configs
 from tests.conftest import REPO_ROOT
 
@@ -128,6 +128,8 @@ def test_servers_are_awaited_together_within_server_wait(tiny_paths, tmp_path, c
 
 
 def test_entry_point_checks_before_any_model_loads(real_configs, monkeypatch):
+    from deepgen_rl.launch_checks import LaunchCheckError, require_launchable
+
     monkeypatch.delenv("CHECKPOINT", raising=False)
     sd3, qwen = real_configs
     args, model_args, data_args, *_ = parse_args(["--output_dir", "unused", "--sd3_model_name_or_path", str(sd3),
@@ -170,3 +172,19 @@ def test_shipped_data_defaults_are_found_from_any_working_directory(tmp_path, mo
     (tmp_path / "assets/rl_datasets/deepgen/eval").mkdir(parents=True)
     (tmp_path / "assets/rl_datasets/deepgen/eval/eval.yaml").write_text("datasets: []\n")
     assert DataArguments().eval_dataset_config == "assets/rl_datasets/deepgen/eval/eval.yaml"  # a local one wins
+
+
+def test_a_deepspeed_json_that_disagrees_with_the_batch_is_named_before_loading(tiny_paths, tmp_path, capsys):
+    config = json.loads((REPO_ROOT / "scripts/deepspeed/zero3.json").read_text())
+    config["train_micro_batch_size_per_gpu"] = 4  # the batch plan derives 32 (256 images over 8 ranks)
+    path = tmp_path / "zero3_fixed.json"
+    path.write_text(json.dumps(config))
+    code = preflight.main(["--world_size", "8", "--output_dir", str(tmp_path / "out"), "--eval_freq", "0",
+                           "--deepspeed", str(path), "--sftaux_coef", "0",
+                           "--dataset_config", str(REPO_ROOT / "assets/rl_datasets/quickstart/quickstart.yaml"),
+                           "--sd3_model_name_or_path", str(tiny_paths.sd3_dir),
+                           "--qwen2_5_vl_model_name_or_path", str(tiny_paths.qwen_dir)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"DEEPSPEED_CONFIG (--deepspeed) = {path}: --deepspeed: train_micro_batch_size_per_gpu = 4" in err
+    assert "but the trainer derives 32" in err
