@@ -4,7 +4,10 @@
         --deepspeed scripts/deepspeed/zero2.json --report_to wandb,swanlab ...
 
 Also runs as a single process without torchrun (``python -m deepgen_rl.grpo_deepgen ...``). Every flag and its
-default: deepgen_rl/config.py (``--help``).
+default: deepgen_rl/config.py (``--help``). Started without ``scripts/train.sh`` (and its preflight), it still checks
+the flags and files before any model loads: input contents (``preflight_content``), a real-size model without
+CHECKPOINT, the batch over the world size and the --deepspeed JSON (``launch_checks``); rank 0 prints the run
+length and, for a real-size model on our shipped example data, a warning banner.
 """
 
 from __future__ import annotations
