@@ -22,6 +22,7 @@ import every flag class and constant from here.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -50,6 +51,7 @@ __all__ = [
     "MODEL_DTYPES", "OPTIMIZER_STEP_SCHEDULES", "QWEN_ENV", "SD3_ENV", "SDE_SAMPLERS", "TRAINABLE_MODULE_SETS",
     "DataArguments", "EvalArguments", "GRPOConfig", "JudgeArguments", "ModelArguments", "ModelDtype",
     "OptimizerStepSchedule", "RewardArguments", "SdeSampler", "TrainableModuleSet", "build_parser", "parse_args",
+    "parse_args_or_exit",
 ]
 
 
@@ -63,6 +65,19 @@ class GRPOConfig(RunFlags, ObjectiveFlags, RolloutFlags, TrainingArguments, Algo
     learning_rate: float = field(default=2e-6, metadata={"help": "AdamW learning rate."})
     gradient_checkpointing: bool = field(
         default=True, metadata={"help": "Recompute activations in backward to save memory."}
+    )
+    resume_from_checkpoint: Optional[str] = field(
+        default=None,
+        metadata={"help": "Resume from a checkpoint folder ($OUTPUT_DIR/checkpoint-N), or 'latest': the newest "
+                  "complete checkpoint in --output_dir (a fresh start when there is none, so an auto-restarted job "
+                  "can always pass it). Restores weights, optimizer, LR schedule, RNG and data position."},
+    )
+    # HF's 500 would let a crash that is not a SIGTERM (OOM, node loss) lose hours of GRPO steps.
+    save_steps: float = field(
+        default=10,
+        metadata={"help": "Checkpoint every N GRPO steps (a value below 1: that fraction of the run). 10 bounds what "
+                  "a crash loses to 10 steps (tens of minutes at the guide's settings); each checkpoint holds the "
+                  "weights and optimizer states, so set --save_total_limit to bound the disk used."},
     )
 
     def __post_init__(self) -> None:
@@ -83,6 +98,13 @@ class GRPOConfig(RunFlags, ObjectiveFlags, RolloutFlags, TrainingArguments, Algo
         elif isinstance(self.report_to, list):
             self.report_to = [name.strip() for item in self.report_to for name in item.split(",") if name.strip()]
         super().__post_init__()
+        # TrainingArguments just registered a ZeRO-3 --deepspeed JSON with transformers, which would then build
+        # every from_pretrained / from_config model under deepspeed.zero.Init (partitioned before CHECKPOINT loads,
+        # and needing mpi4py outside a launcher: the estimator's meta build crashed on every ZeRO-3 config). Our
+        # trainer loads whole weights and lets deepspeed.initialize partition them.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
 
     def _validate_grpo_flags(self) -> None:
         _check_choice("atrain_sde_sampler", self.atrain_sde_sampler, SDE_SAMPLERS)
@@ -161,3 +183,15 @@ def parse_args(argv: Optional[list[str]] = None
     if refused:
         raise ValueError("\n".join(refused))
     return tuple(parser.parse_args_into_dataclasses(args=argv))
+
+
+def parse_args_or_exit(argv: Optional[list[str]] = None
+                       ) -> tuple[GRPOConfig, ModelArguments, DataArguments, RewardArguments, JudgeArguments,
+                                  EvalArguments]:
+    """:func:`parse_args` for the command lines: a bad flag or value ends in its message and exit status 2 (as
+    argparse's own errors), not in a traceback through the dataclasses' validation."""
+    try:
+        return parse_args(argv)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -372,12 +372,18 @@ def _has_edit_dataset(dataset_config: str) -> bool:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from transformers import HfArgumentParser
-
     from deepgen_rl.config import DataArguments, GRPOConfig, ModelArguments
+    from deepgen_rl.trainer_flags import GroupedArgumentParser
 
-    parser = HfArgumentParser((GRPOConfig, ModelArguments, DataArguments, EstimatorArguments))
-    args, model_args, data_args, estimator = parser.parse_args_into_dataclasses(args=argv)
+    # The estimator's own flags first, then the training flags grouped as the trainer's --help shows them.
+    parser = GroupedArgumentParser((EstimatorArguments, GRPOConfig, ModelArguments, DataArguments),
+                                   prog="python -m deepgen_rl.estimate_memory",
+                                   usage="%(prog)s --num_gpus N --deepspeed JSON [training flags]  (all: --help)",
+                                   description=__doc__.split("\n\n")[0])
+    try:
+        estimator, args, model_args, data_args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:  # a bad value: its message, not a traceback
+        parser.error(str(err))
     shape = run_shape_from_args(args, model_args, data_args.dataset_config)
     model = build_meta_model(model_args)
     estimate = _estimate(shape, model, estimator.num_gpus, estimator.prompt_tokens)

@@ -4,7 +4,10 @@
         --deepspeed scripts/deepspeed/zero2.json --report_to wandb,swanlab ...
 
 Also runs as a single process without torchrun (``python -m deepgen_rl.grpo_deepgen ...``). Every flag and its
-default: deepgen_rl/config.py (``--help``).
+default: deepgen_rl/config.py (``--help``). Started without ``scripts/train.sh`` (and its preflight), it still checks
+the flags and files before any model loads: input contents (``preflight_content``), a real-size model without
+CHECKPOINT, the batch over the world size and the --deepspeed JSON (``launch_checks``); rank 0 prints the run
+length and, for a real-size model on our shipped example data, a warning banner.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ def build_trainer(args: GRPOConfig, model_args: ModelArguments, data_args: DataA
 
     from deepgen_rl.data import PromptSampler, load_dataset_config
     from deepgen_rl.distributed import rank_and_world
+    from deepgen_rl.launch_checks import require_launchable
     from deepgen_rl.model import load_deepgen_model
     from deepgen_rl.rewards import build_rewards
     from deepgen_rl.rewards.registry import known_reward_names, vllm_reward_urls
@@ -87,7 +91,7 @@ def build_trainer(args: GRPOConfig, model_args: ModelArguments, data_args: DataA
     from deepgen_rl.eval.edit_eval import edit_judge_for_eval
     from deepgen_rl.trainer.eval_hook import build_eval_hook
 
-    rank, _ = rank_and_world()
+    rank, world_size = rank_and_world()
     set_seed(args.seed)
     # Parsing --deepspeed registered the JSON with transformers, which would then build every from_pretrained
     # model under deepspeed.zero.Init (ZeRO-3): partitioned before CHECKPOINT is loaded, with HF's own batch
@@ -110,6 +114,11 @@ def build_trainer(args: GRPOConfig, model_args: ModelArguments, data_args: DataA
 
             sftaux_sampler = SftAuxSampler(load_sftaux_config(data_args.sftaux_dataset_config), seed=args.seed,
                                            rank=rank, height=args.image_height, width=args.image_width)
+        notes = require_launchable(args, model_args, data_args, dataset_config, world_size,
+                                   None if sftaux_sampler is None else sftaux_sampler.datasets)
+        if rank == 0:
+            for note in notes:  # the banner of shipped data on stderr, where warnings go
+                print(note, file=sys.stderr if note.startswith("!") else sys.stdout, flush=True)
         model = load_deepgen_model(model_args, device=device)  # straight to this rank's GPU: little host RAM
         lora = LoraSettings(model_args.lora_rank, model_args.lora_alpha) if model_args.use_lora else None
         return DeepGenGRPOTrainer(
@@ -130,9 +139,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name, value in TRACKER_MODE_DEFAULTS.items():
         os.environ.setdefault(name, value)
     ensure_single_process_env(os.environ)
-    from deepgen_rl.config import parse_args
+    from deepgen_rl.config import parse_args_or_exit
 
-    args, *groups = parse_args(argv)
+    args, *groups = parse_args_or_exit(argv)
     device = _init_distributed(args.ddp_timeout)
     _setup_logging(int(os.environ.get("RANK", "0")), args)
     trainer = build_trainer(args, *groups, device)

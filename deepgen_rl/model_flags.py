@@ -6,6 +6,7 @@ guide names, read when a dataclass or the parser is built.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, get_args
 
 from .flag_checks import _check_choice, _check_positive, _env_field
@@ -39,7 +40,12 @@ class ModelArguments:
         CHECKPOINT_ENV,
         "",
         "DeepGen_Image pretraining checkpoint (.pth with the reference key names) loaded on top of the model "
-        "paths. Empty: keep the freshly initialised connector (only sensible for tiny test models).",
+        "paths. Empty with a real-size model stops the launch unless --allow_untrained_connector.",
+    )
+    allow_untrained_connector: bool = field(
+        default=False,
+        metadata={"help": "Train a real-size model without CHECKPOINT, i.e. with the connector, projectors and meta "
+                  "queries at their random initialisation (refused otherwise: forgetting CHECKPOINT wastes the run)."},
     )
     num_queries: int = field(default=128, metadata={"help": "Number of learnable meta queries appended to the prompt."})
     num_fusion_layers: int = field(
@@ -88,18 +94,36 @@ class ModelArguments:
             )
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Relative to the repository root: our shipped example data.
+DATA_DEFAULTS = {
+    "dataset_config": "assets/rl_datasets/deepgen/deepgen_train.yaml",
+    "eval_dataset_config": "assets/rl_datasets/deepgen/eval/eval.yaml",
+    "sftaux_dataset_config": "deepgen_rl/sft/configs/datasets/deepgen/t2i_grpo_moretextdata.py",
+}
+
+
 @dataclass
 class DataArguments:
     """Training, evaluation and SFT-aux datasets."""
 
     dataset_config: str = _env_field(
-        "DATASET_CONFIG", "assets/rl_datasets/deepgen/deepgen_train.yaml", "Training dataset YAML (prompts + rewards)."
+        "DATASET_CONFIG", DATA_DEFAULTS["dataset_config"],
+        "Training dataset YAML (prompts + rewards). The default is our small shipped example."
     )
     eval_dataset_config: str = _env_field(
-        "EVAL_DATASET_CONFIG", "assets/rl_datasets/deepgen/eval/eval.yaml", "Evaluation dataset YAML (UniGenBench)."
+        "EVAL_DATASET_CONFIG", DATA_DEFAULTS["eval_dataset_config"],
+        "Evaluation dataset YAML (UniGenBench). The default is our small shipped example."
     )
     sftaux_dataset_config: str = _env_field(
-        "SFTAUX_DATASET_CONFIG",
-        "deepgen_rl/sft/configs/datasets/deepgen/t2i_grpo_moretextdata.py",
-        "MMEngine config of the SFT-aux dataset.",
+        "SFTAUX_DATASET_CONFIG", DATA_DEFAULTS["sftaux_dataset_config"],
+        "MMEngine config of the SFT-aux dataset. The default is our small shipped example.",
     )
+
+    def __post_init__(self) -> None:
+        # The defaults are repository paths: found from any working directory (e.g. `python -m deepgen_rl.eval
+        # --tiny` started elsewhere), while a path the user gave is read as given.
+        for name, default in DATA_DEFAULTS.items():
+            value = getattr(self, name)
+            if value == default and not Path(value).exists() and (REPO_ROOT / value).exists():
+                setattr(self, name, str(REPO_ROOT / value))

@@ -113,11 +113,37 @@ def unpickler_reason(message: str) -> str:
     return lines[-1] if lines else "no reason given"
 
 
+# torch.save writes a zip archive (torch >= 1.6: a local file header "PK\x03\x04" first, even when the file was cut
+# short) or, in the legacy format, a pickle stream: protocol 2+ starts with the PROTO opcode 0x80.
+_TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
+
+
+def not_a_torch_file(path: str) -> Optional[str]:
+    """Why ``path`` cannot be a torch.save file (text, an image, ...), judged from its first bytes; None when it may
+    be one. WHY: torch's unpickler reads any other file as a pickle and refuses it as "unsupported global", which
+    reads as a file that pickles code."""
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if head.startswith(_TORCH_FILE_STARTS):
+        return None
+    if not head:
+        return "the file is empty, not a torch checkpoint: copy it again or point CHECKPOINT at the right .pth."
+    try:
+        kind = f"text ({head.decode('utf-8').splitlines()[0][:40]!r}...)"
+    except UnicodeDecodeError:
+        kind = f"bytes {head[:8]!r}"
+    return (f"not a torch checkpoint: it starts with {kind}, while a torch.save file is a zip archive (or a "
+            "legacy pickle); point CHECKPOINT at the DeepGen_Image pretraining .pth.")
+
+
 def check_checkpoint_loads(path: str) -> Optional[str]:
     """Open CHECKPOINT as the loader will (``torch.load(weights_only=True)``), memory-mapped: no tensor is read."""
     import torch
 
     where = f"{CHECKPOINT_ENV} (--checkpoint) = {path}"
+    problem = not_a_torch_file(path)
+    if problem:
+        return f"{where}: {problem}"
     try:
         try:
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)

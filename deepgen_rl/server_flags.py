@@ -37,7 +37,12 @@ class RewardArguments(JudgeRewardFlags, ScorerUrlArguments):
     reward_retry_backoff: float = field(default=1.0, metadata={
         "help": "Seconds before the first retry of a failed reward request; doubles per retry, capped at 30 s."})
     reward_health_timeout: float = field(default=30.0, metadata={
-        "help": "Seconds to wait at start-up for each reward server's /health before failing with how to start it."})
+        "help": "Seconds the trainer waits at start-up for each reward server's /health before failing with how to "
+                "start it (the launch preflight waits --server_wait instead)."})
+    server_wait: float = field(default=900.0, metadata={
+        "help": "Seconds the launch preflight (scripts/train.sh) waits, in all, for every reward server and the "
+                "judge to answer, all at once, after the local checks passed. The default covers a 32B vLLM model "
+                "loading (several minutes)."})
     unifiedreward_max_tokens: int = field(
         default=4096, metadata={"help": "max_tokens of one UnifiedReward-Think reply (its <think> reasoning is long)."}
     )
@@ -51,6 +56,8 @@ class RewardArguments(JudgeRewardFlags, ScorerUrlArguments):
 
     def __post_init__(self) -> None:
         _check_client_flags("reward", self)
+        if self.server_wait <= 0:
+            raise ValueError(f"--server_wait must be > 0 seconds; got {self.server_wait}.")
         for flag in ("reward_request_batch_size", "unifiedreward_max_tokens", "edit_judge_max_tokens"):
             _check_positive(flag, getattr(self, flag))
         _check_urls(self, "ocr_url", "unifiedreward_think_url", "edit_judge_url", *SCORER_URL_FLAGS)

@@ -8,7 +8,7 @@
 #                                                            # extra args after -- go to vLLM
 #
 # Environment:
-#   UNIGENBENCH_MODEL_PATH       model name or local folder (default CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1;
+#   UNIGENBENCH_MODEL_PATH       local folder, or a model-hub name vLLM downloads (default CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1;
 #                                UNIGENBENCH_MODEL, the reference's name for it, is read too)
 #   UNIGENBENCH_MODEL_NAME       served model name clients ask for (default UniGenBench-EvalModel-qwen3vl-32b-v1,
 #                                = --unigenbench_model_name of training, which reads the same variable)
@@ -38,6 +38,7 @@ require_positive_int UNIGENBENCH_PORT "$port"
 
 vllm_bind_host UNIGENBENCH_HOST
 vllm_parallel_args
+vllm_model_source UNIGENBENCH_MODEL_PATH "$model"
 
 cmd=(vllm serve "$model"
      --host "$host" --port "$port"

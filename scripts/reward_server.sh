@@ -19,9 +19,16 @@ die() { echo "error: $*" >&2; exit 2; }
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 names="pickscore hpsv2 image_reward aesthetic ocr"
+usage() {  # this file's header comment
+    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
+}
 [ $# -ge 1 ] || die "usage: bash scripts/reward_server.sh NAME [--dry-run] [server flags]; NAME is one of: $names."
 name="$1"
 shift
+if [ "$name" = "-h" ] || [ "$name" = "--help" ]; then
+    usage
+    exit 0
+fi
 case "$name" in
     pickscore) default_port=18091 ;;
     hpsv2) default_port=18092 ;;
@@ -32,10 +39,12 @@ case "$name" in
 esac
 
 dry_run=0
+help=0
 server_args=()
 for arg in "$@"; do
     case "$arg" in
         --dry-run) dry_run=1 ;;
+        -h|--help) help=1 ;;
         *) server_args+=("$arg") ;;
     esac
 done
@@ -49,6 +58,12 @@ host="${REWARD_SERVER_HOST:-0.0.0.0}"
 source "$repo_root/scripts/utils/python_env.sh"
 pick_python
 
+if [ "$help" = 1 ]; then  # this launcher's variables, then the server's own flags
+    usage
+    echo
+    PYTHONPATH="$repo_root${PYTHONPATH:+:$PYTHONPATH}" exec "$python_bin" -m deepgen_rl.rewards.servers.serve --help
+fi
+
 cmd=("$python_bin" -m deepgen_rl.rewards.servers.serve "$name" --host "$host" --port "$port" "${server_args[@]}")
 if [ "$dry_run" = 1 ]; then
     printf '%q ' "${cmd[@]}"
@@ -57,5 +72,9 @@ if [ "$dry_run" = 1 ]; then
 fi
 
 export PYTHONPATH="$repo_root${PYTHONPATH:+:$PYTHONPATH}"
-echo "[reward_server.sh] $name server on $host:$port with $python_bin (GPU: CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-all})" >&2
+# shellcheck source=utils/gpus.sh
+source "$repo_root/scripts/utils/gpus.sh"
+count_gpus
+echo "[reward_server.sh] $name server on $host:$port with $python_bin; GPU taken: the first of $gpu_source" \
+     "($gpu_count visible)" >&2
 exec "${cmd[@]}"

@@ -6,7 +6,8 @@
 #   VLLM_PARALLEL_MODE=tp bash scripts/reward_unifiedreward.sh -- --max-model-len 16384   # extra args go to vLLM
 #
 # Environment:
-#   UNIFIEDREWARD_MODEL          model name or local folder (default CodeGoat24/UnifiedReward-Think-qwen3vl-8b)
+#   UNIFIEDREWARD_MODEL          local folder, or a model-hub name vLLM downloads (default
+#                                CodeGoat24/UnifiedReward-Think-qwen3vl-8b: a download; the launcher says which)
 #   UNIFIEDREWARD_PORT           port (default 18087)
 #   UNIFIEDREWARD_HOST, VLLM_HOST  bind address (default 127.0.0.1; another one prints a warning: the dev-mode
 #                                endpoints are then open to the network). Set VLLM_HOST=0.0.0.0 when training runs
@@ -33,6 +34,7 @@ require_positive_int UNIFIEDREWARD_PORT "$port"
 
 vllm_bind_host UNIFIEDREWARD_HOST
 vllm_parallel_args
+vllm_model_source UNIFIEDREWARD_MODEL "$model"
 
 cmd=(vllm serve "$model"
      --host "$host" --port "$port"

@@ -12,25 +12,24 @@
 # Model paths come from SD3_5_MODEL_NAME_OR_PATH, QWEN2_5_VL_MODEL_NAME_OR_PATH, CLIP_MODEL_NAME_OR_PATH and
 # CHECKPOINT; reward/judge servers from OCR_URL, UNIFIEDREWARD_THINK_URL, UNIGENBENCH_API_URL (default
 # http://localhost:<port>). Before launching, every path and every server the dataset YAML needs is checked
-# (deepgen_rl/preflight.py) so a typo fails here, in seconds, not after eight processes loaded a 3B model.
+# (deepgen_rl/preflight.py) so a typo fails here, in seconds, not after eight processes loaded a 3B model; the
+# servers are then awaited together for up to --server_wait seconds (default 900: a 32B vLLM judge loading).
+# GPUs per node: NGPUS, else as many as CUDA_VISIBLE_DEVICES lists, else `nvidia-smi -L`; printed at start.
+# Run length: printed at start (prompts / prompts per step x --num_train_epochs -> GRPO steps, and the first
+# checkpoint); `--max_steps N` sets it directly, `--save_steps` (default 10) how often it checkpoints.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 
-detect_gpus() {
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-        nvidia-smi -L | wc -l
-    else
-        echo 8
-    fi
-}
+# shellcheck source=utils/gpus.sh
+source "$repo_root/scripts/utils/gpus.sh"
 
 NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-}"
 MASTER_PORT="${MASTER_PORT:-29500}"
-NGPUS="${NGPUS:-$(detect_gpus)}"
+NGPUS="${NGPUS:-}"  # counted below, after --help
 OUTPUT_DIR="${OUTPUT_DIR:-outputs/deepgen_grpo}"
 DATASET_CONFIG="${DATASET_CONFIG:-assets/rl_datasets/deepgen/deepgen_train.yaml}"
 EVAL_DATASET_CONFIG="${EVAL_DATASET_CONFIG:-assets/rl_datasets/deepgen/eval/eval.yaml}"
@@ -48,7 +47,7 @@ export WANDB_PROJECT="${WANDB_PROJECT:-DeepGen-RL}"
 export SWANLAB_MODE="${SWANLAB_MODE:-offline}"
 export SWANLAB_PROJ_NAME="${SWANLAB_PROJ_NAME:-DeepGen-RL}"
 
-for name in NNODES NODE_RANK NGPUS MASTER_PORT RDZV_TIMEOUT SHUTDOWN_TIMEOUT; do
+for name in NNODES NODE_RANK MASTER_PORT RDZV_TIMEOUT SHUTDOWN_TIMEOUT; do
     value="${!name}"
     if ! [[ "$value" =~ ^[0-9]+$ ]]; then
         echo "error: $name must be a non-negative integer, got '$value'" >&2
@@ -101,6 +100,32 @@ if [ -n "$missing" ]; then
     exit 2
 fi
 
+# --help: the trainer's flags once (not once per torchrun worker), after what this script reads.
+for arg in "$@"; do
+    if [ "$arg" = "-h" ] || [ "$arg" = "--help" ]; then
+        sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
+        echo
+        exec "$PYTHON" -m deepgen_rl.grpo_deepgen --help
+    fi
+done
+
+if [ -z "$NGPUS" ]; then
+    count_gpus
+    if [ "$gpu_count" -lt 1 ]; then
+        echo "error: cannot count this node's GPUs: $gpu_source. Set NGPUS=<processes per node> (or" \
+             "CUDA_VISIBLE_DEVICES=0,1,...)." >&2
+        exit 2
+    fi
+    NGPUS="$gpu_count"
+    gpus_from="$gpu_source"
+else
+    if ! [[ "$NGPUS" =~ ^[1-9][0-9]*$ ]]; then
+        echo "error: NGPUS must be a positive integer, got '$NGPUS'" >&2
+        exit 2
+    fi
+    gpus_from="NGPUS=$NGPUS"
+fi
+
 args=(
     --output_dir "$OUTPUT_DIR"
     --dataset_config "$DATASET_CONFIG"
@@ -113,7 +138,10 @@ args=(
     "$@"
 )
 
-"$PYTHON" -m deepgen_rl.preflight "${args[@]}"
+world_size=$((NNODES * NGPUS))
+echo "[train.sh] GPUs taken: $NGPUS per node ($gpus_from) x NNODES $NNODES = world size $world_size;" \
+     "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-<not set: all>}"
+"$PYTHON" -m deepgen_rl.preflight --world_size "$world_size" "${args[@]}"
 
 # deepgen_rl.launch is torchrun run in-process (same agent, same signals) whose failed rendezvous ends in a message.
 exec "$PYTHON" -m deepgen_rl.launch \

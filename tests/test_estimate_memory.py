@@ -159,3 +159,28 @@ def test_edit_dataset_keeps_the_vision_tower_in_the_estimate(real, guide_args):
     edit = estimate_memory(model_args, guide_args, num_gpus=8, zero_stage=2, model=model, edit=True)
     assert edit.components["weights: vision tower (dropped for t2i)"] == 2 * visual
     assert edit.total_bytes - t2i.total_bytes == 2 * visual
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3", "zero3_offload", "zero3_sd3"])
+def test_command_line_runs_on_every_shipped_deepspeed_config(config, tiny_paths, capsys):
+    """The CLI builds its meta model itself here: under a ZeRO-3 JSON transformers once built it inside
+    deepspeed.zero.Init, which needs mpi4py outside a launcher (ModuleNotFoundError on every ZeRO-3 config)."""
+    code = main(["--output_dir", "unused", "--report_to", "none", "--num_gpus", "8",
+                 "--deepspeed", f"scripts/deepspeed/{config}.json",
+                 "--sd3_model_name_or_path", str(tiny_paths.sd3_dir),
+                 "--qwen2_5_vl_model_name_or_path", str(tiny_paths.qwen_dir), *tiny_paths.model_flags()])
+    out = capsys.readouterr().out
+    assert code == 0 and "PEAK per rank" in out and "FITS in 80 GiB" in out
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    assert not is_deepspeed_zero3_enabled()  # nothing left registered for the tests that follow
+
+
+def test_help_lists_the_estimator_flags_first(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    first = [out.index(flag) for flag in ("--num_gpus", "--gpu_memory_gib", "--prompt_tokens")]
+    assert max(first) < out.index("--rollout_n") < out.index("--learning_rate")
+    assert "--per_device_train_batch_size" not in out  # refused inherited flags are hidden, as in the trainer's

@@ -120,7 +120,9 @@ def test_end_to_end_hand_worked_report(tmp_path, image_judge):
     assert {k: (v.correct, v.total) for k, v in scores.per_dimension.items()} == {
         "Style": (2, 3), "Attribute": (4, 6), "World Knowledge": (1, 1), "Action": (0, 1)}
     assert (scores.failed_images, scores.failed_test_points, report.dataset("bench").missing_images) == (2, 5, 0)
-    assert report.complete and report.step == 20 and report.world_size == 1
+    # Two images the judge failed on: the accuracies cover the judged ones and the evaluation is not complete.
+    assert not report.complete and report.step == 20 and report.world_size == 1
+    assert metrics_for_logging(report)["eval/complete"] == 0.0
     by_image = {(j.index, j.duplicate): j for j in report.judgements}
     assert by_image[(0, 1)].attempts == 2 and by_image[(0, 1)].scores == (0, 1, 1)
     assert by_image[(1, 0)].scores is None and "3 entries for 2 test points" in by_image[(1, 0)].error
@@ -180,6 +182,7 @@ def test_judge_down_skips_generation(tmp_path):
     assert generate.calls == []
     scores = report.dataset("bench").scores
     assert scores.failed_images == 6 and "scripts/eval_unigenbench_evalmodel.sh" in scores.errors[0]
+    assert not report.complete and metrics_for_logging(report)["eval/complete"] == 0.0  # was 1.0 over 6 failures
     assert (tmp_path / "out" / REPORT_JSON).is_file()
 
 

@@ -85,6 +85,13 @@ def test_train_sh_gives_up_the_rendezvous_after_rdzv_timeout(tiny_paths, tmp_pat
     result = subprocess.run(["bash", str(TRAIN_SH), "--output_dir", str(tmp_path / "out"), "--eval_freq", "0"],
                             env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert "preflight: model paths, datasets and servers are ready." in result.stdout, result.stderr[-2000:]
+    # What the launch takes and how long it runs, printed before torchrun starts (issue 24): train.sh's 10 epochs
+    # of ceil(prompts / (256 images / rollout_n 8 = 32 prompts per step)).
+    prompts = sum(1 for line in (REPO_ROOT / "assets/rl_datasets/quickstart/prompts.txt").read_text().splitlines()
+                  if line.strip())
+    assert "GPUs taken: 1 per node (NGPUS=1) x NNODES 2 = world size 2" in result.stdout
+    assert (f"run length: {prompts} prompt(s) / 32 prompts per step = {-(-prompts // 32)} step(s) per epoch x "
+            f"--num_train_epochs 10 -> {10 * -(-prompts // 32)} GRPO step(s)") in result.stdout
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the nodes did not meet: NNODES=2") and f"{address}:" in last
@@ -97,8 +104,9 @@ def _fake_checkout(tmp_path: Path, with_venv: bool) -> tuple[Path, Path]:
     """A checkout with our train.sh, optionally a .venv whose python logs its calls, and a bin/ dir whose `python`
     is a bare interpreter (no site-packages: no torch), as outside any activated environment."""
     root = tmp_path / "checkout"
-    (root / "scripts").mkdir(parents=True)
+    (root / "scripts" / "utils").mkdir(parents=True)
     shutil.copy(TRAIN_SH, root / "scripts" / "train.sh")
+    shutil.copy(REPO_ROOT / "scripts" / "utils" / "gpus.sh", root / "scripts" / "utils" / "gpus.sh")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _script(bin_dir / "python", f'exec "{sys.executable}" -I -S "$@"\n')

@@ -108,3 +108,11 @@ def test_preflight_reports_every_content_problem_and_fails(tiny_paths, tmp_path,
     assert f"prompt file {tmp_path / 'blank.txt'}" in err
     assert f"CHECKPOINT (--checkpoint) = {bad_checkpoint}: torch refuses" in err
     assert f"{tmp_path / 'bench.csv'}: line 2" in err
+
+
+def test_text_file_as_checkpoint_is_called_what_it_is(tmp_path):
+    text = tmp_path / "CHECKPOINT.txt"  # e.g. a download page or a path written into a file
+    text.write_text("https://example.org/deepgen_image.pth\n")
+    problem = check_checkpoint_loads(str(text))
+    assert problem.startswith(f"CHECKPOINT (--checkpoint) = {text}: not a torch checkpoint: it starts with text")
+    assert "https://example.org" in problem and "pickles objects" not in problem

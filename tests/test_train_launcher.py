@@ -23,7 +23,7 @@ def _run_train_sh(env_overrides: dict[str, str], *flags: str) -> subprocess.Comp
            if k not in ("SD3_5_MODEL_NAME_OR_PATH", "QWEN2_5_VL_MODEL_NAME_OR_PATH", "CHECKPOINT",
                         "CLIP_MODEL_NAME_OR_PATH", "OCR_URL", "UNIFIEDREWARD_THINK_URL", "UNIGENBENCH_API_URL")}
     env.update(PYTHON=sys.executable, NGPUS="1", **env_overrides)
-    return subprocess.run(["bash", str(TRAIN_SH), "--reward_health_timeout", "1", "--judge_health_timeout", "1",
+    return subprocess.run(["bash", str(TRAIN_SH), "--server_wait", "1",
                            *flags], env=env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300)
 

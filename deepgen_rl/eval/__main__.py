@@ -5,6 +5,10 @@
     python -m deepgen_rl.eval --output_dir outputs/eval_ckpt [--unigenbench_api_url http://host:PORT]
     torchrun --nproc_per_node 8 -m deepgen_rl.eval --output_dir ...      # prompts and judge calls over 8 GPUs
 
+    # an RL checkpoint, layered on CHECKPOINT (the pretraining .pth) as the converter's output is meant to be used:
+    python -m deepgen_rl.eval --output_dir outputs/eval_step40 --rl_checkpoint outputs/run/checkpoint-40
+    python -m deepgen_rl.eval --output_dir outputs/eval_step40 --rl_checkpoint rl_step40.pth   # converted
+
     # no weights: a tiny random model, for checking the plumbing end to end
     python -m deepgen_rl.eval --tiny --output_dir /tmp/eval_tiny --eval_max_prompts 4
 
@@ -12,7 +16,9 @@ Writes report.json, summary.csv, judgements.csv and samples/ into --output_dir a
 Model flags (--sd3_model_name_or_path, --checkpoint, ...), judge flags (--unigenbench_api_url,
 --unigenbench_model_name, --judge_timeout, ...) and evaluation flags (--eval_max_prompts, --eval_timeout,
 --eval_num_sample_images) are the training run's; --eval_dataset_config picks the YAML.
-Exit status: 0 when every dataset got at least one judged image, 1 otherwise.
+Exit status: 0 when the evaluation is complete (every planned image judged), 1 otherwise: an image the judge
+could not score (no judge reachable, a malformed reply after retries) or a rank that did not report makes the
+report incomplete (``complete: false``, ``eval/complete: 0``), and the accuracies then cover the judged images.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from transformers import HfArgumentParser
@@ -45,6 +52,17 @@ class EvalCliArguments:
         default=False,
         metadata={"help": "Evaluate a tiny random DeepGen model built in memory instead of the model paths + "
                   "CHECKPOINT (no weights needed; scores are meaningless, the plumbing is real)."},
+    )
+    rl_checkpoint: str = field(
+        default="",
+        metadata={"help": "An RL checkpoint to evaluate, loaded ON TOP of the model paths + CHECKPOINT (it holds only "
+                  "what RL trained): a checkpoint-N folder written by the trainer, or the .pth "
+                  "scripts/utils/rlckpt_to_sftckpt.py made of one. Empty: evaluate CHECKPOINT itself."},
+    )
+    rl_weights: str = field(
+        default="raw",
+        metadata={"help": "With a checkpoint-N folder as --rl_checkpoint: 'raw' (the trained weights) or 'ema' "
+                  "(their EMA, checkpoint-N/ema.pt of a run with --ema_decay > 0)."},
     )
     step: int = field(default=0, metadata={"help": "Training step recorded in the report."})
     image_height: Optional[int] = field(
@@ -71,6 +89,11 @@ class EvalCliArguments:
         for flag in ("micro_batch_size", "vae_decode_micro_batch_size"):
             if getattr(self, flag) <= 0:
                 raise ValueError(f"--{flag} must be a positive integer; got {getattr(self, flag)}.")
+        if self.rl_weights not in ("raw", "ema"):
+            raise ValueError(f"--rl_weights must be raw or ema; got {self.rl_weights!r}.")
+        if self.rl_checkpoint and not Path(self.rl_checkpoint).expanduser().exists():
+            raise ValueError(f"--rl_checkpoint {self.rl_checkpoint!r} does not exist: expected a checkpoint-N folder "
+                             "written by the trainer or a .pth converted from one.")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda; got {self.device!r}.")
 
@@ -101,6 +124,12 @@ def _build_model(cli: EvalCliArguments, model_args: ModelArguments, device):
         from deepgen_rl.model import load_deepgen_model
 
         model = load_deepgen_model(model_args, device=device)
+    if cli.rl_checkpoint:
+        from deepgen_rl.model.convert import load_rl_checkpoint_into
+
+        summary = load_rl_checkpoint_into(model, Path(cli.rl_checkpoint).expanduser(), cli.rl_weights,
+                                          model_args.trainable_modules)
+        logger.info("RL checkpoint layered on the model: %s", summary.describe().splitlines()[0])
     return model.to(device).eval()
 
 
@@ -125,7 +154,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = HfArgumentParser((EvalCliArguments, ModelArguments, DataArguments, JudgeArguments, EvalArguments),
                               prog="python -m deepgen_rl.eval",
                               description=__doc__, formatter_class=_HelpFormatter)
-    cli, model_args, data_args, judge_args, eval_args = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        cli, model_args, data_args, judge_args, eval_args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:  # a bad value: its message, not a traceback through the dataclasses
+        parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per judge request otherwise
 
@@ -157,7 +189,7 @@ def _evaluate(cli: EvalCliArguments, model_args: ModelArguments, judge_args: Jud
                             judge_args, eval_args, datasets, settings, cli.output_dir, cli.step)
     if rank_and_world()[0] == 0:
         _print_summary(report)
-    return 0 if all(entry.scores.overall.total > 0 for entry in report.datasets) else 1
+    return 0 if report.complete else 1
 
 
 if __name__ == "__main__":

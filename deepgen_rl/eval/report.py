@@ -40,8 +40,9 @@ class DatasetReport:
 
 @dataclass
 class EvalReport:
-    """One evaluation. ``complete`` is False when some rank's results did not arrive before the deadline
-    (the accuracies then cover the images that did)."""
+    """One evaluation. ``complete`` is True only when every planned image was judged: False when some rank's
+    results did not arrive before the deadline or the judge failed on an image (unreachable, a malformed reply
+    after its retries); the accuracies then cover the images that were judged."""
 
     step: int
     datasets: list[DatasetReport]

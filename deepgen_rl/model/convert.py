@@ -154,3 +154,25 @@ def convert_rl_checkpoint(rl_checkpoint: str | Path, output: str | Path, dtype: 
         weights=weights,
         has_ema=Path(rl_checkpoint).is_dir() and (Path(rl_checkpoint) / EMA_FILE).is_file(),
     )
+
+
+def load_rl_checkpoint_into(model: torch.nn.Module, rl_checkpoint: str | Path, weights: str = "raw",
+                            trainable_modules: str = "dit"):
+    """Layer an RL checkpoint on ``model`` (already holding the pretraining CHECKPOINT), as the converter's
+    output is meant to be used: a checkpoint-N folder (DeepSpeed or plain; ``weights`` raw or its ``ema.pt``) or a
+    ``.pth`` written by :func:`convert_rl_checkpoint`. Every trained tensor must fit the model (shapes and the
+    parameters ``trainable_modules`` trains are checked). Returns the load summary."""
+    from .checkpoint_loading import load_state_into
+
+    if weights not in WEIGHTS:
+        raise ValueError(f"--rl_weights must be one of {', '.join(WEIGHTS)}; got {weights!r}.")
+    if weights == "ema":
+        raw = read_ema_weights(rl_checkpoint)
+    else:
+        raw, _ = read_rl_checkpoint(rl_checkpoint)
+    state = normalize_checkpoint_keys(raw)
+    summary = load_state_into(model, state, f"--rl_checkpoint {rl_checkpoint}", trainable_modules)
+    if not summary.loaded:
+        raise ValueError(f"--rl_checkpoint {rl_checkpoint}: none of its {len(state)} tensors is a parameter of this "
+                         f"model (keys seen: {list(state)[:5]}).")
+    return summary

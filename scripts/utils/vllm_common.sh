@@ -4,7 +4,12 @@
 # After `source`, call:   vllm_parse_args "$@"     -> sets dry_run (0/1) and extra_args (passed to vLLM)
 #                          vllm_parallel_args       -> sets parallel_args, parallel_size from VLLM_PARALLEL_MODE
 #                          vllm_bind_host VAR       -> sets host: $VAR, else $VLLM_HOST, else 127.0.0.1
+#                          vllm_model_source VAR M  -> says whether model M ($VAR) is a local folder or a download
 #                          vllm_run NAME cmd...     -> prints the command (--dry-run) or execs it
+#
+# Written for vLLM 0.11 (0.11.0 or newer: the first release serving Qwen3-VL, the architecture of both default
+# models; --data-parallel-size, --limit-mm-per-prompt.image, --enable-sleep-mode and the dev-mode /sleep, /wake_up
+# and /is_sleeping endpoints are used).
 
 die() { echo "error: $*" >&2; exit 2; }
 
@@ -25,18 +30,12 @@ vllm_parse_args() {
     done
 }
 
-visible_gpus() {
-    if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
-        local ids
-        IFS=',' read -r -a ids <<< "$CUDA_VISIBLE_DEVICES"
-        echo "${#ids[@]}"
-    elif command -v nvidia-smi > /dev/null 2>&1; then
-        local n
-        n="$(nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true)"
-        echo "${n:-1}" | awk '{print ($1 > 0) ? $1 : 1}'
-    else
-        echo 1
-    fi
+# shellcheck source=gpus.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpus.sh"
+
+visible_gpus() {  # the default dp / tp size: the GPUs CUDA will show vLLM (at least 1)
+    count_gpus
+    echo $((gpu_count > 0 ? gpu_count : 1))
 }
 
 vllm_parallel_args() {
@@ -57,6 +56,9 @@ vllm_parallel_args() {
             die "VLLM_PARALLEL_MODE must be 'dp' (data parallel: one replica per GPU) or 'tp' (tensor parallel), got '$mode'." ;;
     esac
     parallel_mode="$mode"
+    count_gpus
+    echo "[$(basename "$0")] GPUs taken: $gpu_source; $mode size $parallel_size; each GPU's memory fraction" \
+         "$gpu_util (VLLM_GPU_MEMORY_UTILIZATION)" >&2
 }
 
 # Sleep mode needs vLLM's dev mode, whose endpoints (/sleep, /wake_up, /reset_prefix_cache, ...) have no
@@ -69,6 +71,16 @@ vllm_bind_host() {  # VAR: the script's own host variable (read before VLLM_HOST
                 "sleep mode), so /sleep, /wake_up, /reset_prefix_cache and its other dev endpoints are open to every" \
                 "host that reaches this port; use a trusted network or firewall the port." >&2 ;;
     esac
+}
+
+vllm_model_source() {  # VAR MODEL: a local folder is served as is; anything else is a model-hub name to download
+    if [ -d "$2" ]; then
+        echo "[$(basename "$0")] model: local folder $2 ($1)" >&2
+    else
+        echo "[$(basename "$0")] model: $2 is not a local folder, so vLLM will DOWNLOAD it from the model hub into" \
+             "its cache (needs network access and disk space; a 32B model is ~65 GB). Set $1=/path/to/local/folder" \
+             "to serve a copy you already have." >&2
+    fi
 }
 
 vllm_run() {  # NAME cmd...
