@@ -241,8 +241,9 @@ def gather_judgements(local: Sequence[ImageJudgement], deadline: Optional[float]
 
 def model_generate_fn(model, height: int, width: int, micro_batch_size: Optional[int] = None,
                       decode_micro_batch_size: Optional[int] = None) -> GenerateFn:
-    """generate_fn on a DeepGen model: ODE (Euler) sampling with CFG against "Generate an image." (DESIGN.md
-    section 4, evaluation), one image per prompt, initial noise from a CPU generator seeded with ``seed``."""
+    """generate_fn on a DeepGen model: ODE (Euler) sampling with CFG against the empty prompt in the generation
+    template, encoded in the prompts' own batch (sampling/rollout.py ``encode_conditioning``), one image per prompt,
+    initial noise from a CPU generator seeded with ``seed``."""
     from deepgen_rl.sampling import generate_images
 
     def generate(prompts: list[str], cfg_scale: float, num_inference_steps: int, seed: int) -> list[Image.Image]:
