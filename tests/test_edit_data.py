@@ -100,8 +100,10 @@ def test_conditioning_is_encoded_once_per_prompt_and_selects_rows(model, tmp_pat
     assert len(cond) == 4 and cond.edit_rows == [2, 3]
     assert cond.reference_latents[2] is cond.reference_latents[3]  # one encoding shared by the group
     red, blue = cond.source_images[2]
-    assert red.shape == (3, 48, 80) and blue.shape == (3, 64, 64)  # 80x48 and 40x40 sources at ~64*64 px
-    assert [tuple(latent.shape) for latent in cond.reference_latents[2]] == [(16, 6, 10), (16, 8, 8)]
+    # 80x48 and 40x40 sources at ~64*64 px, sides rounded to multiples of 32 (the vision tower's 28/32 scale
+    # must give whole 14 x 2 merged patches): 80x48 * 1.03 = 83x50 -> 96x64.
+    assert red.shape == (3, 64, 96) and blue.shape == (3, 64, 64)
+    assert [tuple(latent.shape) for latent in cond.reference_latents[2]] == [(16, 8, 12), (16, 8, 8)]
     assert torch.allclose(red[:, 10, 10], torch.tensor([200, 40, 40]) / 255, atol=1 / 255)
     assert cond.select([0, 1]).dit_references() is None and cond.select([1, 2]).dit_references() is not None
     assert cond.source_pil()[3][1].size == (64, 64)

@@ -92,7 +92,7 @@ def test_text_to_image_velocity_is_bit_identical_to_the_plain_sd3_dit(model):
 
 def test_image_pads_expand_to_the_vision_tower_token_counts(model):
     texts = [edit_chat_text("add a hat", 2), edit_chat_text("remove it", 1)]
-    vision = prepare_vision_inputs(model.image_processor, texts, [_images(0, 64, 32), _images(1, 64)])
+    vision = prepare_vision_inputs(model.lmm.config.vision_config, texts, [_images(0, 64, 96), _images(1, 64)])
     merge = model.lmm.config.vision_config.spatial_merge_size
     per_image = (vision.image_grid_thw.prod(-1) // merge ** 2).tolist()
     pads = [text.count("<|image_pad|>") for text in vision.texts]

@@ -63,10 +63,12 @@ def test_prompt_template_reaches_the_tokenizer(tiny_model_args):
     model.tokenizer = Recorder()
     with torch.no_grad():
         model.encode_prompt(["a cat"])
-        model.encode_negative_prompt(2)
-    # encode_prompt tokenizes the chat texts twice: to count them against --max_prompt_length, then to encode.
-    assert seen[:-1] == [["<|im_start|>user\nGenerate an image: a cat<|im_end|>\n<|im_start|>assistant\n"]] * 2
-    assert seen[-1] == ["<|im_start|>user\nGenerate an image.<|im_end|>\n<|im_start|>assistant\n"]
+        model.encode_prompt_and_negative(["a cat"])
+    # Each call tokenizes the chat texts twice: to count them against --max_prompt_length, then to encode; the
+    # CFG negative (the empty prompt in the same template) is encoded in the prompts' batch.
+    cat = "<|im_start|>user\nGenerate an image: a cat<|im_end|>\n<|im_start|>assistant\n"
+    negative = "<|im_start|>user\nGenerate an image: <|im_end|>\n<|im_start|>assistant\n"
+    assert seen == [[cat], [cat], [cat], [cat, negative]]
 
 
 def test_fusion_layers_of_the_real_model():

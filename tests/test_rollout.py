@@ -18,10 +18,9 @@ SAMPLERS = [("cps_sde", "reference", 1.0), ("cps_sde", "exact", 0.8), ("flow_sde
 class StandInModel(nn.Module):
     """Same methods as DeepGenModel, cheap and elementwise; counts encoder calls."""
 
-    def __init__(self, negative_length: int = 3):
+    def __init__(self):
         super().__init__()
         self.scale = nn.Parameter(torch.tensor(0.5))
-        self.negative_length = negative_length
         self.encoded: list[list[str]] = []
         self.negative_calls = 0
 
@@ -39,9 +38,15 @@ class StandInModel(nn.Module):
         embeds = codes[:, :, None].expand(-1, -1, 4) / 50.0  # [B, 3, 4]
         return embeds, codes / 50.0
 
-    def encode_negative_prompt(self, batch_size):
+    def encode_prompt_and_negative(self, prompts):
+        """The prompts' embeddings and one row of the negative's, from one call (as the real model's one batch)."""
         self.negative_calls += 1
-        return torch.full((batch_size, self.negative_length, 4), -0.2), torch.full((batch_size, 3), -0.1)
+        embeds, pooled = self.encode_prompt(prompts)
+        return embeds, pooled, *self.negative(1)
+
+    @staticmethod
+    def negative(rows):
+        return torch.full((rows, 3, 4), -0.2), torch.full((rows, 3), -0.1)
 
     def predict_velocity(self, latents, sigmas, prompt_embeds, pooled):
         cond = prompt_embeds.mean(dim=(1, 2)) + pooled.sum(dim=1)
@@ -108,11 +113,10 @@ def test_stand_in_recorded_log_probs_equal_recomputed(sampler, variant, eta, cfg
     assert torch.isfinite(traj.log_probs).all()
 
 
-@pytest.mark.parametrize("negative_length", [3, 5])  # same length: one batched forward; else two forwards
-def test_cfg_combines_positive_and_negative_velocities(negative_length):
-    model = StandInModel(negative_length)
+def test_cfg_combines_positive_and_negative_velocities():
+    model = StandInModel()
     embeds, pooled = model.encode_prompt(["a", "bb"])
-    neg, neg_pooled = model.encode_negative_prompt(2)
+    neg, neg_pooled = model.negative(2)
     cond = Conditioning(embeds, pooled, neg, neg_pooled)
     x, sigma = torch.randn(2, 4, 2, 2), torch.tensor([0.7, 0.7])
     v_pos = model.predict_velocity(x, sigma, embeds, pooled)
@@ -123,10 +127,10 @@ def test_cfg_combines_positive_and_negative_velocities(negative_length):
         guided_velocity(model, x, sigma, Conditioning(embeds, pooled), 4.0)
 
 
-def test_cfg_rollout_encodes_the_negative_prompt_once():
+def test_cfg_rollout_encodes_the_negative_prompt_once_beside_the_prompts():
     model = StandInModel()
     traj = _rollout(model, cfg=3.0)
-    assert model.negative_calls == 1 and len(model.encoded) == 1
+    assert model.negative_calls == 1 and model.encoded == [["a red apple", "two cats"]]
     assert traj.conditioning.negative_prompt_embeds.shape == (6, 3, 4) and traj.settings.cfg_scale == 3.0
 
 
@@ -137,7 +141,7 @@ def test_generate_images_is_the_euler_ode_with_cfg():
                              generator=torch.Generator().manual_seed(3), micro_batch_size=1)
     x = torch.randn((2, 4, 2, 2), generator=torch.Generator().manual_seed(3))
     embeds, pooled = model.encode_prompt(prompts)
-    neg, neg_pooled = model.encode_negative_prompt(2)
+    neg, neg_pooled = model.negative(2)
     sig = model.sigma_schedule(5, 16, 16).tolist()
     for i in range(5):
         s = torch.full((2,), sig[i])

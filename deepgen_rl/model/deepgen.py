@@ -10,7 +10,11 @@ Conditioning path (docs/upstream_compatibility.md#conditioning-path), for B prom
 
 As in the reference, the whole sequence (left padding included) goes through the connector, so a prompt's
 embedding depends on the longest prompt of its batch: encode a group's prompts together and keep the
-embeddings (the rollout records them) rather than re-encoding in a different batch.
+embeddings (the rollout records them) rather than re-encoding in a different batch. For classifier-free guidance
+the negative is encoded IN THAT SAME left-padded batch, as DeepGen's ``generate`` and the DeepGen-RL trainer do
+(``prompts + cfg_prompts`` in one tokenizer call and one LLM forward): its embedding has the positives' length and
+their padding. Text-to-image negative: ``chat_text("")``; an edit's: its own source images with an empty
+instruction (prompt_format.py).
 
 Attribute names (``lmm``, ``transformer``, ``vae``, ``connector``, ``projector_1..3``, ``meta_queries``) are the
 key prefixes of real DeepGen checkpoints; do not rename them.
@@ -31,8 +35,8 @@ from .connector import ConnectorConfig, ConnectorEncoder
 from .kontext import ReferenceLatents
 # The templates live in prompt_format.py; tiny.py and model/__init__.py import them from here too.
 from .prompt_format import (CHAT_TEMPLATE, GENERATION_TEMPLATE, NEGATIVE_PROMPT, FormattedPrompts,  # noqa: F401
-                            format_edit_prompts, format_prompts, template_tokens)
-from .vision_inputs import build_image_processor, prepare_vision_inputs, scatter_image_features
+                            chat_text, format_edit_prompts, format_prompts, template_tokens)
+from .vision_inputs import prepare_vision_inputs, scatter_image_features, vision_side_multiple
 from .unreachable import freeze_dead_dit_parts, freeze_unreachable_llm_parts
 
 logger = logging.getLogger(__name__)
@@ -97,7 +101,6 @@ class DeepGenModel(nn.Module):
         self.meta_queries = nn.Parameter(torch.randn(num_queries, llm_hidden) / math.sqrt(llm_hidden))
         self.vae.requires_grad_(False)
         self.unreachable_parameters: list[str] = []
-        self.image_processor = build_image_processor(lmm.config.vision_config)
 
     # ----- properties -----
     @property
@@ -113,6 +116,13 @@ class DeepGenModel(nn.Module):
     @property
     def num_queries(self) -> int:
         return self.meta_queries.shape[0]
+
+    @property
+    def source_side_multiple(self) -> int:
+        """Edit sources' sides are multiples of this: whole DiT patches of latents (8 * patch size) and, scaled
+        by 28/32 for the vision tower, whole merged patches (model/vision_inputs.py): 32 for the real model."""
+        dit = 2 ** (len(self.vae.config.block_out_channels) - 1) * self.transformer.config.patch_size
+        return math.lcm(dit, vision_side_multiple(self.lmm.config.vision_config))
 
     # ----- training set-up -----
     def set_trainable(self, trainable_modules: str) -> list[str]:
@@ -158,24 +168,43 @@ class DeepGenModel(nn.Module):
                            formatted.texts[index])
         return formatted
 
+    def encode_prompt_and_negative(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
+        """Prompts and the CFG negative ``chat_text("")`` in ONE left-padded batch and LLM forward (the reference's
+        ``prompts + cfg_prompts``) -> (prompt_embeds [B, L, D_joint], pooled [B, D_pooled], negative_embeds
+        [1, L, D_joint], negative_pooled [1, D_pooled]). The negative is the same for every prompt, so one row of
+        it is encoded (a row's embedding depends only on its own tokens and the batch's padded length)."""
+        texts = self.format_prompts(prompts).texts + [chat_text(NEGATIVE_PROMPT)]
+        embeds, pooled = self(texts)
+        return embeds[:-1], pooled[:-1], embeds[-1:], pooled[-1:]
+
     def encode_edit_prompt(self, instructions: list[str], source_images: list[list[torch.Tensor]]
                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """Edit instructions, each with its source images [3, H, W] in [0, 1], through the vision tower and the
         LLM -> (prompt_embeds [B, P+Q, D_joint], pooled [B, D_pooled]) (Kontext,
         docs/upstream_compatibility.md#editing-kontext)."""
-        formatted = format_edit_prompts(self.tokenizer, instructions, [len(row) for row in source_images],
-                                        self.max_prompt_length)
-        return self(formatted.texts, source_images)
+        return self(self._edit_texts(instructions, source_images), source_images)
 
-    def encode_negative_prompt(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The CFG negative ``"Generate an image."`` (used as is, not wrapped in the generation template)."""
-        embeds, pooled = self([CHAT_TEMPLATE.format(input=NEGATIVE_PROMPT)])
-        return embeds.expand(batch_size, -1, -1), pooled.expand(batch_size, -1)
+    def encode_edit_prompt_and_negative(self, instructions: list[str], source_images: list[list[torch.Tensor]]
+                                        ) -> tuple[torch.Tensor, ...]:
+        """Edit instructions and their CFG negatives (each the SAME source images with an empty instruction) in
+        one left-padded batch and LLM forward, the sources through the vision tower once, as DeepGen's
+        ``generate`` -> (prompt_embeds [B, L, D_joint], pooled [B, D_pooled], negative_embeds [B, L, D_joint],
+        negative_pooled [B, D_pooled]); row b's negative carries row b's sources."""
+        texts = (self._edit_texts(instructions, source_images)
+                 + self._edit_texts([NEGATIVE_PROMPT] * len(instructions), source_images))
+        embeds, pooled = self(texts, list(source_images) * 2)
+        count = len(instructions)
+        return embeds[:count], pooled[:count], embeds[count:], pooled[count:]
+
+    def _edit_texts(self, instructions: list[str], source_images: list[list[torch.Tensor]]) -> list[str]:
+        return format_edit_prompts(self.tokenizer, instructions, [len(row) for row in source_images],
+                                   self.max_prompt_length).texts
 
     def forward(self, texts: list[str], images: list[list[torch.Tensor]] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Chat-formatted texts (and, for editing, per text its images) -> (prompt_embeds, pooled). Use
-        ``encode_prompt`` / ``encode_edit_prompt`` / ``encode_negative_prompt``.
+        ``encode_prompt`` / ``encode_prompt_and_negative`` / ``encode_edit_prompt`` /
+        ``encode_edit_prompt_and_negative``.
 
         The conditioning runs as this module's forward, not a plain method, because it reads the top-level
         parameter ``meta_queries`` directly: under DeepSpeed ZeRO-3 a module's own parameters are gathered only
@@ -186,7 +215,7 @@ class DeepGenModel(nn.Module):
             if self.lmm.model.visual is None:
                 raise RuntimeError("edit prompts need the Qwen2.5-VL vision tower, which was dropped for a "
                                    "text-to-image run (model/vision_tower.py)")
-            vision = prepare_vision_inputs(self.image_processor, texts, images)
+            vision = prepare_vision_inputs(self.lmm.config.vision_config, texts, images)
             texts = vision.texts
         return self._encode_chat_texts(texts, vision)
 
@@ -211,14 +240,16 @@ class DeepGenModel(nn.Module):
         position_ids, _ = self.lmm.model.get_rope_index(
             input_ids, attention_mask=attention_mask,
             mm_token_type_ids=torch.zeros_like(input_ids) if vision is None else (input_ids == image_token_id).long(),
-            **({} if vision is None else {"image_grid_thw": vision.image_grid_thw}),
+            **({} if vision is None else {"image_grid_thw": vision.occurrence_grid_thw}),
         )
         position_ids, attention_mask = position_ids.to(self.device), attention_mask.to(self.device)
         text_embeds = self.lmm.get_input_embeddings()(tokens.input_ids.to(self.device))
         if vision is not None:
+            # One tower pass over the distinct images; an image's tokens are reused wherever it occurs.
             features = self.lmm.model.get_image_features(vision.pixel_values.to(self.device),
                                                          vision.image_grid_thw.to(self.device)).pooler_output
-            text_embeds = scatter_image_features(text_embeds, tokens.input_ids, image_token_id, torch.cat(features))
+            occurrences = torch.cat([features[index] for index in vision.image_index])
+            text_embeds = scatter_image_features(text_embeds, tokens.input_ids, image_token_id, occurrences)
         queries = self.meta_queries[None].expand(batch, -1, -1).to(text_embeds.dtype)
         inputs_embeds = torch.cat([text_embeds, queries], dim=1)
         hidden_states = self.lmm.model.language_model(
@@ -250,7 +281,10 @@ class DeepGenModel(nn.Module):
         dtype = next(self.transformer.parameters()).dtype
         velocity = self.transformer(
             hidden_states=latents.to(dtype),
-            timestep=(sigmas * 1000.0).to(dtype),
+            # float32 as diffusers' SD3 pipeline and the reference pass it (the scheduler's timesteps): the DiT
+            # casts after its sinusoidal projection. In bf16 first, t would move by up to 1.9 and the projection
+            # by up to 43%.
+            timestep=sigmas.to(torch.float32) * 1000.0,
             encoder_hidden_states=prompt_embeds.to(dtype),
             pooled_projections=pooled.to(dtype),
             return_dict=False,
@@ -288,8 +322,7 @@ class DeepGenModel(nn.Module):
 
     @torch.no_grad()
     def encode_reference_images(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Source images [3, H, W] in [0, 1] (H, W multiples of 8 * patch size) -> DiT latents [C, h, w] each:
-        the posterior MEAN (no sampling noise: a rollout and its recompute see the same references)."""
+        """Source images [3, H, W] in [0, 1] (H, W multiples of 8 * patch size) -> DiT latents [C, h, w] each."""
         multiple = 2 ** (len(self.vae.config.block_out_channels) - 1) * self.transformer.config.patch_size
         latents = []
         for image in images:
@@ -298,6 +331,9 @@ class DeepGenModel(nn.Module):
                                  f"of {multiple} pixels for the DiT; resize it when loading the edit dataset")
             posterior = self.vae.encode((image[None] * 2 - 1).to(self.device, self.vae.dtype)).latent_dist
             config = self.vae.config
+            # DeepGen samples the posterior here; we keep its MEAN so that a rollout, its recompute and the
+            # reference model all see the same references (a fresh sample each time would make the first
+            # chunk's ratio differ from 1 by the sampling noise, not by any policy change).
             latents.append(((posterior.mean - (config.shift_factor or 0.0)) * config.scaling_factor)[0])
         return latents
 

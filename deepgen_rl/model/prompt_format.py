@@ -1,11 +1,17 @@
 """Chat-formatted prompts that fit ``--max_prompt_length`` by cutting only the user's prompt text.
 
 The LLM reads ``<|im_start|>user\\nGenerate an image: {prompt}<|im_end|>\\n<|im_start|>assistant\\n`` and then the meta
-queries (docs/upstream_compatibility.md#prompt-template). The tokenizer's own truncation cuts the END of that
-string: the ``<|im_end|>`` and the
-assistant header go first, so a long prompt conditions the model on a sequence it never saw in training. Here the
-template is always whole and only the prompt's tail is dropped, to the longest prefix whose formatted text fits;
-the meta queries are appended after the text by the model, untouched. Callers count the truncated prompts.
+queries, as the DeepGen fusion model's ``prepare_text2image_prompts`` formats them; an edit reads
+``<|im_start|>user\\n{vision blocks}\\n{instruction}<|im_end|>...`` (its ``prepare_image2image_prompts``).
+The classifier-free-guidance negative is the same template with an EMPTY prompt (``chat_text("")``, user text
+``Generate an image: ``; for an edit, the vision blocks of the same sources and an empty instruction): the text
+DeepGen's SFT put in place of a caption for its unconditional dropout, so the unconditional embedding the weights
+know.
+
+The tokenizer's own truncation cuts the END of a chat text: the ``<|im_end|>`` and the assistant header go first,
+so a long prompt conditions the model on a sequence it never saw in training. Here the template is always whole
+and only the prompt's tail is dropped, to the longest prefix whose formatted text fits; the meta queries are
+appended after the text by the model, untouched. Callers count the truncated prompts.
 """
 
 from __future__ import annotations
@@ -15,10 +21,11 @@ from typing import Sequence
 
 CHAT_TEMPLATE = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"
 GENERATION_TEMPLATE = "Generate an image: {input}"
-NEGATIVE_PROMPT = "Generate an image."
+# The CFG negative's prompt (text-to-image) and instruction (edit): empty, in the same template as the positives.
+NEGATIVE_PROMPT = ""
 # Editing: each source image as Qwen2.5-VL's vision block (its pad is expanded to the image's token count by
-# model/vision_inputs.py), then the instruction as written; the images come first, as Qwen2.5-VL's chat template
-# places them.
+# model/vision_inputs.py), the blocks back to back, then a newline and the instruction as written (the layout
+# DeepGen was trained on: ``f"{image_tokens}\\n{instruction}"``).
 VISION_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
@@ -29,7 +36,7 @@ def chat_text(prompt: str) -> str:
 
 def edit_chat_text(instruction: str, num_images: int) -> str:
     """The LLM input text of an edit instruction over ``num_images`` source images (pads not yet expanded)."""
-    return CHAT_TEMPLATE.format(input=VISION_PLACEHOLDER * num_images + instruction)
+    return CHAT_TEMPLATE.format(input=VISION_PLACEHOLDER * num_images + "\n" + instruction)
 
 
 def num_tokens(tokenizer, text: str) -> int:

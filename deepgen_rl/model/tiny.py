@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLFo
 from ..config import CHECKPOINT_ENV, QWEN_ENV, SD3_ENV
 from .checkpoint_keys import to_reference_keys
 from .connector import ConnectorConfig
-from .deepgen import CHAT_TEMPLATE, GENERATION_TEMPLATE, NEGATIVE_PROMPT, DeepGenModel
+from .deepgen import CHAT_TEMPLATE, GENERATION_TEMPLATE, DeepGenModel
 from .kontext import SD3Transformer2DKontextModel
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,9 @@ QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_
                        "<|image_pad|>", "<|video_pad|>"]
 _TOKENIZER_CORPUS = [
     CHAT_TEMPLATE.format(input=GENERATION_TEMPLATE.format(input="a red apple on a wooden table")),
-    CHAT_TEMPLATE.format(input=NEGATIVE_PROMPT),
+    # A fixed line of the corpus that decides the tiny vocabulary (it was once the CFG negative): changing it would
+    # change every tiny token id, and with them every golden value of the tests.
+    CHAT_TEMPLATE.format(input="Generate an image."),
     "A cat holding a sign that says \"Hello DeepGen\" in a sunny street, photo, cartoon, painting.",
     "the quick brown fox jumps over the lazy dog; blue sky, green grass, two pandas, a robot, a city at night.",
 ]

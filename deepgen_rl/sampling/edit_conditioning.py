@@ -61,9 +61,10 @@ def _to_pil(image: torch.Tensor) -> Image.Image:
 
 def build_edit_conditioning(model, samples: Sequence[PromptSample], group_size: int,
                             target_area: int) -> EditConditioning:
-    """Per prompt (B samples), its sources decoded at ~``target_area`` pixels (sides multiples of the DiT's
-    8 * patch size) and VAE-encoded, repeated for its ``group_size`` rows -> N = B * G rows."""
-    multiple = 2 ** (len(model.vae.config.block_out_channels) - 1) * model.transformer.config.patch_size
+    """Per prompt (B samples), its sources decoded at ~``target_area`` pixels (sides multiples of
+    ``model.source_side_multiple``: 32 for the real model, the unit DeepGen resizes its sources to) and
+    VAE-encoded, repeated for its ``group_size`` rows -> N = B * G rows."""
+    multiple = model.source_side_multiple
     sources, latents = [], []
     for sample in samples:
         images = [load_source_image(path, target_area, multiple) for path in sample.source_images]

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from deepgen_rl.sampling.edit_conditioning import EditConditioning
-from deepgen_rl.sampling.mixed_conditioning import MixedConditioning, encode_edit_aware
+from deepgen_rl.sampling.mixed_conditioning import MixedConditioning, encode_edit_aware, encode_kind
 from deepgen_rl.sampling.steps import (
     LOGPROB_VARIANTS,
     SAMPLERS,
@@ -48,9 +48,10 @@ def guided_velocity(model, latents: Tensor, sigma: Tensor, cond: Conditioning, c
     """Model velocity with optional classifier-free guidance, in fp32.
 
     latents: [n, C, h, w] (fp32; cast to the model dtype for the forward); sigma: [n]; cond: n rows.
-    cfg_scale > 0: v = v_neg + cfg * (v_pos - v_neg) (one batched forward when the prompt and negative sequences
-    have the same length, else two). Rollout and training both call this, so their velocities match exactly.
-    Edit rows pass their reference latents to the DiT; a MixedConditioning runs one pass per prompt kind.
+    cfg_scale > 0: v = v_neg + cfg * (v_pos - v_neg), positives and negatives in one batched DiT forward (the
+    negative was encoded in the positives' batch, so it has their length; edit rows' negatives get the same
+    reference latents, as DeepGen's pipeline doubles its ``cond_latents``). Rollout and training both call this,
+    so their velocities match exactly. A MixedConditioning runs one pass per prompt kind.
     """
     if isinstance(cond, MixedConditioning):
         return cond.combine(lambda rows, part: guided_velocity(model, latents[rows], sigma[rows], part, cfg_scale,
@@ -64,16 +65,12 @@ def guided_velocity(model, latents: Tensor, sigma: Tensor, cond: Conditioning, c
     if neg is None or neg_pooled is None:
         raise ValueError("cfg_scale > 0 needs negative-prompt embeddings in the conditioning "
                          "(encode_conditioning with cfg_scale > 0 adds them).")
-    if neg.shape[1:] == cond.prompt_embeds.shape[1:]:
-        v = model.predict_velocity(
-            torch.cat([x, x]), torch.cat([sigma, sigma]),
-            torch.cat([cond.prompt_embeds, neg]), torch.cat([cond.pooled, neg_pooled]),
-            **_dit_refs(None if refs is None else refs + refs),
-        ).float()
-        v_pos, v_neg = v.chunk(2)
-    else:
-        v_pos = model.predict_velocity(x, sigma, cond.prompt_embeds, cond.pooled, **_dit_refs(refs)).float()
-        v_neg = model.predict_velocity(x, sigma, neg, neg_pooled, **_dit_refs(refs)).float()
+    v = model.predict_velocity(
+        torch.cat([x, x]), torch.cat([sigma, sigma]),
+        torch.cat([cond.prompt_embeds, neg]), torch.cat([cond.pooled, neg_pooled]),
+        **_dit_refs(None if refs is None else refs + refs),
+    ).float()
+    v_pos, v_neg = v.chunk(2)
     return v_neg + cfg_scale * (v_pos - v_neg)
 
 
@@ -84,24 +81,15 @@ def _dit_refs(references: Optional[list]) -> dict:
 
 def encode_conditioning(model, prompts: Sequence[str], group_size: int, cfg_scale: float,
                         edit: Optional[EditConditioning] = None) -> Conditioning:
-    """Encode the B unique prompts once (one ``encode_prompt`` call) and repeat each G times -> N rows.
+    """Encode the B unique prompts once (one LLM forward) and repeat each G times -> N rows.
 
-    With cfg_scale > 0 the negative prompt is encoded once and expanded (a view) to N rows. ``edit`` (N rows):
-    edit prompts go through the vision tower in their own forward (sampling/mixed_conditioning.py).
+    With cfg_scale > 0 the negative ``chat_text("")`` rides in that same left-padded forward and is expanded (a
+    view) to N rows. ``edit`` (N rows): edit prompts go through the vision tower in their own forward, each with
+    its own negative (sampling/mixed_conditioning.py).
     """
     if edit is not None and edit.edit_rows:
         return encode_edit_aware(model, prompts, group_size, cfg_scale, edit)
-    prompt_embeds, pooled = model.encode_prompt(list(prompts))  # [B, L, D], [B, D']
-    num = len(prompts) * group_size
-    neg = neg_pooled = None
-    if cfg_scale > 0:
-        neg_one, neg_pooled_one = model.encode_negative_prompt(1)  # [1, L', D], [1, D']
-        neg = neg_one.expand(num, *neg_one.shape[1:])
-        neg_pooled = neg_pooled_one.expand(num, *neg_pooled_one.shape[1:])
-    return Conditioning(
-        prompt_embeds=repeat_groups(prompt_embeds, group_size), pooled=repeat_groups(pooled, group_size),
-        negative_prompt_embeds=neg, negative_pooled=neg_pooled,
-    )
+    return encode_kind(model, prompts, None, group_size, cfg_scale)
 
 
 def initial_noise(num_prompts: int, group_size: int, latent_shape: tuple[int, int, int], *, same_in_group: bool,

@@ -44,10 +44,11 @@ class SamplerSettings:
 class Conditioning:
     """Text conditioning of n samples (n = N or a micro-batch of it).
 
-    prompt_embeds: [n, L, D]; pooled: [n, D']; negative_*: the CFG "Generate an image." embeddings
-    ([n, L', D], [n, D'], possibly expanded views) or None when CFG is off. references: editing only, per row
-    its source latents [C, h_r, w_r] for the DiT (both CFG branches see them: only the text is dropped), None for
-    text-to-image (whose DiT call then stays diffusers' SD3 forward).
+    prompt_embeds: [n, L, D]; pooled: [n, D']; negative_*: the CFG negatives' embeddings ([n, L, D], [n, D'],
+    possibly expanded views; encoded in the positives' batch, so of the same length L) or None when CFG is off:
+    ``chat_text("")`` for text-to-image, the row's own sources with an empty instruction for an edit.
+    references: editing only, per row its source latents [C, h_r, w_r] for the DiT (both CFG branches see them:
+    only the instruction is dropped), None for text-to-image (whose DiT call then stays diffusers' SD3 forward).
     """
 
     prompt_embeds: Tensor
