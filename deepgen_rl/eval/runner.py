@@ -10,7 +10,8 @@ report; rank 0 writes the files).
 Deadline (``--eval_timeout``, 0 = none): local work stops by ``deadline - reserve`` (no new batch is generated,
 no judge attempt starts, unanswered requests are abandoned and reported as failed), and the gather waits
 behind a ``monitored_barrier`` (on a gloo group made for this evaluation) whose timeout ends at the deadline;
-a rank that did not arrive is reported (``EvalReport.complete = False``, its images counted as missing)
+a rank that did not arrive is reported (``EvalReport.complete = False``, its images counted as missing; an image the
+judge failed on also makes the evaluation incomplete)
 instead of blocking the others. Under ZeRO-3 (``lockstep=True``: partitioned parameters, every forward is
 collective) the ranks run the same padded batch plan and take every stop decision together (``sharding.py``);
 a rank that raises inside a forward still leaves the others waiting until the process group's timeout.
@@ -104,8 +105,11 @@ def run_evaluation(generate_fn: GenerateFn, judge_args: JudgeArguments, eval_arg
     judgements = sort_judgements(judgements)
     reports = [DatasetReport(spec=d.spec, scores=aggregate_dataset(d.spec.name, judgements),
                              planned_images=len(d.prompts) * d.spec.duplicates) for d in datasets]
+    # Complete = every planned image judged: a run whose judge was unreachable scored nothing and must not read
+    # as a finished evaluation (eval/complete 1.0 over failed images, as it once did).
+    every_image_judged = all(r.scores.failed_images == 0 and r.missing_images == 0 for r in reports)
     report = EvalReport(step=step, datasets=reports, elapsed_s=time.monotonic() - start, world_size=world_size,
-                        complete=complete, output_dir=None if output_dir is None else str(output_dir),
+                        complete=complete and every_image_judged, output_dir=None if output_dir is None else str(output_dir),
                         judgements=judgements)
     if rank == 0 and output_dir is not None:
         write_report(report, output_dir)
