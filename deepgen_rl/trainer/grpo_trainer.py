@@ -138,7 +138,8 @@ class DeepGenGRPOTrainer:
             init_same_noise=args.init_same_noise, generator=generator,
             micro_batch_size=args.rollout_micro_batch_size, sde_window=window,
             on_micro_batch=None if stream is None else stream.on_micro_batch,
-            record_means=args.atrain_algorithm == "grpoguard", edit=edit)
+            record_means=args.atrain_algorithm == "grpoguard", edit=edit,
+            forward_rows=None if self.nft is not None else self.plan.forward_rows(args.rollout_micro_batch_size))
         truncated = sum(self.model.format_prompts([s.prompt for s in samples]).truncated)
         batch = RolloutBatch(samples=samples, trajectory=trajectory, truncated_prompts=truncated, sde_window=window,
                              rewards_in_flight=stream)
@@ -332,7 +333,10 @@ class DeepGenGRPOTrainer:
         self._last_saved_step = self.state.global_step
 
     def close(self) -> None:
-        """Release the reward clients' threads/connections."""
+        """Release the reward clients' threads/connections and the eval hook's own clients."""
         close = getattr(self.reward_step, "close", None)
         if close is not None:
             close()
+        close_eval = getattr(self.eval_hook, "close", None)  # a plain function hook (tests) owns nothing
+        if close_eval is not None:
+            close_eval()
