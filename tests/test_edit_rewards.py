@@ -218,3 +218,30 @@ def test_eval_only_edit_judge_is_built_only_when_evaluation_runs_and_closed_with
             assert not training_reward.chat._client.is_closed
         finally:
             training_reward.close()
+
+
+def test_eval_cli_evaluates_the_shipped_edit_set_with_no_unigenbench_judge(judge, tmp_path):
+    """``python -m deepgen_rl.eval`` on the shipped edit eval YAML (edit sets only): the tiny model edits the first
+    example, the stand-in edit judge scores it, and no UniGenBench judge is asked for."""
+    import json
+    import os
+    import subprocess
+
+    from tests.conftest import REPO_ROOT
+
+    before = judge.stats()["counts"].get("make the circle blue", 0)  # the first example's instruction
+    config = REPO_ROOT / "assets" / "rl_datasets" / "edit_example" / "edit_eval.yaml"
+    out = tmp_path / "cli_out"
+    result = subprocess.run(
+        [sys.executable, "-m", "deepgen_rl.eval", "--tiny", "--output_dir", str(out), "--eval_dataset_config",
+         str(config), "--eval_max_prompts", "1", "--edit_judge_url", judge.url, "--reward_health_timeout", "10",
+         "--unigenbench_api_url", f"http://127.0.0.1:{free_port()}"],  # nobody listens: it must not be needed
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "edit_eval.json").read_text())
+    assert metrics["eval/edit_example/judged_images"] == 1.0 and metrics["eval/edit_example/failed_images"] == 0.0
+    assert 0.0 <= metrics["eval/edit_example/edit_score"] <= 1.0
+    assert '"eval/edit_example/edit_score"' in result.stdout
+    assert judge.stats()["counts"]["make the circle blue"] == before + 1  # one edit, one judge request
+    assert not (out / "report.json").exists()  # no UniGenBench set: no UniGenBench report
