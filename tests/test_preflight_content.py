@@ -60,7 +60,8 @@ def test_edit_rows_without_an_ocr_target_are_named_with_their_lines(tmp_path):
     (tmp_path / "edits.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
     for name, rewards in (("with_ocr", "[{ocr: 0.5}, {jpeg_compressibility: 0.5}]"),
                           ("no_ocr", "[{jpeg_compressibility: 1.0}]")):
-        (tmp_path / f"{name}.yaml").write_text(f"datasets:\n  - {{name: {name}, path: edits.jsonl, rewards: {rewards}}}\n")
+        (tmp_path / f"{name}.yaml").write_text(
+            f"datasets:\n  - {{name: {name}, path: edits.jsonl, rewards: {rewards}}}\n")
     problems = check_prompt_contents(load_dataset_config(tmp_path / "with_ocr.yaml"))
     assert len(problems) == 1, problems
     edits = tmp_path / "edits.jsonl"
