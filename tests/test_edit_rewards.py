@@ -221,8 +221,9 @@ def test_eval_only_edit_judge_is_built_only_when_evaluation_runs_and_closed_with
 
 
 def test_eval_cli_evaluates_the_shipped_edit_set_with_no_unigenbench_judge(judge, tmp_path):
-    """``python -m deepgen_rl.eval`` on the shipped edit eval YAML (edit sets only): the tiny model edits the first
-    example, the stand-in edit judge scores it, and no UniGenBench judge is asked for."""
+    """``python -m deepgen_rl.eval`` on an eval YAML of edit sets only (the shipped example edits, 2 steps instead of
+    the shipped YAML's 50 to keep the test short): the tiny model edits the first example, the stand-in edit judge
+    scores it, and no UniGenBench judge is asked for."""
     import json
     import os
     import subprocess
@@ -230,7 +231,10 @@ def test_eval_cli_evaluates_the_shipped_edit_set_with_no_unigenbench_judge(judge
     from tests.conftest import REPO_ROOT
 
     before = judge.stats()["counts"].get("make the circle blue", 0)  # the first example's instruction
-    config = REPO_ROOT / "assets" / "rl_datasets" / "edit_example" / "edit_eval.yaml"
+    edits = REPO_ROOT / "assets" / "rl_datasets" / "edit_example" / "edits.jsonl"
+    config = tmp_path / "edit_eval.yaml"
+    config.write_text(f"datasets:\n  - {{name: edit_example, path: {edits}, cfg_scale: 4.0, num_inference_steps: 2, "
+                      "duplicates: 1, scoring: edit_judge}\n")
     out = tmp_path / "cli_out"
     result = subprocess.run(
         [sys.executable, "-m", "deepgen_rl.eval", "--tiny", "--output_dir", str(out), "--eval_dataset_config",
