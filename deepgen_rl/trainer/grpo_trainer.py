@@ -55,7 +55,7 @@ from .step_metrics import PhaseTimer
 from .streaming import RewardStream, decode_chunks, log_chunking, reward_chunks
 from .trainable import LoraSettings, configure_trainable
 from .update_plan import OptimizerStepRecord
-from .updater import SKIPPED_UPDATE, StepUpdate, draw_update
+from .updater import SKIPPED_UPDATE, StepUpdate, draw_update, first_chunk_warning
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +195,9 @@ class DeepGenGRPOTrainer:
                                                                   sftaux=self.sftaux_sampler is not None):
             self._train_timestep(ctx, step_index, chunks, denominator, last_backward=last)
         metrics = ctx.policy_metrics(lr)
+        warning = None if self.nft is not None else first_chunk_warning(ctx.first_deviation, args.clip_range)
+        if warning is not None:
+            logger.warning("step %d: %s", step, warning)
         if self.sftaux_sampler is not None:
             metrics["loss/sft"] = ctx.sftaux_backward(self._sftaux_loss(step), args.sftaux_coef)
         metrics.update(ctx.finish(args.beta))
