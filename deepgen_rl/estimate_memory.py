@@ -315,7 +315,11 @@ def candidate_changes(shape: RunShape) -> list[tuple[str, RunShape]]:
     micro = args.atrain_micro_batch_size
     while micro > 1:
         micro //= 2
-        changes.append((f"--atrain_micro_batch_size {micro}", _with_arg(shape, atrain_micro_batch_size=micro)))
+        # Below the rollout micro-batch the rollout's DiT forwards shrink to the chunk too (BatchPlan.forward_rows,
+        # so the first chunk's ratio stays 1 in bf16): same FLOPs, smaller kernels; the user should know.
+        cost = (f" (the rollout's DiT forwards shrink to {micro} rows too: same FLOPs, smaller kernels)"
+                if micro < args.rollout_micro_batch_size else "")
+        changes.append((f"--atrain_micro_batch_size {micro}{cost}", _with_arg(shape, atrain_micro_batch_size=micro)))
     if args.rollout_micro_batch_size > 8:
         changes.append(("--rollout_micro_batch_size 8", _with_arg(shape, rollout_micro_batch_size=8)))
     if shape.zero_stage < 3:

@@ -107,6 +107,7 @@ def build_trainer(args: GRPOConfig, model_args: ModelArguments, data_args: DataA
     prompt_sampler = PromptSampler(dataset_config, seed=args.seed, rank=rank)
     rewards = build_rewards(dataset_config.reward_names, reward_args, model_args.clip_model_name_or_path, device)
     reward_step = RewardStep(rewards, dataset_config.reward_names, deadline_s=args.reward_step_deadline or None)
+    eval_hook = None
     try:
         sftaux_sampler = None
         if args.sftaux_coef > 0:
@@ -121,17 +122,19 @@ def build_trainer(args: GRPOConfig, model_args: ModelArguments, data_args: DataA
                 print(note, file=sys.stderr if note.startswith("!") else sys.stdout, flush=True)
         model = load_deepgen_model(model_args, device=device)  # straight to this rank's GPU: little host RAM
         lora = LoraSettings(model_args.lora_rank, model_args.lora_alpha) if model_args.use_lora else None
+        # The edit sets' judge is built only once evaluation is known to run (the hook closes an eval-only one).
+        eval_hook = build_eval_hook(args, data_args, judge_args, eval_args, vllm_reward_urls(rewards),
+                                    lambda: edit_judge_for_eval(data_args.eval_dataset_config, reward_args, rewards))
         return DeepGenGRPOTrainer(
             model, args, prompt_sampler=prompt_sampler, reward_step=reward_step,
             num_prompts=sum(prompt_sampler.sizes), trainable_modules=model_args.trainable_modules, lora=lora,
-            sftaux_sampler=sftaux_sampler,
-            eval_hook=build_eval_hook(args, data_args, judge_args, eval_args, vllm_reward_urls(rewards),
-                                      edit_judge_for_eval(data_args.eval_dataset_config if args.eval_freq else "",
-                                                          reward_args, rewards)),
+            sftaux_sampler=sftaux_sampler, eval_hook=eval_hook,
             tracker=TrackerSettings.from_env(args.report_to, args.run_name, os.environ),
         )
     except BaseException:
         reward_step.close()
+        if eval_hook is not None:
+            eval_hook.close()
         raise
 
 

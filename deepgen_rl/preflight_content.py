@@ -4,7 +4,8 @@ Each of these inputs used to pass start-up and fail later, after every rank had 
 never fail at all (issue 11 item 10):
 
 * an empty prompt file, or one that is not UTF-8;
-* an OCR dataset whose prompts carry no double-quoted target text: every ``ocr`` score of such a prompt fails,
+* an OCR dataset whose prompts carry no double-quoted target text (an edit: no ``target_text`` either): every
+  ``ocr`` score of such a prompt fails,
   so an OCR-only dataset skips every step and the run "succeeds" without training;
 * an eval CSV whose ``sub_dims`` JSON is broken (found only at the first evaluation);
 * a CHECKPOINT that torch refuses to load weights-only (pickled code, a truncated or foreign file).
@@ -76,12 +77,21 @@ def check_prompt_file(entry: DatasetEntry, config_source: Path) -> list[str]:
 
 
 def check_edit_file(entry: DatasetEntry, where: str) -> list[str]:
-    """An edit JSONL is parsed as training would read it (errors name file, line and key)."""
+    """An edit JSONL is parsed as training would read it (errors name file, line and key); with an ``ocr`` reward
+    every edit needs a target: its ``target_text``, else a double-quoted span of its instruction (what the OCR
+    reward falls back to), or every ocr score of that edit fails."""
     try:
-        read_edit_file(entry.path, entry.name)
+        edits = read_edit_file(entry.path, entry.name)
     except (ValueError, FileNotFoundError) as err:  # UnicodeDecodeError is a ValueError
         return [f"edit file of {where}: {err}"]
-    return []
+    if entry.rewards.get("ocr", 0.0) <= 0:
+        return []
+    untargeted = [edit.line for edit in edits if edit.target_text is None and not extract_targets(edit.instruction)]
+    if not untargeted:
+        return []
+    return [f"{len(untargeted)} of {len(edits)} edits of {where} have no target text for its ocr reward (weight "
+            f"{entry.rewards['ocr']:g}), so every such sample would fail: {_named(entry.path, untargeted)}. Give each "
+            "a \"target_text\" (the text the edited image must show) or drop the ocr reward from that dataset."]
 
 
 def check_prompt_contents(dataset: DatasetConfig) -> list[str]:

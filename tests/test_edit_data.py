@@ -212,3 +212,33 @@ def test_preflight_parses_edit_eval_sets(tmp_path):
     (tmp_path / "edits" / "edits.jsonl").write_text('{"instruction": "x"}\n')
     problem = check_eval_contents(str(tmp_path / "eval.yaml"))
     assert "my_edits (scoring: edit_judge)" in problem and "edits.jsonl:1" in problem and "--eval_freq 0" in problem
+
+
+def test_shipped_edit_example_mixes_with_text_to_image_and_its_sources_are_our_renderings():
+    """assets/rl_datasets/edit_example: the mixed training YAML and the edit eval YAML load and pass the preflight;
+    every source image is the synthetic renderer's drawing of the scene its file name spells, pixel for pixel
+    (scripts/make_edit_example.py writes them)."""
+    import numpy as np
+
+    from deepgen_rl.eval.edit_eval import load_edit_eval_sets
+    from deepgen_rl.preflight_content import check_eval_contents, check_prompt_contents
+    from deepgen_rl.rewards.synthetic import render_prompt
+    from tests.conftest import REPO_ROOT
+
+    folder = REPO_ROOT / "assets" / "rl_datasets" / "edit_example"
+    config = load_dataset_config(folder / "edit_mixed.yaml", validate_paths=True)
+    assert [(entry.name, entry.is_edit) for entry in config.datasets] == [("synthetic", False), ("edit_example", True)]
+    assert check_prompt_contents(config) == [] and check_eval_contents(str(folder / "edit_eval.yaml")) is None
+    samples = PromptSampler(config, seed=0).sample(40)
+    assert {s.dataset for s in samples} == {"synthetic", "edit_example"}
+    (edit_set,) = load_edit_eval_sets(folder / "edit_eval.yaml")
+    edits = read_edit_file(folder / "edits.jsonl", "edit_example")
+    assert len(edits) == 8 and edit_set.prompts == tuple(edits)
+    for edit in edits:
+        (source,) = edit.source_images
+        # "red_circle_left__blue_square_right.png" -> "a red circle on the left, a blue square on the right"
+        scene = ", ".join(f"a {colour} {shape} on the {side}"
+                          for colour, shape, side in (part.split("_") for part in source.stem.split("__")))
+        with Image.open(source) as image:
+            assert image.size == (128, 128)
+            assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(render_prompt(scene, 128, 128))), source

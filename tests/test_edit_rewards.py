@@ -166,3 +166,86 @@ def test_edit_eval_set_is_generated_and_judged_over_http(judge, tmp_path):
     assert metrics["eval/my_edits/edit_score"] == pytest.approx(sum(expected) / 2, abs=1e-6)
     assert metrics["eval/my_edits/judged_images"] == 2.0 and metrics["eval/my_edits/failed_images"] == 2.0
     assert (tmp_path / "out" / "edit_eval.json").is_file()
+
+
+def test_eval_only_edit_judge_is_built_only_when_evaluation_runs_and_closed_with_the_trainer(judge, tmp_path):
+    """The eval YAML's edit sets need the edit judge: a run whose evaluation is off (--eval_freq 0, or the
+    UniGenBench judge unreachable) builds no client for them; one built for evaluation alone is closed with the
+    trainer, while a training reward's client is left to the reward step."""
+    from types import SimpleNamespace
+
+    from deepgen_rl.config import DataArguments, EvalArguments, GRPOConfig, JudgeArguments
+    from deepgen_rl.eval.edit_eval import edit_judge_for_eval
+    from deepgen_rl.trainer.eval_hook import build_eval_hook
+    from deepgen_rl.trainer.grpo_trainer import DeepGenGRPOTrainer
+    from tests.servers.fake_judge import FakeJudge
+    from tests.test_eval_runner import SERVED
+
+    gray(90).save(tmp_path / "src.png")
+    (tmp_path / "edits.jsonl").write_text('{"instruction": "brighten it", "source_images": ["src.png"]}\n')
+    (tmp_path / "eval.yaml").write_text("datasets:\n  - {name: my_edits, path: edits.jsonl, cfg_scale: 0.0, "
+                                        "num_inference_steps: 2, duplicates: 1, scoring: edit_judge}\n")
+    data_args = DataArguments(eval_dataset_config=str(tmp_path / "eval.yaml"))
+    built = []
+
+    def factory(rewards=None):
+        def make():
+            built.append(edit_judge_for_eval(data_args.eval_dataset_config, reward_args(judge.url), rewards or {}))
+            return built[-1]
+        return make
+
+    def hook_for(eval_freq: int, unigenbench_url: str, rewards=None):
+        args = GRPOConfig(output_dir=str(tmp_path / "run"), eval_freq=eval_freq, report_to="none")
+        judge_args = JudgeArguments(unigenbench_api_url=unigenbench_url, unigenbench_model_name=SERVED,
+                                    judge_health_timeout=0.5)
+        return build_eval_hook(args, data_args, judge_args, EvalArguments(), edit_judge=factory(rewards))
+
+    assert hook_for(0, f"http://127.0.0.1:{free_port()}") is None
+    assert hook_for(2, f"http://127.0.0.1:{free_port()}") is None  # judge unreachable: evaluation is off
+    assert built == []
+    with FakeJudge(served_model_name=SERVED) as unigenbench:
+        hook = hook_for(2, unigenbench.url)
+        (eval_only,) = built
+        assert eval_only.owned and hook.owned_clients == [eval_only.client]
+        assert not eval_only.client.chat._client.is_closed
+        DeepGenGRPOTrainer.close(SimpleNamespace(reward_step=None, eval_hook=hook))
+        assert eval_only.client.chat._client.is_closed
+        training_reward = build_rewards(["edit_vlm_judge"], reward_args(judge.url))["edit_vlm_judge"]
+        try:
+            shared = hook_for(2, unigenbench.url, {"edit_vlm_judge": training_reward})
+            assert built[-1].client is training_reward and not built[-1].owned and shared.owned_clients == []
+            shared.close()
+            assert not training_reward.chat._client.is_closed
+        finally:
+            training_reward.close()
+
+
+def test_eval_cli_evaluates_the_shipped_edit_set_with_no_unigenbench_judge(judge, tmp_path):
+    """``python -m deepgen_rl.eval`` on an eval YAML of edit sets only (the shipped example edits, 2 steps instead of
+    the shipped YAML's 50 to keep the test short): the tiny model edits the first example, the stand-in edit judge
+    scores it, and no UniGenBench judge is asked for."""
+    import json
+    import os
+    import subprocess
+
+    from tests.conftest import REPO_ROOT
+
+    before = judge.stats()["counts"].get("make the circle blue", 0)  # the first example's instruction
+    edits = REPO_ROOT / "assets" / "rl_datasets" / "edit_example" / "edits.jsonl"
+    config = tmp_path / "edit_eval.yaml"
+    config.write_text(f"datasets:\n  - {{name: edit_example, path: {edits}, cfg_scale: 4.0, num_inference_steps: 2, "
+                      "duplicates: 1, scoring: edit_judge}\n")
+    out = tmp_path / "cli_out"
+    result = subprocess.run(
+        [sys.executable, "-m", "deepgen_rl.eval", "--tiny", "--output_dir", str(out), "--eval_dataset_config",
+         str(config), "--eval_max_prompts", "1", "--edit_judge_url", judge.url, "--reward_health_timeout", "10",
+         "--unigenbench_api_url", f"http://127.0.0.1:{free_port()}"],  # nobody listens: it must not be needed
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "edit_eval.json").read_text())
+    assert metrics["eval/edit_example/judged_images"] == 1.0 and metrics["eval/edit_example/failed_images"] == 0.0
+    assert 0.0 <= metrics["eval/edit_example/edit_score"] <= 1.0
+    assert '"eval/edit_example/edit_score"' in result.stdout
+    assert judge.stats()["counts"]["make the circle blue"] == before + 1  # one edit, one judge request
+    assert not (out / "report.json").exists()  # no UniGenBench set: no UniGenBench report

@@ -11,7 +11,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 import deepgen_rl.estimate_memory as estimate_module
-from deepgen_rl.config import GRPOConfig
+from deepgen_rl.config import GRPOConfig, ModelArguments
 from deepgen_rl.estimate_memory import GIB, dit_train_activation_bytes, estimate_memory, main
 from deepgen_rl.model.meta_memory import block_peak_bytes, distinct_blocks, measured_activation_peak
 from deepgen_rl.model.published_configs import SD35M_KONTEXT_TRANSFORMER_CONFIG
@@ -184,3 +184,19 @@ def test_help_lists_the_estimator_flags_first(capsys):
     first = [out.index(flag) for flag in ("--num_gpus", "--gpu_memory_gib", "--prompt_tokens")]
     assert max(first) < out.index("--rollout_n") < out.index("--learning_rate")
     assert "--per_device_train_batch_size" not in out  # refused inherited flags are hidden, as in the trainer's
+
+
+def test_a_smaller_training_chunk_says_what_it_costs_the_rollout(guide_args):
+    # Guide defaults: rollout micro-batch 32, chunk 32 -> 16, 8, 4, 2, 1; each is below the rollout micro-batch,
+    # so each says that the rollout's forwards shrink to it (BatchPlan.forward_rows).
+    from deepgen_rl.estimate_memory import RunShape, candidate_changes
+
+    labels = [flags for flags, _ in candidate_changes(RunShape(guide_args, ModelArguments(), zero_stage=2))]
+    chunk = [label for label in labels if label.startswith("--atrain_micro_batch_size")]
+    assert [label.split()[1] for label in chunk] == ["16", "8", "4", "2", "1"]
+    for label in chunk:
+        rows = label.split()[1]
+        assert label.endswith(f"(the rollout's DiT forwards shrink to {rows} rows too: same FLOPs, smaller kernels)")
+    wide = dataclasses.replace(guide_args, rollout_micro_batch_size=8)
+    labels = [flags for flags, _ in candidate_changes(RunShape(wide, ModelArguments(), zero_stage=2))]
+    assert "--atrain_micro_batch_size 16" in labels and "--atrain_micro_batch_size 8" in labels  # not below: no cost

@@ -47,6 +47,29 @@ def test_empty_file_and_ocr_prompts_without_quoted_text_are_named_with_their_lin
     assert ":1" not in unquoted and ":5" not in unquoted
 
 
+def test_edit_rows_without_an_ocr_target_are_named_with_their_lines(tmp_path):
+    # An edit's OCR target is its target_text, else a quoted span of its instruction; with neither, every ocr
+    # score of that edit fails. Line 2 is blank, so the untargeted edits are on file lines 3 and 5.
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(tmp_path / "red.png")
+    rows = ['{"instruction": "write OPEN on it", "source_images": ["red.png"], "target_text": "OPEN"}', "",
+            '{"instruction": "make it green", "source_images": ["red.png"]}',
+            '{"instruction": "add a sign reading \\"HI\\"", "source_images": ["red.png"]}',
+            '{"instruction": "add a label", "source_images": ["red.png"]}']
+    (tmp_path / "edits.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    for name, rewards in (("with_ocr", "[{ocr: 0.5}, {jpeg_compressibility: 0.5}]"),
+                          ("no_ocr", "[{jpeg_compressibility: 1.0}]")):
+        (tmp_path / f"{name}.yaml").write_text(
+            f"datasets:\n  - {{name: {name}, path: edits.jsonl, rewards: {rewards}}}\n")
+    problems = check_prompt_contents(load_dataset_config(tmp_path / "with_ocr.yaml"))
+    assert len(problems) == 1, problems
+    edits = tmp_path / "edits.jsonl"
+    assert f"{edits}:3, {edits}:5." in problems[0] and "2 of 4 edits of dataset 'with_ocr'" in problems[0]
+    assert "target_text" in problems[0] and "ocr reward (weight 0.5)" in problems[0]
+    assert check_prompt_contents(load_dataset_config(tmp_path / "no_ocr.yaml")) == []  # no ocr: no target needed
+
+
 def test_non_utf8_prompt_file_names_the_line(tmp_path):
     config = load_dataset_config(_dataset_yaml(tmp_path, {"latin": ("ok\n", {"jpeg_compressibility": 1.0})}))
     (tmp_path / "latin.txt").write_bytes(b"first\nsecond\ncaf\xe9 sign\n")

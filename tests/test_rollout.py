@@ -250,3 +250,29 @@ def test_tiny_model_dynamic_shift_follows_the_image_size(tiny_model):
     t = torch.linspace(1.0, 1.0 / 1000, 4, dtype=torch.float64)
     expected = torch.cat([math.exp(mu) / (math.exp(mu) + 1 / t - 1), torch.zeros(1, dtype=torch.float64)])
     torch.testing.assert_close(sigmas.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk, cfg", [(1, 3.0), (4, 0.0)])
+def test_bf16_training_chunks_recompute_the_recorded_log_probs_whatever_their_size(tiny_model, chunk, cfg):
+    """In bf16 a DiT forward's result depends on how many rows it runs, so a log-prob recorded in a forward of the
+    rollout micro-batch (6 rows here) and recomputed in a training chunk of another size moved the first chunk's
+    ratio off 1 by 3e-5 (no CFG) to 2e-4 (CFG 4) on the tiny model, i.e. 30-230% of --clip_range 1e-4 (README).
+    Recorded with the chunk's forward size (``forward_rows``, the trainer's BatchPlan.forward_rows), every chunk
+    of the training chunking recomputes its recorded log-probs to fp32 rounding: the same fp32 formula on the same
+    bf16 velocity, so at most a few ulps of |log_prob| (bound: 16 ulps, eps_fp32 = 2^-23)."""
+    from copy import deepcopy
+
+    model = deepcopy(tiny_model).to(torch.bfloat16)
+    traj = rollout(model, ["a red apple", "two cats"], group_size=3, sampler="cps_sde", eta=1.0,
+                   logprob_variant="reference", num_inference_steps=4, height=64, width=64, cfg_scale=cfg,
+                   init_same_noise=False, generator=torch.Generator().manual_seed(0), micro_batch_size=6,
+                   forward_rows=min(chunk, 6))
+    assert traj.settings.forward_rows == min(chunk, 6)
+    with torch.no_grad():
+        for step in range(traj.num_steps - 1):
+            for start in range(0, 6, chunk):
+                rows = slice(start, start + chunk)
+                old = traj.log_probs[rows, step]
+                bound = 16 * 2.0 ** -23 * float(old.abs().max().clamp(min=1.0))
+                deviation = (recompute_step(model, traj, step, rows).log_prob - old).abs().max()
+                assert float(deviation) <= bound, (step, rows, float(deviation), bound)

@@ -335,3 +335,12 @@ def test_trailing_mean_by_hand():
     assert trailing_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert trailing_mean([1.0, 3.0, 5.0], 1) == [1.0, 3.0, 5.0]
     assert trailing_mean([2.0, 4.0, 9.0], 5) == [2.0, 3.0, 5.0]
+
+
+def test_first_chunk_deviation_above_a_tenth_of_the_clip_range_is_warned():
+    from deepgen_rl.trainer.updater import first_chunk_warning
+
+    assert first_chunk_warning(0.0, 1e-4) is None and first_chunk_warning(float("nan"), 1e-4) is None
+    assert first_chunk_warning(9.9e-6, 1e-4) is None  # 9.9% of the clip range
+    message = first_chunk_warning(1.4e-5, 1e-4)  # the bf16 run: 14%
+    assert message is not None and "1.4e-05 (14% of --clip_range 0.0001)" in message

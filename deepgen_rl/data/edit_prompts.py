@@ -32,6 +32,7 @@ class EditPrompt:
     instruction: str
     source_images: tuple[Path, ...]  # absolute paths, first = the image being edited
     target_text: Optional[str] = None
+    line: int = 0  # 1-based line of the JSONL file (0: not read from a file), for messages naming it
 
 
 def _bad(path: Path, line: int, message: str) -> ValueError:
@@ -62,7 +63,7 @@ def parse_edit_line(path: Path, line: int, text: str) -> EditPrompt:
     target = record.get("target_text")
     if target is not None and not isinstance(target, str):
         raise _bad(path, line, f"'target_text' must be a string when given, got {target!r}")
-    return EditPrompt(instruction.strip(), resolved, target)
+    return EditPrompt(instruction.strip(), resolved, target, line)
 
 
 def read_edit_file(path: Path, dataset: str) -> list[EditPrompt]:

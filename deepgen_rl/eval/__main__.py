@@ -1,4 +1,4 @@
-"""Evaluate a DeepGen checkpoint (or the built-in tiny model) on UniGenBench against a running judge.
+"""Evaluate a DeepGen checkpoint (or the built-in tiny model) on UniGenBench and on edit sets against running judges.
 
     # the judge: bash scripts/eval_unigenbench_evalmodel.sh   (vLLM)
     export SD3_5_MODEL_NAME_OR_PATH=... QWEN2_5_VL_MODEL_NAME_OR_PATH=... CHECKPOINT=...
@@ -13,12 +13,16 @@
     python -m deepgen_rl.eval --tiny --output_dir /tmp/eval_tiny --eval_max_prompts 4
 
 Writes report.json, summary.csv, judgements.csv and samples/ into --output_dir and prints the accuracies.
+Edit sets (eval YAML entries with ``scoring: edit_judge``: an edit JSONL, eval/edit_eval.py) are edited by the model
+and scored by the edit VLM judge (--edit_judge_url / EDIT_JUDGE_URL, as in training); their metrics are printed and
+written to edit_eval.json. A YAML of edit sets only needs no UniGenBench judge.
 Model flags (--sd3_model_name_or_path, --checkpoint, ...), judge flags (--unigenbench_api_url,
 --unigenbench_model_name, --judge_timeout, ...) and evaluation flags (--eval_max_prompts, --eval_timeout,
 --eval_num_sample_images) are the training run's; --eval_dataset_config picks the YAML.
-Exit status: 0 when the evaluation is complete (every planned image judged), 1 otherwise: an image the judge
-could not score (no judge reachable, a malformed reply after retries) or a rank that did not report makes the
-report incomplete (``complete: false``, ``eval/complete: 0``), and the accuracies then cover the judged images.
+Exit status: 0 when the evaluation is complete (every planned image judged, in UniGenBench and edit sets alike),
+1 otherwise: an image the judge could not score (no judge reachable, a malformed reply after retries) or a rank that
+did not report makes the report incomplete (``complete: false``, ``eval/complete: 0``), and the accuracies then cover
+the judged images.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import Optional
 
 from transformers import HfArgumentParser
 
-from deepgen_rl.config import DataArguments, EvalArguments, GRPOConfig, JudgeArguments, ModelArguments
+from deepgen_rl.config import DataArguments, EvalArguments, GRPOConfig, JudgeArguments, ModelArguments, RewardArguments
 
 logger = logging.getLogger("deepgen_rl.eval")
 
@@ -151,22 +155,26 @@ def _print_summary(report) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = HfArgumentParser((EvalCliArguments, ModelArguments, DataArguments, JudgeArguments, EvalArguments),
+    parser = HfArgumentParser((EvalCliArguments, ModelArguments, DataArguments, JudgeArguments, EvalArguments,
+                               RewardArguments),  # the edit judge's flags (--edit_judge_url ...), as in training
                               prog="python -m deepgen_rl.eval",
                               description=__doc__, formatter_class=_HelpFormatter)
     try:
-        cli, model_args, data_args, judge_args, eval_args = parser.parse_args_into_dataclasses(args=argv)
+        cli, model_args, data_args, judge_args, eval_args, reward_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as err:  # a bad value: its message, not a traceback through the dataclasses
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per judge request otherwise
 
     from deepgen_rl.eval.dataset import load_eval_datasets
+    from deepgen_rl.eval.edit_eval import load_edit_eval_sets
 
-    datasets = load_eval_datasets(data_args.eval_dataset_config, eval_args.eval_max_prompts)  # bad YAML fails first
+    # A bad YAML, CSV or edit JSONL fails here, before any model loads.
+    datasets = load_eval_datasets(data_args.eval_dataset_config, eval_args.eval_max_prompts)
+    edit_sets = load_edit_eval_sets(data_args.eval_dataset_config, eval_args.eval_max_prompts)
     device = _setup_distributed(cli.device)
     try:
-        return _evaluate(cli, model_args, judge_args, eval_args, datasets, device)
+        return _evaluate(cli, model_args, judge_args, eval_args, datasets, device, edit_sets, reward_args)
     finally:
         from deepgen_rl.distributed import destroy
 
@@ -174,7 +182,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _evaluate(cli: EvalCliArguments, model_args: ModelArguments, judge_args: JudgeArguments, eval_args: EvalArguments,
-              datasets, device) -> int:
+              datasets, device, edit_sets=(), reward_args: Optional[RewardArguments] = None) -> int:
     from deepgen_rl.distributed import rank_and_world
     from deepgen_rl.eval.runner import GenerationSettings, model_generate_fn, run_evaluation
 
@@ -184,12 +192,38 @@ def _evaluate(cli: EvalCliArguments, model_args: ModelArguments, judge_args: Jud
     settings = GenerationSettings(height=height, width=width, seed=cli.seed, micro_batch_size=cli.micro_batch_size,
                                   decode_micro_batch_size=cli.vae_decode_micro_batch_size)
     model = _build_model(cli, model_args, device)
-    report = run_evaluation(model_generate_fn(model, height, width, cli.micro_batch_size,
-                                              cli.vae_decode_micro_batch_size),
-                            judge_args, eval_args, datasets, settings, cli.output_dir, cli.step)
+    ok = True
+    if datasets:  # a YAML of edit sets only needs no UniGenBench judge
+        report = run_evaluation(model_generate_fn(model, height, width, cli.micro_batch_size,
+                                                  cli.vae_decode_micro_batch_size),
+                                judge_args, eval_args, datasets, settings, cli.output_dir, cli.step)
+        if rank_and_world()[0] == 0:
+            _print_summary(report)
+        ok = report.complete
+    if edit_sets:
+        ok = _evaluate_edits(model, edit_sets, reward_args or RewardArguments(), settings, cli.output_dir) and ok
+    return 0 if ok else 1
+
+
+def _evaluate_edits(model, edit_sets, reward_args: RewardArguments, settings, output_dir: str) -> bool:
+    """Edit and judge every edit set (eval/edit_eval.py); prints the metrics; True when every edit was judged."""
+    from deepgen_rl.distributed import rank_and_world
+    from deepgen_rl.eval.edit_eval import evaluate_edit_sets
+    from deepgen_rl.eval.report import METRIC_PREFIX
+    from deepgen_rl.rewards.registry import build_rewards
+
+    judge = build_rewards(["edit_vlm_judge"], reward_args, "", "cpu")["edit_vlm_judge"]  # waits for /health
+    try:
+        metrics = evaluate_edit_sets(model, judge, edit_sets, height=settings.height, width=settings.width,
+                                     seed=settings.seed, micro_batch_size=settings.micro_batch_size,
+                                     output_dir=output_dir)
+    finally:
+        judge.close()
     if rank_and_world()[0] == 0:
-        _print_summary(report)
-    return 0 if report.complete else 1
+        print(json.dumps(metrics, indent=1, ensure_ascii=False))
+    # Complete = every edit judged, as for UniGenBench: a failed edit makes the evaluation incomplete.
+    return all(metrics.get(f"{METRIC_PREFIX}/{s.spec.name}/failed_images", 1.0) == 0
+               and metrics.get(f"{METRIC_PREFIX}/{s.spec.name}/judged_images", 0.0) > 0 for s in edit_sets)
 
 
 if __name__ == "__main__":

@@ -114,16 +114,26 @@ def evaluate_edit_sets(model, judge, sets: Sequence[EditEvalSet], *, height: int
     return metrics
 
 
-def edit_judge_for_eval(eval_config: str, reward_args, rewards) -> Optional[object]:
+@dataclass(frozen=True)
+class EvalEditJudge:
+    """The judge of the eval YAML's edit sets. ``owned``: built for evaluation alone, so whoever evaluates closes it
+    (a training reward's client belongs to the reward step, which closes it)."""
+
+    client: object
+    owned: bool
+
+
+def edit_judge_for_eval(eval_config: str, reward_args, rewards) -> Optional[EvalEditJudge]:
     """The edit judge of the eval YAML's edit sets: the run's ``edit_vlm_judge`` reward client when it trains with
-    one, else a client built from the reward flags (--edit_judge_url ...); None when no entry is an edit set."""
+    one, else a client built from the reward flags (--edit_judge_url ...; waits for its /health); None when no
+    entry is an edit set. Call it only once evaluation is known to run: the client it builds is the caller's."""
     if not eval_config or not any(spec.scoring == EDIT_SCORING for spec in load_eval_config(eval_config)):
         return None
     if "edit_vlm_judge" in rewards:
-        return rewards["edit_vlm_judge"]
+        return EvalEditJudge(rewards["edit_vlm_judge"], owned=False)
     from deepgen_rl.rewards.registry import build_rewards
 
-    return build_rewards(["edit_vlm_judge"], reward_args, "", "cpu")["edit_vlm_judge"]
+    return EvalEditJudge(build_rewards(["edit_vlm_judge"], reward_args, "", "cpu")["edit_vlm_judge"], owned=True)
 
 
 def evaluate_edits_now(model, training_args, judge, sets: Sequence[EditEvalSet], step: int) -> dict[str, float]:

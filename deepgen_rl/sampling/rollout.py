@@ -44,7 +44,7 @@ from deepgen_rl.sampling.trajectory import (
 
 
 def guided_velocity(model, latents: Tensor, sigma: Tensor, cond: Conditioning, cfg_scale: float,
-                    model_dtype: Optional[torch.dtype] = None) -> Tensor:
+                    model_dtype: Optional[torch.dtype] = None, forward_rows: Optional[int] = None) -> Tensor:
     """Model velocity with optional classifier-free guidance, in fp32.
 
     latents: [n, C, h, w] (fp32; cast to the model dtype for the forward); sigma: [n]; cond: n rows.
@@ -52,7 +52,11 @@ def guided_velocity(model, latents: Tensor, sigma: Tensor, cond: Conditioning, c
     negative was encoded in the positives' batch, so it has their length; edit rows' negatives get the same
     reference latents, as DeepGen's pipeline doubles its ``cond_latents``). Rollout and training both call this,
     so their velocities match exactly. A MixedConditioning runs one pass per prompt kind.
+    ``forward_rows``: at most this many rows per forward (SamplerSettings.forward_rows; None: all n at once).
     """
+    if forward_rows is not None and latents.shape[0] > forward_rows:
+        return torch.cat([guided_velocity(model, latents[rows], sigma[rows], cond.select(rows), cfg_scale, model_dtype)
+                          for rows in split_rows(latents.shape[0], forward_rows)])
     if isinstance(cond, MixedConditioning):
         return cond.combine(lambda rows, part: guided_velocity(model, latents[rows], sigma[rows], part, cfg_scale,
                                                                model_dtype), latents)
@@ -128,7 +132,7 @@ def denoise_loop(model, x: Tensor, cond: Conditioning, sigmas: Tensor, settings:
     if latents_out is not None and start == 0:
         x = latents_out[0].copy_(x)
     for i in range(num_steps):
-        v = guided_velocity(model, x, sigma_rows[i], cond, settings.cfg_scale, dtype)
+        v = guided_velocity(model, x, sigma_rows[i], cond, settings.cfg_scale, dtype, settings.forward_rows)
         slot = None if latents_out is None or not start <= i + 1 <= end else latents_out[i + 1 - start]
         if not (sde and start <= i < end):
             x = step_mean(x, v, coefs[i])
@@ -194,7 +198,8 @@ def rollout(model, prompts: Sequence[str], *, group_size: int, sampler: Sampler,
             init_same_noise: bool, generator: torch.Generator, micro_batch_size: Optional[int] = None,
             sde_window: Optional[tuple[int, int]] = None,
             on_micro_batch: Optional[Callable[[slice, Tensor], None]] = None,
-            record_means: bool = False, edit: Optional[EditConditioning] = None) -> Trajectory:
+            record_means: bool = False, edit: Optional[EditConditioning] = None,
+            forward_rows: Optional[int] = None) -> Trajectory:
     """Sample G images for each of the B unique ``prompts`` and record the trajectory.
 
     Returns a :class:`Trajectory` with N = B * G rows (prompt b's samples at rows b*G .. b*G + G - 1).
@@ -205,14 +210,18 @@ def rollout(model, prompts: Sequence[str], *, group_size: int, sampler: Sampler,
     micro-batch with its rows and final latents [n, C, h, w] (the trainer streams them to the rewards).
     ``record_means``: also keep every step's Gaussian mean (``Trajectory.means``; GRPO-Guard needs mean_old).
     ``edit``: the N rows' source conditioning (``build_edit_conditioning``) when a prompt is an edit.
+    ``forward_rows``: rows per DiT forward inside a micro-batch (None: the whole micro-batch); the trainer passes
+    its training chunk's forward size, which ``recompute_step`` reuses (``SamplerSettings.forward_rows``).
     Images are not decoded here: the trainer decodes x_T in its own phase (:func:`decode_images`).
     """
     _validate(sampler, logprob_variant, eta, num_inference_steps, group_size, cfg_scale, len(prompts))
     start, end = (0, num_inference_steps) if sde_window is None else sde_window
     if not 0 <= start < end <= num_inference_steps:
         raise ValueError(f"sde_window {sde_window} must satisfy 0 <= start < end <= {num_inference_steps} steps.")
+    if forward_rows is not None and forward_rows < 1:
+        raise ValueError(f"forward_rows must be a positive integer or None; got {forward_rows}.")
     settings = SamplerSettings(sampler=sampler, eta=float(eta), logprob_variant=logprob_variant,
-                               cfg_scale=float(cfg_scale))
+                               cfg_scale=float(cfg_scale), forward_rows=forward_rows)
     device = model.device
     with torch.no_grad():
         cond = encode_conditioning(model, prompts, group_size, cfg_scale, edit)
@@ -262,7 +271,8 @@ class RecomputedStep:
 
 def recompute_step(model, trajectory: Trajectory, step: int, rows: Rows = slice(None)) -> RecomputedStep:
     """Re-run the model on the recorded x_step of ``rows`` and score the recorded transition (same arithmetic as
-    the rollout, so with unchanged weights and the same micro-batch the log-prob equals the recorded one)."""
+    the rollout, and forwards of the rollout's ``forward_rows``, so with unchanged weights the log-prob equals the
+    recorded one)."""
     settings = trajectory.settings
     if settings.sampler == "ode":
         raise ValueError("an ODE trajectory has no log-probs to recompute; roll out with cps_sde, flow_sde or "
@@ -270,7 +280,8 @@ def recompute_step(model, trajectory: Trajectory, step: int, rows: Rows = slice(
     x, x_next = trajectory.transition(step, rows)
     sigma, sigma_next = trajectory.sigma_pair(step)
     sigma_vec = trajectory.sigmas[step].to(x.device).expand(x.shape[0])
-    v = guided_velocity(model, x, sigma_vec, trajectory.conditioning.select(rows), settings.cfg_scale)
+    v = guided_velocity(model, x, sigma_vec, trajectory.conditioning.select(rows), settings.cfg_scale,
+                        forward_rows=settings.forward_rows)
     coefs = step_coefficients(settings.sampler, sigma, sigma_next, eta=settings.eta,
                               sigma_max=trajectory.sigma_max)
     mean = step_mean(x, v, coefs)

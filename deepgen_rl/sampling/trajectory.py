@@ -38,6 +38,10 @@ class SamplerSettings:
     eta: float
     logprob_variant: LogProbVariant
     cfg_scale: float  # 0 = no CFG
+    # Rows per DiT forward (None: a micro-batch at once). In bf16 a forward's result depends on how many rows it
+    # runs (the kernels block differently), so the rollout records with the training chunk's forward size and
+    # the training recompute uses the same: the first chunk's ratio is then 1 to fp32 rounding in bf16 too.
+    forward_rows: Optional[int] = None
 
 
 @dataclass(frozen=True)

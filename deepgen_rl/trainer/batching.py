@@ -71,6 +71,16 @@ class BatchPlan:
         """DeepSpeed's bookkeeping identity train_batch_size = micro x GAS x world size."""
         return self.train_micro_batch_size * self.gradient_accumulation_steps * self.world_size
 
+    def forward_rows(self, rollout_micro_batch_size: int) -> int:
+        """Rows per DiT forward, the same in the rollout and in training: min(training chunk, rollout micro-batch).
+
+        In bf16 a forward's result depends on its row count, so a log-prob recorded in a forward of another size
+        than the training chunk's moves the first chunk's ratio off 1 by far more than fp32 rounding (README,
+        "bf16 and the first chunk's ratio"). A smaller chunk therefore splits the rollout's forwards to its size,
+        and a larger one runs its forward in pieces of the rollout's size; the FLOPs are the same, the kernels
+        smaller."""
+        return min(self.train_micro_batch_size, rollout_micro_batch_size)
+
     @property
     def prompts_per_step(self) -> int:
         """Prompts consumed by one optimizer step over all ranks (B x W)."""

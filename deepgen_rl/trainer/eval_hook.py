@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -22,6 +22,9 @@ from deepgen_rl.config import DataArguments, EvalArguments, GRPOConfig, JudgeArg
 
 from ..distributed import all_reduce_flag, is_distributed, rank_and_world
 from .deepspeed_setup import load_deepspeed_config, zero_stage
+
+if TYPE_CHECKING:
+    from deepgen_rl.eval.edit_eval import EvalEditJudge
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +57,30 @@ def _unavailable_reason(args: GRPOConfig, data_args: DataArguments, judge_args: 
     return None
 
 
+class PeriodicEval:
+    """The trainer's eval hook, ``hook(model, step) -> metrics``, with the clients built for evaluation alone (an
+    eval-only edit judge): ``close()`` releases them with the trainer."""
+
+    def __init__(self, hook: EvalHook, owned_clients: Sequence = ()) -> None:
+        self.hook, self.owned_clients = hook, list(owned_clients)
+
+    def __call__(self, model: torch.nn.Module, step: int) -> Mapping[str, float]:
+        return self.hook(model, step)
+
+    def close(self) -> None:
+        for client in self.owned_clients:
+            client.close()
+        self.owned_clients = []
+
+
 def build_eval_hook(args: GRPOConfig, data_args: DataArguments, judge_args: JudgeArguments,
                     eval_args: EvalArguments, vllm_reward_urls: Sequence[str] = (),
-                    edit_judge=None) -> Optional[EvalHook]:
+                    edit_judge: Callable[[], Optional["EvalEditJudge"]] = lambda: None) -> Optional[PeriodicEval]:
     """``hook(model, step) -> metrics`` (every rank calls it), or None with one warning when evaluation cannot
     run; None without a word when --eval_freq is 0. ``vllm_reward_urls``: the vLLM reward servers of this run
-    (what --vllm_sleep_switching puts to sleep around evaluation); ``edit_judge``: for the eval YAML's edit sets."""
+    (what --vllm_sleep_switching puts to sleep around evaluation); ``edit_judge``: builds the judge of the eval
+    YAML's edit sets, called only once evaluation is on (an eval-only client is never built for a run that does not
+    evaluate; the returned hook's ``close`` closes it)."""
     rank, _ = rank_and_world()
     if not args.eval_freq:
         if eval_args.vllm_sleep_switching and rank == 0:
@@ -75,7 +96,21 @@ def build_eval_hook(args: GRPOConfig, data_args: DataArguments, judge_args: Judg
     from deepgen_rl.eval import make_eval_hook
 
     lockstep = zero_stage(load_deepspeed_config(args.deepspeed)) >= 3
-    hook = make_eval_hook(args, data_args, judge_args, eval_args, lockstep=lockstep, edit_judge=edit_judge)
+    edit = edit_judge()
+    owned = [edit.client] if edit is not None and edit.owned else []
+    try:
+        hook = make_eval_hook(args, data_args, judge_args, eval_args, lockstep=lockstep,
+                              edit_judge=None if edit is None else edit.client)
+        return PeriodicEval(_with_switching(hook, eval_args, vllm_reward_urls, judge_args, rank), owned)
+    except BaseException:
+        for client in owned:
+            client.close()
+        raise
+
+
+def _with_switching(hook: EvalHook, eval_args: EvalArguments, vllm_reward_urls: Sequence[str],
+                    judge_args: JudgeArguments, rank: int) -> EvalHook:
+    """``hook`` as is, or with --vllm_sleep_switching between the judge and the reward servers around it."""
     if not eval_args.vllm_sleep_switching:
         return hook
     from deepgen_rl.eval.switching import VllmSleepSwitch

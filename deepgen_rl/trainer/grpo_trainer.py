@@ -55,7 +55,7 @@ from .step_metrics import PhaseTimer
 from .streaming import RewardStream, decode_chunks, log_chunking, reward_chunks
 from .trainable import LoraSettings, configure_trainable
 from .update_plan import OptimizerStepRecord
-from .updater import SKIPPED_UPDATE, StepUpdate, draw_update
+from .updater import SKIPPED_UPDATE, StepUpdate, draw_update, first_chunk_warning
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,8 @@ class DeepGenGRPOTrainer:
             init_same_noise=args.init_same_noise, generator=generator,
             micro_batch_size=args.rollout_micro_batch_size, sde_window=window,
             on_micro_batch=None if stream is None else stream.on_micro_batch,
-            record_means=args.atrain_algorithm == "grpoguard", edit=edit)
+            record_means=args.atrain_algorithm == "grpoguard", edit=edit,
+            forward_rows=None if self.nft is not None else self.plan.forward_rows(args.rollout_micro_batch_size))
         truncated = sum(self.model.format_prompts([s.prompt for s in samples]).truncated)
         batch = RolloutBatch(samples=samples, trajectory=trajectory, truncated_prompts=truncated, sde_window=window,
                              rewards_in_flight=stream)
@@ -194,6 +195,9 @@ class DeepGenGRPOTrainer:
                                                                   sftaux=self.sftaux_sampler is not None):
             self._train_timestep(ctx, step_index, chunks, denominator, last_backward=last)
         metrics = ctx.policy_metrics(lr)
+        warning = None if self.nft is not None else first_chunk_warning(ctx.first_deviation, args.clip_range)
+        if warning is not None:
+            logger.warning("step %d: %s", step, warning)
         if self.sftaux_sampler is not None:
             metrics["loss/sft"] = ctx.sftaux_backward(self._sftaux_loss(step), args.sftaux_coef)
         metrics.update(ctx.finish(args.beta))
@@ -332,7 +336,10 @@ class DeepGenGRPOTrainer:
         self._last_saved_step = self.state.global_step
 
     def close(self) -> None:
-        """Release the reward clients' threads/connections."""
+        """Release the reward clients' threads/connections and the eval hook's own clients."""
         close = getattr(self.reward_step, "close", None)
         if close is not None:
             close()
+        close_eval = getattr(self.eval_hook, "close", None)  # a plain function hook (tests) owns nothing
+        if close_eval is not None:
+            close_eval()

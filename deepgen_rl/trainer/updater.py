@@ -27,6 +27,21 @@ logger = logging.getLogger(__name__)
 
 # train_phase's metrics when no sample of any rank has a reward (no update at all).
 SKIPPED_UPDATE = {"train/skipped": 1.0, "train/step_applied": 0.0, "train/optimizer_steps": 0.0}
+# The share of --clip_range above which the first chunk's ratio deviation is warned about.
+FIRST_CHUNK_WARN_SHARE = 0.1
+
+
+def first_chunk_warning(deviation: float, clip_range: float) -> Optional[str]:
+    """Why the step's first chunk is suspicious, or None. Its weights are those that recorded the log-probs and it
+    recomputes with the rollout's forward size (SamplerSettings.forward_rows), so max |ratio - 1| is fp32 rounding;
+    above FIRST_CHUNK_WARN_SHARE x --clip_range the clip would act on numerical noise, not on the policy's change
+    (e.g. kernels that depend on more than a forward's row count)."""
+    if not deviation > FIRST_CHUNK_WARN_SHARE * clip_range:  # NaN (no chunk) never warns
+        return None
+    return (f"the first training chunk's ratio deviates from 1 by {deviation:.3g} ({deviation / clip_range:.0%} of "
+            f"--clip_range {clip_range:g}) before any update: the recorded log-probs do not match the training "
+            "forward, so the clip acts on numerical noise (README, \"bf16 and the first chunk's ratio\"); a run "
+            "with --model_dtype float32 shows whether bf16 kernels cause it.")
 
 
 def draw_update(args, plan: BatchPlan, sde_window: Optional[tuple[int, int]], step: int, rank: int,
