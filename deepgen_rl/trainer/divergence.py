@@ -18,6 +18,7 @@ step ("OVERFLOW! Skipping step"); the run still reached --max_steps, exited 0 an
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
@@ -102,22 +103,22 @@ class WeightCheck:
 def check_trained_weights(model: torch.nn.Module, device) -> WeightCheck:
     """Collective: are the trained parameters (``requires_grad``) finite on every rank, and their L2 norm.
 
-    Under ZeRO-3 each rank holds a partition (``ds_tensor``) and the norms add up over ranks; otherwise every rank
-    holds the whole parameter and rank 0's norm is the norm."""
-    squares = torch.zeros((), dtype=torch.float64, device=device)
-    bad: list[str] = []
-    partitioned = False
+    One fp64-accumulated norm per parameter (no copy of the weights): it is finite exactly when every value is, as
+    squares of bf16/fp32 values cannot overflow fp64. Under ZeRO-3 each rank holds a partition (``ds_tensor``) and
+    the squared norms add up over ranks; otherwise every rank holds the whole parameter."""
+    names, norms, partitioned = [], [], False
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         tensor = getattr(param, "ds_tensor", None)
         partitioned = partitioned or tensor is not None
-        tensor = (param if tensor is None else tensor).detach()
-        if not bool(torch.isfinite(tensor).all()):
-            bad.append(name)
-        squares += torch.linalg.vector_norm(tensor, dtype=torch.float64).to(device) ** 2
-    local = torch.tensor([float(len(bad)), float(squares) if partitioned else 0.0], dtype=torch.float64)
-    totals = all_reduce_sum(local, device)
+        names.append(name)
+        norms.append(torch.linalg.vector_norm((param if tensor is None else tensor).detach(), dtype=torch.float64))
+    norms_cpu = torch.stack(norms).cpu() if norms else torch.zeros(0, dtype=torch.float64)  # one device sync
+    bad = [name for name, norm in zip(names, norms_cpu.tolist()) if not math.isfinite(norm)]
+    squares = float(norms_cpu.pow(2).sum())
+    totals = all_reduce_sum(torch.tensor([float(len(bad)), squares if partitioned else 0.0], dtype=torch.float64),
+                            device)
     finite = float(totals[0]) == 0
-    norm = float(totals[1]) ** 0.5 if partitioned else float(squares) ** 0.5
+    norm = (float(totals[1]) if partitioned else squares) ** 0.5
     return WeightCheck(finite=finite, norm=norm if finite else float("nan"), bad=tuple(bad[:5]))

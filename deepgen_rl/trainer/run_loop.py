@@ -15,8 +15,7 @@ from tqdm.auto import tqdm
 from deepgen_rl.rewards.reward_step import RewardBatch
 from deepgen_rl.trainer.edit_rollout import group_sources
 
-from ..distributed import SEED_ROLLOUT, derive_seed, seeded_generator
-from ..distributed import barrier
+from ..distributed import SEED_ROLLOUT, barrier, derive_seed, seeded_generator
 from . import checkpointing, run_checkpoints, run_folder
 from .divergence import TrainingDiverged, stop_message
 from .ema import ema_sample_images
@@ -112,8 +111,9 @@ def check_divergence(trainer: "DeepGenGRPOTrainer", metrics: dict) -> None:
     checkpoint (no checkpoint is written from diverged weights)."""
     reason = trainer.skip_budget.update(trainer.state.global_step, metrics)
     if reason is None:
-        if trainer.skip_budget.causes and trainer.rank == 0:
-            step, why = trainer.skip_budget.causes[-1]
+        step = trainer.state.global_step
+        if trainer.skip_budget.causes and trainer.skip_budget.causes[-1][0] == step and trainer.rank == 0:
+            why = trainer.skip_budget.causes[-1][1]
             logger.warning("step %d applied no optimizer step (%s); %d of --max_skipped_steps %d in a row.", step,
                            why, len(trainer.skip_budget.causes), trainer.args.max_skipped_steps)
         return
