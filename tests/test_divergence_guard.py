@@ -159,5 +159,7 @@ def test_learning_rate_1e10_stops_with_exit_4_and_latest_resumes_before_the_dive
     assert len(moved) == 1 and sorted(p.name for p in moved[0].glob("checkpoint-*")) == ["checkpoint-2",
                                                                                          "checkpoint-3"]
     assert str(moved[0]) in message
+    beat = json.loads((out / "heartbeats" / "rank-0.json").read_text())  # the run's heartbeat: its last phase
+    assert beat["rank"] == 0 and beat["step"] == 3 and beat["phase"] == "save"  # step 3 was saved, then stopped
     state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
     assert state["weights_finite"] is True and state["trained_weight_norm"] > 0

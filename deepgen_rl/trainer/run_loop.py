@@ -52,11 +52,11 @@ def run(trainer: "DeepGenGRPOTrainer", resume_from_checkpoint: Optional[str]) ->
                disable=trainer.rank != 0 or bool(args.disable_tqdm))
     heartbeat = Heartbeat(args.output_dir, trainer.rank, trainer.world_size, args.stall_report_s,
                           watch=trainer.rank == 0)
-    trainer.timer.on_phase = lambda phase: heartbeat.beat(phase, trainer.state.global_step + 1)
+    trainer.timer.on_phase = heartbeat.beat  # each timed phase (and "save") of the step _steps last announced
     try:
         if args.eval_before_train and trainer.state.global_step == 0:  # a fresh run's baseline, not on resume
             trainer._eval_before_train(metrics_logger)
-        stopped = _steps(trainer, metrics_logger, bar)
+        stopped = _steps(trainer, metrics_logger, bar, heartbeat)
         if stopped or run_checkpoints.save_strategy(args) != "no":
             trainer.save()
     except Exception:
@@ -84,11 +84,12 @@ def _best_effort(action, what: str) -> None:
         logger.error("could not %s: %s: %s", what, type(err).__name__, err)
 
 
-def _steps(trainer: "DeepGenGRPOTrainer", metrics_logger: MetricsLogger, bar) -> bool:
+def _steps(trainer: "DeepGenGRPOTrainer", metrics_logger: MetricsLogger, bar, heartbeat: Heartbeat) -> bool:
     """GRPO steps until --max_steps; True when a SIGTERM stopped the run first."""
     with GracefulStop() as stop:
         trainer._stop = stop
         while trainer.state.global_step < trainer.max_steps:
+            heartbeat.beat("step start", trainer.state.global_step + 1)
             start = checkpointing.StepStart.capture(trainer.prompt_sampler, trainer.sftaux_sampler)
             try:
                 metrics, batch, rewards = trainer.training_step()
