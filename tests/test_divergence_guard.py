@@ -163,3 +163,13 @@ def test_learning_rate_1e10_stops_with_exit_4_and_latest_resumes_before_the_dive
     assert beat["rank"] == 0 and beat["step"] == 3 and beat["phase"] == "save"  # step 3 was saved, then stopped
     state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
     assert state["weights_finite"] is True and state["trained_weight_norm"] > 0
+
+
+def test_guard_flags_parse_with_their_defaults_and_refuse_negative_values():
+    from deepgen_rl.config import parse_args
+
+    args = parse_args(["--output_dir", "out", "--overwrite_output_dir"])[0]
+    assert (args.overwrite_output_dir, args.max_skipped_steps, args.stall_report_s) == (True, 3, 600.0)
+    for flag in ("--max_skipped_steps", "--stall_report_s"):
+        with pytest.raises(ValueError, match=f"{flag} must be >= 0"):
+            parse_args(["--output_dir", "out", flag, "-1"])

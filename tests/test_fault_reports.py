@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,8 +32,8 @@ class FullDiskEngine:
     device = "cpu"
 
     def save_checkpoint(self, folder, tag, exclude_frozen_parameters):
-        (checkpointing.Path(folder) / tag).mkdir(parents=True)
-        (checkpointing.Path(folder) / tag / "mp_rank_00_model_states.pt").write_bytes(b"half a shard")
+        (Path(folder) / tag).mkdir(parents=True)
+        (Path(folder) / tag / "mp_rank_00_model_states.pt").write_bytes(b"half a shard")
         raise OSError(errno.ENOSPC, "No space left on device")
 
 
