@@ -65,7 +65,8 @@ class RunFlags:
         default=600.0,
         metadata={"help": "Each rank writes <output_dir>/heartbeats/rank-R.json at every phase; when ranks have "
                   "waited this many seconds for one that is behind, rank 0 logs which rank stalled, on which host, "
-                  "in which phase and step (and again when the run fails, e.g. at --ddp_timeout). 0: no watchdog."},
+                  "in which phase and step (and again when the run fails, e.g. at --ddp_timeout). At most half of "
+                  "--ddp_timeout is used. 0: no watchdog."},
     )
     # --- end divergence guard ---
     # --- EMA of the trained modules (issue 13, trainer/ema.py) ---

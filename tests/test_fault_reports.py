@@ -16,7 +16,7 @@ import torch
 from deepgen_rl import grpo_deepgen
 from deepgen_rl.trainer import checkpointing, failure_budget
 from deepgen_rl.trainer.divergence import TrainingDiverged
-from deepgen_rl.trainer.heartbeat import Beat, Heartbeat, stall_report
+from deepgen_rl.trainer.heartbeat import Beat, Heartbeat, stall_report, watchdog_threshold
 from deepgen_rl.trainer.run_folder import OutputDirInUseError
 from deepgen_rl.worker_errors import is_peer_failure, recorded
 from tests.test_run_folder import fake_checkpoint
@@ -137,6 +137,18 @@ def test_heartbeat_files_and_watchdog_name_the_stalled_rank(tmp_path, caplog):
         {"rank": 7, "host": "h", "pid": 1, "step": 1, "phase": "start", "seq": 1, "time": 0.0}))
     stalled.beat("advantages")
     assert Heartbeat(tmp_path, rank=0, world_size=2, stall_s=0.3, watch=False).report() is None
+
+
+def test_a_failed_run_reports_who_was_behind_at_once_and_the_watchdog_comes_before_the_timeout(tmp_path):
+    stalled = Heartbeat(tmp_path, rank=1, world_size=2, stall_s=600, watch=False)
+    leader = Heartbeat(tmp_path, rank=0, world_size=2, stall_s=600, watch=False)
+    leader.beat("advantages", step=2)  # rank 0 is one phase ahead, for a moment only
+    assert leader.report() is None  # the watchdog waits its threshold
+    assert "rank 1 (host " in leader.report(min_wait_s=0.0)  # the failure path (e.g. a collective timeout) does not
+    assert stalled.seq == 1
+    # --ddp_timeout 60 s: the watchdog speaks at 30 s, before the timeout ends the run; 0 still means no watchdog.
+    assert watchdog_threshold(600, 60) == 30 and watchdog_threshold(600, 1800) == 600
+    assert watchdog_threshold(0, 60) == 0 and watchdog_threshold(600, None) == 600
 
 
 def test_torchrun_root_cause_is_the_rank_that_failed_first_not_the_peer_it_took_down(tmp_path, monkeypatch):

@@ -7,10 +7,10 @@ Each rank writes ``<output_dir>/heartbeats/rank-R.json`` at every phase boundary
     {"rank": 1, "host": "node3", "pid": 4242, "step": 5, "phase": "rewards", "seq": 38, "time": 1700000000.0}
 
 ``seq`` counts the beats; all ranks pass the same phases in the same order, so a rank whose ``seq`` is below the
-others' is behind them. Rank 0 runs a watchdog thread: once the leading ranks have waited --stall_report_s
-without the others catching up, it logs an error naming each rank behind, its host and pid, and the phase and
-step it has been in since when (repeated every --stall_report_s). The same report is logged when a step fails,
-e.g. with the collective timeout. Ranks whose files rank 0 cannot see (node-local --output_dir) are left out.
+others' is behind them. Rank 0 runs a watchdog thread: once the leading ranks have waited --stall_report_s (at
+most half of --ddp_timeout, so the report comes before the timeout) without the others catching up, it logs an error naming each rank behind, its host and pid, and the phase and
+step it has been in since when (repeated every --stall_report_s). When a step fails (e.g. the collective timeout)
+the report is logged whatever the wait. Ranks whose files rank 0 cannot see (node-local --output_dir) are left out.
 """
 
 from __future__ import annotations
@@ -50,6 +50,14 @@ def read_beats(folder: Path) -> list[Beat]:
         except (OSError, ValueError, TypeError):
             continue
     return beats
+
+
+def watchdog_threshold(stall_report_s: float, ddp_timeout_s: Optional[float]) -> float:
+    """--stall_report_s, but at most half of --ddp_timeout: a collective timeout (or NCCL's abort) must not come
+    first and end the run unexplained. 0 stays 0 (no watchdog)."""
+    if stall_report_s <= 0 or not ddp_timeout_s:
+        return stall_report_s
+    return min(stall_report_s, ddp_timeout_s / 2)
 
 
 def stall_report(beats: list[Beat], now: float, stall_s: float) -> Optional[str]:
@@ -101,10 +109,12 @@ class Heartbeat:
         except OSError as err:  # a heartbeat must never stop training (e.g. a full disk)
             logger.debug("heartbeat not written: %s", err)
 
-    def report(self) -> Optional[str]:
+    def report(self, min_wait_s: Optional[float] = None) -> Optional[str]:
+        """The stall report once the leaders have waited ``min_wait_s`` (default: the watchdog's threshold; 0 when
+        the run already failed, e.g. at --ddp_timeout, to say who the others were waiting for)."""
         # Files of ranks beyond this run's world size are an earlier, larger run's.
         beats = [b for b in read_beats(self.folder) if b.rank < self.world_size]
-        return stall_report(beats, time.time(), self.stall_s)
+        return stall_report(beats, time.time(), self.stall_s if min_wait_s is None else min_wait_s)
 
     def _watch(self) -> None:
         interval = max(1.0, min(30.0, self.stall_s / 4))

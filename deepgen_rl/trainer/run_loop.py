@@ -20,7 +20,7 @@ from . import checkpointing, run_checkpoints, run_folder
 from .divergence import TrainingDiverged, stop_message
 from .ema import ema_sample_images
 from .failure_budget import enforce_budget, step_counts
-from .heartbeat import Heartbeat
+from .heartbeat import Heartbeat, watchdog_threshold
 from .logging_utils import MetricsLogger
 from .rollout_batch import RolloutBatch
 from .signals import GracefulStop, StepInterrupted
@@ -50,8 +50,8 @@ def run(trainer: "DeepGenGRPOTrainer", resume_from_checkpoint: Optional[str]) ->
                                    resume_step=trainer.state.global_step)
     bar = tqdm(total=trainer.max_steps, initial=trainer.state.global_step, desc="GRPO",
                disable=trainer.rank != 0 or bool(args.disable_tqdm))
-    heartbeat = Heartbeat(args.output_dir, trainer.rank, trainer.world_size, args.stall_report_s,
-                          watch=trainer.rank == 0)
+    heartbeat = Heartbeat(args.output_dir, trainer.rank, trainer.world_size,
+                          watchdog_threshold(args.stall_report_s, args.ddp_timeout), watch=trainer.rank == 0)
     trainer.timer.on_phase = heartbeat.beat  # each timed phase (and "save") of the step _steps last announced
     try:
         if args.eval_before_train and trainer.state.global_step == 0:  # a fresh run's baseline, not on resume
@@ -60,7 +60,7 @@ def run(trainer: "DeepGenGRPOTrainer", resume_from_checkpoint: Optional[str]) ->
         if stopped or run_checkpoints.save_strategy(args) != "no":
             trainer.save()
     except Exception:
-        stall = heartbeat.report() if trainer.rank == 0 else None
+        stall = heartbeat.report(min_wait_s=0.0) if trainer.rank == 0 else None
         if stall:  # e.g. a collective timed out: say which rank the others were waiting for
             logger.error("%s", stall)
         raise
