@@ -140,7 +140,7 @@ class GRPOConfig(RunFlags, ObjectiveFlags, RolloutFlags, TrainingArguments, Algo
         for flag in ("eval_freq", "sample_image_freq"):
             if getattr(self, flag) < 0:
                 raise ValueError(f"--{flag} must be >= 0 (0 disables); got {getattr(self, flag)}.")
-        for flag in ("max_failed_reward_steps", "reward_step_deadline"):
+        for flag in ("max_failed_reward_steps", "reward_step_deadline", "max_skipped_steps", "stall_report_s"):
             if getattr(self, flag) < 0:
                 raise ValueError(f"--{flag} must be >= 0; got {getattr(self, flag)}.")
         _check_range("max_reward_failure_rate", self.max_reward_failure_rate, 0.0, 1.0, low_open=True)

@@ -24,6 +24,10 @@ if TYPE_CHECKING:  # imported lazily at run time: the launcher must start fast
 
 # Exit status of a run stopped because a reward kept failing (1 stays "crashed"; torchrun passes either on).
 EXIT_REWARD_FAILURE = 3
+# Exit status of a run stopped by the divergence guard (--max_skipped_steps, NaN/inf weights at a save).
+EXIT_DIVERGED = 4
+# Exit status of a fresh start refused because --output_dir holds another run (argparse's usage-error status).
+EXIT_OUTPUT_DIR_IN_USE = 2
 # The guide: wandb and swanlab log OFFLINE unless the user exports another mode.
 TRACKER_MODE_DEFAULTS = {"WANDB_MODE": "offline", "SWANLAB_MODE": "offline"}
 
@@ -147,22 +151,36 @@ def main(argv: Optional[list[str]] = None) -> int:
     args, *groups = parse_args_or_exit(argv)
     device = _init_distributed(args.ddp_timeout)
     _setup_logging(int(os.environ.get("RANK", "0")), args)
-    trainer = build_trainer(args, *groups, device)
+    from deepgen_rl.trainer.divergence import TrainingDiverged
     from deepgen_rl.trainer.failure_budget import RewardFailureBudgetExceeded
+    from deepgen_rl.trainer.run_folder import OutputDirInUseError, claim_output_dir
 
+    log = logging.getLogger("deepgen_rl")
     try:
-        trainer.train()
+        if not args.resume_from_checkpoint or str(args.resume_from_checkpoint).lower() in ("false", "none", "no"):
+            claim_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, mover=False)  # before the model
+        trainer = build_trainer(args, *groups, device)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
     except RewardFailureBudgetExceeded as err:
-        logging.getLogger("deepgen_rl").error("training stopped: %s", err)
+        log.error("training stopped: %s", err)
         return EXIT_REWARD_FAILURE
-    finally:
-        trainer.close()
+    except TrainingDiverged as err:
+        log.error("training stopped: %s", err)
+        return EXIT_DIVERGED
+    except OutputDirInUseError as err:
+        log.error("%s", err)
+        return EXIT_OUTPUT_DIR_IN_USE
     return 0
 
 
 if __name__ == "__main__":
+    from deepgen_rl.worker_errors import recorded
+
     try:
-        exit_code = main()
+        exit_code = recorded(main)()  # torchrun's root cause: this rank's own error (worker_errors.py)
     finally:  # here, not in main(): tests call main() inside a session-wide process group
         from deepgen_rl.distributed import destroy
 

@@ -47,7 +47,28 @@ class RunFlags:
                   "LR schedule and restart AdamW's moments from zero (ZeRO optimizer states are partitioned per "
                   "process). Without it such a resume stops with an error naming both sizes."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start from step 0 in an --output_dir that holds another run's checkpoints or metrics.jsonl: "
+                  "its files are MOVED into <output_dir>/archived-<UTC time>/ (never deleted). Without it such a "
+                  "start stops with a message (continue that run with --resume_from_checkpoint latest)."},
+    )
     # --- end resume ---
+    # --- divergence guard (issue 30, trainer/divergence.py) ---
+    max_skipped_steps: int = field(
+        default=3,
+        metadata={"help": "Stop (exit 4) when this many consecutive GRPO steps applied no optimizer step (DeepSpeed's "
+                  "overflow skip, a NaN loss): the weights have diverged or are about to; the message names the cause "
+                  "and the last checkpoint saved before. A lone skip (one bad batch) goes on. 0: never stop."},
+    )
+    stall_report_s: float = field(
+        default=600.0,
+        metadata={"help": "Each rank writes <output_dir>/heartbeats/rank-R.json at every phase; when ranks have "
+                  "waited this many seconds for one that is behind, rank 0 logs which rank stalled, on which host, "
+                  "in which phase and step (and again when the run fails, e.g. at --ddp_timeout). At most half of "
+                  "--ddp_timeout is used. 0: no watchdog."},
+    )
+    # --- end divergence guard ---
     # --- EMA of the trained modules (issue 13, trainer/ema.py) ---
     ema_decay: float = field(
         default=0.0,

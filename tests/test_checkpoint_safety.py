@@ -155,6 +155,28 @@ def _copy_run(source, target):
     return target
 
 
+def test_resuming_an_older_checkpoint_moves_the_abandoned_newer_ones_out_of_latests_way(one_rank_run, tiny_paths,
+                                                                                      tmp_path, caplog):
+    # Issue 30: a rollback to checkpoint-1 left checkpoint-2 of the abandoned timeline where 'latest' (and the
+    # rotation) picked it. Now it is moved aside, kept and named, with its metrics line. --max_steps 1: the resumed
+    # run has no step left to train, so only the resume itself acts.
+    out, _ = one_rank_run
+    run = _copy_run(out, tmp_path / "run")
+    shutil.copy(out / "metrics.jsonl", run / "metrics.jsonl")
+    trainer = build(tiny_paths, run, max_steps=1, save_strategy="steps", save_steps=1, save_total_limit=2)
+    try:
+        with caplog.at_level(logging.WARNING):
+            trainer.train(resume_from_checkpoint=str(run / "checkpoint-1"))
+    finally:
+        trainer.close()
+    assert checkpointing.newest_good_checkpoint(run) == run / "checkpoint-1"
+    moved = [p for p in run.iterdir() if p.name.startswith("abandoned-after-step-1-")]
+    assert len(moved) == 1 and checkpointing.checkpoint_problems(moved[0] / "checkpoint-2") == []
+    assert [json.loads(line)["step"] for line in (moved[0] / "metrics.jsonl").read_text().splitlines()] == [2]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert f"were moved into {moved[0]}" in caplog.text
+
+
 def test_code_carrying_file_is_refused_on_resume(one_rank_run, tiny_paths, tmp_path):
     run = _copy_run(one_rank_run[0], tmp_path / "run")
     shard = run / "checkpoint-2" / "global_step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"

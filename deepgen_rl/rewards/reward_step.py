@@ -9,7 +9,10 @@ rewards are concurrent inside). A reward that fails on a sample leaves NaN in ``
 sample ``failed``: the advantage step excludes it from its group and the failure is counted in the logs.
 Nothing is ever filled in with 0 or 0.5.
 
-A value outside the reward's declared ``score_range`` is a failure too (a broken server's 1e30 is not a score).
+A value outside the reward's declared ``score_range`` is a failure too (a broken server's 1e30 is not a score), and
+so is a sample whose image holds NaN/inf (a diverged rollout's latents decode to NaN, which would otherwise be
+clamped to a black image and scored): it is sent to no reward, fails every reward it uses, and is counted in
+``metrics["nonfinite_images"]``.
 ``deadline_s`` (--reward_step_deadline) bounds the whole phase: a reward still running then fails its samples,
 its call is abandoned (a daemon thread, so it cannot hold the process open) and, while it still runs, later
 steps fail that reward's samples at once instead of queueing behind it. The trainer's failure budget decides
@@ -78,6 +81,16 @@ class RewardBatch:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+NONFINITE_IMAGE = "its image holds NaN/inf (the rollout or the VAE decode diverged); not scored"
+
+
+def nonfinite_rows(images: ImageBatch) -> list[int]:
+    """The rows of ``images`` [N, 3, H, W] with a NaN/inf pixel ([] for PIL images, which cannot hold one)."""
+    if not isinstance(images, torch.Tensor):
+        return []
+    return torch.nonzero(~torch.isfinite(images.detach()).flatten(1).all(dim=1)).flatten().tolist()
+
+
 def images_to_pil(images: ImageBatch) -> list[Image.Image]:
     """[N, 3, H, W] float in [0, 1] (as the VAE decodes) -> N RGB PIL images; PIL lists pass through."""
     if not isinstance(images, torch.Tensor):
@@ -115,14 +128,17 @@ class RewardStep:
                targets: Optional[Targets] = None) -> "Future[RewardBatch]":
         """Start scoring in the background (e.g. while the next rollout runs); ``.result()`` gives the batch."""
         pil_images = images_to_pil(images)  # convert now: the caller may reuse its tensor
-        return self._background.submit(self.score, pil_images, prompts, reward_weights, group_ids, sources, targets)
+        return self._background.submit(self.score, pil_images, prompts, reward_weights, group_ids, sources, targets,
+                                       nonfinite_rows(images))
 
     def score(self, images: ImageBatch, prompts: Sequence[str], reward_weights: Sequence[Mapping[str, float]],
               group_ids: Sequence[int], sources: Optional[Sources] = None,
-              targets: Optional[Targets] = None) -> RewardBatch:
+              targets: Optional[Targets] = None, nonfinite: Optional[Sequence[int]] = None) -> RewardBatch:
         """``sources``: per sample its source images (edit rows; [] for text-to-image), given to the rewards that
         declare ``needs_sources``; ``targets``: per sample an edit's target_text or None, given to the rewards
-        that declare ``needs_targets`` (ocr); both None when no sample is an edit."""
+        that declare ``needs_targets`` (ocr); both None when no sample is an edit. ``nonfinite``: rows whose image
+        held NaN/inf before it became a PIL image (``submit``); found here for a tensor."""
+        broken = set(nonfinite_rows(images) if nonfinite is None else nonfinite)
         pil_images = images_to_pil(images)
         n = len(pil_images)
         if not (len(prompts) == len(reward_weights) == len(group_ids) == n):
@@ -136,7 +152,7 @@ class RewardStep:
         jobs: dict[str, tuple[list[int], Future]] = {}
         busy: dict[str, list[int]] = {}
         for k, name in enumerate(self.names):
-            rows = torch.nonzero(weights[:, k] > 0).flatten().tolist()
+            rows = [row for row in torch.nonzero(weights[:, k] > 0).flatten().tolist() if row not in broken]
             if not rows:
                 continue
             if name in self._in_flight and not self._in_flight[name].done():
@@ -150,7 +166,7 @@ class RewardStep:
             results[name] = (rows, RewardScores.all_failed(
                 len(rows), f"reward {name} is still busy with a call that overran --reward_step_deadline "
                            f"({self.deadline_s:g} s); not called this step"))
-        batch = self._assemble(n, weights, results)
+        batch = self._assemble(n, weights, results, sorted(broken))
         batch.metrics["seconds"] = time.perf_counter() - started
         return batch
 
@@ -223,11 +239,12 @@ class RewardStep:
         scores.metrics["seconds"] = time.perf_counter() - started
         return scores
 
-    def _assemble(self, n: int, weights: torch.Tensor,
-                  results: Mapping[str, tuple[list[int], RewardScores]]) -> RewardBatch:
+    def _assemble(self, n: int, weights: torch.Tensor, results: Mapping[str, tuple[list[int], RewardScores]],
+                  broken: Sequence[int] = ()) -> RewardBatch:
         scores = torch.full((n, len(self.names)), math.nan, dtype=torch.float32)
-        failures: list[RewardFailure] = []
-        metrics: dict[str, float] = {}
+        failures = [RewardFailure(row, name, f"sample {row}: {NONFINITE_IMAGE}")
+                    for row in broken for k, name in enumerate(self.names) if weights[row, k] > 0]
+        metrics: dict[str, float] = {"nonfinite_images": float(len(broken))}
         for k, name in enumerate(self.names):
             if name not in results:
                 continue

@@ -14,6 +14,8 @@ Shape legend: B prompts, G group size, N = B * G, T steps, C/h/w latent, H/W ima
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -186,11 +188,18 @@ def decode_images(model, latents: Tensor, micro_batch_size: Optional[int]) -> Te
 
     The VAE decoder's activations at full resolution are the step's largest transient (~0.3 GiB per 512^2 image
     in bf16), so decode runs in its own micro-batch (--vae_decode_micro_batch_size), smaller than the DiT's.
+    A row whose latent or decoded pixels hold NaN/inf comes back all NaN (the clamp would turn inf into white and
+    the reward step would score it); the reward step fails such a sample instead.
     """
     dtype = model.dtype
     chunks = [model.decode_latents(latents[rows].to(dtype)).float()
               for rows in split_rows(len(latents), micro_batch_size)]
-    return torch.cat(chunks).clamp_(0.0, 1.0)
+    images = torch.cat(chunks)
+    diverged = ~(torch.isfinite(latents).flatten(1).all(dim=1).to(images.device)
+                 & torch.isfinite(images).flatten(1).all(dim=1))
+    images.clamp_(0.0, 1.0)
+    images[diverged] = math.nan
+    return images
 
 
 def rollout(model, prompts: Sequence[str], *, group_size: int, sampler: Sampler, eta: float,

@@ -27,6 +27,7 @@ so; a checkpoint saved under another world size loads only with ``--resume_reset
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import random
@@ -55,6 +56,10 @@ _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 RESUME_FLAG = "--resume_from_checkpoint"
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (e.g. a full disk); the message names it, the cause and what was cleaned."""
+
+
 class CheckpointLoadError(RuntimeError):
     """A checkpoint folder cannot be resumed from; the message names the folder, the file and the way out."""
 
@@ -70,6 +75,10 @@ class TrainerState:
     prompt_sampler: dict = field(default_factory=dict)
     sftaux_sampler: dict = field(default_factory=dict)
     log_history: list = field(default_factory=list)
+    # Checked at save (divergence.check_trained_weights): a checkpoint is only written from finite weights, and
+    # 'latest' skips one whose record says otherwise. The norm lets a user spot a blow-up between checkpoints.
+    weights_finite: bool = True
+    trained_weight_norm: Optional[float] = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, default=_json_default)
@@ -169,7 +178,8 @@ def newest_good_checkpoint(output_dir: str | Path, value: str = "latest") -> Opt
 def checkpoint_problems(path: Path) -> list[str]:
     """Why ``path`` cannot be resumed from, found without loading tensors: [] when it looks complete.
 
-    Checks the ``latest`` tag and its folder, that trainer_state.json parses, that the model-states file
+    Checks the ``latest`` tag and its folder, that trainer_state.json parses and does not record non-finite
+    weights (marked at save: no tensor is read here), that the model-states file
     exists, and that every torch file's zip directory reads (a truncated file loses its directory, at the end).
     """
     problems = []
@@ -178,7 +188,9 @@ def checkpoint_problems(path: Path) -> list[str]:
     if not tag or not (path / tag).is_dir():
         problems.append(f"'latest' names {tag!r}, which is not a folder there")
     try:
-        TrainerState.from_json((path / TRAINER_STATE_NAME).read_text())
+        state = TrainerState.from_json((path / TRAINER_STATE_NAME).read_text())
+        if state.weights_finite is not True:
+            problems.append(f"{TRAINER_STATE_NAME} records that its trained weights held NaN/inf when saved")
     except (OSError, ValueError, TypeError) as err:
         problems.append(f"{TRAINER_STATE_NAME} is unreadable ({type(err).__name__}: {err})")
     if tag and (path / tag).is_dir() and not list((path / tag).glob("*model_states.pt")):
@@ -276,15 +288,24 @@ def save_checkpoint(engine, output_dir: str | Path, state: TrainerState, *, rank
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    engine.save_checkpoint(str(tmp), tag=f"global_step{step}", exclude_frozen_parameters=True)
-    torch.save(capture_rng_state(), tmp / f"rng_state_{rank}.pth")
-    if rank == 0:
-        (tmp / TRAINER_STATE_NAME).write_text(state.to_json())
-        if ema_state is not None:
-            torch.save(ema_state, tmp / EMA_STATE_NAME)
-        for name, extra in (extra_states or {}).items():
-            torch.save(extra, tmp / name)
-    barrier()
+    error: Optional[BaseException] = None
+    try:
+        engine.save_checkpoint(str(tmp), tag=f"global_step{step}", exclude_frozen_parameters=True)
+        torch.save(capture_rng_state(), tmp / f"rng_state_{rank}.pth")
+        if rank == 0:
+            (tmp / TRAINER_STATE_NAME).write_text(state.to_json())
+            if ema_state is not None:
+                torch.save(ema_state, tmp / EMA_STATE_NAME)
+            for name, extra in (extra_states or {}).items():
+                torch.save(extra, tmp / name)
+    except (OSError, RuntimeError) as err:  # a full disk: OSError(ENOSPC), or torch's "file write failed"
+        error = err
+    # Instead of a barrier: every rank learns whether any rank failed, so none waits for a rank that gave up.
+    failed = all_reduce(torch.tensor([0.0 if error is None else 1.0 + rank]), _engine_device(engine), "max")
+    if failed.item():
+        if renamer:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a half checkpoint behind
+        raise CheckpointSaveError(_save_failure(final, tmp, error, int(failed.item()) - 1)) from error
     if renamer:
         if final.exists():
             shutil.rmtree(final)
@@ -294,6 +315,29 @@ def save_checkpoint(engine, output_dir: str | Path, state: TrainerState, *, rank
     barrier()
     logger.info("saved %s", final)
     return final
+
+
+def _engine_device(engine):
+    return torch.device(getattr(engine, "device", "cpu") or "cpu")
+
+
+def _save_failure(final: Path, tmp: Path, error: Optional[BaseException], failed_rank: int) -> str:
+    """Why ``final`` was not written: this rank's error (with ENOSPC named), or the rank that failed."""
+    if error is None:
+        return (f"could not write {final}: rank {failed_rank} failed writing its part into {tmp} (its log has the "
+                f"error); {tmp} was removed.")
+    code = getattr(error, "errno", None)
+    cause = f"{type(error).__name__}: {error}"
+    if code is not None:
+        cause = f"{errno.errorcode.get(code, code)} ({cause})"
+    try:
+        free = shutil.disk_usage(final.parent).free
+        space = f"; {free / 2**30:.2f} GiB free there now"
+    except OSError:
+        space = ""
+    full = " The disk is full: free space or point --output_dir elsewhere," if code == errno.ENOSPC else ""
+    return (f"could not write {final} (into {tmp}): {cause}{space}; {tmp} was removed.{full} Earlier checkpoints "
+            f"are intact: resume with {RESUME_FLAG} latest.")
 
 
 def rotate_checkpoints(output_dir: Path, limit: int, keep: Optional[Path] = None) -> list[Path]:

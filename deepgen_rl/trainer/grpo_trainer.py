@@ -42,6 +42,7 @@ from .batching import BatchPlan, plan_batches, total_training_steps
 from .deepspeed_setup import initialize_engine
 from ..distributed import SEED_ROLLOUT, SEED_SFTAUX, all_reduce_sum, derive_seed, rank_and_world, seeded_generator
 from .ema import EMA
+from .divergence import SkipBudget, TrainingDiverged, check_trained_weights, stop_message
 from .eval_hook import EvalHook
 from .failure_budget import FailureBudget, RunSummary
 from .logging_utils import MetricsLogger, TrackerSettings
@@ -108,6 +109,7 @@ class DeepGenGRPOTrainer:
         self.failure_budget = FailureBudget(args.max_failed_reward_steps, args.max_reward_failure_rate,
                                             args.reward_failure_window)
         self.summary = RunSummary()
+        self.skip_budget = SkipBudget(args.max_skipped_steps)  # the divergence guard (divergence.py)
         self._stop: Optional[GracefulStop] = None  # set while train() runs: its safe points may stop a step
         self._last_saved_step: Optional[int] = None
         self.step_records: list[OptimizerStepRecord] = []  # the current GRPO step's optimizer steps (updater.py)
@@ -268,9 +270,12 @@ class DeepGenGRPOTrainer:
         with self.timer("train"):
             metrics.update(self.train_phase(batch, advantages, step))
         metrics.update({f"reward/{k}": v for k, v in rewards.metrics.items() if isinstance(v, (int, float))})
-        # Prompts of all ranks whose text was cut to fit --max_prompt_length (the model warned once, with an example).
-        metrics["data/truncated_prompts"] = float(all_reduce_sum(
-            torch.tensor([float(batch.truncated_prompts)], dtype=torch.float64), self.device)[0])
+        # Over all ranks: prompts whose text was cut to fit --max_prompt_length (the model warned once, with an
+        # example), and samples whose image held NaN/inf (failed, never scored: the divergence guard counts them).
+        totals = all_reduce_sum(torch.tensor([float(batch.truncated_prompts),
+                                              rewards.metrics.get("nonfinite_images", 0.0)], dtype=torch.float64),
+                                self.device)
+        metrics["data/truncated_prompts"], metrics["reward/nonfinite_images"] = float(totals[0]), float(totals[1])
         return metrics, batch, rewards
 
     def train(self, resume_from_checkpoint: Optional[str] = None) -> checkpointing.TrainerState:
@@ -322,9 +327,22 @@ class DeepGenGRPOTrainer:
         """checkpoint-<global_step> (collective; run_checkpoints.py), once per step."""
         if self._last_saved_step == self.state.global_step:  # e.g. a SIGTERM right after a periodic save
             return Path(self.args.output_dir) / f"{checkpointing.CHECKPOINT_PREFIX}{self.state.global_step}"
-        path = run_checkpoints.save_run(self.engine, self.args, self.state, rank=self.rank,
-                                        prompt_sampler=self.prompt_sampler, sftaux_sampler=self.sftaux_sampler,
-                                        ema=self.ema, nft=self.nft)
+        self.timer.mark("save")
+        check = check_trained_weights(self.model, self.device)  # collective, before anything is written
+        if not check.finite:
+            reason = (f"at step {self.state.global_step} the trained weights hold NaN/inf "
+                      f"({', '.join(check.bad) or 'on another rank'})")
+            self.summary.stopped_because = stop_message(reason, self.args.output_dir,
+                                                        self.skip_budget.first_skipped_step)
+            raise TrainingDiverged(self.summary.stopped_because)
+        self.state.weights_finite, self.state.trained_weight_norm = True, check.norm
+        try:
+            path = run_checkpoints.save_run(self.engine, self.args, self.state, rank=self.rank,
+                                            prompt_sampler=self.prompt_sampler, sftaux_sampler=self.sftaux_sampler,
+                                            ema=self.ema, nft=self.nft)
+        except checkpointing.CheckpointSaveError as err:
+            self.summary.stopped_because = str(err)
+            raise
         self._last_saved_step = self.state.global_step
         return path
 

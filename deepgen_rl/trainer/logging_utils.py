@@ -108,12 +108,11 @@ class MetricsLogger:
                                          config=config)
 
     def _truncate_after(self, step: int) -> None:
-        """On resume drop lines of steps after the checkpoint (they are about to be redone)."""
+        """On resume drop lines of steps after the checkpoint (they are about to be redone), and a torn line."""
         if not self._jsonl_path.is_file():
             return
-        kept = [line for line in self._jsonl_path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self._jsonl_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        kept = [record for record in read_jsonl(self._jsonl_path) if record.get("step", 0) <= step]
+        self._jsonl_path.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.is_main:
@@ -187,8 +186,31 @@ def _plain(value: Any) -> Any:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl file, in order."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The records of a metrics.jsonl file, in order (a torn line dropped with a warning: :func:`read_jsonl`)."""
+    return read_jsonl(path)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The JSON objects of a JSONL log, one per line, in order.
+
+    A line that is not a JSON object is dropped with a warning naming the file and line: a process killed (or a
+    disk filled) mid-write leaves its last line torn, and an auto-restarted job must still resume from it."""
+    records = []
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            logger.warning("%s line %d is not valid JSON (a write cut short?): dropped (%s: %.80r)", path, number,
+                           err, line)
+            continue
+        if not isinstance(record, dict):
+            logger.warning("%s line %d is not a JSON object: dropped (%.80r)", path, number, line)
+            continue
+        records.append(record)
+    return records
 
 
 def trailing_mean(values: list[float], width: int) -> list[float]:

@@ -38,6 +38,13 @@ def resume_path(args, requested: Optional[str], device) -> Optional[Path]:
     return resume
 
 
+def is_renamer(args, engine, rank: int) -> bool:
+    """Whether this process renames, rotates and moves checkpoint folders: global rank 0, or with
+    --save_on_each_node (node-local storage) each node's local rank 0."""
+    local_rank = int(getattr(engine, "local_rank", 0) or 0)
+    return rank == 0 or (bool(args.save_on_each_node) and local_rank == 0)
+
+
 def save_run(engine, args, state: checkpointing.TrainerState, *, rank: int, prompt_sampler, sftaux_sampler,
              ema, nft) -> Path:
     """Write checkpoint-<global_step> (collective): the engine, the trainer state with the samplers' positions,
@@ -45,8 +52,7 @@ def save_run(engine, args, state: checkpointing.TrainerState, *, rank: int, prom
     state.prompt_sampler = prompt_sampler.state_dict()
     if sftaux_sampler is not None:
         state.sftaux_sampler = sftaux_sampler.state_dict()
-    local_rank = int(getattr(engine, "local_rank", 0) or 0)
-    renamer = rank == 0 or (bool(args.save_on_each_node) and local_rank == 0)
+    renamer = is_renamer(args, engine, rank)
     ema_state = ema.state_dict() if ema is not None and rank == 0 else None
     extra = {NFT_STATE_NAME: nft.state_dict()} if nft is not None and rank == 0 else None
     return checkpointing.save_checkpoint(engine, args.output_dir, state, rank=rank, renamer=renamer,

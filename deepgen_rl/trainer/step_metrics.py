@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -58,6 +58,12 @@ class PhaseTimer:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.on_phase: Optional[Callable[[str], None]] = None  # told each phase entered (trainer/heartbeat.py)
+
+    def mark(self, phase: str) -> None:
+        """Say that ``phase`` starts (an untimed one, e.g. a checkpoint save) to ``on_phase``."""
+        if self.on_phase is not None:
+            self.on_phase(phase)
 
     @staticmethod
     def _sync() -> None:
@@ -68,6 +74,7 @@ class PhaseTimer:
     @contextlib.contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
         self._sync()
+        self.mark(phase)
         started = time.perf_counter()
         try:
             yield

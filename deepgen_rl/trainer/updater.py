@@ -26,7 +26,8 @@ from .update_plan import ChunkStats, OptimizerStepRecord, Part, actor_update_par
 logger = logging.getLogger(__name__)
 
 # train_phase's metrics when no sample of any rank has a reward (no update at all).
-SKIPPED_UPDATE = {"train/skipped": 1.0, "train/step_applied": 0.0, "train/optimizer_steps": 0.0}
+SKIPPED_UPDATE = {"train/skipped": 1.0, "train/step_applied": 0.0, "train/optimizer_steps": 0.0,
+                  "train/optimizer_steps_skipped": 0.0}
 # The share of --clip_range above which the first chunk's ratio deviation is warned about.
 FIRST_CHUNK_WARN_SHARE = 0.1
 
@@ -213,7 +214,8 @@ class StepUpdate:
         metrics = {"loss/policy": total.policy_loss / chunks, "loss/kl": total.kl / chunks,
                    "policy/clip_fraction": total.clip_fraction / chunks, "policy/ratio_mean": total.ratio_mean / chunks,
                    "train/nonfinite_losses": nonfinite, "train/skipped": 0.0 if applied_steps else 1.0,
-                   "train/step_applied": 1.0 if applied else 0.0, "train/optimizer_steps": float(applied_steps)}
+                   "train/step_applied": 1.0 if applied else 0.0, "train/optimizer_steps": float(applied_steps),
+                   "train/optimizer_steps_skipped": float(taken - applied_steps)}
         metrics["loss/total"] = metrics["loss/policy"] + beta * metrics["loss/kl"]
         if applied_steps and self.last_grad_norm is not None:
             metrics["train/grad_norm"] = float(self.last_grad_norm)
