@@ -9,6 +9,8 @@ default: deepgen_rl/config.py (``--help``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import os
 import socket
@@ -120,6 +122,7 @@ def build_trainer(args: GRPOConfig, model_args: ModelArguments, data_args: DataA
                                       edit_judge_for_eval(data_args.eval_dataset_config if args.eval_freq else "",
                                                           reward_args, rewards)),
             tracker=TrackerSettings.from_env(args.report_to, args.run_name, os.environ),
+            model_flags=dataclasses.asdict(model_args),
         )
     except BaseException:
         reward_step.close()
