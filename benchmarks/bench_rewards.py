@@ -43,7 +43,7 @@ def serve_stand_in(port: int, latency_s: float, per_image_s: float) -> None:
     async def score(request: Request):
         parsed = OcrScoreRequest.model_validate_json(await request.body())
         await asyncio.sleep(latency_s + per_image_s * len(parsed.items))
-        results = [OcrItemResult(score=1.0, recognized_text="", targets=["x"]) for _ in parsed.items]
+        results = [OcrItemResult(id=item.id, score=1.0, recognized_text="", targets=["x"]) for item in parsed.items]
         return OcrScoreResponse(results=results, engine="stand-in").model_dump()
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")

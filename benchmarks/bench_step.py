@@ -59,7 +59,7 @@ def serve_stand_in(port: int, latency_s: float) -> None:
         parsed = OcrScoreRequest.model_validate_json(await request.body())
         async with busy:
             await asyncio.sleep(latency_s)
-        results = [OcrItemResult(score=0.5, recognized_text="", targets=["x"]) for _ in parsed.items]
+        results = [OcrItemResult(id=item.id, score=0.5, recognized_text="", targets=["x"]) for item in parsed.items]
         return OcrScoreResponse(results=results, engine="stand-in").model_dump()
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")

@@ -12,6 +12,8 @@ length and, for a real-size model on our shipped example data, a warning banner.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import os
 import socket
@@ -134,6 +136,7 @@ def build_trainer(args: GRPOConfig, model_args: ModelArguments, data_args: DataA
             num_prompts=sum(prompt_sampler.sizes), trainable_modules=model_args.trainable_modules, lora=lora,
             sftaux_sampler=sftaux_sampler, eval_hook=eval_hook,
             tracker=TrackerSettings.from_env(args.report_to, args.run_name, os.environ),
+            model_flags=dataclasses.asdict(model_args),
         )
     except BaseException:
         reward_step.close()

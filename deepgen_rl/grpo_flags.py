@@ -115,7 +115,7 @@ class ObjectiveFlags:
     )
     zero_variance_rtol: float = field(
         default=1e-5,
-        metadata={"help": "A group whose reward std is <= this x its largest |reward| (+ 1e-8) is zero-variance: "
+        metadata={"help": "A group whose reward std is <= this x its largest |reward| (+ 1e-6, for rewards near 0) is zero-variance: "
                   "advantage 0 and counted, for grpo and gdpo (float noise otherwise becomes unit-scale advantages)."},
     )
     beta: float = field(default=5e-7, metadata={"help": "KL penalty coefficient."})

@@ -86,6 +86,82 @@ def pytest_unconfigure(config):
             shutil.rmtree(job.root.parent, ignore_errors=True)
 
 
+# Processes the interpreter itself keeps for its lifetime and ends at exit (not started by a test).
+_INTERPRETER_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver", "compile_worker")
+
+
+# Inherited by every process the suite starts (unless a test builds an environment from nothing): finds the ones
+# whose parent has exited too (orphans are re-parented to init, so they are no longer pytest's descendants).
+SESSION_MARKER = "DEEPGEN_RL_TEST_SESSION"
+os.environ[SESSION_MARKER] = str(os.getpid())
+
+
+def _started_by(root_pid: int) -> dict[int, str]:
+    """{pid: command line} of the live (non-zombie) processes that descend from ``root_pid`` or carry its session
+    marker, read from /proc ({} where there is none)."""
+    parents, commands, marked = {}, {}, set()
+    marker = f"{SESSION_MARKER}={root_pid}".encode()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            pid = int(entry.name)
+            stat = (entry / "stat").read_text()
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ')'
+            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+            if state in ("Z", "X") or pid == root_pid:  # exited and waiting to be reaped: nothing runs
+                continue
+            parents[pid] = int(ppid)
+            commands[pid] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                marked.add(pid)
+        except (OSError, ValueError, IndexError):  # gone while we looked, or not ours to read
+            continue
+    found, frontier = set(marked), {root_pid} | marked
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier and pid not in found}
+        found |= frontier
+    return {pid: commands[pid] for pid in found}
+
+
+def _leftover_processes(root_pid: int, grace_s: float = 5.0) -> dict[int, str]:
+    """Descendants still running after ``grace_s`` (a process told to stop may need a moment), helpers excepted."""
+    import time
+
+    deadline = time.monotonic() + grace_s
+    while True:
+        left = {pid: cmd for pid, cmd in _started_by(root_pid).items()
+                if not any(helper in cmd for helper in _INTERPRETER_HELPERS)}
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """Every process a test starts must be gone when its test ends (a leaked reward server held ~0.5 GB for hours):
+    at the end of the session, a descendant of pytest still running is killed and fails the run, named."""
+    import signal
+
+    for job in _PRETRAINING:  # the session's own background job, not a test's
+        job.stop()
+    left = _leftover_processes(os.getpid())
+    if not left:
+        return
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    lines = "\n".join(f"  pid {pid}: {cmd}" for pid, cmd in sorted(left.items()))
+    message = (f"{len(left)} process(es) started by the tests outlived the test session (now killed); the test "
+               f"that starts each must stop it:\n{lines}")
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(message, red=True)
+    else:
+        print(message)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture(scope="session")
 def pretrained_tiny_paths():
     """Paths of the session's pretrained tiny model (``_BackgroundPretraining``); waits for it."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +25,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """A server subprocess; ``start`` waits until GET /health answers 200 (or fails with the server's log)."""
+    """A server subprocess; ``start`` waits until GET /health answers 200 (or fails with the server's log).
+
+    Use it as ``with ServerProcess(...) as server`` or ``with ServerProcess(...).start(timeout_s=...) as server``:
+    entering starts it only if it is not started yet. (Entering used to start a SECOND process after an explicit
+    ``start()``; the first one, answering /health on the port, was never stopped and outlived the test session.)
+    The server runs in its own process group (session), and ``stop`` ends the whole group, so a child it starts
+    (a launcher script's python, a worker) goes with it.
+    """
 
     def __init__(self, argv: Sequence[str], port: int, env: Optional[dict] = None) -> None:
         self.argv = list(argv)
@@ -34,7 +43,10 @@ class ServerProcess:
         self._log = tempfile.TemporaryFile()
 
     def start(self, timeout_s: float = 60.0) -> "ServerProcess":
-        self.proc = subprocess.Popen(self.argv, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        if self.proc is not None:
+            raise RuntimeError(f"server {self.argv} was already started (pid {self.proc.pid})")
+        self.proc = subprocess.Popen(self.argv, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -53,26 +65,36 @@ class ServerProcess:
         return self._log.read().decode("utf-8", errors="replace")[-4000:]
 
     def kill(self) -> None:
-        """Hard kill (as a crash would), by this process's own id."""
+        """Hard kill (as a crash would) of this server's process group."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+            self._signal_group(signal.SIGKILL)
             self.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        """SIGTERM to the server's process group, SIGKILL after 10 s; then any child left in the group is killed."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self._signal_group(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._signal_group(signal.SIGKILL)
+                    self.proc.wait(timeout=10)
+            self._signal_group(signal.SIGKILL)  # a child that outlived its parent still carries the group id
         self._log.close()
+
+    def _signal_group(self, sig: int) -> None:
+        # The group id is the server's pid (start_new_session); it is ours alone, never a shell's or pytest's.
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
 
     def stats(self) -> dict:
         return httpx.get(self.url + "/stats", timeout=5.0).json()
 
     def __enter__(self) -> "ServerProcess":
-        return self.start()
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -15,6 +15,12 @@ from deepgen_rl.model.kontext import MaskedJointAttnProcessor, SD3Transformer2DK
 from deepgen_rl.model.prompt_format import edit_chat_text
 from deepgen_rl.model.tiny import TINY_IMAGE_SIZE, build_tiny_deepgen
 from deepgen_rl.model.vision_inputs import expand_image_pads, prepare_vision_inputs
+from tests.tolerances import assert_close_up_to_reordering, reordering_tolerance
+
+# The tiny DiT's sequential reductions (tests/tolerances.py): per block about 10 (adaLN, two norms, q/k/v, scores,
+# softmax, attention x V, out projection, two feed-forward matmuls), 2 blocks, plus ~7 in the embedders and the
+# output head; the longest sums 128 terms (the feed-forward's inner width, 4 x 32).
+TINY_DIT_REDUCTIONS = {"reductions": 30, "longest": 128}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +82,7 @@ def test_padding_of_a_second_reference_does_not_change_the_velocity(model):
 
 
 @torch.no_grad()
-def test_text_to_image_velocity_is_bit_identical_to_the_plain_sd3_dit(model):
+def test_text_to_image_velocity_is_the_plain_sd3_dits(model):
     plain = SD3Transformer2DModel.from_config(model.transformer.config)
     plain.load_state_dict(model.transformer.state_dict())
     embeds, pooled = model.encode_prompt(["a red apple", "a blue car"])
@@ -87,7 +93,8 @@ def test_text_to_image_velocity_is_bit_identical_to_the_plain_sd3_dit(model):
     ours = model.predict_velocity(latents, sigmas, embeds, pooled)
     theirs = plain(hidden_states=latents, timestep=sigmas * 1000, encoder_hidden_states=embeds,
                    pooled_projections=pooled, return_dict=False)[0]
-    assert torch.equal(ours, theirs)
+    # Two instances: equal up to the order of their sums (tests/tolerances.py), not bit for bit.
+    assert_close_up_to_reordering(ours, theirs, **TINY_DIT_REDUCTIONS)
 
 
 def test_image_pads_expand_to_the_vision_tower_token_counts(model):
@@ -130,7 +137,11 @@ def test_edit_pth_with_kontext_names_loads(tiny_model_args, tmp_path):
     with torch.no_grad():
         ours, theirs = (m.predict_velocity(latents, sigmas, embeds, pooled, reference_latents=references)
                         for m in (loaded, source))
-    assert torch.equal(ours, theirs)
+        base = build_tiny_deepgen(seed=0).predict_velocity(latents, sigmas, embeds, pooled, reference_latents=references)
+    # Two instances: equal up to the order of their sums (tests/tolerances.py), not bit for bit (it failed with
+    # OMP_NUM_THREADS=2 on a 2-core AMD EPYC); another DiT's weights are far outside that tolerance.
+    assert_close_up_to_reordering(ours, theirs, **TINY_DIT_REDUCTIONS)
+    assert (base - theirs).abs().max() > 100 * reordering_tolerance(**TINY_DIT_REDUCTIONS) * theirs.abs().max()
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from deepgen_rl.model.checkpoint_keys import (
 )
 from deepgen_rl.model.deepgen import fusion_layer_indices
 from deepgen_rl.model.tiny import build_tiny_deepgen
+from tests.tolerances import assert_close_up_to_reordering
 
 PROMPTS = ["a red apple", 'a shop sign that says "OPEN"', "two pandas", "the quick brown fox jumps over the lazy dog"]
 
@@ -35,8 +36,11 @@ def _outputs(model, seed: int = 0):
 def test_saved_tiny_model_loads_back_identically(tiny_model_args):
     reference = build_tiny_deepgen(seed=0)
     loaded = load_deepgen_model(tiny_model_args)
+    # Two instances: equal up to the order of their float32 sums (tests/tolerances.py), not bit for bit. Velocity
+    # and images follow the prompt encoding: Qwen's 8 layers and the connector's 2 (~90 sequential reductions) then
+    # the DiT (~30); the longest sum is the VAE's first convolution, 16 channels x 3 x 3 = 144 terms.
     for ours, theirs in zip(_outputs(loaded), _outputs(reference)):
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        assert_close_up_to_reordering(ours, theirs, reductions=120, longest=144)
     assert not any(p.requires_grad for p in loaded.parameters())
 
 

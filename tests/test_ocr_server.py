@@ -139,11 +139,13 @@ def post(server, body, **kwargs) -> httpx.Response:
 
 def test_server_scores_exact_partial_and_wrong_renderings_in_order(server, renderings):
     prompt = 'A shop sign that reads "Hello DeepGen" above the door'
-    items = [{"image": encode_png_base64(image), "prompt": prompt} for image in renderings]
-    items.append({"image": encode_png_base64(renderings[0]), "prompt": "a sign without a quoted target"})
+    items = [{"id": f"item-{i}", "image": encode_png_base64(image), "prompt": prompt}
+             for i, image in enumerate(renderings)]
+    items.append({"id": "item-3", "image": encode_png_base64(renderings[0]), "prompt": "a sign without a quoted target"})
     response = post(server, {"items": items})
     assert response.status_code == 200, response.text
     results = response.json()["results"]
+    assert [r["id"] for r in results] == ["item-0", "item-1", "item-2", "item-3"]  # echoed, failed item included
     exact, partial, wrong, no_target = results
     assert exact["score"] > partial["score"] > wrong["score"]
     assert exact["score"] >= 0.9 and "Hello" in exact["recognized_text"]

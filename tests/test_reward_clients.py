@@ -270,3 +270,56 @@ def test_clip_sim_names_a_missing_model_folder(tmp_path):
         build_rewards(["clip_sim"], *settings_for(clip=""))
     with pytest.raises(ValueError, match="not a folder"):
         build_rewards(["clip_sim"], *settings_for(clip=str(tmp_path / "nope")))
+
+
+# ---------- results matched by id, scores strictly typed (issue 30) ----------
+
+REPLY_FAULTS = {
+    "REVERSED": "returned 2 of 2 results under another item's id",
+    "DROPPED": "returned 1 results for 2 items",
+    "NOIDS": "returned results without ids",
+    "STRSCORE": "does not match",
+    "BOOLSCORE": "does not match",
+}
+
+
+@pytest.mark.parametrize("fault", sorted(REPLY_FAULTS))
+def test_a_reply_out_of_order_short_without_ids_or_with_non_number_scores_fails_its_request(server, fault):
+    # Items 0-1 in one request (fine), items 2-3 in another whose reply has the fault: that request fails whole.
+    images = [gray(10), gray(20), gray(30), gray(200)]  # different brightness: a reordered score would be wrong
+    prompts = ['"a"', '"b"', f'{fault} "c"', '"d"']
+    client = ocr_client(server.url, batch=2)
+    try:
+        scores = client.score(images, prompts, [0, 0, 0, 0])
+    finally:
+        client.close()
+    assert scores.values[:2] == pytest.approx([brightness(images[0]), brightness(images[1])])
+    assert scores.values[2:] == [None, None], scores.errors
+    for error in scores.errors[2:]:
+        assert server.url in error and REPLY_FAULTS[fault] in error  # names the server and what was wrong
+
+
+def test_a_null_score_without_an_error_is_a_failure_not_a_score(server):
+    client = ocr_client(server.url, batch=2)
+    try:
+        scores = client.score([gray(10), gray(20)], ['NULLSCORE "a"', '"b"'], [0, 0])
+    finally:
+        client.close()
+    assert scores.values == [None, None]
+    assert all("no score and no error returned" in error for error in scores.errors)
+
+
+@pytest.mark.parametrize("fault", ["REVERSED", "STRSCORE", "BOOLSCORE"])
+def test_the_model_scorer_client_checks_ids_and_score_types_too(server, fault):
+    from deepgen_rl.rewards.scorer_clients import SCORER_CLIENTS, ModelScorerClient
+
+    url = server.url + "/scorer"
+    client = ModelScorerClient(SCORER_CLIENTS["aesthetic"], url, RetryPolicy(timeout_s=5.0, max_retries=0,
+                               backoff_s=0.0), max_concurrency=1, request_batch_size=4, health_timeout_s=1.0)
+    try:
+        good = client.score([gray(10), gray(200)], ["a", "b"], [0, 0])
+        bad = client.score([gray(10), gray(200)], [f"{fault} a", "b"], [0, 0])
+    finally:
+        client.close()
+    assert good.values == pytest.approx([brightness(gray(10)), brightness(gray(200))])
+    assert bad.values == [None, None] and all(url in error for error in bad.errors)

@@ -178,6 +178,35 @@ def test_zero_variance_tolerance_is_relative_to_the_rewards_magnitude():
     assert off.zero_variance_group_fraction == 0.0 and off.advantages.abs().max() > 0.1
 
 
+# Issue 30: near 0 the relative tolerance is no help (max|r| is itself tiny): seven 0.0 and one 3e-8 (a scorer's
+# rounding on O(1) intermediates) had std 1.06e-8 > the old 1e-8 floor and became |A| = 1.75 under GDPO.
+@pytest.mark.parametrize("adv_type", ["gdpo", "grpo"])
+def test_rounding_spread_near_zero_is_zero_variance_but_a_small_real_spread_normalises(adv_type):
+    noise = [0.0] * 7 + [3e-8]  # std = 3e-8 / sqrt(8) ~ 1.06e-8 (see below): below 1e-6 + 1e-5 * 3e-8
+    small = [0.0] * 7 + [1e-4]  # std ~ 3.5e-5: far above the floor (a real 1e-4 gap)
+    big = [100.0] * 7 + [100.01]  # std ~ 3.5e-3 > 1e-5 * 100.01 + 1e-6 ~ 1.0e-3: real at magnitude 100
+    rewards = torch.tensor([[x] for x in noise + small + big], dtype=torch.float64)
+    res = compute_advantages(adv_type, rewards, torch.ones(24, 1), 8, std_floor=0.0, zero_variance_rtol=1e-5,
+                             clip=5.0)
+    # One outlier d among seven 0.0: mean d/8; deviations -d/8 (x7) and 7d/8; unbiased var (7/64 + 49/64) d^2 / 7
+    # = d^2 / 8, so std = d / sqrt(8) and the z-scores are (-d/8) / (std + 1e-4) (x7) and (7d/8) / (std + 1e-4).
+    d = 1e-4
+    sd = math.sqrt((7 * (d / 8) ** 2 + (7 * d / 8) ** 2) / 7)
+    assert sd == pytest.approx(d / math.sqrt(8))
+    z_small = [(-d / 8) / (sd + 1e-4)] * 7 + [(7 * d / 8) / (sd + 1e-4)]
+    assert z_small == pytest.approx(_normalise(small))
+    z_big = _normalise(big)
+    if adv_type == "gdpo":  # S = the z-scores (one reward); batch-normalised over all 24, the noise group's S is 0
+        batch = _normalise([0.0] * 8 + z_small + z_big)
+        expected = [0.0] * 8 + [max(-5.0, min(5.0, x)) for x in batch[8:]]
+    else:
+        expected = [0.0] * 8 + z_small + z_big
+    assert res.advantages.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert res.advantages[:8].abs().max() == 0.0
+    assert res.advantages[8:].abs().max() > 0.3  # the small spread is a signal, not floored away
+    assert res.zero_variance_group_fraction == pytest.approx(1 / 3)
+
+
 def test_gdpo_group_is_zero_variance_only_when_every_used_reward_is():
     # Group 0: reward 0 is noise, reward 1 really varies -> keeps its signal from reward 1 only.
     # Group 1: both rewards are noise -> zero-variance.

@@ -129,8 +129,11 @@ def test_one_process_hosts_the_four_and_counts_their_work(server):
         assert httpx.get(f"{server.url}/{name}/health", timeout=5).json()["engine"] == name
     assert httpx.post(server.url + "/score", json={"items": []}, timeout=5).status_code in (404, 405)
     before = httpx.get(f"{server.url}/aesthetic/stats", timeout=5).json()
-    items = [{"image": encode_png_base64(Image.new("RGB", (32, 32), (i, 0, 0))), "prompt": ""} for i in range(3)]
-    assert httpx.post(f"{server.url}/aesthetic/score", json={"items": items}, timeout=30).status_code == 200
+    items = [{"id": f"i{i}", "image": encode_png_base64(Image.new("RGB", (32, 32), (i, 0, 0))), "prompt": ""}
+             for i in range(3)]
+    reply = httpx.post(f"{server.url}/aesthetic/score", json={"items": items}, timeout=30)
+    assert reply.status_code == 200
+    assert [r["id"] for r in reply.json()["results"]] == ["i0", "i1", "i2"]  # each result echoes its item's id
     after = httpx.get(f"{server.url}/aesthetic/stats", timeout=5).json()
     # 3 images in model batches of 2: counted as images, not as batches
     assert after["images_scored"] - before["images_scored"] == 3

@@ -94,7 +94,7 @@ class Brightness:
 
 
 def build(tiny_paths, out, reward=None, **overrides):
-    flags = tiny_run_flags(tiny_paths, out, deepspeed=str(ZERO2), learning_rate=1e-3, **overrides)
+    flags = tiny_run_flags(tiny_paths, out, **{"deepspeed": str(ZERO2), "learning_rate": 1e-3, **overrides})
     args, *groups = parse_args(flags)
     trainer = grpo_deepgen.build_trainer(args, *groups, "cpu")
     trainer.reward_step.close()

@@ -124,6 +124,11 @@ def load_state_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], so
                     trainable_modules: str = "dit", llm_lora_alpha: float = 128.0) -> LoadSummary:
     """:func:`load_checkpoint_into` on an already normalised state dict (``source`` names it in messages)."""
     split = split_lora(state_dict)
+    dit_lora = [pair.keys[0] for pair in split.pairs if pair.target.startswith("transformer.")]
+    if dit_lora:  # only the LLM LoRA's alpha is known here (--checkpoint_llm_lora_alpha); a DiT one has its run's
+        raise CheckpointError(f"{source} holds DiT LoRA factors ({dit_lora[0]}, ...), whose scale (the training "
+                              "run's --lora_alpha / --lora_rank) this file does not carry: export the RL checkpoint "
+                              "with scripts/utils/rlckpt_to_sftckpt.py, which merges them at the run's own scale")
     summary = LoadSummary(source=source, total_keys=len(state_dict), skipped=dict(split.skipped))
     owners = tied_parameter_owners(model)
     plain = {}

@@ -9,6 +9,10 @@ checkpoint, which still provides everything else (connector when frozen, LLM LoR
 
 ``weights="ema"`` exports the fp32 EMA of the trained parameters that a run with --ema_decay saved beside the
 DeepSpeed files (``checkpoint-N/ema.pt``) instead of the raw (live) weights.
+
+A ``--use_lora`` run's DiT adapter is merged into the DiT weights at the run's own alpha / rank (``lora_export.py``:
+the ``.pth`` then holds every ``transformer.*`` weight, as a full-DiT run's does), or with ``keep_lora`` written as
+a peft adapter folder (``output`` is then that folder).
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from .checkpoint_keys import normalize_checkpoint_keys, to_reference_keys, unwrap_state_dict
+from .lora_export import (ADAPTER_CONFIG, DIT_PREFIX, DitLora, dit_lora_settings, merged_dit_state, read_run_config,
+                          split_dit_lora, write_peft_adapter)
 from .safe_load import UnsafeCheckpointError, load_weights_only, weights_only_loads
 
 SOURCE = "--rl_checkpoint"
@@ -40,18 +47,23 @@ class ConversionSummary:
     includes_lmm: bool
     weights: str = "raw"
     has_ema: bool = False
+    lora: str = ""  # what was done with a DiT LoRA ("" without one)
+    adapter_folder: bool = False  # --keep_lora: ``output`` is a peft adapter folder, not a .pth
 
     def describe(self) -> str:
         prefixes = ", ".join(f"{name}: {count}" for name, count in sorted(self.prefix_counts.items()))
         return (
             f"wrote {self.output} ({self.num_tensors} tensors, {self.num_parameters / 1e6:.2f}M parameters; "
             f"read as {self.source_format}; {self.weights} weights)\n  keys by module: {prefixes}\n"
+            + (f"  {self.lora}\n" if self.lora else "")
             + ("  this checkpoint also holds the EMA of the weights: --weights ema exports it\n"
                if self.has_ema and self.weights == "raw" else "")
             + ("  includes lmm.* weights (the LLM was trained)\n" if self.includes_lmm else "")
-            + "  Load it ON TOP of the pretraining checkpoint (CHECKPOINT): it holds only what RL trained, e.g.\n"
+            + ("" if not self.adapter_folder else "  Load the base model (pretraining checkpoint), then the adapter.")
+            + ("" if self.adapter_folder else
+               "  Load it ON TOP of the pretraining checkpoint (CHECKPOINT): it holds only what RL trained, e.g.\n"
             "    model.load_state_dict(guess_load_checkpoint(pretrain_pth), strict=False)\n"
-            f"    model.load_state_dict(guess_load_checkpoint('{self.output}'), strict=False)"
+            f"    model.load_state_dict(guess_load_checkpoint('{self.output}'), strict=False)")
         )
 
 
@@ -123,9 +135,12 @@ def read_ema_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def convert_rl_checkpoint(rl_checkpoint: str | Path, output: str | Path, dtype: str = "float32",
-                          weights: str = "raw") -> ConversionSummary:
+                          weights: str = "raw", *, keep_lora: bool = False, sd3_model_name_or_path: str = "",
+                          checkpoint: Optional[str] = None, lora_alpha: Optional[float] = None) -> ConversionSummary:
     """Write the SFT-format ``.pth`` of ``rl_checkpoint`` to ``output`` (parent folders created); ``weights``:
-    ``raw`` (the trained weights) or ``ema`` (their EMA, from ``ema.pt``)."""
+    ``raw`` (the trained weights) or ``ema`` (their EMA, from ``ema.pt``). A DiT LoRA is merged into the DiT
+    (base paths ``sd3_model_name_or_path`` / ``checkpoint``, default: the run's own), or with ``keep_lora`` written
+    as a peft adapter folder at ``output``; ``lora_alpha`` only for a checkpoint that does not record its run's."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
     if weights not in WEIGHTS:
@@ -135,15 +150,25 @@ def convert_rl_checkpoint(rl_checkpoint: str | Path, output: str | Path, dtype: 
     else:
         raw, source_format = read_rl_checkpoint(rl_checkpoint)
     state = normalize_checkpoint_keys(raw)
+    pairs, rest = split_dit_lora(state)
+    lora_note, output = "", Path(output)
+    if pairs:
+        run_config = read_run_config(rl_checkpoint)
+        lora = dit_lora_settings(pairs, run_config, lora_alpha)
+        if keep_lora:
+            return _write_adapter(lora, rest, output, dtype, weights, source_format, rl_checkpoint,
+                                  sd3_model_name_or_path or run_config.get("sd3_model_name_or_path", ""))
+        state = {**{k: v for k, v in rest.items() if not k.startswith(DIT_PREFIX)},
+                 **_merge(lora, run_config, sd3_model_name_or_path, checkpoint)}
+        lora_note = (f"DiT LoRA (rank {lora.rank}, alpha {lora.alpha:g}: scale {lora.scale:g}) merged into "
+                     f"{len(pairs)} DiT weights; every transformer.* weight is written (--keep_lora: peft adapter)")
+    elif keep_lora:
+        raise ValueError(f"--keep_lora: {rl_checkpoint} holds no DiT LoRA (the run was trained without --use_lora)")
     includes_lmm = any(k.startswith("lmm.") for k in state)
     sft_state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in to_reference_keys(state, include_lmm=includes_lmm).items()}
     if not sft_state:
         raise ValueError(f"{rl_checkpoint} holds no DeepGen weights to convert (keys seen: {list(state)[:5]})")
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(output.name + ".tmp")
-    torch.save(sft_state, temporary)
-    temporary.replace(output)  # never leave a half-written .pth behind
+    _save_atomically(sft_state, output)
     return ConversionSummary(
         output=output,
         source_format=source_format,
@@ -152,7 +177,8 @@ def convert_rl_checkpoint(rl_checkpoint: str | Path, output: str | Path, dtype: 
         prefix_counts=dict(Counter(k.split(".", 1)[0] for k in sft_state)),
         includes_lmm=includes_lmm,
         weights=weights,
-        has_ema=Path(rl_checkpoint).is_dir() and (Path(rl_checkpoint) / EMA_FILE).is_file(),
+        has_ema=_has_ema(rl_checkpoint),
+        lora=lora_note,
     )
 
 
@@ -176,3 +202,53 @@ def load_rl_checkpoint_into(model: torch.nn.Module, rl_checkpoint: str | Path, w
         raise ValueError(f"--rl_checkpoint {rl_checkpoint}: none of its {len(state)} tensors is a parameter of this "
                          f"model (keys seen: {list(state)[:5]}).")
     return summary
+
+
+def _has_ema(rl_checkpoint: str | Path) -> bool:
+    return Path(rl_checkpoint).is_dir() and (Path(rl_checkpoint) / EMA_FILE).is_file()
+
+
+def _save_atomically(state: dict[str, torch.Tensor], output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_name(output.name + ".tmp")
+    torch.save(state, temporary)
+    temporary.replace(output)  # never leave a half-written .pth behind
+
+
+def _merge(lora: DitLora, run_config: dict, sd3_model_name_or_path: str,
+           checkpoint: Optional[str]) -> dict[str, torch.Tensor]:
+    """The merged DiT, on the base the run started from (its config's paths unless the flags name others)."""
+    sd3 = sd3_model_name_or_path or run_config.get("sd3_model_name_or_path") or ""
+    base_checkpoint = checkpoint if checkpoint is not None else (run_config.get("checkpoint") or "")
+    if not sd3:
+        raise ValueError("merging the DiT LoRA needs the DiT it was trained on, and this checkpoint's run config "
+                         "names none: pass the run's --sd3_model_name_or_path (and --checkpoint), or --keep_lora")
+    try:
+        return merged_dit_state(lora, sd3, base_checkpoint)
+    except FileNotFoundError as err:  # the run's model paths are not on this machine
+        raise FileNotFoundError(f"the base DiT of this LoRA run cannot be read ({err}); pass "
+                                "--sd3_model_name_or_path / --checkpoint where they are here") from None
+
+
+def _write_adapter(lora: DitLora, rest: dict[str, torch.Tensor], output: Path, dtype: str, weights: str,
+                   source_format: str, rl_checkpoint: str | Path, base_model: str) -> ConversionSummary:
+    """--keep_lora: the peft adapter folder, plus ``rl_weights.pth`` for what else the run trained (connector...)."""
+    if output.suffix in (".pth", ".pt", ".bin", ".safetensors") or output.is_file():
+        raise ValueError(f"--keep_lora writes a folder ({ADAPTER_CONFIG} + adapter weights); --output {output} "
+                         "looks like a file name")
+    write_peft_adapter(lora, output, DTYPES[dtype], base_model)
+    # The DiT's buffers (pos_embed) come with the base model; other trained modules are not part of the adapter.
+    others = to_reference_keys({k: v for k, v in rest.items() if not k.startswith(DIT_PREFIX)},
+                               include_lmm=any(k.startswith("lmm.") for k in rest))
+    if others:
+        _save_atomically({k: v.to(DTYPES[dtype]).contiguous() for k, v in others.items()}, output / "rl_weights.pth")
+    tensors = 2 * len(lora.pairs) + len(others)
+    return ConversionSummary(
+        output=output, source_format=source_format, num_tensors=tensors,
+        num_parameters=sum(p.a.numel() + p.b.numel() for p in lora.pairs) + sum(v.numel() for v in others.values()),
+        prefix_counts=dict(Counter(["transformer"] * 2 * len(lora.pairs) + [k.split(".", 1)[0] for k in others])),
+        includes_lmm=any(k.startswith("lmm.") for k in others), weights=weights, has_ema=_has_ema(rl_checkpoint),
+        adapter_folder=True,
+        lora=(f"DiT LoRA (rank {lora.rank}, alpha {lora.alpha:g}) written as a peft adapter: load it with "
+              f"PeftModel.from_pretrained(model.transformer, '{output}')"
+              + ("; the other trained weights are in rl_weights.pth" if others else "")))

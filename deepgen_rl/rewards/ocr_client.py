@@ -31,10 +31,11 @@ class OcrRewardClient(HttpScorerClient):
             raise ValueError(f"ocr got {len(targets)} target texts for {len(prompts)} prompts")
         return super().score(images, [_Item(p, t) for p, t in zip(prompts, targets)], group_ids)
 
-    def _request(self, images_b64: list[str], items: list["_Item"]) -> OcrScoreRequest:
+    def _request(self, ids: list[str], images_b64: list[str], items: list["_Item"]) -> OcrScoreRequest:
         return OcrScoreRequest(items=[
-            OcrItem(image=image, prompt=item.prompt, targets=None if item.target is None else [item.target])
-            for image, item in zip(images_b64, items)])
+            OcrItem(id=item_id, image=image, prompt=item.prompt,
+                    targets=None if item.target is None else [item.target])
+            for item_id, image, item in zip(ids, images_b64, items)])
 
     def _read(self, result: OcrItemResult) -> ItemResult:
         if result.score is not None:

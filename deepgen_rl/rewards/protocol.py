@@ -18,6 +18,13 @@ paths under ``/<scorer>`` (and at the root when the process hosts one scorer)::
 A request is validated as a whole (400 lists every bad item, e.g. ``items[3].image``); once valid, one image
 that the OCR engine cannot process gets an ``error`` in its own result and never fails the batch.
 
+Results are matched to items by ``id``, never by position: each request item carries an ``id`` (our client always
+sends one, unique within its batch) and the result for it echoes that ``id``. The client fails the whole request,
+naming the server's URL, when the reply has another number of results or any result's ``id`` is not its item's
+(a server that reorders, drops or invents results; a server too old to echo ids). Replies are parsed strictly: a
+``score`` is a JSON number or null (null = that item failed, ``error`` says why); ``"0.5"`` or ``true`` make the
+reply invalid instead of being coerced into scores.
+
 vLLM's OpenAI-compatible ``/v1/chat/completions`` (UnifiedReward-Think and the UniGenBench judge): we only
 model the fields we send and read; unknown reply fields are ignored, a reply without them is a failure.
 """
@@ -41,6 +48,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class _StrictTypes(BaseModel):
+    # A reply's values are taken as typed, never coerced: lax pydantic turns "0.5" and true into scores.
+    model_config = ConfigDict(strict=True)
+
+
+ITEM_ID_HELP = "the client's id of this item, echoed in its result (results are matched by id, not position)"
+RESULT_ID_HELP = "the id of the request item this result is for (null when that item had none)"
+
+
 class OcrItem(_Strict):
     """One image and the text it should show.
 
@@ -48,6 +64,7 @@ class OcrItem(_Strict):
     (the reference's convention for OCR prompts). At least one of the two is required.
     """
 
+    id: Optional[str] = Field(default=None, description=ITEM_ID_HELP)
     image: str = Field(description="base64 PNG (or JPEG/WebP) bytes; a 'data:image/...;base64,' prefix is allowed")
     prompt: Optional[str] = Field(default=None, description="generation prompt with the target text in double quotes")
     targets: Optional[list[str]] = Field(default=None, description="explicit target texts (override the prompt)")
@@ -63,16 +80,17 @@ class OcrScoreRequest(_Strict):
     items: list[OcrItem] = Field(min_length=1)
 
 
-class OcrItemResult(BaseModel):
+class OcrItemResult(_StrictTypes):
     """``score`` in [0, 1] (1 = every target read exactly) or ``None`` with ``error`` set."""
 
+    id: Optional[str] = Field(default=None, description=RESULT_ID_HELP)
     score: Optional[float] = None
     recognized_text: str = ""
     targets: list[str] = Field(default_factory=list)
     error: Optional[str] = None
 
 
-class OcrScoreResponse(BaseModel):
+class OcrScoreResponse(_StrictTypes):
     results: list[OcrItemResult]
     engine: str
 
@@ -91,6 +109,7 @@ class OcrStatsResponse(BaseModel):
 class ScoreItem(_Strict):
     """One image and the prompt it was generated from (the aesthetic scorer ignores the prompt)."""
 
+    id: Optional[str] = Field(default=None, description=ITEM_ID_HELP)
     image: str = Field(description="base64 PNG (or JPEG/WebP) bytes; a 'data:image/...;base64,' prefix is allowed")
     prompt: str
 
@@ -99,14 +118,15 @@ class ScoreRequest(_Strict):
     items: list[ScoreItem] = Field(min_length=1)
 
 
-class ScoreItemResult(BaseModel):
+class ScoreItemResult(_StrictTypes):
     """``score`` (a finite float; its scale is the scorer's) or ``None`` with ``error`` set."""
 
+    id: Optional[str] = Field(default=None, description=RESULT_ID_HELP)
     score: Optional[float] = None
     error: Optional[str] = None
 
 
-class ScoreResponse(BaseModel):
+class ScoreResponse(_StrictTypes):
     results: list[ScoreItemResult]
     scorer: str
 

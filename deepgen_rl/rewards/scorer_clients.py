@@ -52,8 +52,9 @@ class ModelScorerClient(HttpScorerClient):
                            f"--{spec.name}_url at it")
         super().__init__(url, policy, max_concurrency, request_batch_size, health_timeout_s)
 
-    def _request(self, images_b64: list[str], prompts: list[str]) -> ScoreRequest:
-        return ScoreRequest(items=[ScoreItem(image=image, prompt=prompt) for image, prompt in zip(images_b64, prompts)])
+    def _request(self, ids: list[str], images_b64: list[str], prompts: list[str]) -> ScoreRequest:
+        return ScoreRequest(items=[ScoreItem(id=item_id, image=image, prompt=prompt)
+                                   for item_id, image, prompt in zip(ids, images_b64, prompts)])
 
     def _read(self, result: ScoreItemResult) -> ItemResult:
         if result.score is not None:

@@ -14,9 +14,12 @@ samples has std 0 (and every advantage in it is 0 anyway). Math runs in float64;
 
 Zero-variance groups: a group whose spread is float noise carries no signal, but dividing by (std + 1e-4) and
 (GDPO) batch-normalising again turns it into unit-scale advantages (seven 0.35 and one 0.35 + 1 float32 ulp gave
-|A| = 1.27 under GDPO). So a group is zero-variance when its std <= rtol * max|r| + 1e-8 over its valid samples
-(``zero_variance_rtol``, RELATIVE to the rewards' magnitude, because float32 noise scales with it): its
-normalised values are 0, its advantages are 0 and it is counted, for GRPO and GDPO alike.
+|A| = 1.27 under GDPO; seven 0.0 and one 3e-8 gave |A| = 1.75). So a group is zero-variance when, over its valid
+samples, std <= rtol * max|r| + atol (``zero_variance_rtol``, ``ZERO_VARIANCE_ATOL``): its normalised values are
+0, its advantages are 0 and it is counted, for GRPO and GDPO alike. Two terms because float32 rounding has two
+sources: the relative term covers rewards of any magnitude (the rounding of a value scales with it); the absolute
+term covers rewards near 0, whose rounding scales with the O(1) quantities the scorer computed them from (a sigmoid
+of a large negative logit, 1 - cos, the difference of two O(1) scores), not with the tiny result.
 Stats in the result describe this rank's samples; the batch statistics (GDPO's normalisation, the batch std of
 grpo_global_std and reinforcepp, reinforcepp's batch mean) span ALL ranks (the reference uses each rank's batch).
 reinforcepp has no group baseline, so a zero-variance group still gets the (batch-centred) advantage of its reward;
@@ -36,7 +39,12 @@ from deepgen_rl.distributed import all_reduce
 AdvantageType = Literal["grpo", "gdpo", "grpo_global_std", "reinforcepp"]
 ADVANTAGE_TYPES: tuple[str, ...] = get_args(AdvantageType)
 STD_EPS = 1e-4  # added to every std (docs/algorithms.md#advantages), as in the reference
-ZERO_VARIANCE_ATOL = 1e-8  # below this absolute std a group carries no signal, whatever its magnitude
+# Below this absolute std a group carries no signal, whatever its magnitude. WHY 1e-6: scorers compute in float32
+# from O(1) intermediates, whose unit roundoff is 2**-24 = 6e-8; a few operations leave errors of several ulps of 1
+# (1.2e-7 each) even in a result near 0, so an absolute spread below ~8 ulps of 1 cannot be told from rounding (the
+# old 1e-8 let seven 0.0 and one 3e-8, std 1.06e-8, through as a full-scale signal). Real reward spreads are orders
+# above it (a 1e-4 gap on any reward is kept: its std is 3.5e-5 in a group of 8).
+ZERO_VARIANCE_ATOL = 1e-6
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ Layout of ``<output_dir>/checkpoint-N/`` (a normal DeepSpeed checkpoint folder p
                                     (mp_rank_00_model_states.pt, keys = DeepGenModel state-dict names such as
                                     transformer.*), ZeRO optimizer partitions, LR scheduler
     zero_to_fp32.py                 DeepSpeed's consolidation script (copied by DeepSpeed)
-    trainer_state.json              global step, data sampler states, metrics history, run shape
+    trainer_state.json              global step, data sampler states, metrics history, run shape, run config
+                                    (the run's scalar flags, model and LoRA flags included: what the converter
+                                    scripts/utils/rlckpt_to_sftckpt.py reads, e.g. --lora_alpha / --lora_rank)
     rng_state_{rank}.pth            python / numpy / torch / accelerator RNG of each rank
     ema.pt                          with --ema_decay > 0: the fp32 EMA of the trained parameters and its counters
                                     (trainer/ema.py; tensors and numbers only, read weights-only)
@@ -79,6 +81,7 @@ class TrainerState:
     # 'latest' skips one whose record says otherwise. The norm lets a user spot a blow-up between checkpoints.
     weights_finite: bool = True
     trained_weight_norm: Optional[float] = None
+    run_config: dict = field(default_factory=dict)  # run_checkpoints.run_config of the run that saved it
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, default=_json_default)

@@ -66,8 +66,11 @@ class DeepGenGRPOTrainer:
 
     def __init__(self, model: torch.nn.Module, args, *, prompt_sampler, reward_step, num_prompts: int,
                  trainable_modules: str = "dit", lora: Optional[LoraSettings] = None, sftaux_sampler=None,
-                 eval_hook: Optional[EvalHook] = None, tracker: Optional[TrackerSettings] = None) -> None:
+                 eval_hook: Optional[EvalHook] = None, tracker: Optional[TrackerSettings] = None,
+                 model_flags: Optional[dict] = None) -> None:
         self.args = args
+        # Recorded in the run config (trackers, every checkpoint's trainer_state.json): model paths, LoRA, ...
+        self.model_flags, self.lora = dict(model_flags or {}), lora
         self.rank, self.world_size = rank_and_world()
         self.prompt_sampler, self.reward_step = prompt_sampler, reward_step
         self.sftaux_sampler = sftaux_sampler if args.sftaux_coef > 0 else None

@@ -84,9 +84,16 @@ def load_run(engine, args, path: str | Path, *, rank: int, world_size: int, max_
     return state
 
 
-def run_config(args, *, world_size: int, trained_modules, gradient_accumulation_steps: int) -> dict:
-    """The scalar flags plus the derived facts, as the trackers record the run."""
-    config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) or v is None}
+def run_config(args, *, world_size: int, trained_modules, gradient_accumulation_steps: int,
+               model_flags: Optional[dict] = None, lora=None) -> dict:
+    """The scalar flags (the training flags and ``model_flags``, the ModelArguments) plus the derived facts, as the
+    trackers record the run and every checkpoint's trainer_state.json keeps it. ``lora`` (trainable.LoraSettings,
+    None without --use_lora): the adapter the DiT really carries, which the converter merges at alpha / rank."""
+    config = {k: v for k, v in {**(model_flags or {}), **vars(args)}.items()
+              if isinstance(v, (int, float, str, bool)) or v is None}
     config.update({"world_size": world_size, "trained_modules": ",".join(trained_modules),
-                   "gradient_accumulation_steps": gradient_accumulation_steps})
+                   "gradient_accumulation_steps": gradient_accumulation_steps, "use_lora": lora is not None})
+    if lora is not None:
+        config.update({"lora_rank": lora.rank, "lora_alpha": lora.alpha,
+                       "lora_target_modules": ",".join(lora.target_modules)})
     return config

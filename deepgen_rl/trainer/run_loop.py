@@ -45,7 +45,9 @@ def run(trainer: "DeepGenGRPOTrainer", resume_from_checkpoint: Optional[str]) ->
         run_folder.claim_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, mover=mover)
     barrier()  # every rank sees the folder as the mover left it
     config = run_checkpoints.run_config(args, world_size=trainer.world_size, trained_modules=trainer.trained_modules,
-                                        gradient_accumulation_steps=trainer.plan.gradient_accumulation_steps)
+                                        gradient_accumulation_steps=trainer.plan.gradient_accumulation_steps,
+                                        model_flags=trainer.model_flags, lora=trainer.lora)
+    trainer.state.run_config = config  # saved with every checkpoint of this run (a resume records its own flags)
     metrics_logger = MetricsLogger(args.output_dir, trainer.tracker, is_main=trainer.rank == 0, run_config=config,
                                    resume_step=trainer.state.global_step)
     bar = tqdm(total=trainer.max_steps, initial=trainer.state.global_step, desc="GRPO",

@@ -22,8 +22,11 @@ DIT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_pro
 
 @dataclass(frozen=True)
 class LoraSettings:
+    """--lora_rank / --lora_alpha; the adapter's output is scaled by alpha / rank (peft's LoRA)."""
+
     rank: int
     alpha: float
+    target_modules: tuple[str, ...] = DIT_LORA_TARGETS
 
 
 def add_dit_lora(model: torch.nn.Module, settings: LoraSettings) -> None:
@@ -32,7 +35,7 @@ def add_dit_lora(model: torch.nn.Module, settings: LoraSettings) -> None:
 
     model.transformer.requires_grad_(False)
     model.transformer.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.alpha, init_lora_weights="gaussian",
-                                             target_modules=list(DIT_LORA_TARGETS)))
+                                             target_modules=list(settings.target_modules)))
 
 
 def configure_trainable(model: torch.nn.Module, trainable_modules: str, lora: LoraSettings | None) -> list[str]:

@@ -20,9 +20,14 @@ in the prompt / caption, so one server covers every case:
   ``/stats`` ``sleep_log``. ``--sleep-mode``:
   ``on`` (state flips ``--sleep-lag-seconds`` after the call), ``stuck`` (calls accepted, state never changes),
   ``off`` (404, as vLLM without VLLM_SERVER_DEV_MODE).
-* OCR /score: score = mean brightness / 255 of the image. Keywords: ERROR500, GARBAGE (JSON not matching the
-  contract), SLOW, REJECT (400 naming that item as our OCR server does), ITEMERR (a per-item error), HUGE (a
-  score of 1e30, as a broken server might send).
+* OCR /score: score = mean brightness / 255 of the image, each result echoing its item's id. Keywords: ERROR500,
+  GARBAGE (JSON not matching the contract), SLOW, REJECT (400 naming that item as our OCR server does), ITEMERR (a
+  per-item error), HUGE (a score of 1e30, as a broken server might send). Faults of the whole reply (the
+  request-id protocol): REVERSED (results in reverse order, ids and all), DROPPED (the last result left out),
+  NOIDS (results without ids, as an old server), STRSCORE / BOOLSCORE / NULLSCORE (every score sent as the JSON
+  string "0.5", as true, or as null without an error).
+* Model scorer /scorer/score (our ScoreRequest -> ScoreResponse, as ``rewards/servers/scorer_app.py``): the same
+  brightness scores and keywords.
 
 ``GET /stats`` returns counters: requests per keyword (attempts, retries included, counted on arrival), answered
 requests per keyword (counted once the reply is SENT, so a test that sees the count needs no sleep for the reply to
@@ -53,10 +58,14 @@ from deepgen_rl.rewards.protocol import (  # noqa: E402  (the repo root must be 
     OcrItemResult,
     OcrScoreRequest,
     OcrScoreResponse,
+    ScoreItemResult,
+    ScoreRequest,
 )
 
 KEYWORDS = ("GARBAGE", "ERROR500", "BADJSON", "SLOW", "LAG", "FLAKY", "REJECT", "ITEMERR", "HUGE", "FIRST",
-            "TRUNCATED", "NOLOGPROBS")
+            "TRUNCATED", "NOLOGPROBS", "REVERSED", "DROPPED", "NOIDS", "STRSCORE", "BOOLSCORE", "NULLSCORE")
+# A JSON value sent in place of every score (each must fail the reply, never become a score).
+BAD_SCORES = {"STRSCORE": "0.5", "BOOLSCORE": True, "NULLSCORE": None}
 CAPTION = re.compile(r"「(.*?)」", re.DOTALL)
 
 
@@ -115,10 +124,24 @@ class SleepState:
 
 
 def ocr_results(parsed: OcrScoreRequest, keywords: list[str]) -> list[OcrItemResult]:
-    return [OcrItemResult(targets=["x"], error="engine failed on this image") if keyword == "ITEMERR" else
-            OcrItemResult(score=1e30, recognized_text="x", targets=["x"]) if keyword == "HUGE" else
-            OcrItemResult(score=brightness(item.image) / 255.0, recognized_text="x", targets=["x"])
+    return [OcrItemResult(id=item.id, targets=["x"], error="engine failed on this image") if keyword == "ITEMERR" else
+            OcrItemResult(id=item.id, score=1e30, recognized_text="x", targets=["x"]) if keyword == "HUGE" else
+            OcrItemResult(id=item.id, score=brightness(item.image) / 255.0, recognized_text="x", targets=["x"])
             for item, keyword in zip(parsed.items, keywords)]
+
+
+def faulty_reply(results: list[dict], keywords: list[str]) -> list[dict]:
+    """The results as a broken (or old) server would send them, for a reply-level fault keyword."""
+    if "REVERSED" in keywords:
+        return results[::-1]
+    if "DROPPED" in keywords:
+        return results[:-1]
+    if "NOIDS" in keywords:
+        return [{k: v for k, v in r.items() if k != "id"} for r in results]
+    bad = next((BAD_SCORES[k] for k in keywords if k in BAD_SCORES), "absent")
+    if bad != "absent":
+        return [{**r, "score": bad, "error": None} for r in results]
+    return results
 
 
 class TrackReplies:
@@ -239,7 +262,18 @@ def create_app(served_model_name: str, slow_s: float, lag_s: float, sleep: Sleep
         if rejected:
             return JSONResponse(status_code=400, content=ErrorResponse(detail="bad image(s)", errors=rejected).model_dump())
         request.state.answered = keywords
-        return OcrScoreResponse(results=ocr_results(parsed, keywords), engine="fake").model_dump()
+        reply = OcrScoreResponse(results=ocr_results(parsed, keywords), engine="fake").model_dump()
+        return {**reply, "results": faulty_reply(reply["results"], keywords)}
+
+    @app.post("/scorer/score")
+    async def model_score(request: Request):
+        parsed = ScoreRequest.model_validate_json(await request.body())
+        keywords = [keyword_of(item.prompt) for item in parsed.items]
+        requests.update(keywords)
+        request.state.answered = keywords
+        results = [ScoreItemResult(id=item.id, score=brightness(item.image) / 255.0).model_dump()
+                   for item in parsed.items]
+        return {"results": faulty_reply(results, keywords), "scorer": "fake"}
 
     return app
 

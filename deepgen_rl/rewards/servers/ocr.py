@@ -67,21 +67,22 @@ DEFAULT_HOST = "0.0.0.0"
 
 
 def score_item(engine: OcrEngine, item: OcrItem, image: Image.Image, options: OcrScoringOptions) -> OcrItemResult:
-    """OCR one image and score it; failures become the item's ``error``."""
+    """OCR one image and score it; failures become the item's ``error``. The result echoes the item's ``id``."""
     targets = list(item.targets) if item.targets is not None else extract_targets(item.prompt or "")
     if not targets:
-        return OcrItemResult(targets=[], error="no double-quoted target text in the prompt (and no 'targets')")
+        return OcrItemResult(id=item.id, targets=[],
+                             error="no double-quoted target text in the prompt (and no 'targets')")
     try:
         tokens = engine.recognize(image)
     except Exception as err:  # one bad image never fails the batch
         logger.exception("OCR engine failed on an image")
-        return OcrItemResult(targets=targets, error=f"OCR engine failed: {type(err).__name__}: {err}")
+        return OcrItemResult(id=item.id, targets=targets, error=f"OCR engine failed: {type(err).__name__}: {err}")
     recognized = " ".join(token.text for token in tokens)
     try:
         score = ocr_reward(targets, tokens, options)
     except NoTargetError as err:
-        return OcrItemResult(recognized_text=recognized, targets=targets, error=str(err))
-    return OcrItemResult(score=score, recognized_text=recognized, targets=targets)
+        return OcrItemResult(id=item.id, recognized_text=recognized, targets=targets, error=str(err))
+    return OcrItemResult(id=item.id, score=float(score), recognized_text=recognized, targets=targets)
 
 
 def create_app(engine: OcrEngine, options: OcrScoringOptions, limits: Optional[ServerLimits] = None) -> FastAPI:

@@ -92,7 +92,10 @@ def _router(scorer: ImageScorer, queue: FifoScorer, limits: ServerLimits, batch_
         results = await results_unless_abandoned(request, queue, queue.submit(batches))
         if results is None:
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
-        return ScoreResponse(results=[r for batch in results for r in batch], scorer=scorer.name)
+        flat = [r for batch in results for r in batch]
+        # Each result echoes its item's id (the client matches by id, never by position).
+        return ScoreResponse(results=[r.model_copy(update={"id": item.id}) for r, item in zip(flat, parsed.items)],
+                             scorer=scorer.name)
 
     return router
 
