@@ -115,8 +115,9 @@ class ObjectiveFlags:
     )
     zero_variance_rtol: float = field(
         default=1e-5,
-        metadata={"help": "A group whose reward std is <= this x its largest |reward| (+ 1e-6, for rewards near 0) is zero-variance: "
-                  "advantage 0 and counted, for grpo and gdpo (float noise otherwise becomes unit-scale advantages)."},
+        metadata={"help": "A group whose reward std is <= this x its largest |reward| (+ 1e-6, for rewards near 0) "
+                  "is zero-variance: advantage 0 and counted, for grpo, gdpo and grpo_global_std (float noise "
+                  "otherwise becomes unit-scale advantages)."},
     )
     beta: float = field(default=5e-7, metadata={"help": "KL penalty coefficient."})
     atrain_kl_type: KLType = field(
@@ -125,4 +126,5 @@ class ObjectiveFlags:
     sftaux_coef: float = field(
         default=1e-4, metadata={"help": "lambda of the convex mix (1 - lambda) L_grpo + lambda L_sft; 0 disables SFT-aux."}
     )
-    sftaux_batch_size: int = field(default=4, metadata={"help": "SFT-aux samples per GPU per optimizer step."})
+    sftaux_batch_size: int = field(default=4, metadata={
+        "help": "SFT-aux samples per GPU per GRPO step (one SFT-aux batch per rollout)."})
