@@ -46,17 +46,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_check_setup as setup  # noqa: E402  (beside this file)
+from gpu_check_judge import (Check, estimate, estimated_peaks, judge_coverage, judge_resume, judge_steps,  # noqa: E402
+                             judge_weights, report)
 
 REPO_ROOT = setup.REPO_ROOT
 PHASES = ("rollout", "train", "eval", "save", "resume", "convert", "edit")
 NEEDS = {"save": ("train",), "resume": ("save",), "convert": ("save",)}
 PROBED = ("rollout_phase", "decode_phase", "reward_phase", "train_phase", "eval_phase", "save", "load")
-MEMORY_MARGIN = 1.15
-# Resume tolerances. Step metrics: 5 bf16 ulps relative (2^-8 each), for GPU kernels whose sums are not ordered
-# (CPU runs match exactly). Weights: the resumed run's fp32 master weights may differ from the run's by at most
-# 5 % of step 2's own update (a resume that lost the optimizer state, an RNG or a sampler position is off by ~100 %).
-RESUME_METRICS = ("reward/mean", "adv/std", "loss/policy", "loss/kl", "loss/sft", "train/grad_norm")
-RESUME_REL, RESUME_ABS, RESUME_WEIGHT_RATIO = 5 * 2.0 ** -8, 1e-6, 0.05
 
 
 def expand_only(only: str) -> list[str]:
@@ -74,35 +70,6 @@ def expand_only(only: str) -> list[str]:
     return [name for name in PHASES if name in chosen]
 
 
-class Check:
-    """Collects figures and failures; ``fail`` records a failed check (the exit code is 1 when any did)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.records, self.failures, self.figures = device, [], [], {}
-        self.started = time.perf_counter()
-
-    def fail(self, message: str) -> None:
-        self.failures.append(message)
-        print(f"  FAIL {message}")
-
-    @contextlib.contextmanager
-    def phase(self, name: str, step: int = 0):
-        """Times ``name`` and reads its peak GPU memory (from zero: the peak within this phase)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            peak = None
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-                peak = torch.cuda.max_memory_allocated(self.device) / 2**30
-            self.records.append({"phase": name, "step": step, "seconds": time.perf_counter() - started,
-                                 "peak_gib": peak})
-
-
 def probe(trainer, check: Check, run: str, fault: str = "") -> None:
     """Wrap the trainer's phase methods (instance attributes shadow the class's) to time them and read their
     memory; ``fault`` injects a NaN loss or a weight change between rollout and training (the check must fail)."""
@@ -110,7 +77,8 @@ def probe(trainer, check: Check, run: str, fault: str = "") -> None:
         original = getattr(trainer, name)
 
         def timed(*args, _original=original, _name=name, **kwargs):
-            with check.phase(f"{run}:{_name.removesuffix('_phase')}", trainer.state.global_step + 1):
+            after_step = _name in ("save", "load", "eval_phase")  # these run after (or resume at) global_step
+            with check.phase(f"{run}:{_name.removesuffix('_phase')}", trainer.state.global_step + (not after_step)):
                 return _original(*args, **kwargs)
 
         setattr(trainer, name, timed)
@@ -182,30 +150,6 @@ def teardown(trainer) -> None:
         torch.cuda.empty_cache()
 
 
-def judge_steps(check: Check, history: list[dict], label: str, max_ratio_dev: float) -> None:
-    for record in history:
-        if "train/step_applied" not in record:
-            continue  # e.g. an evaluation-only record
-        step = record["step"]
-        losses = {k: v for k, v in record.items() if k.startswith("loss/") and isinstance(v, (int, float))}
-        bad = [k for k, v in losses.items() if not math.isfinite(v)]
-        if bad:
-            check.fail(f"{label} step {step}: non-finite {', '.join(bad)}")
-        if record["train/step_applied"] != 1.0:
-            check.fail(f"{label} step {step}: the optimizer step was skipped (non-finite loss or gradient)")
-        deviation = record.get("policy/first_chunk_ratio_max_dev", float("nan"))
-        print(f"  {label} step {step}: first-chunk ratio max dev {deviation:.3g} (bound {max_ratio_dev:g}), "
-              f"reward {record.get('reward/mean', float('nan')):.4f}, loss {record.get('loss/total', float('nan')):.4g}")
-        if not deviation <= max_ratio_dev:
-            check.fail(f"{label} step {step}: first-chunk ratio deviation {deviation:.3g} > {max_ratio_dev:g}")
-
-
-def judge_weights(check: Check, weights: dict[str, torch.Tensor], label: str) -> None:
-    bad = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
-    if bad:
-        check.fail(f"{label}: non-finite trained weights in {len(bad)} tensors (first: {bad[0]})")
-
-
 @dataclasses.dataclass
 class Context:
     """Where the check's files and servers are, and what the runs share."""
@@ -268,6 +212,7 @@ def run_train(ctx: Context, check: Check, parts: list[str]) -> dict:
     finally:
         teardown(trainer)
     judge_steps(check, history, "run", ctx.max_ratio_dev)
+    judge_coverage(check, history, ctx.root / "run" / "checkpoint-1" if "save" in parts else None)
     judge_weights(check, weights, "run")
     if "eval" in parts:
         evaluated = next((r for r in history if any(k.startswith("eval/") for k in r)), {})
@@ -311,20 +256,9 @@ def run_resume(ctx: Context, check: Check, run: dict) -> None:
         weights = trained_fp32(trainer)
     finally:
         teardown(trainer)
-    judge_steps(check, history, "resumed", ctx.max_ratio_dev)
-    mine = next(r for r in history if r["step"] == 2)
-    theirs = next(r for r in run["history"] if r["step"] == 2)
-    for key in RESUME_METRICS:
-        a, b = theirs.get(key, float("nan")), mine.get(key, float("nan"))
-        if not abs(a - b) <= RESUME_ABS + RESUME_REL * abs(a):
-            check.fail(f"resumed step 2 differs: {key} {b!r} vs {a!r} in the uninterrupted run")
-    update = math.sqrt(sum(float((run["weights"][n] - loaded[n]).double().pow(2).sum()) for n in loaded))
-    error = math.sqrt(sum(float((run["weights"][n] - weights[n]).double().pow(2).sum()) for n in weights))
-    ratio = error / update if update > 0 else float("inf")
-    print(f"  resume: |w_resumed - w_run| = {error:.3g}, step 2's update |w_run - w_checkpoint| = {update:.3g}, "
-          f"ratio {ratio:.3g} (bound {RESUME_WEIGHT_RATIO})")
-    if not ratio <= RESUME_WEIGHT_RATIO:
-        check.fail(f"resumed step 2's weights differ from the run's by {ratio:.3g} of its update")
+    redone = [record for record in history if record["step"] > 1]  # the state's history holds step 1's record too
+    judge_steps(check, redone, "resumed", ctx.max_ratio_dev)
+    judge_resume(check, run["history"], redone, run["weights"], loaded, weights)
     run["loaded"] = loaded
 
 
@@ -366,49 +300,6 @@ def run_edit(ctx: Context, check: Check) -> None:
     finally:
         teardown(trainer)
     judge_steps(check, history, "edit", ctx.max_ratio_dev)
-
-
-# ----- report -------------------------------------------------------------------------------------------------------
-
-def estimate(model_args, args):
-    """The memory estimator's figures for this run (its model on the meta device, from the same folders)."""
-    from deepgen_rl.estimate_memory import estimate_memory
-
-    try:
-        return estimate_memory(model_args, args, num_gpus=1, zero_stage=2)
-    except Exception as err:  # the check's own figures still count; the report says why there is no comparison
-        print(f"  memory estimator failed: {type(err).__name__}: {err}")
-        return None
-
-
-def estimated_peaks(result) -> dict[str, float]:
-    """GiB the estimator allows per probed phase: the static part plus that phase's transient."""
-    if result is None:
-        return {}
-    static = sum(result.components[name] for name in result.static)
-    transient = {name.split(",")[0]: result.components[name] for name in result.transients}
-    rollout = max(transient.get("rollout forward", 0), transient.get("VAE decode", 0))  # decode streams in rollout
-    gib = 2.0 ** 30
-    return {"rollout": (static + rollout) / gib, "decode": (static + transient.get("VAE decode", 0)) / gib,
-            "train": (static + transient.get("train chunk activations", 0)) / gib, "overall": result.total_bytes / gib}
-
-
-def report(check: Check, flops: dict, limits: dict[str, float], peak_tflops: float) -> None:
-    """One line per probed phase call; judges the memory of the run's rollout and train phases."""
-    print(f"{'phase':<22}{'step':>5}{'seconds':>10}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}{'estimate':>10}")
-    for record in check.records:
-        run, _, phase = record["phase"].partition(":")
-        work = flops.get(phase) if run == "run" else None
-        tflops = work / record["seconds"] / 1e12 if work and record["seconds"] > 0 else None
-        limit = limits.get(phase) if run in ("run", "resumed") else None
-        peak = record["peak_gib"]
-        print(f"{record['phase']:<22}{record['step']:>5}{record['seconds']:>10.2f}"
-              f"{'' if tflops is None else f'{tflops:.1f}':>10}{'' if tflops is None else f'{tflops / peak_tflops:.1%}':>8}"
-              f"{'' if peak is None else f'{peak:.2f}':>10}{'' if limit is None else f'{limit:.2f}':>10}")
-        record.update(tflops=tflops, estimate_gib=limit)
-        if peak is not None and limit is not None and peak > MEMORY_MARGIN * limit:
-            check.fail(f"{record['phase']} step {record['step']}: peak {peak:.2f} GiB > estimator {limit:.2f} GiB "
-                       f"x {MEMORY_MARGIN}")
 
 
 def run_check(settings: setup.CheckSettings, parts: list[str], *, fault: str = "", max_ratio_dev: float,
@@ -454,6 +345,10 @@ def run_check(settings: setup.CheckSettings, parts: list[str], *, fault: str = "
     device = torch.cuda.get_device_name(0) if check.device.type == "cuda" else "CPU"
     print(f"gpu_check: {'tiny (smoke)' if settings.smoke else 'real-size'} DeepGen on {device}: "
           f"{settings.images} images at {settings.image_size}^2, {settings.steps} steps; parts {','.join(parts)}")
+    if run:
+        print(f"  weights {run['model_args'].model_dtype}, gradient checkpointing "
+              f"{'on' if run['args'].gradient_checkpointing else 'off'}, EMA decay {run['args'].ema_decay}, "
+              f"SFT-aux {run['args'].sftaux_coef}, streamed rewards {run['args'].stream_rewards}")
     report(check, run.get("flops", {}), limits, peak_tflops)
     print(f"  total {total:.1f} s (budget {budget_s:.0f} s)")
     if total > budget_s:
