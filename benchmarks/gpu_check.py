@@ -31,11 +31,10 @@ conversion failed, or the whole check overran --budget_s.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import json
-import math
+import logging
 import os
 import sys
 import tempfile
@@ -145,9 +144,16 @@ def teardown(trainer) -> None:
     if destroy is not None:
         destroy()
     trainer.__dict__.clear()
+
+
+def release_memory(check: Check) -> None:
+    """Collect what the last part left and say how much GPU memory is still held (the next part needs it all)."""
     gc.collect()
-    if torch.cuda.is_available():
+    if check.device.type == "cuda":
         torch.cuda.empty_cache()
+        held = torch.cuda.memory_allocated(check.device) / 2**30
+        if held > 1.0:
+            print(f"  note: {held:.1f} GiB of GPU memory still allocated after releasing the last part")
 
 
 @dataclasses.dataclass
@@ -316,7 +322,7 @@ def run_check(settings: setup.CheckSettings, parts: list[str], *, fault: str = "
             root = Path(folder)
             with check.phase("write model"):
                 paths, model_flags = setup.write_random_model(root / "model", settings, check.device)
-            gc.collect()
+            release_memory(check)
             ctx = Context(settings, root, paths, model_flags, setup.write_data(root / "data", settings), reward.url,
                           judge.url, fault, max_ratio_dev)
             run = {}
@@ -324,10 +330,13 @@ def run_check(settings: setup.CheckSettings, parts: list[str], *, fault: str = "
                 run = run_train(ctx, check, parts)
             elif "rollout" in parts:
                 run = run_rollout_only(ctx, check)
+            release_memory(check)
             if "eval" in parts and "train" not in parts:
                 run_eval_only(ctx, check)
+                release_memory(check)
             if "resume" in parts:
                 run_resume(ctx, check, run)
+                release_memory(check)
             if "convert" in parts:
                 run_convert(ctx, check, run)
             if "edit" in parts:
@@ -402,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="Folder for gpu_check.json (default: $OUT when set).")
     cli = parser.parse_args(argv)
     parts = expand_only(cli.only)
+    # Warnings from everything; from the loader also its CHECKPOINT summary (LoRA pairs merged, keys loaded).
+    logging.basicConfig(level=logging.WARNING, format="[%(asctime)s %(name)s %(levelname)s] %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("deepgen_rl.model.checkpoint_loading").setLevel(logging.INFO)
     # Children (the stand-in servers) import the package from this checkout, also where it is not installed.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     if str(REPO_ROOT) not in sys.path:

@@ -78,22 +78,18 @@ def llm_lora_state(lmm: torch.nn.Module, rank: int, generator: torch.Generator) 
 
 
 def write_random_model(root: Path, settings: CheckSettings, device: torch.device):
-    """Random weights in the published layout under ``root``; returns the TinyModelPaths-like paths and the
-    model flags (connector sizes) to load them with."""
-    from deepgen_rl.model.checkpoint_keys import to_reference_keys
-    from deepgen_rl.model.tiny import TINY_MODEL_FLAGS, TinyModelPaths, build_tiny_deepgen, save_deepgen_parts
+    """Random weights in the published layout under ``root`` (CHECKPOINT: the reference's keys + an LLM LoRA);
+    returns their TinyModelPaths and the model flags (connector sizes) to load them with."""
+    from deepgen_rl.model.tiny import TINY_MODEL_FLAGS, build_tiny_deepgen, save_deepgen_parts
 
-    generator = torch.Generator().manual_seed(0)
     if settings.smoke:
         model, flags = build_tiny_deepgen(seed=0), dict(TINY_MODEL_FLAGS)
     else:
         model, flags = _random_real_model(root, device), {}
-    paths = save_deepgen_parts(model, root)
-    checkpoint = to_reference_keys(model.state_dict())  # what save_deepgen_parts wrote, plus the LLM LoRA
-    checkpoint.update(llm_lora_state(model.lmm, settings.lora_rank, generator))
-    torch.save({k: v.detach().cpu() for k, v in checkpoint.items()}, paths.checkpoint)
-    del model, checkpoint
-    return TinyModelPaths.under(root), flags
+    lora = llm_lora_state(model.lmm, settings.lora_rank, torch.Generator().manual_seed(0))
+    paths = save_deepgen_parts(model, root, extra_checkpoint=lora)
+    del model
+    return paths, flags
 
 
 def _random_real_model(root: Path, device: torch.device):
