@@ -39,10 +39,21 @@ import sys
 
 import torch
 
-versions = {"python": sys.version.split()[0], "torch": torch.__version__}
-for name in ("transformers", "diffusers", "deepspeed", "peft", "accelerate", "pydantic", "mmengine"):
-    module = __import__(name)
-    versions[name] = f"{module.__version__} ({module.__file__.rsplit('/', 2)[0]})"
+# What the check imports: the kit's packages and those it expects the machine to have (scripts/gpu_kit.txt).
+NEEDED = ("transformers", "diffusers", "deepspeed", "peft", "accelerate", "pydantic", "mmengine", "fastapi",
+          "uvicorn", "httpx", "numpy", "PIL", "tokenizers", "huggingface_hub", "safetensors", "yaml", "matplotlib")
+versions, missing = {"python": sys.version.split()[0], "torch": torch.__version__}, []
+for name in NEEDED:
+    try:
+        module = __import__(name)
+    except ImportError as err:
+        missing.append(f"{name} ({err})")
+        continue
+    if name in NEEDED[:7]:
+        versions[name] = f"{module.__version__} ({module.__file__.rsplit('/', 2)[0]})"
+if missing:
+    sys.exit("[gpu_check.sh] ERROR: cannot import " + "; ".join(missing) + ". The kit holds what the GPU machine "
+             "lacks; the rest (scripts/gpu_kit.txt, first lines) must be installed beside this python's torch.")
 print("[gpu_check.sh] " + ", ".join(f"{k} {v}" for k, v in versions.items()))
 print("[gpu_check.sh] device: " + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"))
 PY
