@@ -10,7 +10,8 @@ published layout, UniPic2's ``SD3Transformer2DKontextModel``, a CHECKPOINT with 
              stand-in OCR-contract server on 127.0.0.1, EMA on, gradient checkpointing
     eval     the periodic evaluation after step 2: 4 prompts, stand-in UniGenBench judge on 127.0.0.1
     save     the real-size checkpoint after step 1 (only that one: a ZeRO-2 checkpoint of the 2.24 B DiT with its
-             fp32 master weights, Adam states and EMA is ~40 GB, as much as the machine's disk holds twice)
+             fp32 master weights, Adam states and EMA is ~40 GB; beside the ~18 GB model folders, a 64 GiB disk
+             holds one, so the run's end-of-run save is skipped)
     resume   a new trainer resumes from it and redoes step 2: its metrics and fp32 weights must match the run's
     convert  the converter (model/convert.py) on that checkpoint, read back with the CHECKPOINT loader
     edit     one edit step (Kontext: a source image per prompt, the vision tower kept), 8 images, 20 steps
@@ -115,16 +116,15 @@ def save_once(trainer) -> None:
     trainer.save = first_only
 
 
-def trained_fp32(trainer) -> dict[str, torch.Tensor]:
-    """The fp32 master weights of the trained parameters (DeepSpeed's public accessor), on the CPU."""
+def fp32_params(trainer):
+    """(name, fp32 master weight on the CPU) of each trained parameter, one at a time (DeepSpeed's public
+    accessor; at real size all of them are 9 GB, so callers keep only what they need)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    out = {}
     for name, param in trainer.model.named_parameters():
         if param.requires_grad:
             full = safe_get_full_fp32_param(param)
-            out[name] = (full if full is not None else param.detach()).float().cpu()
-    return out
+            yield name, (full if full is not None else param.detach()).float().cpu()
 
 
 def build(flags: list[str], device: torch.device):
@@ -213,13 +213,13 @@ def run_train(ctx: Context, check: Check, parts: list[str]) -> dict:
         save_once(trainer)
         trainer.train()
         history = [dict(record) for record in trainer.state.log_history]
-        weights = trained_fp32(trainer)
+        weights = dict(fp32_params(trainer))
         flops = flops_of(trainer, args)
     finally:
         teardown(trainer)
     judge_steps(check, history, "run", ctx.max_ratio_dev)
     judge_coverage(check, history, ctx.root / "run" / "checkpoint-1" if "save" in parts else None)
-    judge_weights(check, weights, "run")
+    judge_weights(check, weights.items(), "run")
     if "eval" in parts:
         evaluated = next((r for r in history if any(k.startswith("eval/") for k in r)), {})
         summary = {k: v for k, v in evaluated.items() if k.startswith("eval/")}
@@ -244,53 +244,59 @@ def run_eval_only(ctx: Context, check: Check) -> None:
 
 
 def run_resume(ctx: Context, check: Check, run: dict) -> None:
-    """Run B: a new trainer resumes from checkpoint-1 and redoes step 2; it must match run A's step 2."""
+    """Run B: a new trainer resumes from checkpoint-1 and redoes step 2; it must match run A's step 2. Keeps
+    checkpoint-1's weights in bf16 (``run["checkpoint_bf16"]``) for the converter's check."""
     flags = ctx.flags("resumed", evaluate=False) + ["--save_strategy", "no"]
     trainer, *_ = build(flags, check.device)
-    loaded: dict = {}
+    norms = {"update": 0.0, "error": 0.0}
+    run["checkpoint_bf16"] = {}
     try:
         probe(trainer, check, "resumed", ctx.fault)
         load = trainer.load
 
-        def load_and_keep(path):
+        def load_and_measure(path):
             load(path)
-            loaded.update(trained_fp32(trainer))  # the checkpoint's weights: step 2's update is measured from them
+            for name, loaded in fp32_params(trainer):  # step 2's update |w_run - w_checkpoint|, summed per tensor
+                norms["update"] += float((run["weights"][name] - loaded).double().pow(2).sum())
+                run["checkpoint_bf16"][name] = loaded.to(torch.bfloat16)
 
-        trainer.load = load_and_keep
+        trainer.load = load_and_measure
         trainer.train(resume_from_checkpoint=str(run["checkpoint"]))
         history = [dict(record) for record in trainer.state.log_history]
-        weights = trained_fp32(trainer)
+        for name, resumed in fp32_params(trainer):
+            norms["error"] += float((run["weights"][name] - resumed).double().pow(2).sum())
     finally:
         teardown(trainer)
     redone = [record for record in history if record["step"] > 1]  # the state's history holds step 1's record too
     judge_steps(check, redone, "resumed", ctx.max_ratio_dev)
-    judge_resume(check, run["history"], redone, run["weights"], loaded, weights)
-    run["loaded"] = loaded
+    judge_resume(check, run["history"], redone, norms["update"] ** 0.5, norms["error"] ** 0.5)
 
 
 def run_convert(ctx: Context, check: Check, run: dict) -> None:
-    """The converter on checkpoint-1, read back by the CHECKPOINT loader: the trained tensors, as saved."""
+    """The converter on checkpoint-1 (bf16 output: the trained weights as the checkpoint's model states hold
+    them), read back by the CHECKPOINT loader: every trained tensor, finite, equal to checkpoint-1's."""
     from deepgen_rl.model.checkpoint_loading import read_checkpoint
     from deepgen_rl.model.convert import convert_rl_checkpoint
 
     output = ctx.root / "converted" / "rl.pth"
     with check.phase("convert"):
-        summary = convert_rl_checkpoint(run["checkpoint"], output)
+        summary = convert_rl_checkpoint(run["checkpoint"], output, dtype="bfloat16")
         state = read_checkpoint(output)
-    expected = run.get("loaded")  # the fp32 weights of checkpoint-1 (the resume part read them)
-    missing = sorted(set(expected or ()) - set(state))
+    output.unlink()  # ~4.5 GB at real size; the disk is full enough
+    expected = run.get("checkpoint_bf16") or {}  # read by the resume part; without it only presence is checked
     print(f"  convert: {summary.num_tensors} tensors, {summary.num_parameters / 1e9:.3f} B parameters, "
           f"prefixes {summary.prefix_counts}")
+    names = set(expected) or {name for name in run["weights"]}
+    missing = sorted(names - set(state))
     if missing:
         check.fail(f"converted checkpoint lacks {len(missing)} trained tensors (first: {missing[0]})")
-    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    bad = [k for k, v in state.items() if not torch.isfinite(v.float()).all()]
     if bad:
         check.fail(f"converted checkpoint has non-finite tensors (first: {bad[0]})")
-    for name, value in (expected or {}).items():
-        if name in state and not torch.allclose(state[name].float(), value.to(torch.bfloat16).float(),
-                                                rtol=2.0 ** -7, atol=0.0):
-            check.fail(f"converted {name} is not the checkpoint's weight (bf16 rounding allowed)")
-            break
+    differing = [name for name, value in expected.items()
+                 if name in state and not torch.allclose(state[name].float(), value.float(), rtol=2.0 ** -7, atol=0)]
+    if differing:
+        check.fail(f"converted {differing[0]} (and {len(differing) - 1} more) is not checkpoint-1's weight")
 
 
 def run_edit(ctx: Context, check: Check) -> None:
@@ -302,7 +308,7 @@ def run_edit(ctx: Context, check: Check) -> None:
             check.fail("edit: the vision tower was dropped")
         trainer.train()
         history = [dict(record) for record in trainer.state.log_history]
-        judge_weights(check, trained_fp32(trainer), "edit")
+        judge_weights(check, fp32_params(trainer), "edit")
     finally:
         teardown(trainer)
     judge_steps(check, history, "edit", ctx.max_ratio_dev)
@@ -320,6 +326,7 @@ def run_check(settings: setup.CheckSettings, parts: list[str], *, fault: str = "
         with tempfile.TemporaryDirectory(prefix="gpu_check_") as folder, fake_server() as reward, \
                 FakeJudge(rule="name", pass_dims="Style", served_model_name=setup.JUDGE_MODEL) as judge:
             root = Path(folder)
+            require_disk(root, settings, parts)
             with check.phase("write model"):
                 paths, model_flags = setup.write_random_model(root / "model", settings, check.device)
             release_memory(check)
@@ -371,6 +378,26 @@ def run_check(settings: setup.CheckSettings, parts: list[str], *, fault: str = "
     print("gpu_check: PASSED" if not check.failures else f"gpu_check: FAILED ({len(check.failures)}): "
           + "; ".join(check.failures))
     return 0 if not check.failures else 1
+
+
+# Disk a real-size check writes: the model folders (~18 GB: Qwen2.5-VL 7.5, DiT 4.5, CHECKPOINT 5.5 with the LoRA)
+# and, with "save", checkpoint-1 (~41 GB: bf16 DiT 4.5, fp32 master + Adam m and v 27, fp32 EMA 9) and the
+# converted .pth (4.5 GB, removed once read back).
+REAL_DISK_GB = {"model": 18.0, "save": 41.0, "convert": 4.5}
+
+
+def require_disk(root: Path, settings: setup.CheckSettings, parts: list[str]) -> None:
+    """Fail early, naming the folder and the way out, when the disk cannot hold what the check writes."""
+    if settings.smoke:
+        return
+    import shutil
+
+    need = REAL_DISK_GB["model"] + sum(REAL_DISK_GB[p] for p in ("save", "convert") if p in parts)
+    free = shutil.disk_usage(root).free / 1e9
+    print(f"  disk: {free:.0f} GB free under {root.parent}, the check writes ~{need:.0f} GB")
+    if free < need:
+        raise SystemExit(f"gpu_check: {root.parent} has {free:.0f} GB free, the check needs ~{need:.0f} GB: point "
+                         "TMPDIR at a larger disk, or leave the checkpoint out (--only rollout,train,eval,edit).")
 
 
 def init_single_process(cuda: bool) -> bool:

@@ -71,8 +71,9 @@ def judge_steps(check: Check, history: list[dict], label: str, max_ratio_dev: fl
             check.fail(f"{label} step {step}: first-chunk ratio deviation {deviation:.3g} > {max_ratio_dev:g}")
 
 
-def judge_weights(check: Check, weights: dict[str, torch.Tensor], label: str) -> None:
-    bad = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
+def judge_weights(check: Check, weights, label: str) -> None:
+    """``weights``: (name, tensor) pairs of the trained parameters; each must be finite."""
+    bad = [name for name, tensor in weights if not torch.isfinite(tensor).all()]
     if bad:
         check.fail(f"{label}: non-finite trained weights in {len(bad)} tensors (first: {bad[0]})")
 
@@ -88,18 +89,15 @@ def judge_coverage(check: Check, history: list[dict], checkpoint) -> None:
         check.fail(f"run: {checkpoint} has no ema.pt (EMA off?)")
 
 
-def judge_resume(check: Check, history: list[dict], resumed: list[dict], weights: dict, loaded: dict,
-                 resumed_weights: dict) -> None:
-    """Step 2 redone from checkpoint-1 against the uninterrupted run's step 2: its metrics, and its fp32 weights
-    measured against the size of step 2's own update (``loaded``: checkpoint-1's weights)."""
+def judge_resume(check: Check, history: list[dict], resumed: list[dict], update: float, error: float) -> None:
+    """Step 2 redone from checkpoint-1 against the uninterrupted run's step 2: its metrics, and the distance of
+    its fp32 weights from the run's (``error``) against the size of step 2's own update (``update``)."""
     mine = next((r for r in resumed if r["step"] == 2), {})
     theirs = next(r for r in history if r["step"] == 2)
     for key in RESUME_METRICS:
         a, b = theirs.get(key, float("nan")), mine.get(key, float("nan"))
         if not abs(a - b) <= RESUME_ABS + RESUME_REL * abs(a):
             check.fail(f"resumed step 2 differs: {key} {b!r} vs {a!r} in the uninterrupted run")
-    update = math.sqrt(sum(float((weights[n] - loaded[n]).double().pow(2).sum()) for n in loaded))
-    error = math.sqrt(sum(float((weights[n] - resumed_weights[n]).double().pow(2).sum()) for n in resumed_weights))
     ratio = error / update if update > 0 else float("inf")
     print(f"  resume: |w_resumed - w_run| = {error:.3g}, step 2's update |w_run - w_checkpoint| = {update:.3g}, "
           f"ratio {ratio:.3g} (bound {RESUME_WEIGHT_RATIO})")
