@@ -125,7 +125,7 @@ def run_rollout_only(ctx: Context, check: Check) -> dict:
     """A fresh trainer's rollout and rewards (no update)."""
     trainer, args, model_args = build(ctx.flags("rollout", evaluate=False), check.device)
     try:
-        probe(trainer, check, "rollout")
+        probe(trainer, check, "run")  # judged as the run's rollout
         batch = trainer.rollout_phase(0)
         if batch.rewards_in_flight is None:
             trainer.decode_phase(batch)
