@@ -32,6 +32,7 @@ conversion failed, or the whole check overran --budget_s.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -186,6 +187,13 @@ def init_single_process(cuda: bool) -> bool:
     return created
 
 
+def default_clip_range() -> float:
+    """--clip_range's default (the check's runs leave it there)."""
+    from deepgen_rl.grpo_flags import ObjectiveFlags
+
+    return next(f.default for f in dataclasses.fields(ObjectiveFlags) if f.name == "clip_range")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="Tiny parts, bf16, on the CPU (the same sequence).")
@@ -195,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="Make a check fail on purpose: a NaN loss, or the policy moved between rollout and "
                              "training (first-chunk ratio != 1).")
     parser.add_argument("--max_ratio_dev", type=float, default=None,
-                        help="Bound of max |ratio - 1| at each step's first chunk (rollout and training share the "
-                             "sampler arithmetic). Default: 1e-2 (bf16 real size), 1e-3 (smoke).")
+                        help="Bound of max |ratio - 1| at each step's first chunk, where the policy is still the one "
+                             "that rolled out. Default: 10%% of the default --clip_range (1e-5): a first chunk off by "
+                             "the clip range has its samples clipped, i.e. no policy gradient.")
     parser.add_argument("--budget_s", type=float, default=None, help="Seconds the whole check may take "
                         "(default: 480 on the GPU; 1200 for --smoke, whose CPU time depends on the machine).")
     parser.add_argument("--peak_tflops", type=float, default=989.0,
@@ -219,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not torch.cuda.is_available():
         print("gpu_check: no CUDA device here: nothing to check (run it on a GPU machine, or --smoke on the CPU).")
         return 0
-    max_ratio_dev = cli.max_ratio_dev if cli.max_ratio_dev is not None else (1e-3 if cli.smoke else 1e-2)
+    max_ratio_dev = cli.max_ratio_dev if cli.max_ratio_dev is not None else 0.1 * default_clip_range()
     budget_s = cli.budget_s if cli.budget_s is not None else (1200.0 if cli.smoke else 480.0)
     try:
         return run_check(settings, parts, fault=cli.inject_fault, max_ratio_dev=max_ratio_dev, budget_s=budget_s,
