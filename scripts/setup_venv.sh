@@ -17,7 +17,7 @@ torch_version="2.13.0"
 
 if [ ! -x "$venv/bin/python" ]; then
     command -v "$python_bin" >/dev/null 2>&1 || {
-        echo "[setup_venv.sh] ERROR: $python_bin not found; install Python 3.11 or set PYTHON=/path/to/python3.11" >&2
+        echo "[setup_venv.sh] ERROR: $python_bin not found; install Python 3.11 (or 3.12) or set PYTHON=/path/to/python3.12" >&2
         exit 1
     }
     echo "[setup_venv.sh] creating $venv with $python_bin"

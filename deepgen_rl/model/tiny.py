@@ -229,8 +229,10 @@ def build_tiny_deepgen(seed: int = 0, dit_size: TinyDiTSize = TinyDiTSize()) -> 
     return model.eval()
 
 
-def save_deepgen_parts(model: DeepGenModel, output_dir: str | Path) -> TinyModelPaths:
-    """Write ``model``'s parts in the real layouts under ``output_dir``; returns where each part is."""
+def save_deepgen_parts(model: DeepGenModel, output_dir: str | Path,
+                       extra_checkpoint: dict[str, torch.Tensor] | None = None) -> TinyModelPaths:
+    """Write ``model``'s parts in the real layouts under ``output_dir``; returns where each part is.
+    ``extra_checkpoint``: more CHECKPOINT tensors, in their checkpoint names (e.g. an LLM LoRA's factors)."""
     paths = TinyModelPaths.under(output_dir)
     model.lmm.save_pretrained(paths.qwen_dir)
     model.tokenizer.save_pretrained(paths.qwen_dir)
@@ -241,7 +243,7 @@ def save_deepgen_parts(model: DeepGenModel, output_dir: str | Path) -> TinyModel
         {"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
          "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]},
         indent=2))
-    torch.save(to_reference_keys(model.state_dict()), paths.checkpoint)
+    torch.save({**to_reference_keys(model.state_dict()), **(extra_checkpoint or {})}, paths.checkpoint)
     return paths
 
 
