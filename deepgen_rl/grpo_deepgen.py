@@ -30,6 +30,8 @@ EXIT_REWARD_FAILURE = 3
 EXIT_DIVERGED = 4
 # Exit status of a fresh start refused because --output_dir holds another run (argparse's usage-error status).
 EXIT_OUTPUT_DIR_IN_USE = 2
+# Exit status of flags or files that cannot run (launch_checks.LaunchCheckError), found before any model loads.
+EXIT_USAGE = 2
 # The guide: wandb and swanlab log OFFLINE unless the user exports another mode.
 TRACKER_MODE_DEFAULTS = {"WANDB_MODE": "offline", "SWANLAB_MODE": "offline"}
 
@@ -111,21 +113,22 @@ def build_trainer(args: GRPOConfig, model_args: ModelArguments, data_args: DataA
     require_valid_contents(dataset_config, model_args.checkpoint,
                            data_args.eval_dataset_config if args.eval_freq else "")
     prompt_sampler = PromptSampler(dataset_config, seed=args.seed, rank=rank)
+    sftaux_sampler = None
+    if args.sftaux_coef > 0:
+        from deepgen_rl.sft import SftAuxSampler, load_sftaux_config
+
+        sftaux_sampler = SftAuxSampler(load_sftaux_config(data_args.sftaux_dataset_config), seed=args.seed,
+                                       rank=rank, height=args.image_height, width=args.image_width)
+    # Flags and files first: before any reward server is awaited or a scorer / the model is loaded.
+    notes = require_launchable(args, model_args, data_args, dataset_config, world_size,
+                               None if sftaux_sampler is None else sftaux_sampler.datasets)
+    if rank == 0:
+        for note in notes:  # the banner of shipped data on stderr, where warnings go
+            print(note, file=sys.stderr if note.startswith("!") else sys.stdout, flush=True)
     rewards = build_rewards(dataset_config.reward_names, reward_args, model_args.clip_model_name_or_path, device)
     reward_step = RewardStep(rewards, dataset_config.reward_names, deadline_s=args.reward_step_deadline or None)
     eval_hook = None
     try:
-        sftaux_sampler = None
-        if args.sftaux_coef > 0:
-            from deepgen_rl.sft import SftAuxSampler, load_sftaux_config
-
-            sftaux_sampler = SftAuxSampler(load_sftaux_config(data_args.sftaux_dataset_config), seed=args.seed,
-                                           rank=rank, height=args.image_height, width=args.image_width)
-        notes = require_launchable(args, model_args, data_args, dataset_config, world_size,
-                                   None if sftaux_sampler is None else sftaux_sampler.datasets)
-        if rank == 0:
-            for note in notes:  # the banner of shipped data on stderr, where warnings go
-                print(note, file=sys.stderr if note.startswith("!") else sys.stdout, flush=True)
         model = load_deepgen_model(model_args, device=device)  # straight to this rank's GPU: little host RAM
         lora = LoraSettings(model_args.lora_rank, model_args.lora_alpha) if model_args.use_lora else None
         # The edit sets' judge is built only once evaluation is known to run (the hook closes an eval-only one).
@@ -156,11 +159,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     _setup_logging(int(os.environ.get("RANK", "0")), args)
     from deepgen_rl.trainer.divergence import TrainingDiverged
     from deepgen_rl.trainer.failure_budget import RewardFailureBudgetExceeded
-    from deepgen_rl.trainer.run_folder import OutputDirInUseError, claim_output_dir
+    from deepgen_rl.launch_checks import LaunchCheckError
+    from deepgen_rl.trainer.run_folder import OutputDirInUseError, claim_output_dir, resume_requested
 
     log = logging.getLogger("deepgen_rl")
     try:
-        if not args.resume_from_checkpoint or str(args.resume_from_checkpoint).lower() in ("false", "none", "no"):
+        if not resume_requested(args.resume_from_checkpoint):
             claim_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, mover=False)  # before the model
         trainer = build_trainer(args, *groups, device)
         try:
@@ -176,6 +180,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except OutputDirInUseError as err:
         log.error("%s", err)
         return EXIT_OUTPUT_DIR_IN_USE
+    except LaunchCheckError as err:  # flags or files that cannot run: the reason, not a traceback per rank
+        if int(os.environ.get("RANK", "0")) == 0:
+            log.error("cannot launch: %s", err)
+        return EXIT_USAGE
     return 0
 
 

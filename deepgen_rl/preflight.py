@@ -163,6 +163,13 @@ def local_checks(training_args: GRPOConfig, model_args: ModelArguments, data_arg
     problems = check_model_paths(model_args)
     batch = batch_problem(training_args, world_size, training_args.sftaux_coef > 0)
     problems += [p for p in [untrained_connector_problem(model_args), batch] if p]
+    from .trainer.run_folder import OutputDirInUseError, claim_output_dir, resume_requested
+
+    if not resume_requested(training_args.resume_from_checkpoint):  # the workers would refuse it after the wait
+        try:
+            claim_output_dir(training_args.output_dir, overwrite=training_args.overwrite_output_dir, mover=False)
+        except OutputDirInUseError as err:
+            problems.append(str(err))
     servers: list[ServerCheck] = []
     length = None
     try:

@@ -16,7 +16,9 @@
 # servers are then awaited together for up to --server_wait seconds (default 900: a 32B vLLM judge loading).
 # GPUs per node: NGPUS, else as many as CUDA_VISIBLE_DEVICES lists, else `nvidia-smi -L`; printed at start.
 # Run length: printed at start (prompts / prompts per step x --num_train_epochs -> GRPO steps, and the first
-# checkpoint); `--max_steps N` sets it directly, `--save_steps` (default 10) how often it checkpoints.
+# checkpoint); `--max_steps N` sets it directly, `--save_steps` (default 10) how often it checkpoints, and
+# `--save_total_limit` (3 here) how many checkpoints stay (each holds weights and optimizer states: ~35 GB for the
+# full DiT under ZeRO-2).
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -135,6 +137,7 @@ args=(
     --lr_scheduler_type constant_with_warmup
     --deepspeed "$DEEPSPEED_CONFIG"
     --report_to wandb,swanlab
+    --save_total_limit 3
     "$@"
 )
 

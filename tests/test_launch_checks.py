@@ -188,3 +188,46 @@ def test_a_deepspeed_json_that_disagrees_with_the_batch_is_named_before_loading(
     assert code == 1
     assert f"DEEPSPEED_CONFIG (--deepspeed) = {path}: --deepspeed: train_micro_batch_size_per_gpu = 4" in err
     assert "but the trainer derives 32" in err
+
+
+def test_entry_point_refuses_before_awaiting_servers_or_loading_anything(real_configs, process_group, tmp_path,
+                                                                         monkeypatch, caplog):
+    """Without train.sh too: a real-size model without CHECKPOINT stops with exit 2 and the reason (no traceback)
+    before any reward is built (a server-backed reward waits for /health; clip_sim loads CLIP) or the model loads."""
+    import logging
+
+    import deepgen_rl.model
+    import deepgen_rl.rewards
+    from deepgen_rl import grpo_deepgen
+
+    def too_early(*args, **kwargs):
+        raise AssertionError("built before the launch checks ran")
+
+    monkeypatch.setattr(deepgen_rl.rewards, "build_rewards", too_early)
+    monkeypatch.setattr(deepgen_rl.model, "load_deepgen_model", too_early)
+    monkeypatch.delenv("CHECKPOINT", raising=False)
+    sd3, qwen = real_configs
+    with caplog.at_level(logging.ERROR):
+        code = grpo_deepgen.main(["--output_dir", str(tmp_path / "run"), "--report_to", "none",
+                                  "--sd3_model_name_or_path", str(sd3), "--qwen2_5_vl_model_name_or_path", str(qwen)])
+    assert code == grpo_deepgen.EXIT_USAGE == 2
+    assert "cannot launch" in caplog.text and "CHECKPOINT is not set" in caplog.text
+
+
+def test_preflight_names_a_used_output_dir_before_waiting_for_servers(tiny_paths, tmp_path, capsys):
+    """train.sh runs the preflight first: a fresh start into another run's folder is a local problem, reported with
+    the others before any server is awaited (the workers would refuse it only after the wait); a resume is not."""
+    from tests.test_run_folder import fake_checkpoint
+
+    out = tmp_path / "out"
+    fake_checkpoint(out, 3)
+    common = ["--output_dir", str(out), "--eval_freq", "0", "--sftaux_coef", "0",
+              "--dataset_config", str(REPO_ROOT / "assets/rl_datasets/quickstart/quickstart.yaml"),
+              "--sd3_model_name_or_path", str(tiny_paths.sd3_dir),
+              "--qwen2_5_vl_model_name_or_path", str(tiny_paths.qwen_dir)]
+    assert preflight.main(common) == 1
+    err = capsys.readouterr().err
+    assert f"--output_dir {out} already holds another run (checkpoint-3)" in err and "--overwrite_output_dir" in err
+    assert (out / "checkpoint-3").is_dir()  # the preflight moves nothing
+    assert preflight.main([*common, "--resume_from_checkpoint", "latest"]) == 0
+    assert "already holds another run" not in capsys.readouterr().err

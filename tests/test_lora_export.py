@@ -135,3 +135,16 @@ def test_raw_factors_are_refused_by_our_loader_and_an_unrecorded_alpha_must_be_g
     assert script.main(["--rl_checkpoint", str(tmp_path / "raw.pth"), "--output", str(tmp_path / "o.pth"),
                         "--sd3_model_name_or_path", str(tiny_paths.sd3_dir), "--checkpoint",
                         str(tiny_paths.checkpoint), "--lora_alpha", str(ALPHA)]) == 0
+
+
+def test_eval_layers_a_lora_checkpoint_folder_at_the_runs_own_scale(lora_run, tiny_paths):
+    """`python -m deepgen_rl.eval --rl_checkpoint checkpoint-N` of a --use_lora run: the factors are merged at the
+    run's alpha / r (from its trainer_state.json) on top of CHECKPOINT, giving the trained model; a LoRA-only
+    checkpoint (no DiT weights) is not refused for lacking the weights the run trained through its factors."""
+    from deepgen_rl.model.convert import load_rl_checkpoint_into
+
+    checkpoint, trained, _ = lora_run
+    model = load_deepgen_model(model_args_for(tiny_paths))
+    summary = load_rl_checkpoint_into(model, checkpoint, trainable_modules="dit")
+    assert summary.merged["linear"] > 0 and all(".lora_" in key for key in summary.merged_keys)
+    assert_close_up_to_reordering(_velocity(model), trained, **DIT_REDUCTIONS)

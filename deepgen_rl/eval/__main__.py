@@ -172,25 +172,45 @@ def main(argv: Optional[list[str]] = None) -> int:
     # A bad YAML, CSV or edit JSONL fails here, before any model loads.
     datasets = load_eval_datasets(data_args.eval_dataset_config, eval_args.eval_max_prompts)
     edit_sets = load_edit_eval_sets(data_args.eval_dataset_config, eval_args.eval_max_prompts)
+    from deepgen_rl.distributed import destroy, is_distributed
+
+    joined_here = not is_distributed()  # a caller's group (a test's, a notebook's) is the caller's to tear down
     device = _setup_distributed(cli.device)
     try:
         return _evaluate(cli, model_args, judge_args, eval_args, datasets, device, edit_sets, reward_args)
     finally:
-        from deepgen_rl.distributed import destroy
-
-        destroy()
+        if joined_here:
+            destroy()
 
 
 def _evaluate(cli: EvalCliArguments, model_args: ModelArguments, judge_args: JudgeArguments, eval_args: EvalArguments,
               datasets, device, edit_sets=(), reward_args: Optional[RewardArguments] = None) -> int:
-    from deepgen_rl.distributed import rank_and_world
-    from deepgen_rl.eval.runner import GenerationSettings, model_generate_fn, run_evaluation
+    from deepgen_rl.eval.runner import GenerationSettings
 
     default_size = 64 if cli.tiny else None
     height = cli.image_height or default_size or GRPOConfig.image_height
     width = cli.image_width or default_size or GRPOConfig.image_width
     settings = GenerationSettings(height=height, width=width, seed=cli.seed, micro_batch_size=cli.micro_batch_size,
                                   decode_micro_batch_size=cli.vae_decode_micro_batch_size)
+    edit_judge = None
+    if edit_sets:  # awaited (/health) before the model loads: an unreachable judge is named in seconds
+        from deepgen_rl.rewards.registry import build_rewards
+
+        edit_judge = build_rewards(["edit_vlm_judge"], reward_args or RewardArguments(), "", "cpu")["edit_vlm_judge"]
+    try:
+        return _generate_and_judge(cli, model_args, judge_args, eval_args, datasets, device, edit_sets, edit_judge,
+                                   settings)
+    finally:
+        if edit_judge is not None:
+            edit_judge.close()
+
+
+def _generate_and_judge(cli: EvalCliArguments, model_args: ModelArguments, judge_args: JudgeArguments,
+                        eval_args: EvalArguments, datasets, device, edit_sets, edit_judge, settings) -> int:
+    from deepgen_rl.distributed import rank_and_world
+    from deepgen_rl.eval.runner import model_generate_fn, run_evaluation
+
+    height, width = settings.height, settings.width
     model = _build_model(cli, model_args, device)
     ok = True
     if datasets:  # a YAML of edit sets only needs no UniGenBench judge
@@ -201,24 +221,19 @@ def _evaluate(cli: EvalCliArguments, model_args: ModelArguments, judge_args: Jud
             _print_summary(report)
         ok = report.complete
     if edit_sets:
-        ok = _evaluate_edits(model, edit_sets, reward_args or RewardArguments(), settings, cli.output_dir) and ok
+        ok = _evaluate_edits(model, edit_sets, edit_judge, settings, cli.output_dir) and ok
     return 0 if ok else 1
 
 
-def _evaluate_edits(model, edit_sets, reward_args: RewardArguments, settings, output_dir: str) -> bool:
+def _evaluate_edits(model, edit_sets, judge, settings, output_dir: str) -> bool:
     """Edit and judge every edit set (eval/edit_eval.py); prints the metrics; True when every edit was judged."""
     from deepgen_rl.distributed import rank_and_world
     from deepgen_rl.eval.edit_eval import evaluate_edit_sets
     from deepgen_rl.eval.report import METRIC_PREFIX
-    from deepgen_rl.rewards.registry import build_rewards
 
-    judge = build_rewards(["edit_vlm_judge"], reward_args, "", "cpu")["edit_vlm_judge"]  # waits for /health
-    try:
-        metrics = evaluate_edit_sets(model, judge, edit_sets, height=settings.height, width=settings.width,
-                                     seed=settings.seed, micro_batch_size=settings.micro_batch_size,
-                                     output_dir=output_dir)
-    finally:
-        judge.close()
+    metrics = evaluate_edit_sets(model, judge, edit_sets, height=settings.height, width=settings.width,
+                                 seed=settings.seed, micro_batch_size=settings.micro_batch_size,
+                                 output_dir=output_dir)
     if rank_and_world()[0] == 0:
         print(json.dumps(metrics, indent=1, ensure_ascii=False))
     # Complete = every edit judged, as for UniGenBench: a failed edit makes the evaluation incomplete.

@@ -23,7 +23,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -121,14 +121,20 @@ def load_checkpoint_into(model: nn.Module, path: str | Path, trainable_modules: 
 
 
 def load_state_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
-                    trainable_modules: str = "dit", llm_lora_alpha: float = 128.0) -> LoadSummary:
-    """:func:`load_checkpoint_into` on an already normalised state dict (``source`` names it in messages)."""
+                    trainable_modules: str = "dit", llm_lora_alpha: float = 128.0,
+                    dit_lora_alpha: Optional[float] = None) -> LoadSummary:
+    """:func:`load_checkpoint_into` on an already normalised state dict (``source`` names it in messages).
+
+    ``dit_lora_alpha``: the --lora_alpha of the --use_lora run whose DiT LoRA factors ``state_dict`` holds (read
+    from that run's checkpoint by the caller); they are merged at that scale and stand for the DiT weights the run
+    trained through them. Without it such factors are refused: the file alone does not say their scale."""
     split = split_lora(state_dict)
-    dit_lora = [pair.keys[0] for pair in split.pairs if pair.target.startswith("transformer.")]
-    if dit_lora:  # only the LLM LoRA's alpha is known here (--checkpoint_llm_lora_alpha); a DiT one has its run's
-        raise CheckpointError(f"{source} holds DiT LoRA factors ({dit_lora[0]}, ...), whose scale (the training "
-                              "run's --lora_alpha / --lora_rank) this file does not carry: export the RL checkpoint "
-                              "with scripts/utils/rlckpt_to_sftckpt.py, which merges them at the run's own scale")
+    dit_lora = [pair for pair in split.pairs if pair.target.startswith("transformer.")]
+    if dit_lora and dit_lora_alpha is None:
+        raise CheckpointError(f"{source} holds DiT LoRA factors ({dit_lora[0].keys[0]}, ...), whose scale (the "
+                              "training run's --lora_alpha / --lora_rank) this file does not carry: export the RL "
+                              "checkpoint with scripts/utils/rlckpt_to_sftckpt.py, which merges them at the run's own "
+                              "scale")
     summary = LoadSummary(source=source, total_keys=len(state_dict), skipped=dict(split.skipped))
     owners = tied_parameter_owners(model)
     plain = {}
@@ -138,13 +144,16 @@ def load_state_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], so
         else:
             plain[key] = value
     _check_shapes(model, plain, source)
-    _check_trainable_present(model, plain, source, trainable_modules)
+    _check_trainable_present(model, plain, source, trainable_modules, dit_by_lora=bool(dit_lora))
     result = model.load_state_dict(plain, strict=False)
     unexpected = set(result.unexpected_keys)
     summary.unused = [split.origins[key] for key in plain if key in unexpected]
     summary.loaded = [split.origins[key] for key in plain if key not in unexpected]
     summary.missing_keys = list(result.missing_keys)
-    _merge_lora_pairs(model, split.pairs, owners, llm_lora_alpha, summary)
+    _merge_lora_pairs(model, [p for p in split.pairs if not p.target.startswith("transformer.")], owners,
+                      llm_lora_alpha, summary)
+    if dit_lora:
+        _merge_lora_pairs(model, dit_lora, owners, dit_lora_alpha, summary)
     assert summary.accounted_keys() == set(state_dict), "a checkpoint key is missing from the load summary"
     frozen_gaps = [k for k in result.missing_keys if not k.startswith(("lmm.", "vae.")) and owners.get(k, k) == k]
     if frozen_gaps:
@@ -165,11 +174,13 @@ def _check_shapes(model: nn.Module, plain: Mapping[str, torch.Tensor], source: s
 
 
 def _check_trainable_present(model: nn.Module, plain: Mapping[str, torch.Tensor], source: str,
-                             trainable_modules: str) -> None:
+                             trainable_modules: str, dit_by_lora: bool = False) -> None:
     # Exactly what training updates (set_trainable leaves out the parts no gradient reaches); LLM weights come
-    # from the model path, so they are never demanded from the checkpoint.
+    # from the model path, so they are never demanded from the checkpoint, nor DiT weights a LoRA run trained
+    # through its factors (``dit_by_lora``).
     model.set_trainable(trainable_modules)
-    required = [name for name, p in model.named_parameters() if p.requires_grad and not name.startswith("lmm.")]
+    skip = ("lmm.", "transformer.") if dit_by_lora else ("lmm.",)
+    required = [name for name, p in model.named_parameters() if p.requires_grad and not name.startswith(skip)]
     model.requires_grad_(False)
     missing = [k for k in required if k not in plain]
     if missing:

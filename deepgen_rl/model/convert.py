@@ -197,8 +197,12 @@ def load_rl_checkpoint_into(model: torch.nn.Module, rl_checkpoint: str | Path, w
     else:
         raw, _ = read_rl_checkpoint(rl_checkpoint)
     state = normalize_checkpoint_keys(raw)
-    summary = load_state_into(model, state, f"--rl_checkpoint {rl_checkpoint}", trainable_modules)
-    if not summary.loaded:
+    # A --use_lora run's checkpoint holds the DiT's LoRA factors: merged at the run's own scale (its run config).
+    pairs, _ = split_dit_lora(state)
+    alpha = dit_lora_settings(pairs, read_run_config(rl_checkpoint), None).alpha if pairs else None
+    summary = load_state_into(model, state, f"--rl_checkpoint {rl_checkpoint}", trainable_modules,
+                              dit_lora_alpha=alpha)
+    if not summary.loaded and not summary.merged_keys:
         raise ValueError(f"--rl_checkpoint {rl_checkpoint}: none of its {len(state)} tensors is a parameter of this "
                          f"model (keys seen: {list(state)[:5]}).")
     return summary

@@ -115,15 +115,20 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: checkpoint_step(p))
 
 
+def resume_requested(resume_from_checkpoint: Optional[str]) -> bool:
+    """Whether --resume_from_checkpoint asks for a resume (a path, or latest/true); empty/None/false/no do not."""
+    if resume_from_checkpoint is None:
+        return False
+    return str(resume_from_checkpoint).strip().lower() not in ("", "false", "none", "no")
+
+
 def resolve_resume_path(resume_from_checkpoint: Optional[str], output_dir: str | Path) -> Optional[Path]:
     """--resume_from_checkpoint: a checkpoint folder, or "latest"/"true" for the newest one in --output_dir
     that passes :func:`checkpoint_problems` (None when there is none yet, so an auto-restarted job starts fresh),
     or empty/None/"false" for no resume. A damaged newer checkpoint is skipped with a warning saying why."""
-    if resume_from_checkpoint is None:
+    if not resume_requested(resume_from_checkpoint):
         return None
     value = str(resume_from_checkpoint).strip()
-    if value.lower() in ("", "false", "none", "no"):
-        return None
     if value.lower() in ("latest", "true", "last", "yes"):
         return newest_good_checkpoint(output_dir, value)
     path = Path(value).expanduser()

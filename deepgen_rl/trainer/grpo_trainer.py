@@ -40,7 +40,8 @@ from . import checkpointing, run_checkpoints, run_loop
 from .advantage_step import global_advantages
 from .batching import BatchPlan, plan_batches, total_training_steps
 from .deepspeed_setup import initialize_engine
-from ..distributed import SEED_ROLLOUT, SEED_SFTAUX, all_reduce_sum, derive_seed, rank_and_world, seeded_generator
+from ..distributed import (SEED_ROLLOUT, SEED_SFTAUX, all_reduce, all_reduce_sum, derive_seed, rank_and_world,
+                           seeded_generator)
 from .ema import EMA
 from .divergence import SkipBudget, TrainingDiverged, check_trained_weights, stop_message
 from .eval_hook import EvalHook
@@ -200,9 +201,13 @@ class DeepGenGRPOTrainer:
                                                                   sftaux=self.sftaux_sampler is not None):
             self._train_timestep(ctx, step_index, chunks, denominator, last_backward=last)
         metrics = ctx.policy_metrics(lr)
-        warning = None if self.nft is not None else first_chunk_warning(ctx.first_deviation, args.clip_range)
-        if warning is not None:
-            logger.warning("step %d: %s", step, warning)
+        if self.nft is None:  # the worst rank's first chunk: one rank's kernels can deviate alone
+            worst = all_reduce(torch.tensor([ctx.first_deviation], dtype=torch.float64).nan_to_num(-1.0), self.device,
+                               op="max").item()
+            metrics["policy/first_chunk_ratio_max_dev"] = worst if worst >= 0 else float("nan")  # NaN: no chunk
+            warning = first_chunk_warning(metrics["policy/first_chunk_ratio_max_dev"], args.clip_range)
+            if warning is not None and self.rank == 0:
+                logger.warning("step %d: %s", step, warning)
         if self.sftaux_sampler is not None:
             metrics["loss/sft"] = ctx.sftaux_backward(self._sftaux_loss(step), args.sftaux_coef)
         metrics.update(ctx.finish(args.beta))

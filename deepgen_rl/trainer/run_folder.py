@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .checkpointing import RESUME_FLAG, TMP_PREFIX, checkpoint_step
+from .checkpointing import RESUME_FLAG, TMP_PREFIX, checkpoint_step, resume_requested  # noqa: F401 (re-export)
 from .logging_utils import METRICS_FILE, REWARD_CURVE_FILE, read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,8 @@ def claim_output_dir(output_dir: str | Path, *, overwrite: bool, mover: bool) ->
     """A fresh start: stop if another run's files are in ``output_dir``, or with ``overwrite`` archive them (only
     when ``mover``). Returns the archive folder (None when nothing was there or this process does not move)."""
     root = Path(output_dir)
+    if overwrite and not mover:  # the mover archives; scanning while it moves files could trip over them
+        return None
     found = earlier_run(root)
     if not found:
         return None
