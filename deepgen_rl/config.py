@@ -192,6 +192,6 @@ def parse_args_or_exit(argv: Optional[list[str]] = None
     argparse's own errors), not in a traceback through the dataclasses' validation."""
     try:
         return parse_args(argv)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:  # FileNotFoundError: e.g. --deepspeed naming no file
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

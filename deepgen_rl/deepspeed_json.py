@@ -116,7 +116,8 @@ def read_deepspeed_json(source: Union[str, Path]) -> dict:
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"--deepspeed {str(source)!r} is not a file: pass one of scripts/deepspeed/"
-                                "{zero2,zero3,zero3_offload,zero3_sd3}.json or your own DeepSpeed JSON.")
+                                "{zero2,zero3,zero3_offload,zero3_sd3}.json or your own DeepSpeed JSON "
+                                "(DEEPSPEED_CONFIG in scripts/train.sh).")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:

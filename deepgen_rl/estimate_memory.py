@@ -386,11 +386,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                                    description=__doc__.split("\n\n")[0])
     try:
         estimator, args, model_args, data_args = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as err:  # a bad value: its message, not a traceback
+    except (ValueError, FileNotFoundError) as err:  # a bad value or path: its message, not a traceback
         parser.error(str(err))
     shape = run_shape_from_args(args, model_args, data_args.dataset_config)
     model = build_meta_model(model_args)
-    estimate = _estimate(shape, model, estimator.num_gpus, estimator.prompt_tokens)
+    try:
+        estimate = _estimate(shape, model, estimator.num_gpus, estimator.prompt_tokens)
+    except ValueError as err:  # e.g. a batch that does not split over --num_gpus: the fix, not a traceback
+        parser.error(str(err))
     print(estimate.describe())
     budget = estimator.gpu_memory_gib
     if estimate.fits(budget):

@@ -29,9 +29,9 @@ HONOURED_TRAINING_FLAGS = frozenset({
     "do_train",  # what the entry point always does
 })
 
-_BATCH = ("use --global_batch_size (images per optimizer step over all ranks) and --atrain_micro_batch_size (samples "
-          "per GPU per training forward/backward); gradient accumulation is derived from them, --rollout_n, "
-          "--timestep_fraction and the world size")
+_BATCH = ("use --global_batch_size (images per rollout, i.e. per GRPO step, over all ranks) and "
+          "--atrain_micro_batch_size (samples per GPU per training forward/backward); gradient accumulation is "
+          "derived from them, --rollout_n, --timestep_fraction and the world size")
 _OPTIMIZER = ("the optimizer is AdamW over the trainable parameters (--learning_rate, --adam_beta1/2, --adam_epsilon, "
               "--weight_decay); for another one, add an \"optimizer\" section to the --deepspeed JSON")
 _LOGGING = "every step is logged to $OUTPUT_DIR/metrics.jsonl and the --report_to trackers"

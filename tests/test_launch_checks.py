@@ -231,3 +231,24 @@ def test_preflight_names_a_used_output_dir_before_waiting_for_servers(tiny_paths
     assert (out / "checkpoint-3").is_dir()  # the preflight moves nothing
     assert preflight.main([*common, "--resume_from_checkpoint", "latest"]) == 0
     assert "already holds another run" not in capsys.readouterr().err
+
+
+def test_user_errors_end_in_one_message_in_the_estimator_preflight_and_eval(tmp_path, capsys, monkeypatch):
+    """A batch that does not split over --num_gpus, a --deepspeed file that does not exist and an unset model path:
+    each ends in its message and exit status 2, not a traceback (found by a newcomer's trial)."""
+    from deepgen_rl import estimate_memory
+    from deepgen_rl.eval.__main__ import main as eval_main
+
+    with pytest.raises(SystemExit) as done:
+        estimate_memory.main(["--output_dir", "unused", "--num_gpus", "6",
+                              "--deepspeed", str(REPO_ROOT / "scripts/deepspeed/zero3.json")])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "Nearest valid --global_batch_size: 240 or 288" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as done:
+        preflight.main(["--output_dir", str(tmp_path / "out"), "--deepspeed", "scripts/deepspeed/zero4.json"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "'scripts/deepspeed/zero4.json' is not a file" in err
+    assert "DEEPSPEED_CONFIG" in err and "Traceback" not in err
+    monkeypatch.delenv("SD3_5_MODEL_NAME_OR_PATH", raising=False)
+    assert eval_main(["--output_dir", str(tmp_path / "eval"), "--device", "cpu"]) == 2
+    assert "SD3_5_MODEL_NAME_OR_PATH is not set" in capsys.readouterr().err

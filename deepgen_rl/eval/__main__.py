@@ -176,8 +176,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     joined_here = not is_distributed()  # a caller's group (a test's, a notebook's) is the caller's to tear down
     device = _setup_distributed(cli.device)
+    from deepgen_rl.model import CheckpointError, ModelPathError
+
     try:
         return _evaluate(cli, model_args, judge_args, eval_args, datasets, device, edit_sets, reward_args)
+    except (ModelPathError, CheckpointError) as err:  # a path or file the user gave: the fix, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         if joined_here:
             destroy()

@@ -29,7 +29,7 @@ class BatchPlan:
     """The per-rank shape of one GRPO step (all counts per rank unless named global)."""
 
     world_size: int
-    global_batch_size: int  # images per optimizer step over all ranks
+    global_batch_size: int  # images per rollout (GRPO step) over all ranks
     rollout_n: int  # G
     prompts_per_rank: int  # B
     samples_per_rank: int  # N = B * G
