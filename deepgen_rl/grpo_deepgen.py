@@ -101,12 +101,6 @@ def build_trainer(args: GRPOConfig, model_args: ModelArguments, data_args: DataA
 
     rank, world_size = rank_and_world()
     set_seed(args.seed)
-    # Parsing --deepspeed registered the JSON with transformers, which would then build every from_pretrained
-    # model under deepspeed.zero.Init (ZeRO-3): partitioned before CHECKPOINT is loaded, with HF's own batch
-    # arithmetic. The trainer loads whole weights and lets deepspeed.initialize partition them.
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
     dataset_config = load_dataset_config(data_args.dataset_config, known_reward_names(reward_args))
     from deepgen_rl.preflight_content import require_valid_contents
 
