@@ -189,7 +189,7 @@ def init_single_process(cuda: bool) -> bool:
 
 def default_clip_range() -> float:
     """--clip_range's default (the check's runs leave it there)."""
-    from deepgen_rl.grpo_flags import ObjectiveFlags
+    from deepgen_rl.config.grpo_flags import ObjectiveFlags
 
     return next(f.default for f in dataclasses.fields(ObjectiveFlags) if f.name == "clip_range")
 

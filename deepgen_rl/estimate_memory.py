@@ -377,7 +377,7 @@ def _has_edit_dataset(dataset_config: str) -> bool:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from deepgen_rl.config import DataArguments, GRPOConfig, ModelArguments
-    from deepgen_rl.trainer_flags import GroupedArgumentParser
+    from deepgen_rl.config.trainer_flags import GroupedArgumentParser
 
     # The estimator's own flags first, then the training flags grouped as the trainer's --help shows them.
     parser = GroupedArgumentParser((EstimatorArguments, GRPOConfig, ModelArguments, DataArguments),

@@ -4,9 +4,9 @@
         --deepspeed scripts/deepspeed/zero2.json --report_to wandb,swanlab ...
 
 Also runs as a single process without torchrun (``python -m deepgen_rl.grpo_deepgen ...``). Every flag and its
-default: deepgen_rl/config.py (``--help``). Started without ``scripts/train.sh`` (and its preflight), it still checks
-the flags and files before any model loads: input contents (``preflight_content``), a real-size model without
-CHECKPOINT, the batch over the world size and the --deepspeed JSON (``launch_checks``); rank 0 prints the run
+default: deepgen_rl/config/ (``--help``). Started without ``scripts/train.sh`` (and its preflight), it still checks
+the flags and files before any model loads: input contents (``preflight.content``), a real-size model without
+CHECKPOINT, the batch over the world size and the --deepspeed JSON (``preflight.launch_checks``); rank 0 prints the run
 length and, for a real-size model on our shipped example data, a warning banner.
 """
 
@@ -89,20 +89,20 @@ def build_trainer(args: GRPOConfig, model_args: ModelArguments, data_args: DataA
     from transformers import set_seed
 
     from deepgen_rl.data import PromptSampler, load_dataset_config
-    from deepgen_rl.distributed import rank_and_world
-    from deepgen_rl.launch_checks import require_launchable
+    from deepgen_rl.core.distributed import rank_and_world
+    from deepgen_rl.preflight.launch_checks import require_launchable
     from deepgen_rl.model import load_deepgen_model
     from deepgen_rl.rewards import build_rewards
     from deepgen_rl.rewards.registry import known_reward_names, vllm_reward_urls
     from deepgen_rl.rewards.reward_step import RewardStep
-    from deepgen_rl.trainer import DeepGenGRPOTrainer, LoraSettings, TrackerSettings
+    from deepgen_rl.trainer import LoraSettings, TrackerSettings, TrainingRun
     from deepgen_rl.eval.edit_eval import edit_judge_for_eval
     from deepgen_rl.trainer.eval_hook import build_eval_hook
 
     rank, world_size = rank_and_world()
     set_seed(args.seed)
     dataset_config = load_dataset_config(data_args.dataset_config, known_reward_names(reward_args))
-    from deepgen_rl.preflight_content import require_valid_contents
+    from deepgen_rl.preflight.content import require_valid_contents
 
     require_valid_contents(dataset_config, model_args.checkpoint,
                            data_args.eval_dataset_config if args.eval_freq else "")
@@ -128,7 +128,7 @@ def build_trainer(args: GRPOConfig, model_args: ModelArguments, data_args: DataA
         # The edit sets' judge is built only once evaluation is known to run (the hook closes an eval-only one).
         eval_hook = build_eval_hook(args, data_args, judge_args, eval_args, vllm_reward_urls(rewards),
                                     lambda: edit_judge_for_eval(data_args.eval_dataset_config, reward_args, rewards))
-        return DeepGenGRPOTrainer(
+        return TrainingRun(
             model, args, prompt_sampler=prompt_sampler, reward_step=reward_step,
             num_prompts=sum(prompt_sampler.sizes), trainable_modules=model_args.trainable_modules, lora=lora,
             sftaux_sampler=sftaux_sampler, eval_hook=eval_hook,
@@ -153,7 +153,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     _setup_logging(int(os.environ.get("RANK", "0")), args)
     from deepgen_rl.trainer.divergence import TrainingDiverged
     from deepgen_rl.trainer.failure_budget import RewardFailureBudgetExceeded
-    from deepgen_rl.launch_checks import LaunchCheckError
+    from deepgen_rl.preflight.launch_checks import LaunchCheckError
     from deepgen_rl.trainer.run_folder import OutputDirInUseError, claim_output_dir, resume_requested
 
     log = logging.getLogger("deepgen_rl")
@@ -182,12 +182,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from deepgen_rl.worker_errors import recorded
+    from deepgen_rl.core.worker_errors import recorded
 
     try:
         exit_code = recorded(main)()  # torchrun's root cause: this rank's own error (worker_errors.py)
     finally:  # here, not in main(): tests call main() inside a session-wide process group
-        from deepgen_rl.distributed import destroy
+        from deepgen_rl.core.distributed import destroy
 
         destroy()
     sys.exit(exit_code)

@@ -94,7 +94,7 @@ fi
 
 report() {  # $1: output PNG, $2: title, $3...: extra flags
     local png="$1" title="$2"; shift 2
-    "$PYTHON" -m deepgen_rl.rewards.synthetic_report --output "$png" --title "$title" "$@" > "$png.json" \
+    "$PYTHON" -m deepgen_rl.eval.synthetic_report --output "$png" --title "$title" "$@" > "$png.json" \
         2> "$png.log" || { echo "error: sampling $png failed, see $png.log" >&2; tail -20 "$png.log" >&2; exit 1; }
     tail -1 "$png.json"
 }

@@ -12,7 +12,7 @@
 # Model paths come from SD3_5_MODEL_NAME_OR_PATH, QWEN2_5_VL_MODEL_NAME_OR_PATH, CLIP_MODEL_NAME_OR_PATH and
 # CHECKPOINT; reward/judge servers from OCR_URL, UNIFIEDREWARD_THINK_URL, UNIGENBENCH_API_URL (default
 # http://localhost:<port>). Before launching, every path and every server the dataset YAML needs is checked
-# (deepgen_rl/preflight.py) so a typo fails here, in seconds, not after eight processes loaded a 3B model; the
+# (deepgen_rl/preflight/) so a typo fails here, in seconds, not after eight processes loaded a 3B model; the
 # servers are then awaited together for up to --server_wait seconds (default 900: a 32B vLLM judge loading).
 # GPUs per node: NGPUS, else as many as CUDA_VISIBLE_DEVICES lists, else `nvidia-smi -L`; printed at start.
 # Run length: printed at start (prompts / prompts per step x --num_train_epochs -> GRPO steps, and the first

@@ -6,10 +6,10 @@ import dataclasses
 
 from transformers import TrainingArguments
 
-from deepgen_rl.algorithm_config import AlgorithmFlags
+from deepgen_rl.config.algorithm_config import AlgorithmFlags
 from deepgen_rl.config import TRAINABLE_MODULE_SETS, GRPOConfig
-from deepgen_rl.grpo_flags import ObjectiveFlags, RolloutFlags
-from deepgen_rl.run_flags import RunFlags
+from deepgen_rl.config.grpo_flags import ObjectiveFlags, RolloutFlags
+from deepgen_rl.config.run_flags import RunFlags
 
 
 def _names(cls) -> list[str]:

@@ -146,7 +146,7 @@ def test_rollout_log_probs_recompute_exactly_with_source_conditioning(model, tmp
 
 
 def test_preflight_accepts_edit_datasets_and_reports_bad_edit_lines(tmp_path):
-    from deepgen_rl.preflight_content import check_prompt_contents
+    from deepgen_rl.preflight.content import check_prompt_contents
 
     config = load_dataset_config(write_edit_set(tmp_path))
     assert check_prompt_contents(config) == []
@@ -203,7 +203,7 @@ def test_rollout_of_a_mixed_batch_recomputes_exactly_per_micro_batch(model, tmp_
 
 
 def test_preflight_parses_edit_eval_sets(tmp_path):
-    from deepgen_rl.preflight_content import check_eval_contents
+    from deepgen_rl.preflight.content import check_eval_contents
 
     write_edit_set(tmp_path)
     (tmp_path / "eval.yaml").write_text("datasets:\n  - {name: my_edits, path: edits/edits.jsonl, cfg_scale: 4.0, "
@@ -221,7 +221,7 @@ def test_shipped_edit_example_mixes_with_text_to_image_and_its_sources_are_our_r
     import numpy as np
 
     from deepgen_rl.eval.edit_eval import load_edit_eval_sets
-    from deepgen_rl.preflight_content import check_eval_contents, check_prompt_contents
+    from deepgen_rl.preflight.content import check_eval_contents, check_prompt_contents
     from deepgen_rl.rewards.synthetic import render_prompt
     from tests.conftest import REPO_ROOT
 

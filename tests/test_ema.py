@@ -13,7 +13,7 @@ from torch import nn
 from deepgen_rl.config import parse_args
 from deepgen_rl.model.convert import convert_rl_checkpoint
 from deepgen_rl.model.safe_load import load_weights_only
-from deepgen_rl.distributed import SEED_ROLLOUT, derive_seed, seeded_generator
+from deepgen_rl.core.distributed import SEED_ROLLOUT, derive_seed, seeded_generator
 from deepgen_rl.trainer.ema import EMA, warmup_decay
 from deepgen_rl.trainer.logging_utils import MetricsLogger
 from tests.conftest import REPO_ROOT

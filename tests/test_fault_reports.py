@@ -18,7 +18,7 @@ from deepgen_rl.trainer import checkpointing, failure_budget
 from deepgen_rl.trainer.divergence import TrainingDiverged
 from deepgen_rl.trainer.heartbeat import Beat, Heartbeat, stall_report, watchdog_threshold
 from deepgen_rl.trainer.run_folder import OutputDirInUseError
-from deepgen_rl.worker_errors import is_peer_failure, recorded
+from deepgen_rl.core.worker_errors import is_peer_failure, recorded
 from tests.test_run_folder import fake_checkpoint
 from tests.test_trainer_inprocess import build
 from tests.trainer_utils import ZERO2, tiny_run_flags

@@ -128,7 +128,7 @@ def test_servers_are_awaited_together_within_server_wait(tiny_paths, tmp_path, c
 
 
 def test_entry_point_checks_before_any_model_loads(real_configs, monkeypatch):
-    from deepgen_rl.launch_checks import LaunchCheckError, require_launchable
+    from deepgen_rl.preflight.launch_checks import LaunchCheckError, require_launchable
 
     monkeypatch.delenv("CHECKPOINT", raising=False)
     sd3, qwen = real_configs

@@ -11,7 +11,7 @@ import torch
 
 from deepgen_rl import preflight
 from deepgen_rl.data.dataset_yaml import load_dataset_config
-from deepgen_rl.preflight_content import check_checkpoint_loads, check_eval_contents, check_prompt_contents
+from deepgen_rl.preflight.content import check_checkpoint_loads, check_eval_contents, check_prompt_contents
 
 SUB_DIMS = {"Primary Categories": "Art", "Secondary Categories": "Graphic Art",
             "Testpoints": ["Attribute - Color"], "Testpoint Description": ["a red apple"]}

@@ -17,7 +17,7 @@ from deepgen_rl.model import load_deepgen_model
 from deepgen_rl.model.tiny import save_pretrained_tiny_deepgen
 from deepgen_rl.model.tiny_pretrain import PretrainSettings, cached_record, conditional_gap, rendered_batch
 from deepgen_rl.rewards.synthetic import all_prompts
-from deepgen_rl.rewards.synthetic_report import DEFAULT_PROMPTS, sample_synthetic
+from deepgen_rl.eval.synthetic_report import DEFAULT_PROMPTS, sample_synthetic
 from tests.conftest import REPO_ROOT, model_args_for
 
 # The session's pretraining (tests/conftest.py, in the background) may still be running: ~4-5 min of one core.

@@ -15,7 +15,7 @@ import pytest
 
 import deepgen_rl.model
 from deepgen_rl import grpo_deepgen
-from deepgen_rl.preflight_content import InputContentError
+from deepgen_rl.preflight.content import InputContentError
 from deepgen_rl.trainer import grpo_trainer
 from tests.reward_servers import fake_server
 from tests.trainer_utils import ZERO2, tiny_run_flags

@@ -11,9 +11,9 @@ import pytest
 from transformers import TrainingArguments
 
 from deepgen_rl.config import build_parser, parse_args
-from deepgen_rl.deepspeed_json import deepspeed_type_errors
+from deepgen_rl.config.deepspeed_json import deepspeed_type_errors
 from deepgen_rl.grpo_deepgen import log_level_for
-from deepgen_rl.trainer_flags import HONOURED_TRAINING_FLAGS, REFUSED_TRAINING_FLAGS
+from deepgen_rl.config.trainer_flags import HONOURED_TRAINING_FLAGS, REFUSED_TRAINING_FLAGS
 from tests.conftest import REPO_ROOT
 
 DEEPSPEED_DIR = REPO_ROOT / "scripts" / "deepspeed"

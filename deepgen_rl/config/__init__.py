@@ -28,6 +28,10 @@ from typing import Optional
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from ..core.sde_checks import check_sde_eta, num_train_steps, num_window_train_steps, sde_window_range
+from ..rl.advantages import ADVANTAGE_TYPES
+from ..rl.losses import KL_TYPES, clip_band
+from ..sampling.steps import LOGPROB_VARIANTS
 from .algorithm_config import AlgorithmFlags, validate_algorithm_flags
 from .deepspeed_json import read_deepspeed_json
 from .flag_checks import _check_choice, _check_positive, _check_range
@@ -35,12 +39,7 @@ from .grpo_flags import (DEFAULT_SDE_ETA, OPTIMIZER_STEP_SCHEDULES, SDE_SAMPLERS
                          OptimizerStepSchedule, RolloutFlags, SdeSampler)
 from .model_flags import (CHECKPOINT_ENV, CLIP_ENV, MODEL_DTYPES, QWEN_ENV, SD3_ENV, TRAINABLE_MODULE_SETS,
                           DataArguments, ModelArguments, ModelDtype, TrainableModuleSet)
-from .rl.advantages import ADVANTAGE_TYPES
-from .rl.losses import KL_TYPES, clip_band
-from .rl.timesteps import num_train_steps, num_window_train_steps, sde_window_range
 from .run_flags import EMA_DEVICES, RunFlags
-from .sampling.rollout import check_sde_eta
-from .sampling.steps import LOGPROB_VARIANTS
 from .server_flags import (DEFAULT_EDIT_JUDGE_PORT, DEFAULT_OCR_PORT, DEFAULT_UNIFIEDREWARD_PORT,
                            DEFAULT_UNIGENBENCH_PORT, EvalArguments, JudgeArguments, RewardArguments)
 from .trainer_flags import HELP_EPILOG, GroupedArgumentParser, refused_flag_errors

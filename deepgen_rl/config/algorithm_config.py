@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from .rl.nft import NFT_DECAY_TYPES
+from ..rl.nft import NFT_DECAY_TYPES
 
 Algorithm = Literal["grpo", "grpoguard", "diffusionnft"]
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)

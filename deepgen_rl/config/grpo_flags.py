@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, get_args
 
-from .rl.advantages import AdvantageType
-from .rl.losses import KLType
-from .sampling.steps import LogProbVariant
+from ..rl.advantages import AdvantageType
+from ..rl.losses import KLType
+from ..sampling.steps import LogProbVariant
 
 # The choices of each flag are its Literal type's arguments (one source: the type the field is annotated with).
 SdeSampler = Literal["cps_sde", "flow_sde", "dance_sde"]

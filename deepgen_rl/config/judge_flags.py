@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal, get_args
 
-PairOrder = Literal["random", "both", "fixed"]
-VlmAnswerFormat = Literal["score", "yes_no"]
-PAIR_ORDERS: tuple[str, ...] = get_args(PairOrder)
-VLM_ANSWER_FORMATS: tuple[str, ...] = get_args(VlmAnswerFormat)
+from ..rewards.names import PAIR_ORDERS, VLM_ANSWER_FORMATS, PairOrder, VlmAnswerFormat  # noqa: F401 (re-exported)
 
 DEFAULT_VLM_JUDGE_PORT = 18088
 DEFAULT_VLM_JUDGE_QUESTION = (

@@ -9,17 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
+# The folder variables and the trainable module sets are the model loaders' too: they live below both.
+from ..core.model_names import (CHECKPOINT_ENV, CLIP_ENV, QWEN_ENV, SD3_ENV,  # noqa: F401 (re-exported)
+                                TRAINABLE_MODULE_SETS, TrainableModuleSet)
 from .flag_checks import _check_choice, _check_positive, _env_field
 
-SD3_ENV = "SD3_5_MODEL_NAME_OR_PATH"
-QWEN_ENV = "QWEN2_5_VL_MODEL_NAME_OR_PATH"
-CLIP_ENV = "CLIP_MODEL_NAME_OR_PATH"
-CHECKPOINT_ENV = "CHECKPOINT"
-
 # The choices of each flag are its Literal type's arguments (model/deepgen.py's TRAINABLE_MODULES: one entry each).
-TrainableModuleSet = Literal["dit", "dit_connector", "dit_connector_llm"]
 ModelDtype = Literal["auto", "bfloat16", "float16", "float32"]
-TRAINABLE_MODULE_SETS: tuple[str, ...] = get_args(TrainableModuleSet)
 MODEL_DTYPES: tuple[str, ...] = get_args(ModelDtype)
 
 

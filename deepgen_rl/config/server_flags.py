@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..rewards.names import DEFAULT_OCR_PORT  # the OCR server's own default too (rewards/servers/ocr.py)
 from .flag_checks import _check_client_flags, _check_positive, _check_urls, _env_field
 from .judge_flags import JudgeRewardFlags, SleepSwitchFlags
-from .rewards.scorer_flags import SCORER_URL_FLAGS, ScorerUrlArguments
+from .scorer_flags import SCORER_URL_FLAGS, ScorerUrlArguments
 
-DEFAULT_OCR_PORT = 18082
 DEFAULT_UNIFIEDREWARD_PORT = 18087
 DEFAULT_UNIGENBENCH_PORT = 8000
 DEFAULT_EDIT_JUDGE_PORT = 18089

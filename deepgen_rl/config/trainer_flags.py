@@ -138,7 +138,7 @@ def refused_flag_errors(parsed: argparse.Namespace, config_cls: type) -> list[st
 
 HELP_EPILOG = ("Other transformers.TrainingArguments flags (--per_device_train_batch_size, "
                "--gradient_accumulation_steps, --optim, --torch_compile, ...) are not used by the GRPO loop: given a non-default value they stop the "
-               "run, naming what to use instead (deepgen_rl/trainer_flags.py).")
+               "run, naming what to use instead (deepgen_rl/config/trainer_flags.py).")
 
 
 class GroupedArgumentParser(HfArgumentParser):

@@ -29,7 +29,7 @@ from typing import Any, Collection, Literal, Mapping, Optional, Union, get_args
 
 import yaml
 
-from deepgen_rl.rewards.registry import EDIT_ONLY_REWARDS, REWARD_NAMES
+from deepgen_rl.rewards.names import EDIT_ONLY_REWARDS, REWARD_NAMES
 
 SamplingMode = Literal["sample_proportional", "weight_only"]
 SAMPLING_MODES: tuple[str, ...] = get_args(SamplingMode)

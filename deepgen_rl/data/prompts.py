@@ -22,7 +22,7 @@ import numpy as np
 
 from deepgen_rl.data.dataset_yaml import DatasetConfig, DatasetEntry
 from deepgen_rl.data.edit_prompts import EditPrompt, read_edit_file
-from deepgen_rl.distributed import numpy_rng
+from deepgen_rl.core.distributed import numpy_rng
 
 
 @dataclass(frozen=True)

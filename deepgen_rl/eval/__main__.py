@@ -107,7 +107,7 @@ def _setup_distributed(device_flag: str):
     import torch
     import torch.distributed as dist
 
-    from deepgen_rl.distributed import is_distributed
+    from deepgen_rl.core.distributed import is_distributed
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
@@ -172,7 +172,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # A bad YAML, CSV or edit JSONL fails here, before any model loads.
     datasets = load_eval_datasets(data_args.eval_dataset_config, eval_args.eval_max_prompts)
     edit_sets = load_edit_eval_sets(data_args.eval_dataset_config, eval_args.eval_max_prompts)
-    from deepgen_rl.distributed import destroy, is_distributed
+    from deepgen_rl.core.distributed import destroy, is_distributed
 
     joined_here = not is_distributed()  # a caller's group (a test's, a notebook's) is the caller's to tear down
     device = _setup_distributed(cli.device)
@@ -212,7 +212,7 @@ def _evaluate(cli: EvalCliArguments, model_args: ModelArguments, judge_args: Jud
 
 def _generate_and_judge(cli: EvalCliArguments, model_args: ModelArguments, judge_args: JudgeArguments,
                         eval_args: EvalArguments, datasets, device, edit_sets, edit_judge, settings) -> int:
-    from deepgen_rl.distributed import rank_and_world
+    from deepgen_rl.core.distributed import rank_and_world
     from deepgen_rl.eval.runner import model_generate_fn, run_evaluation
 
     height, width = settings.height, settings.width
@@ -232,7 +232,7 @@ def _generate_and_judge(cli: EvalCliArguments, model_args: ModelArguments, judge
 
 def _evaluate_edits(model, edit_sets, judge, settings, output_dir: str) -> bool:
     """Edit and judge every edit set (eval/edit_eval.py); prints the metrics; True when every edit was judged."""
-    from deepgen_rl.distributed import rank_and_world
+    from deepgen_rl.core.distributed import rank_and_world
     from deepgen_rl.eval.edit_eval import evaluate_edit_sets
     from deepgen_rl.eval.report import METRIC_PREFIX
 

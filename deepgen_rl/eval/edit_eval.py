@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from deepgen_rl.data.edit_prompts import EditPrompt, read_edit_file
 from deepgen_rl.data.prompts import PromptSample
-from deepgen_rl.distributed import rank_and_world, seeded_generator
+from deepgen_rl.core.distributed import rank_and_world, seeded_generator
 from deepgen_rl.eval.dataset import EDIT_SCORING, EvalDataError, EvalDatasetSpec, load_eval_config
 from deepgen_rl.eval.report import METRIC_PREFIX
 from deepgen_rl.rewards.reward_step import images_to_pil

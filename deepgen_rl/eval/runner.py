@@ -39,7 +39,7 @@ from PIL import Image
 from deepgen_rl.eval.aggregate import ImageJudgement, aggregate_dataset, sort_judgements
 from deepgen_rl.eval.dataset import EvalDataset, load_eval_datasets
 from deepgen_rl.config import DataArguments, EvalArguments, GRPOConfig, JudgeArguments
-from deepgen_rl.distributed import rank_and_world, seeded_generator
+from deepgen_rl.core.distributed import rank_and_world, seeded_generator
 from deepgen_rl.eval.judge import UniGenBenchJudge, failed_judgement
 from deepgen_rl.eval.report import SAMPLES_DIR, DatasetReport, EvalReport, metrics_for_logging, write_report
 from deepgen_rl.eval.sharding import (GenerationBatch, Lockstep, WorkItem, agree, generation_batches, lockstep_batches,

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from deepgen_rl.distributed import all_reduce
+from deepgen_rl.core.distributed import all_reduce
 from deepgen_rl.eval.dataset import BenchPrompt, EvalDataset
 
 

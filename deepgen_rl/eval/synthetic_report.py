@@ -1,6 +1,6 @@
 """Samples of a tiny model on the synthetic task, scored by ``synthetic_match``, as numbers and a captioned grid.
 
-    python -m deepgen_rl.rewards.synthetic_report --output before.png [--checkpoint trained.pth]
+    python -m deepgen_rl.eval.synthetic_report --output before.png [--checkpoint trained.pth]
 
 loads the tiny model (with its connector flags) from the usual paths (SD3_5_MODEL_NAME_OR_PATH /
 QWEN2_5_VL_MODEL_NAME_OR_PATH / CHECKPOINT, then ``--checkpoint`` on top, e.g. the quick start's converted
@@ -79,7 +79,7 @@ def sample_synthetic(model, prompts: Sequence[str], *, group_size: int, num_infe
 
 def captioned_grid(samples: SyntheticSamples, title: str = "") -> Image.Image:
     """One row per prompt (its G samples), the prompt and the row's mean reward written under the row."""
-    from deepgen_rl.trainer.logging_utils import image_grid
+    from deepgen_rl.core.images import image_grid
 
     group = samples.scores.shape[1]
     _, _, height, width = samples.images.shape

@@ -28,7 +28,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from ..config import CHECKPOINT_ENV
+from ..core.model_names import CHECKPOINT_ENV
 from .checkpoint_keys import LoraPair, normalize_checkpoint_keys, split_lora, unwrap_state_dict
 from .safe_load import UnsafeCheckpointError, load_weights_only
 

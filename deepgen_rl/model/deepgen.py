@@ -30,7 +30,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
 
-from ..model_flags import TrainableModuleSet
+from ..core.model_names import TrainableModuleSet
 from .connector import ConnectorConfig, ConnectorEncoder
 from .kontext import ReferenceLatents
 # The templates live in prompt_format.py; tiny.py and model/__init__.py import them from here too.

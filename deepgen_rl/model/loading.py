@@ -13,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-from ..config import CHECKPOINT_ENV, QWEN_ENV, SD3_ENV, ModelArguments
+from ..core.model_names import CHECKPOINT_ENV, QWEN_ENV, SD3_ENV
 # CheckpointError and load_checkpoint_into live in checkpoint_loading.py; imported here for existing callers.
 from .checkpoint_loading import CheckpointError, load_checkpoint_into  # noqa: F401
 from .connector import ConnectorConfig
@@ -27,6 +27,10 @@ from .deepgen import DeepGenModel
 from .kontext import SD3Transformer2DKontextModel
 
 logger = logging.getLogger(__name__)
+
+# The model flags (config.ModelArguments), read by attribute and never imported: config sits above the model
+# (docs/architecture.md).
+ModelArguments = Any
 
 SD3_LAYOUT = {"transformer": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json"}
 

@@ -14,10 +14,9 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from ..config import ModelArguments
 from .deepgen import DeepGenModel
 from .kontext import SD3Transformer2DKontextModel
-from .loading import assemble_deepgen_model, check_qwen_path, check_sd3_path
+from .loading import ModelArguments, assemble_deepgen_model, check_qwen_path, check_sd3_path
 
 META = torch.device("meta")
 

@@ -24,7 +24,7 @@ from diffusers.models.upsampling import Upsample2D
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from ..config import CHECKPOINT_ENV, QWEN_ENV, SD3_ENV
+from ..core.model_names import CHECKPOINT_ENV, QWEN_ENV, SD3_ENV
 from .checkpoint_keys import to_reference_keys
 from .connector import ConnectorConfig
 from .deepgen import CHAT_TEMPLATE, GENERATION_TEMPLATE, DeepGenModel

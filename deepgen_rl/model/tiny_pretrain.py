@@ -156,7 +156,7 @@ class FrozenLLMStates:
 
 
 def pretrain_denoiser(model, settings: PretrainSettings, prompts: list[str]) -> float:
-    """SFT-aux flow-matching steps (trainer/objective.py ``flow_matching_objective``, the loss the GRPO trainer
+    """SFT-aux flow-matching steps (rl/flow_matching.py ``flow_matching_objective``, the loss the GRPO trainer
     adds with --sft_aux_coef) on the DiT and the connector path (projectors + connector), the LLM and meta
     queries frozen; returns the mean loss of the last 50 steps.
 
@@ -168,7 +168,7 @@ def pretrain_denoiser(model, settings: PretrainSettings, prompts: list[str]) -> 
     scored <= 0.13, and DiT lr 3e-3 stayed <= 0.05 even after 3000 steps. With the VAE deterministic and the LLM
     frozen, each prompt's latents and LLM states are computed once (``FrozenLLMStates``), and a step is the
     connector, the DiT and their backward."""
-    from deepgen_rl.trainer.objective import flow_matching_objective
+    from deepgen_rl.rl.flow_matching import flow_matching_objective
 
     rng = np.random.default_rng([settings.seed, 2])
     generator = torch.Generator().manual_seed(settings.seed + 1)

@@ -24,15 +24,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from .config import (CLIP_ENV, DataArguments, GRPOConfig, JudgeArguments, ModelArguments, RewardArguments,
+from ..config import (CLIP_ENV, DataArguments, GRPOConfig, JudgeArguments, ModelArguments, RewardArguments,
                      parse_args_or_exit)
-from .data.dataset_yaml import DatasetConfigError, load_dataset_config
+from ..data.dataset_yaml import DatasetConfigError, load_dataset_config
 from .launch_checks import (RunLength, batch_problem, deepspeed_problem, is_real_size_model, run_length,
                             shipped_data_lines, shipped_data_warning, untrained_connector_problem)
-from .model.loading import ModelPathError, check_checkpoint_path, check_qwen_path, check_sd3_path
-from .preflight_content import check_checkpoint_loads, check_eval_contents, check_prompt_contents
-from .rewards.http_utils import RewardServerUnavailable
-from .rewards.registry import build_rewards, known_reward_names
+from ..model.loading import ModelPathError, check_checkpoint_path, check_qwen_path, check_sd3_path
+from .content import check_checkpoint_loads, check_eval_contents, check_prompt_contents
+from ..rewards.http_utils import RewardServerUnavailable
+from ..rewards.registry import build_rewards, known_reward_names
 
 SERVER_REWARDS = ("ocr", "unifiedreward_think", "pickscore", "hpsv2", "image_reward", "aesthetic", "edit_vlm_judge")
 CLIP_REWARDS = ("clip_sim", "image_similarity")
@@ -89,7 +89,7 @@ def reward_server_checks(reward_names: set[str], reward_args: RewardArguments) -
 
 
 def judge_check(judge_args: JudgeArguments) -> ServerCheck:
-    from .eval.judge import UniGenBenchJudge
+    from ..eval.judge import UniGenBenchJudge
 
     def reach(wait_s: float) -> Optional[str]:
         def ready() -> None:
@@ -130,7 +130,7 @@ def _eval_datasets(training_args: GRPOConfig, data_args: DataArguments, problems
     if problem:
         problems.append(problem)
         return None
-    from .eval.dataset import load_eval_datasets
+    from ..eval.dataset import load_eval_datasets
 
     return load_eval_datasets(data_args.eval_dataset_config)
 
@@ -138,7 +138,7 @@ def _eval_datasets(training_args: GRPOConfig, data_args: DataArguments, problems
 def _sftaux_datasets(training_args: GRPOConfig, data_args: DataArguments, problems: list[str]):
     if training_args.sftaux_coef <= 0:
         return None
-    from .sft import load_sftaux_config
+    from ..sft import load_sftaux_config
 
     try:
         return load_sftaux_config(data_args.sftaux_dataset_config)
@@ -163,7 +163,7 @@ def local_checks(training_args: GRPOConfig, model_args: ModelArguments, data_arg
     problems = check_model_paths(model_args)
     batch = batch_problem(training_args, world_size, training_args.sftaux_coef > 0)
     problems += [p for p in [untrained_connector_problem(model_args), batch] if p]
-    from .trainer.run_folder import OutputDirInUseError, claim_output_dir, resume_requested
+    from ..trainer.run_folder import OutputDirInUseError, claim_output_dir, resume_requested
 
     if not resume_requested(training_args.resume_from_checkpoint):  # the workers would refuse it after the wait
         try:
@@ -190,7 +190,7 @@ def local_checks(training_args: GRPOConfig, model_args: ModelArguments, data_arg
     sftaux_sets = _sftaux_datasets(training_args, data_args, problems)
     warnings = []
     if dataset is not None and not content:
-        from .data.prompts import PromptDataset
+        from ..data.prompts import PromptDataset
 
         try:
             length = run_length(training_args, sum(len(PromptDataset(entry)) for entry in dataset.datasets))

@@ -22,10 +22,10 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-from .config import CHECKPOINT_ENV
-from .data.dataset_yaml import DatasetConfig, DatasetEntry
-from .data.edit_prompts import read_edit_file
-from .rewards.ocr_scoring import extract_targets
+from ..config import CHECKPOINT_ENV
+from ..data.dataset_yaml import DatasetConfig, DatasetEntry
+from ..data.edit_prompts import read_edit_file
+from ..rewards.ocr_scoring import extract_targets
 
 # What torch's refusal names, e.g. "Unsupported global: GLOBAL argparse.Namespace was not an allowed global ...".
 _UNPICKLER_REASON = re.compile(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)")
@@ -101,8 +101,8 @@ def check_prompt_contents(dataset: DatasetConfig) -> list[str]:
 def check_eval_contents(eval_config: str) -> Optional[str]:
     """The eval YAML and every UniGenBench CSV and edit JSONL it names, parsed as the evaluation will (errors name
     file + line)."""
-    from .eval.dataset import EvalDataError, load_eval_datasets
-    from .eval.edit_eval import load_edit_eval_sets
+    from ..eval.dataset import EvalDataError, load_eval_datasets
+    from ..eval.edit_eval import load_edit_eval_sets
 
     try:
         load_eval_datasets(eval_config)

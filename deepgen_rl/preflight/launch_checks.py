@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .model_flags import CHECKPOINT_ENV, QWEN_ENV, REPO_ROOT, DataArguments, ModelArguments
+from ..config.model_flags import CHECKPOINT_ENV, QWEN_ENV, REPO_ROOT, DataArguments, ModelArguments
 
 # Our shipped example data live here (prompt files, eval CSVs, SFT-aux images).
 SHIPPED_DATA_ROOT = REPO_ROOT / "assets"
@@ -71,7 +71,7 @@ def shipped_data_lines(dataset, eval_datasets: Optional[list], sftaux_datasets: 
 
     ``dataset``: the training DatasetConfig; ``eval_datasets``: ``load_eval_datasets``' list (None when
     evaluation is off); ``sftaux_datasets``: ``load_sftaux_config``'s list (None when SFT-aux is off)."""
-    from .data.prompts import PromptDataset
+    from ..data.prompts import PromptDataset
 
     lines = []
     shipped = [entry for entry in dataset.datasets if is_shipped(entry.path)]
@@ -112,7 +112,7 @@ def batch_problem(args, world_size: int, sftaux_enabled: bool) -> Optional[str]:
 
 
 def _plan(args, world_size: int, sftaux_enabled: bool):
-    from .trainer.batching import plan_batches
+    from ..trainer.batching import plan_batches
 
     return plan_batches(global_batch_size=args.global_batch_size, rollout_n=args.rollout_n, world_size=world_size,
                         atrain_micro_batch_size=args.atrain_micro_batch_size,
@@ -127,7 +127,7 @@ def deepspeed_problem(args, world_size: int, sftaux_enabled: bool, steps: int) -
     splits (``batch_problem`` is None)."""
     import torch
 
-    from .trainer.deepspeed_setup import fill_deepspeed_config, load_deepspeed_config
+    from ..trainer.deepspeed_setup import fill_deepspeed_config, load_deepspeed_config
 
     plan = _plan(args, world_size, sftaux_enabled)
     try:
@@ -170,8 +170,8 @@ class RunLength:
 
 def run_length(args, num_prompts: int) -> RunLength:
     """The trainer's own step count (``total_training_steps``) and save interval for these flags."""
-    from .trainer.batching import total_training_steps
-    from .trainer.run_checkpoints import save_every, save_strategy
+    from ..trainer.batching import total_training_steps
+    from ..trainer.run_checkpoints import save_every, save_strategy
 
     prompts_per_step = args.global_batch_size // args.rollout_n
     steps = total_training_steps(max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,
@@ -189,7 +189,7 @@ def require_launchable(args, model_args: ModelArguments, data_args: DataArgument
     """The entry point's checks before any model loads (runs without train.sh's preflight): raises
     LaunchCheckError on a real-size model without CHECKPOINT or a batch that does not split over the world size;
     returns the log lines to print (the run length, and the shipped-data banner when it applies)."""
-    from .data.prompts import PromptDataset
+    from ..data.prompts import PromptDataset
 
     length = run_length(args, sum(len(PromptDataset(entry)) for entry in dataset.datasets))
     sftaux = sftaux_datasets is not None
@@ -203,7 +203,7 @@ def require_launchable(args, model_args: ModelArguments, data_args: DataArgument
     if is_real_size_model(model_args):
         eval_sets = None
         if args.eval_freq > 0 and Path(data_args.eval_dataset_config).is_file():
-            from .eval.dataset import load_eval_datasets
+            from ..eval.dataset import load_eval_datasets
 
             eval_sets = load_eval_datasets(data_args.eval_dataset_config)
         shipped = shipped_data_lines(dataset, eval_sets, sftaux_datasets, data_args)

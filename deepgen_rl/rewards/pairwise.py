@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from deepgen_rl.judge_flags import PairOrder
+from deepgen_rl.rewards.names import PairOrder
 from deepgen_rl.rewards.base import RewardScores, groups_by_id
 
 

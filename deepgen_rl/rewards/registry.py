@@ -18,13 +18,15 @@ in-process models); nothing here reads the environment. Heavy modules are import
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from deepgen_rl.rewards.base import RewardFunction
 from deepgen_rl.rewards.http_utils import RetryPolicy
+from deepgen_rl.rewards.names import EDIT_ONLY_REWARDS, REWARD_NAMES
 
-if TYPE_CHECKING:  # config imports transformers; the OCR server imports this package without it
-    from deepgen_rl.config import RewardArguments
+# The parsed reward flags (config.RewardArguments), read by attribute and never imported: config sits above the
+# rewards (docs/architecture.md), and importing it would pull transformers into the OCR server.
+RewardArguments = Any
 
 
 def _policy(args: RewardArguments) -> RetryPolicy:
@@ -112,9 +114,6 @@ REWARD_BUILDERS: dict[str, Builder] = {
     "vlm_judge": _build_vlm_judge,
     "synthetic_match": _build_synthetic_match,
 }
-REWARD_NAMES: tuple[str, ...] = tuple(REWARD_BUILDERS)
-# Rewards that compare the result with the sample's source images: only edit datasets (JSONL) can use them.
-EDIT_ONLY_REWARDS: tuple[str, ...] = ("edit_vlm_judge", "image_similarity")
 
 
 def _named_judge_builders(args: RewardArguments) -> dict[str, Builder]:

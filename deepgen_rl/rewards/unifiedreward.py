@@ -21,8 +21,8 @@ from typing import Sequence
 
 from PIL import Image
 
-from deepgen_rl.distributed import rank_and_world
-from deepgen_rl.judge_flags import PAIR_ORDERS, PairOrder
+from deepgen_rl.core.distributed import rank_and_world
+from deepgen_rl.rewards.names import PAIR_ORDERS, PairOrder
 from deepgen_rl.rewards.base import RewardScores, check_batch, groups_by_id
 from deepgen_rl.rewards.http_utils import RetryPolicy, png_data_url
 from deepgen_rl.rewards.pairwise import PairVerdict, order_rng, presentations, verdict_metrics, win_rates

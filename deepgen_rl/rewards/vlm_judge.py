@@ -27,18 +27,18 @@ import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Sequence
 
 from PIL import Image
 
-from deepgen_rl.judge_flags import VLM_ANSWER_FORMATS, VlmAnswerFormat
 from deepgen_rl.rewards.base import RewardScores, check_batch
 from deepgen_rl.rewards.http_utils import PermanentError, RetryPolicy
+from deepgen_rl.rewards.names import VLM_ANSWER_FORMATS, VlmAnswerFormat
 from deepgen_rl.rewards.protocol import Choice
 from deepgen_rl.rewards.vllm_chat import VllmChatClient, VllmServer
 
-if TYPE_CHECKING:
-    from deepgen_rl.judge_flags import JudgeRewardFlags
+# The --vlm_judge_* flags (config.judge_flags.JudgeRewardFlags), read by attribute: config sits above the rewards.
+JudgeRewardFlags = Any
 
 VLM_JUDGE = "vlm_judge"
 VLM_JUDGE_START_HINT = ("serve the model with vLLM (`vllm serve MODEL --served-model-name NAME`; see README, "

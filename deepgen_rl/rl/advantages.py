@@ -34,7 +34,7 @@ from typing import Literal, Optional, get_args
 import torch
 from torch import Tensor
 
-from deepgen_rl.distributed import all_reduce
+from deepgen_rl.core.distributed import all_reduce
 
 AdvantageType = Literal["grpo", "gdpo", "grpo_global_std", "reinforcepp"]
 ADVANTAGE_TYPES: tuple[str, ...] = get_args(AdvantageType)

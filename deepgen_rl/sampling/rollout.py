@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from deepgen_rl.core.sde_checks import check_sde_eta, check_sde_steps
 from deepgen_rl.sampling.edit_conditioning import EditConditioning
 from deepgen_rl.sampling.mixed_conditioning import MixedConditioning, encode_edit_aware, encode_kind
 from deepgen_rl.sampling.steps import (
@@ -148,20 +149,6 @@ def denoise_loop(model, x: Tensor, cond: Conditioning, sigmas: Tensor, settings:
             if means_out is not None:
                 means_out[i - start].copy_(result.mean)
     return x
-
-
-def check_sde_eta(eta: float) -> None:
-    """--sde_eta in (0, 1] (GRPOConfig and every SDE rollout): at 0 a step has no noise, so no log-prob to learn."""
-    if not 0.0 < eta <= 1.0:
-        raise ValueError(f"--sde_eta must be in (0, 1]; got {eta}.")
-
-
-def check_sde_steps(num_inference_steps: int) -> None:
-    """An SDE rollout is trained on all but its last step (s' = 0 there), so it needs T >= 2 (GRPOConfig, the
-    trained-step count and every SDE rollout); ODE generation for evaluation needs only T >= 1."""
-    if num_inference_steps < 2:
-        raise ValueError(f"--num_inference_steps must be >= 2 (the last step is never trained); got "
-                         f"{num_inference_steps}.")
 
 
 def _validate(sampler: str, logprob_variant: str, eta: float, num_inference_steps: int, group_size: int,

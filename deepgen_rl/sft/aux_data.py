@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from deepgen_rl.distributed import numpy_rng
+from deepgen_rl.core.distributed import numpy_rng
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DATASET_TYPES = ("image_caption_jsonl", "image_folder")

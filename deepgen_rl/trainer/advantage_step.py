@@ -13,7 +13,7 @@ import torch
 from deepgen_rl.rewards.reward_step import RewardBatch
 from deepgen_rl.rl import AdvantageResult, compute_advantages
 
-from ..distributed import all_gather_cat, all_reduce_sum
+from ..core.distributed import all_gather_cat, all_reduce_sum
 from .step_metrics import advantage_metrics, reward_metrics
 
 logger = logging.getLogger(__name__)

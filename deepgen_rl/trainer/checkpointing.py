@@ -43,7 +43,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from deepgen_rl.distributed import all_reduce, barrier, rank_and_world
+from deepgen_rl.core.distributed import all_reduce, barrier, rank_and_world
 from deepgen_rl.model.safe_load import UnsafeCheckpointError, load_weights_only, weights_only_loads
 
 from .weights_resume import load_weights_reset_optimizer

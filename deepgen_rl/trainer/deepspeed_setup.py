@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Union
 import torch
 from transformers import get_scheduler
 
-from deepgen_rl.deepspeed_json import check_deepspeed_types, read_deepspeed_json
+from deepgen_rl.config.deepspeed_json import check_deepspeed_types, read_deepspeed_json
 
 from .batching import BatchPlan
 

@@ -25,7 +25,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from ..distributed import all_reduce_sum
+from ..core.distributed import all_reduce_sum
 
 logger = logging.getLogger(__name__)
 

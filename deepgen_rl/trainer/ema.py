@@ -32,10 +32,10 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from deepgen_rl.run_flags import EMA_DEVICES, EmaDevice
+from deepgen_rl.config.run_flags import EMA_DEVICES, EmaDevice
 from deepgen_rl.sampling import decode_images, rollout
 
-from . import checkpointing
+import deepgen_rl.trainer.checkpointing as checkpointing
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import torch
 
 from deepgen_rl.config import DataArguments, EvalArguments, GRPOConfig, JudgeArguments
 
-from ..distributed import all_reduce_flag, is_distributed, rank_and_world
+from ..core.distributed import all_reduce_flag, is_distributed, rank_and_world
 from .deepspeed_setup import load_deepspeed_config, zero_stage
 
 if TYPE_CHECKING:

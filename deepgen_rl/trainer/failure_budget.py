@@ -139,7 +139,7 @@ def budget_verdict(budget: FailureBudget, reward_step, step: int, counts: Counts
     """
     import torch
 
-    from ..distributed import all_reduce_sum
+    from ..core.distributed import all_reduce_sum
 
     exhausted = budget.update(step, counts)
     if exhausted is None:

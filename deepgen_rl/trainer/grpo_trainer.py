@@ -14,7 +14,8 @@ One GRPO step on every rank (docs/algorithms.md#one-grpo-step; legend: B prompts
                 (batching.py), all taken in ``StepUpdate.optimizer_step`` (updater.py; the first chunk's ratio is 1)
     eval / log  UniGenBench every --eval_freq steps (hook); metrics, sample grids, checkpoints (run_checkpoints.py)
 
-The run around the steps (resume, SIGTERM safe points, the reward failure budget) is run_loop.py's.
+The run around the steps (resume, SIGTERM safe points, the reward failure budget) is run_loop.py's, above this
+module: its ``TrainingRun`` adds ``train()`` to this class.
 
 Departures from the DeepGen-RL reference: failed rewards are excluded instead of scored 0 / 0.5; a non-finite
 loss skips the optimizer step instead of corrupting the weights; GDPO normalises over all ranks; gradient
@@ -36,11 +37,13 @@ from deepgen_rl.rewards.reward_step import RewardBatch
 from deepgen_rl.rl import AdvantageResult
 from deepgen_rl.sampling import encode_conditioning, rollout
 
-from . import checkpointing, run_checkpoints, run_loop
+import deepgen_rl.trainer.checkpointing as checkpointing
+import deepgen_rl.trainer.run_checkpoints as run_checkpoints
+
 from .advantage_step import global_advantages
 from .batching import BatchPlan, plan_batches, total_training_steps
 from .deepspeed_setup import initialize_engine
-from ..distributed import (SEED_ROLLOUT, SEED_SFTAUX, all_reduce, all_reduce_sum, derive_seed, rank_and_world,
+from ..core.distributed import (SEED_ROLLOUT, SEED_SFTAUX, all_reduce, all_reduce_sum, derive_seed, rank_and_world,
                            seeded_generator)
 from .ema import EMA
 from .divergence import SkipBudget, TrainingDiverged, check_trained_weights, stop_message
@@ -51,6 +54,7 @@ from .nft import NftOldPolicy
 from .objective import ObjectiveSettings, policy_chunk_objective, sftaux_objective
 from .reference_policy import ReferencePolicy
 from .rollout_batch import RolloutBatch
+from .sample_grid import log_sample_grid
 from .sde_window import draw_sde_window
 from .signals import GracefulStop
 from .step_metrics import PhaseTimer
@@ -63,7 +67,8 @@ logger = logging.getLogger(__name__)
 
 
 class DeepGenGRPOTrainer:
-    """GRPO for the DeepGen model. ``train()`` runs to --max_steps (or the epochs' worth of prompts)."""
+    """GRPO steps for the DeepGen model; run_loop.TrainingRun's ``train()`` runs them to --max_steps (or the epochs'
+    worth of prompts)."""
 
     def __init__(self, model: torch.nn.Module, args, *, prompt_sampler, reward_step, num_prompts: int,
                  trainable_modules: str = "dit", lora: Optional[LoraSettings] = None, sftaux_sampler=None,
@@ -286,10 +291,6 @@ class DeepGenGRPOTrainer:
         metrics["data/truncated_prompts"], metrics["reward/nonfinite_images"] = float(totals[0]), float(totals[1])
         return metrics, batch, rewards
 
-    def train(self, resume_from_checkpoint: Optional[str] = None) -> checkpointing.TrainerState:
-        """Resume when asked, run to --max_steps, checkpoint at the end or on a stop (run_loop.py)."""
-        return run_loop.run(self, resume_from_checkpoint)
-
     def _eval_before_train(self, metrics_logger: MetricsLogger) -> None:
         """--eval_before_train: the UniGenBench evaluation of the initial weights, logged as step 0."""
         if self.eval_hook is None:
@@ -317,7 +318,7 @@ class DeepGenGRPOTrainer:
                 metrics.update(self.eval_phase(step))
         with self.timer("log"):
             if args.sample_image_freq and step % args.sample_image_freq == 0:
-                run_loop.log_sample_grid(self, metrics_logger, batch, rewards, step)
+                log_sample_grid(self, metrics_logger, batch, rewards, step)
         metrics.update(self.timer.pop())
         metrics["time/step"] = sum(v for k, v in metrics.items() if k.startswith("time/") and k != "time/step")
         metrics_logger.log(step, metrics)

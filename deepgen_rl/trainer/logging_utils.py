@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
-from PIL import Image
+
+from deepgen_rl.core.images import image_grid
 
 logger = logging.getLogger(__name__)
 
@@ -63,18 +64,6 @@ class TrackerSettings:
             swanlab_mode=environ.get("SWANLAB_MODE", DEFAULT_TRACKER_MODE),
             swanlab_project=environ.get("SWANLAB_PROJ_NAME", DEFAULT_PROJECT),
         )
-
-
-def image_grid(images: torch.Tensor, columns: int) -> Image.Image:
-    """images [N, 3, H, W] float in [0, 1] -> one RGB image with ``columns`` images per row."""
-    n, _, height, width = images.shape
-    rows = math.ceil(n / columns)
-    grid = torch.zeros(3, rows * height, columns * width)
-    for index in range(n):
-        r, c = divmod(index, columns)
-        grid[:, r * height:(r + 1) * height, c * width:(c + 1) * width] = images[index].detach().float().cpu()
-    array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(array)
 
 
 class MetricsLogger:

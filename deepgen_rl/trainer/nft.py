@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from deepgen_rl.distributed import SEED_NFT_TRAIN, all_reduce_sum, derive_seed, seeded_generator
+from deepgen_rl.core.distributed import SEED_NFT_TRAIN, all_reduce_sum, derive_seed, seeded_generator
 from deepgen_rl.model.safe_load import load_weights_only
 from deepgen_rl.rl import masked_mean, noised_latents
 from deepgen_rl.rl.nft import nft_kl, nft_loss, old_policy_decay

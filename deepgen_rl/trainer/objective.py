@@ -18,6 +18,7 @@ from torch import Tensor
 
 from deepgen_rl.rl import (clip_band, clipped_policy_loss, flow_matching_loss, grpo_loss, masked_mean, noised_latents,
                            reference_kl)
+from deepgen_rl.rl.flow_matching import flow_matching_objective
 from deepgen_rl.rl.grpo_guard import dt_reweight, guard_log_ratio
 from deepgen_rl.rl.losses import KLType
 from deepgen_rl.sampling import Conditioning, Trajectory, recompute_step, step_coefficients, transition_mean
@@ -142,13 +143,3 @@ def sftaux_objective(model: torch.nn.Module, images: Tensor, captions: list[str]
     with torch.set_grad_enabled(text_trains):
         prompt_embeds, pooled = model.encode_prompt(captions)
     return flow_matching_objective(model, x0, prompt_embeds, pooled, generator)
-
-
-def flow_matching_objective(model: torch.nn.Module, x0: Tensor, prompt_embeds: Tensor, pooled: Tensor,
-                            generator: torch.Generator) -> Tensor:
-    """The SFT-aux loss on latents already encoded: x0 [n, C, h, w] (scaled VAE latents, float32) with their
-    conditioning; draws eps ~ N(0, I) then t ~ U(0, 1) from ``generator`` (in that order)."""
-    noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=torch.float32).to(x0.device)
-    t = torch.rand((x0.shape[0],), generator=generator, device=generator.device, dtype=torch.float32).to(x0.device)
-    velocity = model.predict_velocity(noised_latents(x0, noise, t), t, prompt_embeds, pooled).float()
-    return flow_matching_loss(velocity, x0, noise)

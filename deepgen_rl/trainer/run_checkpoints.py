@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from . import checkpointing
+import deepgen_rl.trainer.checkpointing as checkpointing
 from .nft import NFT_STATE_NAME
 
 logger = logging.getLogger(__name__)

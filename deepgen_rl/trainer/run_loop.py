@@ -8,26 +8,21 @@ a checkpoint (failure_budget.py). Whatever ends the run, the trackers are closed
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from tqdm.auto import tqdm
 
-from deepgen_rl.rewards.reward_step import RewardBatch
-from deepgen_rl.trainer.edit_rollout import group_sources
+import deepgen_rl.trainer.checkpointing as checkpointing
+import deepgen_rl.trainer.run_checkpoints as run_checkpoints
+import deepgen_rl.trainer.run_folder as run_folder
 
-from ..distributed import SEED_ROLLOUT, barrier, derive_seed, seeded_generator
-from . import checkpointing, run_checkpoints, run_folder
+from ..core.distributed import barrier
 from .divergence import TrainingDiverged, stop_message
-from .ema import ema_sample_images
 from .failure_budget import enforce_budget, step_counts
+from .grpo_trainer import DeepGenGRPOTrainer
 from .heartbeat import Heartbeat, watchdog_threshold
 from .logging_utils import MetricsLogger
-from .rollout_batch import RolloutBatch
 from .signals import GracefulStop, StepInterrupted
-from .step_metrics import weighted_reward
-
-if TYPE_CHECKING:
-    from .grpo_trainer import DeepGenGRPOTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -140,17 +135,10 @@ def rewind(trainer: "DeepGenGRPOTrainer", start: checkpointing.StepStart, where:
                        "checkpointing step %d.", trainer.state.global_step + 1, where, trainer.state.global_step)
 
 
-def log_sample_grid(trainer: "DeepGenGRPOTrainer", metrics_logger: MetricsLogger, batch: RolloutBatch,
-                    rewards: RewardBatch, step: int) -> None:
-    """Step ``step``'s sample grid: its rollout images with their rewards, or under --ema_decay the EMA weights'
-    images of the same prompts and noise (only rank 0 writes grids)."""
-    args = trainer.args
-    sources = group_sources(batch.trajectory.edit, args.rollout_n, args.image_height, args.image_width)
-    if trainer.ema is None:
-        scores = weighted_reward(rewards.scores, rewards.weights).tolist()
-        metrics_logger.log_samples(step, batch.images, batch.trajectory.prompts, scores, args.rollout_n, sources)
-    elif trainer.rank == 0:  # from step ``step``'s rollout seed (its draws were made at global_step step - 1)
-        generator = seeded_generator(trainer.device, derive_seed(args.seed, SEED_ROLLOUT, step - 1, trainer.rank))
-        images = ema_sample_images(trainer.ema, trainer.model, batch.unique_prompts, args, generator,
-                                   batch.trajectory.edit)
-        metrics_logger.log_samples(step, images, batch.trajectory.prompts, None, args.rollout_n, sources)
+class TrainingRun(DeepGenGRPOTrainer):
+    """The trainer with its run: the steps are grpo_trainer.py's, ``train()`` (this module) drives them. The run
+    loop sits above the trainer (it imports grpo_trainer, never the reverse): build_trainer returns this class."""
+
+    def train(self, resume_from_checkpoint: Optional[str] = None) -> checkpointing.TrainerState:
+        """Resume when asked, run to --max_steps, checkpoint at the end or on a stop."""
+        return run(self, resume_from_checkpoint)

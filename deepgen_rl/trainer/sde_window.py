@@ -15,7 +15,7 @@ import torch
 
 from deepgen_rl.rl.timesteps import draw_window_start, sample_train_steps, sample_window_train_steps, sde_window_range
 
-from ..distributed import SEED_SDE_WINDOW, SEED_TRAIN_STEPS, derive_seed, seeded_generator
+from ..core.distributed import SEED_SDE_WINDOW, SEED_TRAIN_STEPS, derive_seed, seeded_generator
 
 
 def draw_sde_window(args, step: int) -> Optional[tuple[int, int]]:

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from deepgen_rl.distributed import all_reduce_flag
+from deepgen_rl.core.distributed import all_reduce_flag
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from ..distributed import SEED_ACTOR_UPDATES, all_reduce_sum, derive_seed, seeded_generator
+from ..core.distributed import SEED_ACTOR_UPDATES, all_reduce_sum, derive_seed, seeded_generator
 from .batching import BatchPlan
 from .sde_window import draw_train_steps
 from .update_plan import ChunkStats, OptimizerStepRecord, Part, actor_update_parts, part_chunks

@@ -158,8 +158,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = build_arg_parser().parse_args(argv)
-    if args.port is None:  # the default port lives in deepgen_rl/config.py only (imported lazily: it is heavy)
-        from deepgen_rl.config import DEFAULT_OCR_PORT
+    if args.port is None:  # the default port lives in rewards/names.py only (--ocr_url's default reads it too)
+        from deepgen_rl.rewards.names import DEFAULT_OCR_PORT
 
         args.port = DEFAULT_OCR_PORT
     try:
