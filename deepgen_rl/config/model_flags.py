@@ -90,7 +90,7 @@ class ModelArguments:
             )
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # deepgen_rl/config/ -> the repository
 # Relative to the repository root: our shipped example data.
 DATA_DEFAULTS = {
     "dataset_config": "assets/rl_datasets/deepgen/deepgen_train.yaml",
