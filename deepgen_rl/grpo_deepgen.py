@@ -185,7 +185,7 @@ if __name__ == "__main__":
     from deepgen_rl.core.worker_errors import recorded
 
     try:
-        exit_code = recorded(main)()  # torchrun's root cause: this rank's own error (worker_errors.py)
+        exit_code = recorded(main)()  # torchrun's root cause: this rank's own error (core/worker_errors.py)
     finally:  # here, not in main(): tests call main() inside a session-wide process group
         from deepgen_rl.core.distributed import destroy
 

@@ -1,4 +1,4 @@
-"""config.py's split into flag modules: the --help order its mixins produce, and the lists kept in two places."""
+"""deepgen_rl.config split into flag modules: the --help order its mixins produce, and the lists kept in two places."""
 
 from __future__ import annotations
 

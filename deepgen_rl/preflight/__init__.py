@@ -7,7 +7,7 @@ each naming the variable or URL and how to fix it, instead of failing after ever
 First every check that needs only flags and files, reported at once without waiting for anything: the model
 folders and CHECKPOINT (by the loader's own checks, then a weights-only open; a real-size model without CHECKPOINT,
 ``launch_checks``), the batch over the world size (``--world_size``, given by train.sh), the dataset YAML and its
-prompt files (their contents too: ``preflight_content``), the CLIP folder when a dataset uses ``clip_sim``, the eval
+prompt files (their contents too: ``content.py``), the CLIP folder when a dataset uses ``clip_sim``, the eval
 CSVs and the SFT-aux data; our shipped example data under a real model get a banner, and the run length is printed.
 Only then the servers (the reward servers the YAML's rewards need, the UniGenBench judge when periodic evaluation is
 on), awaited together for up to ``--server_wait`` seconds in all, with a progress line: a vLLM server still

@@ -48,8 +48,8 @@ DEFAULT_DEEPSPEED_CONFIG: dict[str, Any] = {
 
 
 def load_deepspeed_config(source: Union[str, Path, dict, None]) -> dict:
-    """--deepspeed as a path to a JSON file or an already-parsed dict, type-checked (deepspeed_json.py); None -> the
-    built-in ZeRO-2 config."""
+    """--deepspeed as a path to a JSON file or an already-parsed dict, type-checked (config/deepspeed_json.py);
+    None -> the built-in ZeRO-2 config."""
     if source is None or source == "":
         return copy.deepcopy(DEFAULT_DEEPSPEED_CONFIG)
     if isinstance(source, dict):

@@ -20,7 +20,7 @@ kept in bf16
 Why not diffusers' ``EMAModel``: its update subtracts the shadow from the parameter on one device, so a CPU shadow
 would need a full host copy of the weights per update (here one parameter at a time), and its warm-up counts its own
 calls, not optimizer steps (they differ when k > 1). Under ZeRO-2 every rank holds whole parameters and so the same
-EMA; ZeRO-3 (partitioned parameters) is refused at start-up (config.py).
+EMA; ZeRO-3 (partitioned parameters) is refused at start-up (config/__init__.py).
 """
 
 from __future__ import annotations
