@@ -124,6 +124,7 @@ class EMA(EmaCounters):
     def __init__(self, model: torch.nn.Module, *, decay: float, update_every: int = 1):
         super().__init__(decay=decay, update_every=update_every)
         self.device = "cpu"
+        self.collective = False  # applied_to / full_shadow are this rank's own business
         self.shadow: dict[str, torch.Tensor] = {}
         self.reset(model)
 

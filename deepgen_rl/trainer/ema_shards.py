@@ -146,6 +146,7 @@ class ShardedEMA(EmaCounters):
         super().__init__(decay=decay, update_every=update_every)
         self.optimizer = optimizer
         self.device = "gpu"
+        self.collective = True  # applied_to, full_shadow and state_dict: every rank calls them together
         self.stage, self.layouts = zero_layouts(optimizer, model)
         trained = {name for name, p in model.named_parameters() if p.requires_grad}
         averaged = {e.name for layout in self.layouts for e in layout.entries}
