@@ -10,8 +10,8 @@ config on the meta device), or the first of them adding up to ``--scale`` of tha
   master partitions at world size ``--world_size``: one flat tensor per AdamW group (matrices with weight decay,
   1-D tensors without), each 1 / world_size of the group, as DeepSpeed's ZeRO-2 lays them out.
 
-Repeats are interleaved (host, sharded, sharded, host, ...), each timed in process CPU time on one thread (and wall time, printed too); the
-ratio is the median of per-repeat ratios of CPU times.
+Repeats are interleaved (host, sharded, sharded, host, ...), each timed in process CPU time on one thread (wall time
+printed too); the ratio is the median of per-repeat ratios of CPU times.
 
     python benchmarks/bench_ema.py               # prints `ratio: <sharded/host>` (target <= 1/6 at world size 8)
     python benchmarks/bench_ema.py --scale 1     # the full 2.24 B (needs ~14 GiB of host memory)

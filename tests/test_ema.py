@@ -353,6 +353,8 @@ def test_sharded_ema_is_the_float64_ema_of_the_fp32_master_weights(shard_run, st
             torch.testing.assert_close(result["full"][name].double(), expected, rtol=0, atol=1e-6)
         # Each rank holds about half: its share of the trained parameters (plus alignment padding), not a copy.
         assert trained / 2 <= result["shard_numel"] < trained / 2 + 16
+        # ZeRO-2: the two AdamW groups (matrices, 1-D); ZeRO-3: the matrices in two sub-groups, then the 1-D ones.
+        assert result["partitions"] == (2 if stage == 2 else 3)
         # The saving gather assembles the whole tensors on rank 0 only.
         assert (set(result["full_rank0_only"]) == set(result["full"])) == (rank == 0)
     for name, tensor in results[stage][0]["full"].items():

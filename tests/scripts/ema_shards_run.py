@@ -6,9 +6,9 @@ bf16 module, one rank of a torchrun run (gloo, DS_ACCELERATOR=cpu):
 For each stage: STEPS AdamW steps on a fixed loss with the EMA stepped after each; after every step the test's own
 reference, a float64 lerp of the GATHERED fp32 master weights (DeepSpeed's ``safe_get_full_fp32_param``), advances
 too. At step RESUME_AT the EMA is saved (``state_dict``: rank 0 writes DIR/ema_zero{stage}.pt) and a second EMA is
-loaded from that file; both then follow the same master weights. Each rank writes DIR/result_zero{stage}_rank{r}.pt
-(whole EMA, reference, the resumed EMA right after loading and at the end, what the model held inside ``applied_to`` and after it) for
-tests/test_ema.py to assert on.
+loaded from that file; both then follow the same master weights. Each rank writes
+DIR/result_zero{stage}_rank{r}.pt (whole EMA, reference, the resumed EMA right after loading and at the end, what the
+model held inside ``applied_to`` and after it) for tests/test_ema.py to assert on.
 """
 
 from __future__ import annotations
@@ -46,14 +46,18 @@ def tiny_net() -> TinyNet:
 
 
 def engine_for(model: nn.Module, stage: int):
-    """A DeepSpeed engine of ``model`` (bf16, ZeRO ``stage``, torch AdamW over its trainable parameters)."""
+    """A DeepSpeed engine of ``model`` (bf16, ZeRO ``stage``, torch AdamW over its trainable parameters in the
+    trainer's two groups: matrices, 1-D tensors). ZeRO-3: sub-groups of ~40 elements per rank (two for the matrices) and the
+    biases kept gathered (persistent), the cases its partition map and swap must handle."""
     import deepspeed
 
+    from deepgen_rl.trainer.deepspeed_setup import trainable_parameter_groups
+
+    zero3 = {"sub_group_size": 40, "stage3_param_persistence_threshold": 20}
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
-              "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 20} if stage == 3
-                                                      else {})},
+              "zero_optimization": {"stage": stage, **(zero3 if stage == 3 else {})},
               "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    optimizer = torch.optim.AdamW(trainable_parameter_groups(model, weight_decay=0.01), lr=0.05)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
 
@@ -113,8 +117,10 @@ def run_stage(stage: int, out: Path, rank: int) -> None:
     after = gathered_params(engine, stage)
     torch.save({"world": torch.distributed.get_world_size(), "full": ema.full_shadow(),
                 "full_rank0_only": ema.full_shadow(dst=0), "reference": reference,
-                "loaded": loaded, "resumed_full": resumed.full_shadow(), "resumed_updates": resumed.num_updates, "live": live, "inside": inside,
+                "loaded": loaded, "resumed_full": resumed.full_shadow(), "resumed_updates": resumed.num_updates,
+                "live": live, "inside": inside,
                 "after": after, "forward_inside": forward, "shard_numel": sum(t.numel() for t in ema.shards),
+                "partitions": len(ema.shards),
                 "optimizer_steps": ema.optimizer_steps, "num_updates": ema.num_updates},
                out / f"result_zero{stage}_rank{rank}.pt")
 
