@@ -84,7 +84,7 @@ class RunFlags:
     ema_device: EmaDevice = field(
         default="gpu",
         metadata={"help": "Where the EMA lives: 'gpu' (default: sharded beside each rank's fp32 master partition "
-                  "of ZeRO-1/2/3, 4 bytes per trained parameter / world size, averaged from the fp32 master weights "
+                  "of ZeRO-2/3, 4 bytes per trained parameter / world size, averaged from the fp32 master weights "
                   "in one fused op per step; on the CPU where the optimizer is offloaded) or 'cpu' (a whole host copy "
                   "on every rank, 4 bytes per trained parameter, averaged from the 16-bit weights; not with ZeRO-3)."},
     )

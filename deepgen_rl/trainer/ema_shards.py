@@ -1,4 +1,4 @@
-"""``--ema_device gpu``: the EMA sharded beside each rank's fp32 master partition (ZeRO-1/2/3).
+"""``--ema_device gpu``: the EMA sharded beside each rank's fp32 master partition (ZeRO-2/3).
 
 DeepSpeed's ZeRO optimizer keeps, per parameter group g, one flat fp32 tensor M_g [P_g] on each rank: the part of
 the master weights this rank updates. The EMA keeps one fp32 tensor E_g [P_g] beside it (same device: the GPU, or the
@@ -8,18 +8,20 @@ copy averages the 16-bit ones). Memory: 4 bytes x trained parameters / world siz
 
 How a partition maps to parameters (DeepSpeed 0.19.8):
 
-* ZeRO-1/2 (``stage_1_and_2.py``): the group's parameters lie end to end in a flat buffer F (``bit16_groups_flat``;
-  parameter j at ``round_robin_bit16_offsets[g][j]``, alignment padding between them and at the end), cut into
-  world-size equal partitions; rank r's fp32 partition ``single_partition_of_fp32_groups[g]`` is F[r P, (r+1) P).
+* ZeRO-2 (``stage_1_and_2.py``; also ZeRO-1, but not in bf16, where DeepSpeed uses its BF16_Optimizer): the
+  group's parameters lie end to end in a flat buffer F (``bit16_groups_flat``; parameter j at
+  ``round_robin_bit16_offsets[g][j]``, alignment padding between them and at the end), cut into world-size equal
+  partitions; rank r's fp32 partition ``single_partition_of_fp32_groups[g]`` is F[r P, (r+1) P).
 * ZeRO-3 (``stage3.py``): every parameter is split on its own: rank r holds elements [r p_j, (r+1) p_j) of
   parameter j's flattened values (p_j = ``partition_numel()``, zero-padded past its numel); the sub-group's fp32
   partition ``fp32_partitioned_groups_flat[g]`` is those slices of its parameters end to end.
 
 Whole tensors (state-dict names and shapes, the ``ema.pt`` format of the host copy) are built only to save
 (``state_dict``, rank 0) and for tests (``full_shadow``), gathered in bounded chunks; loading slices this rank's
-partition out of whole tensors, so a resume may change the world size. Evaluation and sample grids need no gather:
+partition out of whole tensors, so a resume may change the world size. Evaluation and sample grids gather no fp32:
 ``applied_to`` writes the EMA (cast) into this rank's 16-bit partition and lets DeepSpeed's own all-gather
-(ZeRO-1/2) or on-demand gathers (ZeRO-3) spread it, then restores the saved partition exactly.
+(ZeRO-2: the 16-bit all-gather of every optimizer step) or on-demand gathers (ZeRO-3) spread it, then restores the
+saved partition exactly.
 """
 
 from __future__ import annotations
@@ -135,8 +137,8 @@ def zero_layouts(optimizer, model: torch.nn.Module) -> tuple[int, list[GroupLayo
             layouts.append(GroupLayout(master.numel(), tuple(entries), True))
         return 3, layouts
     raise ValueError(f"--ema_device gpu shards the EMA beside ZeRO's fp32 master partitions, but the engine's "
-                     f"optimizer is {type(optimizer).__name__} (no ZeRO stage 1-3): use a ZeRO --deepspeed config "
-                     "(scripts/deepspeed/zero2.json) or --ema_device cpu.")
+                     f"optimizer is {type(optimizer).__name__}, which keeps none (no ZeRO, or bf16 ZeRO-1): use a "
+                     "ZeRO-2/3 --deepspeed config (scripts/deepspeed/zero2.json) or --ema_device cpu.")
 
 
 class ShardedEMA(EmaCounters):
