@@ -47,8 +47,9 @@ def _metrics(out):
 
 
 def test_zero2_dit_two_steps_checkpoint_and_logs(tiny_paths, tmp_path):
+    # --ema_decay: the sharded EMA's checkpoint gather (a collective of both ranks) writes ema.pt
     out, dump = _launch(tiny_paths, tmp_path, ZERO2, trainable_modules="dit", save_strategy="steps", save_steps=2,
-                        sample_image_freq=1, report_to="wandb,swanlab")
+                        sample_image_freq=1, report_to="wandb,swanlab", ema_decay=0.9)
     assert dump["steps"] == 2
     trainable, frozen = _changed(dump)
     # The whole DiT but the text-stream query of its last (context_pre_only) block, whose outputs SD3 discards.
@@ -85,6 +86,12 @@ def test_zero2_dit_two_steps_checkpoint_and_logs(tiny_paths, tmp_path):
     # DeepGenModel state-dict names; every trainable weight in, every frozen one out (buffers ride along).
     assert set(trainable) <= set(module) and not set(frozen) & set(module)
     assert all(name.startswith("transformer.") for name in module)
+    # ema.pt: whole fp32 tensors of every trained parameter (each rank averaged its half of the fp32 masters).
+    ema = torch.load(checkpoint / "ema.pt", map_location="cpu", weights_only=True)
+    assert ema["optimizer_steps"] == ema["num_updates"] == sum(m["train/optimizer_steps"] for m in metrics)
+    assert set(ema["shadow"]) == {n for n, d in dump["before"].items() if d["trainable"]}
+    for name, tensor in ema["shadow"].items():
+        assert tensor.dtype == torch.float32 and tensor.shape == module[name].shape, name
 
 
 def _two_dataset_bench(folder) -> str:
