@@ -12,6 +12,9 @@ How each figure is obtained (B = bytes per weight: 2 in bf16):
 * gradients + optimizer states: DeepSpeed's own ``estimate_zero{2,3}_model_states_mem_needs`` over the
   trainable parameters (ZeRO-2: 18 bytes / parameter / rank = bf16 and fp32 gradients, fp32 master weights,
   Adam m and v; ZeRO-3 partitions the weights too and gathers the largest layer);
+* EMA (--ema_decay > 0): 4 bytes x trainable parameters / num_gpus beside the fp32 master partition with
+  ``--ema_device gpu`` (on the host instead when the optimizer is offloaded), or 4 bytes x trainable parameters of
+  host memory on every rank with ``cpu`` (listed under the host, not in the GPU peak);
 * rollout storage: the recorded latents fp32 [T + 1, N, C, h, w], log-probs, prompt embeddings, decoded images;
 * activations, MEASURED with torch's MemTracker on the real-size meta model: the VAE decode at the decode
   micro-batch; one DiT block of each kind (dual-attention, plain, last) forward + backward at the train chunk and
@@ -79,6 +82,7 @@ class MemoryEstimate:
     static: list[str]
     transients: list[str]
     settings: str
+    host: dict[str, int] = field(default_factory=dict)  # host memory per rank, not in the GPU peak
 
     @property
     def peak_phase(self) -> str:
@@ -98,6 +102,7 @@ class MemoryEstimate:
         lines += [f"  {name:<60} {self.components[name] / GIB:8.2f} GiB" + (" <- peak" if name == self.peak_phase
                                                                             else "") for name in self.transients]
         lines.append(f"  {'PEAK per rank':<60} {self.total_bytes / GIB:8.2f} GiB")
+        lines += [f"  host, not GPU: {name:<45} {size / GIB:8.2f} GiB" for name, size in self.host.items()]
         return "\n".join(lines)
 
 
@@ -131,6 +136,11 @@ def zero_model_states_bytes(trainable: int, largest_layer: int, num_gpus: int, z
     _, gpu = estimate_zero2_model_states_mem_needs(trainable, num_gpus_per_node=num_gpus, num_nodes=1,
                                                    cpu_offload=offload_optimizer, additional_buffer_factor=1.0)
     return gpu - 2 * trainable
+
+
+def ema_bytes(trainable: int, num_gpus: int, sharded: bool) -> int:
+    """fp32 EMA bytes per rank: 4 x trainable / num_gpus sharded (--ema_device gpu), 4 x trainable whole (cpu)."""
+    return -(-4 * trainable // num_gpus) if sharded else 4 * trainable
 
 
 def rollout_storage_bytes(n: int, steps: int, latent: tuple[int, int, int], text_tokens: int, joint_dim: int,
@@ -225,6 +235,15 @@ def estimate_memory(model_args: ModelArguments, args: GRPOConfig, num_gpus: int,
     largest = _largest_layer(model) if zero_stage == 3 else 0
     components[f"gradients + optimizer states (ZeRO-{zero_stage}, DeepSpeed estimate)"] = zero_model_states_bytes(
         trainable, largest, num_gpus, zero_stage, offload_optimizer, offload_params)
+    host: dict[str, int] = {}
+    if args.ema_decay > 0:
+        sharded = getattr(args, "ema_device", "cpu") == "gpu"
+        ema = ema_bytes(trainable, num_gpus, sharded)
+        if sharded and not offload_optimizer:
+            components["EMA (fp32, sharded beside the master weights)"] = ema
+        else:  # the host copy, or the shards beside an offloaded optimizer's masters
+            where = "sharded, offloaded optimizer" if sharded else "whole copy, --ema_device cpu"
+            host[f"EMA (fp32, {where})"] = ema
 
     n = num_samples_per_rank(args, num_gpus)
     latent = tuple(model.latent_shape(args.image_height, args.image_width))
@@ -258,7 +277,7 @@ def estimate_memory(model_args: ModelArguments, args: GRPOConfig, num_gpus: int,
                 f"trainable {model_args.trainable_modules}{' (LoRA)' if model_args.use_lora else ''}, "
                 f"{trainable / 1e9:.2f} B trainable parameters")
     return MemoryEstimate(components=components, static=static, transients=list(components)[len(static):],
-                          settings=settings)
+                          settings=settings, host=host)
 
 
 def _parameters_of(part):

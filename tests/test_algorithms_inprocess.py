@@ -114,7 +114,8 @@ def test_nft_rollout_is_the_old_policys_ode_with_distinct_images_per_group(proce
 
 
 def test_nft_resume_restores_the_old_policy_and_the_ema_exactly(process_group, tiny_paths, tmp_path):
-    flags = dict(atrain_algorithm="diffusionnft", nft_decay_type=2, ema_decay=0.5, max_steps=2,
+    # --ema_device cpu: the host-copy EMA through a trainer run (test_ema.py's trainer run has the sharded one).
+    flags = dict(atrain_algorithm="diffusionnft", nft_decay_type=2, ema_decay=0.5, ema_device="cpu", max_steps=2,
                  optimizer_step_schedule="per_timestep", save_strategy="steps", save_steps=1, **SHORT)
     straight = build(tiny_paths, tmp_path / "a", **flags)
     try:

@@ -1,5 +1,7 @@
 """EMA of the trained parameters (--ema_decay): the closed-form recursion with its warm-up, fp32 storage, the swap
-for evaluation, exact save / resume (weights-only), and the converter's --weights ema, on the tiny trainer."""
+for evaluation, exact save / resume (weights-only), and the converter's --weights ema, on the tiny trainer; the
+sharded EMA (--ema_device gpu) on real 2-rank ZeRO-2 / ZeRO-3 engines against a float64 EMA of the gathered fp32
+master weights, its bit-exact resume and its re-sharding to one rank."""
 
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ from deepgen_rl.model.convert import convert_rl_checkpoint
 from deepgen_rl.model.safe_load import load_weights_only
 from deepgen_rl.core.distributed import SEED_ROLLOUT, derive_seed, seeded_generator
 from deepgen_rl.trainer.ema import EMA, warmup_decay
+from deepgen_rl.trainer.ema_shards import GroupLayout, ShardEntry, partition_of, place_piece
 from deepgen_rl.trainer.logging_utils import MetricsLogger
 from tests.conftest import REPO_ROOT
 from tests.test_trainer_inprocess import build
-from tests.trainer_utils import ZERO3
+from tests.scripts import ema_shards_run
+from tests.trainer_utils import ZERO3, torchrun
 
 
 def _perturb(model, generator, scale=1.0):
@@ -41,7 +45,7 @@ def test_warmup_decay_values():
 
 def test_ema_follows_the_closed_form_recursion_with_warmup_interval_and_cap():
     model = _tiny_linear(torch.bfloat16)
-    ema = EMA(model, decay=0.3, update_every=2, device="cpu")
+    ema = EMA(model, decay=0.3, update_every=2)
     assert set(ema.shadow) == {"weight"}
     assert ema.shadow["weight"].dtype == torch.float32 and ema.shadow["weight"].device.type == "cpu"
     expected = model.weight.detach().double()
@@ -115,10 +119,12 @@ def test_ema_flags_are_validated(tmp_path):
         parse_args(base + ["--ema_decay", "1.0"])
     with pytest.raises(ValueError, match="--ema_update_every"):
         parse_args(base + ["--ema_update_every", "0"])
-    with pytest.raises(ValueError, match="ZeRO-3"):
-        parse_args(base + ["--ema_decay", "0.9", "--deepspeed", str(ZERO3)])
+    with pytest.raises(ValueError, match="--ema_device cpu needs whole parameters.*--ema_device gpu"):
+        parse_args(base + ["--ema_decay", "0.9", "--ema_device", "cpu", "--deepspeed", str(ZERO3)])
+    # ZeRO-3 with the sharded EMA (the default) is no longer refused.
+    assert parse_args(base + ["--ema_decay", "0.9", "--deepspeed", str(ZERO3)])[0].ema_device == "gpu"
     args = parse_args(base)[0]
-    assert args.ema_decay == 0.0 and args.ema_update_every == 1 and args.ema_device == "cpu"
+    assert args.ema_decay == 0.0 and args.ema_update_every == 1 and args.ema_device == "gpu"
 
 
 def _trained(model) -> dict[str, torch.Tensor]:
@@ -141,7 +147,8 @@ BF16_FIRST_CHUNK_BOUND = 1e-6
 @pytest.fixture(scope="module")
 def ema_run(process_group, tiny_paths, tmp_path_factory):
     """2 tiny steps in bf16 with --ema_decay 0.5, eval every step (a recording hook), checkpoints every step, a sample
-    grid at step 2; records the weights at each EMA update and what evaluation saw."""
+    grid at step 2; records the weights (16-bit live and fp32 master) at each EMA update and what evaluation saw.
+    The EMA is the default sharded one (--ema_device gpu) on the one-rank ZeRO-2 engine."""
     out = tmp_path_factory.mktemp("ema_run")
     # per_rollout: one optimizer step (so one EMA update) per GRPO step keeps the eval/update pairing below simple;
     # the EMA hook itself sits in optimizer_step, which every schedule goes through.
@@ -149,16 +156,20 @@ def ema_run(process_group, tiny_paths, tmp_path_factory):
                     judge_health_timeout=1, save_strategy="steps", save_steps=1, sample_image_freq=2,
                     optimizer_step_schedule="per_rollout", eval_before_train=False,  # evals paired with updates
                     **BF16_RUN)
-    record = {"initial": {n: t.clone() for n, t in trainer.ema.shadow.items()}, "at_update": [], "eval": [],
-              "grid": []}
+    record = {"initial": {n: t.clone() for n, t in trainer.ema.full_shadow().items()}, "at_update": [],
+              "masters": [], "eval": [], "grid": []}
     real_step = trainer.ema.step
 
     def recording_step(model):
+        from deepspeed.utils import safe_get_full_fp32_param
+
         record["at_update"].append(_trained(model))
+        record["masters"].append({n: safe_get_full_fp32_param(p).detach().clone()
+                                  for n, p in model.named_parameters() if p.requires_grad})
         return real_step(model)
 
     def hook(model, step):
-        record["eval"].append((step, _trained(model), {n: t.clone() for n, t in trainer.ema.shadow.items()}))
+        record["eval"].append((step, _trained(model), {n: t.clone() for n, t in trainer.ema.full_shadow().items()}))
         return {}
 
     def capture_grid(self, step, images, prompts, rewards, columns, sources=None):
@@ -178,14 +189,16 @@ def ema_run(process_group, tiny_paths, tmp_path_factory):
 
 def test_trainer_ema_is_the_closed_form_recursion_of_its_optimizer_steps(ema_run):
     trainer, _, record = ema_run
-    assert len(record["at_update"]) == 2  # one per applied optimizer step
+    assert type(trainer.ema).__name__ == "ShardedEMA"  # the default --ema_device gpu
+    assert len(record["masters"]) == 2  # one per applied optimizer step
+    final = trainer.ema.full_shadow()
     for name, expected in record["initial"].items():
         e = expected.double()
-        for s, weights in enumerate(record["at_update"]):
+        for s, weights in enumerate(record["masters"]):  # the fp32 master weights, not the bf16 copies
             d = min((1 + s) / (10 + s), 0.5)  # 0.1, then 2 / 11
             e = d * e + (1 - d) * weights[name].double()
-        torch.testing.assert_close(trainer.ema.shadow[name].double(), e, rtol=1e-6, atol=1e-7)
-    assert any(not torch.equal(record["initial"][n], trainer.ema.shadow[n]) for n in record["initial"])
+        torch.testing.assert_close(final[name].double(), e, rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(record["initial"][n], final[n]) for n in record["initial"])
 
 
 def test_evaluation_used_the_ema_and_the_live_weights_came_back(ema_run):
@@ -223,7 +236,7 @@ def test_sample_grid_shows_the_ema_weights_on_the_rollouts_noise(ema_run, tiny_p
     live = _trained(model)
     params = dict(model.named_parameters())
     with torch.no_grad():  # the EMA at the grid's time is the final one (the grid came after step 2's update)
-        for name, shadow in trainer.ema.shadow.items():
+        for name, shadow in trainer.ema.full_shadow().items():
             params[name].copy_(shadow.to(params[name].dtype))
         ema_images = generate()
         for name, tensor in live.items():
@@ -236,7 +249,7 @@ def test_checkpoints_save_the_ema_and_resume_it_bit_exactly(ema_run, tiny_paths,
     trainer, out, _ = ema_run
     final = load_weights_only(out / "checkpoint-2" / "ema.pt", source="test")
     assert final["optimizer_steps"] == 2 and final["num_updates"] == 2
-    for name, tensor in trainer.ema.shadow.items():
+    for name, tensor in trainer.ema.full_shadow().items():
         assert torch.equal(final["shadow"][name], tensor)
 
     saved = load_weights_only(out / "checkpoint-1" / "ema.pt", source="test")
@@ -245,13 +258,15 @@ def test_checkpoints_save_the_ema_and_resume_it_bit_exactly(ema_run, tiny_paths,
     try:
         resumed.load(out / "checkpoint-1")
         assert resumed.ema.optimizer_steps == 1
+        loaded = resumed.ema.full_shadow()
         for name, tensor in saved["shadow"].items():
-            assert torch.equal(resumed.ema.shadow[name], tensor)
+            assert torch.equal(loaded[name], tensor)
         resumed.train()
     finally:
         resumed.close()
-    for name, tensor in trainer.ema.shadow.items():  # step 2 redone from the checkpoint: the same average
-        torch.testing.assert_close(resumed.ema.shadow[name], tensor, rtol=1e-5, atol=1e-8)
+    redone = resumed.ema.full_shadow()
+    for name, tensor in trainer.ema.full_shadow().items():  # step 2 redone from the checkpoint: the same average
+        torch.testing.assert_close(redone[name], tensor, rtol=1e-5, atol=1e-8)
     # ... and the same step: its rollout, rewards and losses (one process, the same bf16 kernels: fp32 rounding).
     straight, again = trainer.state.log_history[-1], resumed.state.log_history[-1]
     assert straight["step"] == again["step"] == 2
@@ -290,3 +305,115 @@ def test_converter_exports_the_ema_or_the_raw_weights(ema_run, tmp_path):
     assert any(not torch.equal(ema_pth[n], raw_pth[n]) for n in shadow)
     with pytest.raises(FileNotFoundError, match="--weights raw"):
         convert_rl_checkpoint(tmp_path, tmp_path / "none.pth", weights="ema")
+
+
+# ----- the sharded EMA (--ema_device gpu) on real ZeRO engines ---------------------------------------------------
+
+def test_partition_maps_cut_whole_tensors_and_put_them_back():
+    # Hand-made layouts: ZeRO-1/2 a flat buffer [a(5) pad(1) b(2x3)] + 2 padding cut into 2 partitions of 7; ZeRO-3
+    # each parameter split on its own (a: 3 per rank, the last one padded; b: 3 per rank).
+    whole = {"a": torch.arange(5.0), "b": torch.arange(10.0, 16.0).view(2, 3)}
+    flat = GroupLayout(7, (ShardEntry("a", (5,), 0), ShardEntry("b", (2, 3), 6)), per_parameter=False)
+    assert partition_of(whole, flat, 0).tolist() == [0, 1, 2, 3, 4, 0, 10]
+    assert partition_of(whole, flat, 1).tolist() == [11, 12, 13, 14, 15, 0, 0]
+    split = GroupLayout(6, (ShardEntry("a", (5,), 0, 3), ShardEntry("b", (2, 3), 3, 3)), per_parameter=True)
+    assert partition_of(whole, split, 0).tolist() == [0, 1, 2, 10, 11, 12]
+    assert partition_of(whole, split, 1).tolist() == [3, 4, 0, 13, 14, 15]
+    for layout in (flat, split):  # rank pieces in chunks of 4 (not aligned to parameters) rebuild the whole tensors
+        out = {"a": torch.full((5,), -1.0), "b": torch.full((6,), -1.0)}
+        for rank in (0, 1):
+            part = partition_of(whole, layout, rank)
+            for lo in range(0, layout.partition_numel, 4):
+                place_piece(out, layout, rank, lo, part[lo:lo + 4])
+        assert torch.equal(out["a"], whole["a"]) and torch.equal(out["b"].view(2, 3), whole["b"])
+
+
+@pytest.fixture(scope="module")
+def shard_run(tmp_path_factory):
+    """One 2-rank torchrun run of tests/scripts/ema_shards_run.py (ZeRO-2, then ZeRO-3): {stage: [rank 0, rank 1]
+    results}, and the folder holding the ema.pt files it saved."""
+    import os
+
+    out = tmp_path_factory.mktemp("ema_shards")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result = torchrun(2, [str(REPO_ROOT / "tests" / "scripts" / "ema_shards_run.py"), "--out", str(out)], env, 500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return {stage: [torch.load(out / f"result_zero{stage}_rank{r}.pt", weights_only=False) for r in (0, 1)]
+            for stage in (2, 3)}, out
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_sharded_ema_is_the_float64_ema_of_the_fp32_master_weights(shard_run, stage):
+    results, _ = shard_run
+    trained = 7 * 13 + 13 + 13 * 11 + 11 + 2 * 11  # the tiny net's inp, mid and norm; its last layer is frozen
+    for rank, result in enumerate(results[stage]):
+        assert result["world"] == 2 and result["optimizer_steps"] == result["num_updates"] == ema_shards_run.STEPS
+        assert set(result["full"]) == set(result["reference"]) and not any("frozen" in n for n in result["full"])
+        for name, expected in result["reference"].items():
+            torch.testing.assert_close(result["full"][name].double(), expected, rtol=0, atol=1e-6)
+        # Each rank holds about half: its share of the trained parameters (plus alignment padding), not a copy.
+        assert trained / 2 <= result["shard_numel"] < trained / 2 + 16
+        # ZeRO-2: the two AdamW groups (matrices, 1-D); ZeRO-3: the matrices in two sub-groups, then the 1-D ones.
+        assert result["partitions"] == (2 if stage == 2 else 3)
+        # The saving gather assembles the whole tensors on rank 0 only.
+        assert (set(result["full_rank0_only"]) == set(result["full"])) == (rank == 0)
+    for name, tensor in results[stage][0]["full"].items():
+        assert torch.equal(tensor, results[stage][1]["full"][name])
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_sharded_ema_saves_whole_tensors_and_resumes_bit_exactly(shard_run, stage):
+    results, out = shard_run
+    saved = load_weights_only(out / f"ema_zero{stage}.pt", source="test")  # the host copy's ema.pt format
+    assert saved["optimizer_steps"] == saved["num_updates"] == ema_shards_run.RESUME_AT + 1
+    assert {n: tuple(t.shape) for n, t in saved["shadow"].items()} == {
+        n: tuple(t.shape) for n, t in results[stage][0]["full"].items()}
+    for result in results[stage]:
+        for name, tensor in saved["shadow"].items():
+            assert tensor.dtype == torch.float32 and torch.equal(result["loaded"][name], tensor)
+        # Resumed after step RESUME_AT, then stepped on the same master weights: the same bits as never stopping.
+        for name, tensor in result["full"].items():
+            assert torch.equal(result["resumed_full"][name], tensor), name
+        assert result["resumed_updates"] == ema_shards_run.STEPS
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_sharded_ema_is_swapped_in_for_evaluation_and_the_live_weights_come_back(shard_run, stage):
+    results, _ = shard_run
+    for result in results[stage]:
+        full = result["full"]
+        assert any(not torch.equal(result["live"][n], full[n].to(torch.bfloat16)) for n in full)
+        for name, tensor in full.items():
+            assert torch.equal(result["inside"][name], tensor.to(torch.bfloat16)), name
+            assert torch.equal(result["after"][name], result["live"][name]), name
+        # The forward inside ran on the EMA weights: the same net rebuilt here with them (its frozen layer as built).
+        net = ema_shards_run.tiny_net()
+        with torch.no_grad():
+            for name, param in net.named_parameters():
+                if name in full:
+                    param.copy_(full[name].to(torch.bfloat16))
+            expected = net(torch.ones(1, 7, dtype=torch.bfloat16)).float()
+        torch.testing.assert_close(result["forward_inside"], expected, rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_sharded_ema_saved_on_two_ranks_resumes_on_one(shard_run, process_group, stage):
+    """Re-sharding: ema.pt saved by the 2-rank run (under either stage) loads into a one-rank engine of this stage."""
+    from deepgen_rl.trainer.ema_shards import ShardedEMA
+
+    _, out = shard_run
+    engine = ema_shards_run.engine_for(ema_shards_run.tiny_net(), stage)
+    ema = ShardedEMA(engine.optimizer, engine.module, decay=ema_shards_run.DECAY)
+    for saved_stage in (2, 3):
+        path = out / f"ema_zero{saved_stage}.pt"
+        saved = load_weights_only(path, source="test")
+        ema.load_state_dict(saved, str(path))
+        assert ema.optimizer_steps == ema_shards_run.RESUME_AT + 1
+        assert sum(t.numel() for t in ema.shards) >= sum(t.numel() for t in saved["shadow"].values())  # all here
+        loaded = ema.full_shadow()
+        for name, tensor in saved["shadow"].items():
+            assert torch.equal(loaded[name], tensor), name
+        with ema.applied_to(engine.module):
+            inside = ema_shards_run.gathered_params(engine, stage)
+        for name, tensor in saved["shadow"].items():
+            assert torch.equal(inside[name], tensor.to(torch.bfloat16)), name

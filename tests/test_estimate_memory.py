@@ -200,3 +200,20 @@ def test_a_smaller_training_chunk_says_what_it_costs_the_rollout(guide_args):
     wide = dataclasses.replace(guide_args, rollout_micro_batch_size=8)
     labels = [flags for flags, _ in candidate_changes(RunShape(wide, ModelArguments(), zero_stage=2))]
     assert "--atrain_micro_batch_size 16" in labels and "--atrain_micro_batch_size 8" in labels  # not below: no cost
+
+
+def test_ema_is_counted_sharded_on_the_gpu_or_whole_on_the_host(real, guide_args):
+    model_args, model = real
+    trainable = _trainable_dit(model)
+    ema_gpu = "EMA (fp32, sharded beside the master weights)"
+    off = estimate_memory(model_args, guide_args, num_gpus=8, zero_stage=2, model=model)
+    gpu = estimate_memory(model_args, dataclasses.replace(guide_args, ema_decay=0.99), num_gpus=8, zero_stage=2,
+                          model=model)
+    assert ema_gpu not in off.components and not off.host
+    assert gpu.components[ema_gpu] == 4 * trainable // 8 and ema_gpu in gpu.static  # ~1.04 GiB at 2.24 B / 8
+    assert gpu.total_bytes - off.total_bytes == 4 * trainable // 8 and not gpu.host
+    host = estimate_memory(model_args, dataclasses.replace(guide_args, ema_decay=0.99, ema_device="cpu"), num_gpus=8,
+                           zero_stage=2, model=model)
+    assert host.total_bytes == off.total_bytes and host.host == {"EMA (fp32, whole copy, --ema_device cpu)":
+                                                                 4 * trainable}
+    assert "host, not GPU: EMA (fp32, whole copy" in host.describe()

@@ -4,9 +4,9 @@ deepgen_rl.grpo_deepgen and dumps a SHA-256 of every parameter before and after 
 
 Checked: every trainable parameter changed and every frozen one did not (ZeRO-2: the DiT; ZeRO-3: DiT +
 connector + meta queries + LLM with gradient checkpointing, which also exercises meta_queries under parameter
-partitioning); the first
-chunk's ratio is 1; the checkpoint-N layout; metrics, sample grids and offline wandb / swanlab runs. The ZeRO-3 run
-also evaluates at step 2 against the stand-in UniGenBench judge, with shares that need padding to stay in step.
+partitioning); the first chunk's ratio is 1; the checkpoint-N layout; metrics, sample grids and offline wandb /
+swanlab runs. The ZeRO-3 run has the sharded EMA (its evaluation and sample grid swap it in) and also evaluates at
+step 2 against the stand-in UniGenBench judge, with shares that need padding to stay in step.
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def _metrics(out):
 
 
 def test_zero2_dit_two_steps_checkpoint_and_logs(tiny_paths, tmp_path):
+    # --ema_decay: the sharded EMA's checkpoint gather (a collective of both ranks) writes ema.pt
     out, dump = _launch(tiny_paths, tmp_path, ZERO2, trainable_modules="dit", save_strategy="steps", save_steps=2,
-                        sample_image_freq=1, report_to="wandb,swanlab")
+                        sample_image_freq=1, report_to="wandb,swanlab", ema_decay=0.9)
     assert dump["steps"] == 2
     trainable, frozen = _changed(dump)
     # The whole DiT but the text-stream query of its last (context_pre_only) block, whose outputs SD3 discards.
@@ -85,6 +86,12 @@ def test_zero2_dit_two_steps_checkpoint_and_logs(tiny_paths, tmp_path):
     # DeepGenModel state-dict names; every trainable weight in, every frozen one out (buffers ride along).
     assert set(trainable) <= set(module) and not set(frozen) & set(module)
     assert all(name.startswith("transformer.") for name in module)
+    # ema.pt: whole fp32 tensors of every trained parameter (each rank averaged its half of the fp32 masters).
+    ema = torch.load(checkpoint / "ema.pt", map_location="cpu", weights_only=True)
+    assert ema["optimizer_steps"] == ema["num_updates"] == sum(m["train/optimizer_steps"] for m in metrics)
+    assert set(ema["shadow"]) == {n for n, d in dump["before"].items() if d["trainable"]}
+    for name, tensor in ema["shadow"].items():
+        assert tensor.dtype == torch.float32 and tensor.shape == module[name].shape, name
 
 
 def _two_dataset_bench(folder) -> str:
@@ -108,6 +115,9 @@ def test_zero3_dit_connector_llm_two_steps_and_eval(tiny_paths, tmp_path):
     with FakeJudge(rule="name", pass_dims="Style", served_model_name=SERVED) as judge:
         out, dump = _launch(tiny_paths, tmp_path, ZERO3, trainable_modules="dit_connector_llm",
                             gradient_checkpointing=True, eval_freq=2, unigenbench_api_url=judge.url,
+                            # the sharded EMA under ZeRO-3 (once refused): evaluated with it, and every rank
+                            # takes part in the EMA's sample grid (its forwards gather the partitioned weights)
+                            ema_decay=0.5, sample_image_freq=2,
                             eval_before_train=False,  # one evaluation (step 2) is enough here; step 0's is tested in-process
                             eval_dataset_config=_two_dataset_bench(tmp_path / "bench"))
         assert judge.stats()["counts"]["chat"] == 4  # the 4 real images; padding is generated, never judged
@@ -125,8 +135,13 @@ def test_zero3_dit_connector_llm_two_steps_and_eval(tiny_paths, tmp_path):
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(m["policy/first_chunk_ratio_max_dev"] <= 1e-6 for m in metrics)
     assert not (out / "checkpoint-2").exists()  # --save_strategy no
+    assert (out / "samples" / "step_000002.png").is_file()  # the EMA's grid
     evaluated = metrics[1]  # step 2: the ranks' generation forwards stayed in step under ZeRO-3
     assert "eval/failed" not in evaluated and evaluated["eval/complete"] == 1.0
     assert evaluated["eval/three/overall"] == 2 / 8 and evaluated["eval/one/overall"] == 1 / 2
     assert evaluated["eval/three/judged_images"] == 3 and evaluated["eval/one/judged_images"] == 1
+    # One EMA update per optimizer step (the default reference schedule takes several per GRPO step); the
+    # evaluation above ran with it swapped in, and training went on after it (the step-2 weights changed).
+    assert metrics[0]["ema/updates"] == metrics[0]["train/optimizer_steps"] > 0
+    assert metrics[1]["ema/updates"] == metrics[0]["train/optimizer_steps"] + metrics[1]["train/optimizer_steps"]
     assert not any(key.startswith("eval/") for key in metrics[0])

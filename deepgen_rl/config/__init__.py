@@ -85,10 +85,11 @@ class GRPOConfig(RunFlags, ObjectiveFlags, RolloutFlags, TrainingArguments, Algo
         if isinstance(self.deepspeed, str) and self.deepspeed:
             ds_config = read_deepspeed_json(self.deepspeed)
             stage = (ds_config.get("zero_optimization") or {}).get("stage")
-            if self.ema_decay > 0 and isinstance(stage, (int, float)) and stage >= 3:
-                raise ValueError(f"--ema_decay {self.ema_decay} needs whole parameters on every rank, but --deepspeed "
-                                 f"{self.deepspeed} is ZeRO-3 (partitioned): use scripts/deepspeed/zero2.json, or "
-                                 "--ema_decay 0.")
+            if (self.ema_decay > 0 and self.ema_device == "cpu" and isinstance(stage, (int, float))
+                    and stage >= 3):  # the host copy averages whole parameters; the sharded one does not need them
+                raise ValueError(f"--ema_device cpu needs whole parameters on every rank, but --deepspeed "
+                                 f"{self.deepspeed} is ZeRO-3 (partitioned): use --ema_device gpu (sharded "
+                                 "beside the fp32 master partition).")
         if self.sde_eta is None:
             self.sde_eta = DEFAULT_SDE_ETA[self.atrain_sde_sampler]
         # The guide's launcher passes `--report_to wandb,swanlab`; TrainingArguments expects a list.

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, get_args
 
-EmaDevice = Literal["cpu", "same"]  # also trainer/ema.py's
+EmaDevice = Literal["gpu", "cpu"]  # also trainer/ema.py's
 EMA_DEVICES: tuple[str, ...] = get_args(EmaDevice)
 
 
@@ -82,9 +82,11 @@ class RunFlags:
                   "multiple of k)."},
     )
     ema_device: EmaDevice = field(
-        default="cpu",
-        metadata={"help": "Where the EMA lives: 'cpu' (4 bytes per trained parameter of host memory on every rank) "
-                  "or 'same' (beside the weights, e.g. on the GPU)."},
+        default="gpu",
+        metadata={"help": "Where the EMA lives: 'gpu' (default: sharded beside each rank's fp32 master partition "
+                  "of ZeRO-2/3, 4 bytes per trained parameter / world size, averaged from the fp32 master weights "
+                  "in one fused op per step; on the CPU where the optimizer is offloaded) or 'cpu' (a whole host copy "
+                  "on every rank, 4 bytes per trained parameter, averaged from the 16-bit weights; not with ZeRO-3)."},
     )
     # --- end EMA ---
     # --- step pipeline (issue 12: trainer/streaming.py, trainer/sde_window.py) ---

@@ -10,17 +10,20 @@ kept in bf16
 
       d_eff(s) = min((1 + s) / (10 + s), d),        e <- d_eff * e + (1 - d_eff) * p
 
-* keeps fp32 copies, on the CPU (``--ema_device cpu``, default: 4 bytes per trained parameter of host memory on
-  every rank) or beside the weights (``same``);
-* is saved in every checkpoint as ``ema.pt`` (tensors and numbers only: loadable weights-only) and restored exactly
-  on resume; ``scripts/utils/rlckpt_to_sftckpt.py --weights ema`` exports it;
-* is swapped into the model for evaluation and sample grids (:meth:`EMA.applied_to`), then the live weights are
+* keeps fp32 copies either sharded beside each rank's fp32 master partition (``--ema_device gpu``, the default:
+  trainer/ema_shards.py, ``ShardedEMA``; averaged from the fp32 master weights, 4 bytes per trained parameter /
+  world size, one fused foreach lerp per update) or as a whole host copy on every rank (``cpu``: this module's
+  ``EMA``, averaged from the 16-bit weights, 4 bytes per trained parameter of host memory on every rank);
+* is saved in every checkpoint as ``ema.pt`` (whole tensors by state-dict name, numbers: loadable weights-only;
+  the same file from either device and any world size, so a resume may change both) and restored exactly on
+  resume; ``scripts/utils/rlckpt_to_sftckpt.py --weights ema`` exports it;
+* is swapped into the model for evaluation and sample grids (``applied_to``), then the live weights are
   restored bit for bit.
 
 Why not diffusers' ``EMAModel``: its update subtracts the shadow from the parameter on one device, so a CPU shadow
 would need a full host copy of the weights per update (here one parameter at a time), and its warm-up counts its own
-calls, not optimizer steps (they differ when k > 1). Under ZeRO-2 every rank holds whole parameters and so the same
-EMA; ZeRO-3 (partitioned parameters) is refused at start-up (config/__init__.py).
+calls, not optimizer steps (they differ when k > 1). The host copy needs whole parameters (ZeRO-1/2); under ZeRO-3
+only the sharded one works (config/__init__.py refuses ``--ema_device cpu`` there).
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from deepgen_rl.config.run_flags import EMA_DEVICES, EmaDevice
 from deepgen_rl.sampling import decode_images, rollout
 
 import deepgen_rl.trainer.checkpointing as checkpointing
@@ -45,59 +47,111 @@ def warmup_decay(step: int, decay: float) -> float:
     return min((1.0 + step) / (10.0 + step), decay)
 
 
-class EMA:
-    """fp32 shadow copies ``shadow[name]`` of the model's trainable parameters (state-dict names, e.g.
-    ``transformer.proj_out.weight``) and the counters of the warm-up."""
+class EmaCounters:
+    """The warm-up counters of an EMA and their checkpoint numbers, shared by the host copy (``EMA``) and the sharded
+    one (trainer/ema_shards.py ``ShardedEMA``)."""
 
-    def __init__(self, model: torch.nn.Module, *, decay: float, update_every: int = 1, device: EmaDevice = "cpu"):
+    def __init__(self, *, decay: float, update_every: int) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"--ema_decay must be in (0, 1) for an EMA (0 turns it off); got {decay}.")
         if update_every < 1:
             raise ValueError(f"--ema_update_every must be a positive integer; got {update_every}.")
-        if device not in EMA_DEVICES:
-            raise ValueError(f"--ema_device must be one of {', '.join(EMA_DEVICES)}; got {device!r}.")
-        self.decay, self.update_every, self.device = float(decay), int(update_every), device
+        self.decay, self.update_every = float(decay), int(update_every)
         self.optimizer_steps = 0  # s: optimizer steps seen so far
         self.num_updates = 0
         self.last_decay = float("nan")
+
+    def _advance(self) -> Optional[float]:
+        """Count one applied optimizer step; d_eff when this step updates the average, else None."""
+        s = self.optimizer_steps
+        self.optimizer_steps += 1
+        if s % self.update_every:
+            return None
+        d = warmup_decay(s, self.decay)
+        self.num_updates += 1
+        self.last_decay = d
+        return d
+
+    def metrics(self) -> dict[str, float]:
+        return {"ema/decay": self.last_decay, "ema/updates": float(self.num_updates)}
+
+    def _counters_state(self) -> dict:
+        return {"decay": self.decay, "update_every": self.update_every, "optimizer_steps": self.optimizer_steps,
+                "num_updates": self.num_updates, "last_decay": self.last_decay}
+
+    def _load_counters(self, state: dict, source: str) -> None:
+        if state.get("decay") != self.decay or state.get("update_every") != self.update_every:
+            logger.warning("%s was saved with --ema_decay %s --ema_update_every %s; continuing with %s and %s.",
+                           source, state.get("decay"), state.get("update_every"), self.decay, self.update_every)
+        self.optimizer_steps = int(state["optimizer_steps"])
+        self.num_updates = int(state["num_updates"])
+        self.last_decay = float(state.get("last_decay", float("nan")))
+
+    def load_checkpoint(self, model: torch.nn.Module, checkpoint_dir: Path) -> None:
+        """Resume the EMA of ``checkpoint_dir`` (its ema.pt, whole tensors from any world size); a checkpoint saved
+        without one restarts the average at the resumed weights, with a warning."""
+        saved = checkpointing.read_ema_state(checkpoint_dir)
+        if saved is None:
+            self.reset(model)
+            logger.warning("%s holds no EMA (saved with --ema_decay 0): the EMA starts at the resumed weights.",
+                           checkpoint_dir)
+            return
+        self.load_state_dict(saved, str(Path(checkpoint_dir) / checkpointing.EMA_STATE_NAME))
+
+
+def saved_shadow(state, source: str, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The ``shadow`` of a saved EMA state ({name: whole tensor}), checked against the names and shapes this run
+    averages."""
+    shadow = state.get("shadow") if isinstance(state, dict) else None
+    if not isinstance(shadow, dict):
+        raise ValueError(f"{source} holds no EMA ('shadow' missing): not written by this trainer.")
+    missing, unexpected = sorted(set(expected) - set(shadow)), sorted(set(shadow) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source} averages other parameters than this run trains (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}): same --trainable_modules / --use_lora as the saved run?")
+    for name, tensor in shadow.items():
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise ValueError(f"{source}: EMA of {name} has shape {tuple(tensor.shape)}, the model's is "
+                             f"{tuple(expected[name])}.")
+    return shadow
+
+
+class EMA(EmaCounters):
+    """``--ema_device cpu``: fp32 host copies ``shadow[name]`` of the model's trainable parameters (state-dict names,
+    e.g. ``transformer.proj_out.weight``) on every rank, averaged from the 16-bit weights."""
+
+    def __init__(self, model: torch.nn.Module, *, decay: float, update_every: int = 1):
+        super().__init__(decay=decay, update_every=update_every)
+        self.device = "cpu"
+        self.collective = False  # applied_to / full_shadow are this rank's own business
         self.shadow: dict[str, torch.Tensor] = {}
         self.reset(model)
-
-    @classmethod
-    def from_args(cls, model: torch.nn.Module, args) -> Optional["EMA"]:
-        """The EMA of ``model``'s trainable parameters, or None when --ema_decay is 0."""
-        if not args.ema_decay:
-            return None
-        return cls(model, decay=args.ema_decay, update_every=args.ema_update_every, device=args.ema_device)
 
     def _trained(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
         return ((name, p) for name, p in model.named_parameters() if p.requires_grad)
 
-    def _home(self, param: torch.Tensor) -> torch.device:
-        return torch.device("cpu") if self.device == "cpu" else param.device
-
     @torch.no_grad()
     def reset(self, model: torch.nn.Module) -> None:
         """Start the average at the model's current weights (counters kept)."""
-        self.shadow = {name: p.detach().to(self._home(p), torch.float32, copy=True) for name, p in self._trained(model)}
+        self.shadow = {name: p.detach().to("cpu", torch.float32, copy=True) for name, p in self._trained(model)}
         if not self.shadow:
             raise ValueError("--ema_decay > 0 but the model has no trainable parameters to average.")
 
     @torch.no_grad()
     def step(self, model: torch.nn.Module) -> bool:
         """Call right after each applied optimizer step; returns whether this step updated the average."""
-        s = self.optimizer_steps
-        self.optimizer_steps += 1
-        if s % self.update_every:
+        d = self._advance()
+        if d is None:
             return False
-        d = warmup_decay(s, self.decay)
         for name, param in self._trained(model):
             shadow = self.shadow[name]
             # lerp_: e + (1 - d) (p - e) = d e + (1 - d) p, one parameter at a time (no full host copy).
             shadow.lerp_(param.detach().to(shadow.device, torch.float32), 1.0 - d)
-        self.num_updates += 1
-        self.last_decay = d
         return True
+
+    def full_shadow(self, dst: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """{state-dict name: fp32 EMA}: this rank's own whole copy (no collective; ``dst`` is ignored)."""
+        return self.shadow
 
     @contextlib.contextmanager
     def applied_to(self, model: torch.nn.Module) -> Iterator[None]:
@@ -117,49 +171,19 @@ class EMA:
                 for name, saved in backup.items():
                     params[name].copy_(saved.to(params[name].device))
 
-    def metrics(self) -> dict[str, float]:
-        return {"ema/decay": self.last_decay, "ema/updates": float(self.num_updates)}
-
     def state_dict(self) -> dict:
         """Tensors (on the CPU) and numbers only, so ``torch.load(weights_only=True)`` reads it."""
-        return {"shadow": {name: t.detach().cpu() for name, t in self.shadow.items()}, "decay": self.decay,
-                "update_every": self.update_every, "optimizer_steps": self.optimizer_steps,
-                "num_updates": self.num_updates, "last_decay": self.last_decay}
+        return {"shadow": {name: t.detach().cpu() for name, t in self.shadow.items()}, **self._counters_state()}
 
     def load_state_dict(self, state: dict, source: str) -> None:
         """Restore a saved EMA exactly; ``source`` (the file) is named in every error."""
-        shadow = state.get("shadow") if isinstance(state, dict) else None
-        if not isinstance(shadow, dict):
-            raise ValueError(f"{source} holds no EMA ('shadow' missing): not written by this trainer.")
-        missing, unexpected = sorted(set(self.shadow) - set(shadow)), sorted(set(shadow) - set(self.shadow))
-        if missing or unexpected:
-            raise ValueError(f"{source} averages other parameters than this run trains (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}): same --trainable_modules / --use_lora as the saved run?")
+        shadow = saved_shadow(state, source, {name: tuple(t.shape) for name, t in self.shadow.items()})
         for name, tensor in shadow.items():
-            if tensor.shape != self.shadow[name].shape:
-                raise ValueError(f"{source}: EMA of {name} has shape {tuple(tensor.shape)}, the model's is "
-                                 f"{tuple(self.shadow[name].shape)}.")
             self.shadow[name] = tensor.to(self.shadow[name].device, torch.float32, copy=True)
-        if state.get("decay") != self.decay or state.get("update_every") != self.update_every:
-            logger.warning("%s was saved with --ema_decay %s --ema_update_every %s; continuing with %s and %s.",
-                           source, state.get("decay"), state.get("update_every"), self.decay, self.update_every)
-        self.optimizer_steps = int(state["optimizer_steps"])
-        self.num_updates = int(state["num_updates"])
-        self.last_decay = float(state.get("last_decay", float("nan")))
-
-    def load_checkpoint(self, model: torch.nn.Module, checkpoint_dir: Path) -> None:
-        """Resume the EMA of ``checkpoint_dir`` (its ema.pt); a checkpoint saved without one restarts the average at
-        the resumed weights, with a warning."""
-        saved = checkpointing.read_ema_state(checkpoint_dir)
-        if saved is None:
-            self.reset(model)
-            logger.warning("%s holds no EMA (saved with --ema_decay 0): the EMA starts at the resumed weights.",
-                           checkpoint_dir)
-            return
-        self.load_state_dict(saved, str(Path(checkpoint_dir) / checkpointing.EMA_STATE_NAME))
+        self._load_counters(state, source)
 
 
-def ema_sample_images(ema: EMA, model: torch.nn.Module, prompts: Sequence[str], args,
+def ema_sample_images(ema, model: torch.nn.Module, prompts: Sequence[str], args,
                       generator: torch.Generator, edit=None) -> torch.Tensor:
     """The sample grid under --ema_decay: the EMA weights' images [N, 3, H, W] of the step's B ``prompts`` x G, drawn
     with the rollout's sampler flags and (given the rollout's seed) its noise, so the grid shows the weights that

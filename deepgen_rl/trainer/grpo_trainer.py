@@ -45,7 +45,8 @@ from .batching import BatchPlan, plan_batches, total_training_steps
 from .deepspeed_setup import initialize_engine
 from ..core.distributed import (SEED_ROLLOUT, SEED_SFTAUX, all_reduce, all_reduce_sum, derive_seed, rank_and_world,
                            seeded_generator)
-from .ema import EMA
+from .ema import EmaCounters
+from .ema_shards import ema_from_args
 from .divergence import SkipBudget, TrainingDiverged, check_trained_weights, stop_message
 from .eval_hook import EvalHook
 from .failure_budget import FailureBudget, RunSummary
@@ -110,7 +111,8 @@ class DeepGenGRPOTrainer:
             self.reference.to(self.device, dtype=next(self.model.transformer.parameters()).dtype)
         if self.nft is not None:
             self.nft.to(self.device, dtype=next(self.model.transformer.parameters()).dtype)
-        self.ema: Optional[EMA] = EMA.from_args(self.model, args)  # --ema_decay (None when 0)
+        # --ema_decay (None when 0); --ema_device gpu: sharded beside the engine's fp32 master partition
+        self.ema: Optional[EmaCounters] = ema_from_args(self.model, args, self.engine)
         self.objective = ObjectiveSettings.from_args(args)
         self.state = checkpointing.TrainerState(max_steps=self.max_steps, world_size=self.world_size,
                                                 global_batch_size=args.global_batch_size)

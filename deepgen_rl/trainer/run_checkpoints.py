@@ -53,7 +53,8 @@ def save_run(engine, args, state: checkpointing.TrainerState, *, rank: int, prom
     if sftaux_sampler is not None:
         state.sftaux_sampler = sftaux_sampler.state_dict()
     renamer = is_renamer(args, engine, rank)
-    ema_state = ema.state_dict() if ema is not None and rank == 0 else None
+    ema_state = ema.state_dict() if ema is not None else None  # collective when sharded: whole on rank 0 only
+    ema_state = ema_state if rank == 0 else None
     extra = {NFT_STATE_NAME: nft.state_dict()} if nft is not None and rank == 0 else None
     return checkpointing.save_checkpoint(engine, args.output_dir, state, rank=rank, renamer=renamer,
                                          save_total_limit=args.save_total_limit, ema_state=ema_state,

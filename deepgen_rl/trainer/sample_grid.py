@@ -24,8 +24,10 @@ def log_sample_grid(trainer, metrics_logger: MetricsLogger, batch: RolloutBatch,
     if trainer.ema is None:
         scores = weighted_reward(rewards.scores, rewards.weights).tolist()
         metrics_logger.log_samples(step, batch.images, batch.trajectory.prompts, scores, args.rollout_n, sources)
-    elif trainer.rank == 0:  # from step ``step``'s rollout seed (its draws were made at global_step step - 1)
+    elif trainer.rank == 0 or trainer.ema.collective:  # from step ``step``'s rollout seed (drawn at step - 1)
+        # The sharded EMA is swapped in through collectives (and ZeRO-3's forwards gather): every rank generates.
         generator = seeded_generator(trainer.device, derive_seed(args.seed, SEED_ROLLOUT, step - 1, trainer.rank))
         images = ema_sample_images(trainer.ema, trainer.model, batch.unique_prompts, args, generator,
                                    batch.trajectory.edit)
-        metrics_logger.log_samples(step, images, batch.trajectory.prompts, None, args.rollout_n, sources)
+        if trainer.rank == 0:
+            metrics_logger.log_samples(step, images, batch.trajectory.prompts, None, args.rollout_n, sources)
