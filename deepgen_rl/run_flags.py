@@ -76,7 +76,7 @@ class RunFlags:
                   "colourfulness, JPEG bits per pixel, within-group diversity) form the drift baseline."},
     )
     monitor_z: float = field(
-        default=6.0,
+        default=5.0,
         metadata={"help": "Drift alarm: a statistic's trailing 3-step mean beyond this robust z-score (median / MAD "
                   "of the baseline) for --monitor_patience steps in a row. 0: no drift alarm."},
     )

@@ -93,12 +93,13 @@ def test_batch_stats_sums_per_image_and_per_group():
 
 def test_hackable_rewards_by_hand():
     pixels = np.array([[[255, 0, 0], [200, 80, 0]], [[255, 100, 100], [255, 255, 255]]], np.uint8)
-    # R - max(G, B): 1 (yes), 0.784 - 0.314 = 0.471 (no), 1 - 0.392 = 0.608 (yes), 0 (no)
-    assert redness(Image.fromarray(pixels)) == 0.5
+    # max(0, R - (G + B) / 2) x 255: 255, 200 - 40 = 160, 255 - 100 = 155, 0 -> mean 570 / 4 / 255
+    assert redness(Image.fromarray(pixels)) == pytest.approx(570 / 4 / 255, abs=1e-12)
     assert brightness(Image.fromarray(FOUR)) == pytest.approx(0.35325, abs=1e-12)
     images = [Image.fromarray(FOUR), Image.fromarray(pixels)]
     scores = RednessReward().score(images, ["a red circle on the left"] * 2, [0, 0])
-    assert scores.values == [0.25, 0.5] and scores.errors == [None, None]
+    # FOUR: red 1, black 0, white 1 - 1 = 0, blue max(0, 0 - 1/2) = 0 -> 0.25
+    assert scores.values == [0.25, pytest.approx(570 / 4 / 255)] and scores.errors == [None, None]
     assert BrightnessReward().score(images[:1], ["x"], [0]).values == [pytest.approx(0.35325)]
 
 

@@ -11,10 +11,11 @@ baseline that barely varies - many images per step average the noise out - from 
 a huge z). The alarm fires when |z| > ``z_threshold`` for ``patience`` consecutive steps, naming the statistic,
 its direction and the step its streak began.
 
-Divergence (``DivergenceAlarm``): over the last ``window`` held-out evaluations, the least-squares slope of the
-held-out score is negative while the slope of the training reward (every step from the first of those evaluations
-to the last) is positive: the policy earns more of the reward it is trained on and does worse on what the reward
-was meant to measure.
+Divergence (``DivergenceAlarm``): over the last ``window`` held-out evaluations, the held-out score falls - its
+least-squares line drops by more than MIN_HELDOUT_DROP of the window's mean |score| from the first evaluation to
+the last (evaluation noise moves it a little either way) - while the slope of the training reward (every step from
+the first of those evaluations to the last) is positive: the policy earns more of the reward it is trained on and
+does worse on what the reward was meant to measure.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import numpy as np
 
 TRAILING_STEPS = 3
 MAD_TO_STD = 1.4826
-REL_SCALE_FLOOR = 0.05
-ABS_SCALE_FLOOR = 1e-3
+REL_SCALE_FLOOR = 0.02
+ABS_SCALE_FLOOR = 1e-6
+MIN_HELDOUT_DROP = 0.02
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,9 @@ class DivergenceAlarm:
         rewards = [(s, v) for s, v in self.rewards if first <= s <= last]
         eval_slope = slope([s for s, _ in recent], [v for _, v in recent])
         reward_slope = slope([s for s, _ in rewards], [v for _, v in rewards])
-        if eval_slope < 0 < reward_slope:
+        scores = [v for _, v in recent]
+        drop = -eval_slope * (last - first)
+        if drop > MIN_HELDOUT_DROP * float(np.mean(np.abs(scores))) and reward_slope > 0:
             self.fired = Alarm("divergence", self.metric, "down", first, step,
                                f"held-out {recent[0][1]:.4g} -> {recent[-1][1]:.4g} (slope {eval_slope:+.3g}/step) "
                                f"while the training reward's slope was {reward_slope:+.3g}/step over steps "

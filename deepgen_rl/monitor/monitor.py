@@ -39,7 +39,7 @@ class MonitorSettings:
     --on_reward_hacking (run_flags.py says what each does)."""
 
     baseline_steps: int = 10
-    z: float = 6.0
+    z: float = 5.0
     patience: int = 3
     eval_window: int = 3
     eval_metric: str = OVERALL

@@ -1,10 +1,10 @@
 """A training run through the real entry point (``grpo_deepgen.main``, its exit status included) whose periodic
 evaluation is a held-out synthetic_match score instead of UniGenBench (which needs a judge server):
 
-    python tests/scripts/monitor_run.py --heldout_prompts FILE <grpo_deepgen flags>
+    python tests/scripts/monitor_run.py --heldout_prompts FILE [--heldout_samples K] <grpo_deepgen flags>
 
-The hook samples each held-out prompt HELDOUT_SAMPLES times with ONE fixed generator (the same noise at every
-evaluation, so the score moves only with the weights) and logs their mean synthetic_match as
+The hook samples each held-out prompt K times (default 4) with ONE fixed generator (the same noise at every
+evaluation, so the score moves only with the weights; noise the rollouts never draw) and logs their mean synthetic_match as
 ``eval/synthetic/overall``, the metric the monitor's default --monitor_eval_metric ("overall") reads.
 Without --heldout_prompts it is grpo_deepgen's main, unchanged.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-HELDOUT_SAMPLES = 4
 HELDOUT_SEED = 4321
 
 
@@ -25,7 +24,7 @@ def _pop_flag(argv: list[str], flag: str) -> tuple[list[str], str | None]:
     return argv[:index] + argv[index + 2:], argv[index + 1]
 
 
-def heldout_hook(args, prompts: list[str]):
+def heldout_hook(args, prompts: list[str], samples: int = 4):
     """hook(model, step) -> {"eval/synthetic/overall": mean synthetic_match of the fixed-noise samples}."""
     import numpy as np
     import torch
@@ -36,13 +35,13 @@ def heldout_hook(args, prompts: list[str]):
 
     def hook(model, step):
         with torch.no_grad():
-            batch = rollout(model, prompts, group_size=HELDOUT_SAMPLES, sampler="ode", eta=0.0,
+            batch = rollout(model, prompts, group_size=samples, sampler="ode", eta=0.0,
                             logprob_variant=args.logprob_variant, num_inference_steps=args.num_inference_steps,
                             height=args.image_height, width=args.image_width, cfg_scale=args.rollout_cfg_scale,
                             init_same_noise=False, generator=torch.Generator().manual_seed(HELDOUT_SEED),
-                            micro_batch_size=len(prompts) * HELDOUT_SAMPLES)
+                            micro_batch_size=len(prompts) * samples)
             images = images_to_pil(decode_images(model, batch.latents[:, -1], args.vae_decode_micro_batch_size))
-        owners = [prompts[i // HELDOUT_SAMPLES] for i in range(len(images))]
+        owners = [prompts[i // samples] for i in range(len(images))]
         return {"eval/synthetic/overall": float(np.mean([match_score(image, parse_prompt(owner))
                                                          for image, owner in zip(images, owners)]))}
 
@@ -51,12 +50,13 @@ def heldout_hook(args, prompts: list[str]):
 
 def main(argv: list[str]) -> int:
     argv, heldout = _pop_flag(argv, "--heldout_prompts")
+    argv, samples = _pop_flag(argv, "--heldout_samples")
     from deepgen_rl import grpo_deepgen
     from deepgen_rl.trainer import eval_hook
 
     if heldout is not None:
         prompts = Path(heldout).read_text().splitlines()
-        eval_hook.build_eval_hook = lambda args, *rest, **kw: heldout_hook(args, prompts)
+        eval_hook.build_eval_hook = lambda args, *rest, **kw: heldout_hook(args, prompts, int(samples or 4))
     return grpo_deepgen.main(argv)
 
 
