@@ -143,6 +143,26 @@ def test_monitor_metrics_alarms_and_replay_on_resume(tmp_path):
     assert resumed.drift.baseline == live.drift.baseline
 
 
+def test_statistics_run_on_the_background_thread_and_a_failure_skips_the_step(tmp_path, caplog):
+    import threading
+
+    monitor = _monitor(tmp_path)
+    threads = []
+    real = monitor._executor.submit
+    monitor._executor.submit = lambda fn, *a: real(lambda *b: threads.append(threading.current_thread()) or fn(*b), *a)
+    monitor.submit(np.zeros((2, 16, 16, 3), np.uint8), [0, 0])
+    sums = monitor.step_sums()
+    assert threads and threads[0] is not threading.main_thread()
+    assert sums["brightness"] == (0.0, 2) and sums["diversity"] == (0.0, 1)
+    monitor.submit(np.zeros((2, 16, 16), np.uint8), [0, 0])  # not RGB: the thread raises
+    with caplog.at_level("WARNING"):
+        assert monitor.step_sums() == {name: (0.0, 0) for name in STATS}
+    assert "the image statistics of this step failed" in caplog.text
+    metrics = monitor.end_step(1, {}, monitor.step_sums())  # nothing submitted: NaN means (the alarms skip NaN)
+    assert math.isnan(metrics["monitor/brightness"])
+    monitor.close()
+
+
 def test_best_checkpoint_follows_the_held_out_score_and_survives_rotation_and_resume(tmp_path):
     from deepgen_rl.trainer.checkpointing import rotate_checkpoints
 
@@ -184,7 +204,7 @@ def _fake_trainer(tmp_path, on_reward_hacking: str, save_strategy: str = "steps"
     _live_run(monitor)
     saved = []
     args = SimpleNamespace(output_dir=str(tmp_path), on_reward_hacking=on_reward_hacking, save_strategy=save_strategy)
-    trainer = SimpleNamespace(args=args, monitor=monitor, rank=0, summary=RunSummary(),
+    trainer = SimpleNamespace(args=args, monitor=monitor, rank=0, summary=RunSummary(), device="cpu",
                               state=SimpleNamespace(global_step=8),
                               save=lambda: saved.append(8) or tmp_path / "checkpoint-8")
     return trainer, saved
@@ -217,6 +237,8 @@ def test_stop_checkpoints_and_names_the_alarm_and_the_best_checkpoint(tmp_path):
     assert "held-out 'eval/x' fell" in message and f"{tmp_path / 'checkpoint-8'} holds step 8" in message
     assert f"best held-out checkpoint is {tmp_path / 'checkpoint-2'}" in message
     assert trainer.summary.stopped_because == message
+    act_on_alarms(trainer)  # the next step: nothing new, no stop (and no second save)
+    assert saved == [8]
     nosave, saved = _fake_trainer(tmp_path, "stop", save_strategy="no")
     with pytest.raises(RewardHackingStopped, match="No best checkpoint is recorded"):
         act_on_alarms(nosave)

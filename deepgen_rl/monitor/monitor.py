@@ -89,7 +89,12 @@ class RewardHackingMonitor:
         pending, self._pending = self._pending, None
         if pending is None:
             return {name: (0.0, 0) for name in STATS}
-        return pending.result()
+        try:
+            return pending.result()
+        except Exception as err:  # the monitor must never end a training run: this step goes unmeasured
+            logger.warning("reward-hacking monitor: the image statistics of this step failed (%s: %s); the step "
+                           "is left out.", type(err).__name__, err)
+            return {name: (0.0, 0) for name in STATS}
 
     def end_step(self, step: int, metrics: Mapping[str, float], sums: Mapping[str, tuple[float, int]]
                  ) -> dict[str, float]:

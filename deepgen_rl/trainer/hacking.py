@@ -16,7 +16,7 @@ import torch
 
 from deepgen_rl.monitor import STATS, MonitorSettings, RewardHackingMonitor
 
-from ..distributed import all_reduce_sum
+from ..distributed import all_reduce_flag, all_reduce_sum
 from . import run_checkpoints
 
 if TYPE_CHECKING:
@@ -55,21 +55,27 @@ def monitor_metrics(trainer: "DeepGenGRPOTrainer", step: int, metrics: dict) -> 
 
 
 def act_on_alarms(trainer: "DeepGenGRPOTrainer") -> None:
-    """Warn about each new alarm; under --on_reward_hacking stop, checkpoint and raise RewardHackingStopped."""
+    """Warn about each new alarm; under --on_reward_hacking stop, checkpoint and raise RewardHackingStopped.
+
+    Under stop it is collective: the drift statistics are all-rank sums, but an evaluation that timed out reports
+    each rank's own judgements, so every rank stops when any rank has an alarm (the checkpoint needs them all)."""
     alarms = trainer.monitor.take_unreported()
-    if not alarms:
-        return
     args = trainer.args
+    stopping = args.on_reward_hacking == "stop"
+    if not alarms and not stopping:
+        return
     for alarm in alarms:
         trainer.summary.reward_hacking_alarms.append(alarm.as_dict())
         if trainer.rank == 0:
             logger.warning("REWARD HACKING SUSPECTED: %s. Look at the sample grids and %s/monitor.png.",
                            alarm.describe(), args.output_dir)
-    if trainer.rank == 0:
+    if alarms and trainer.rank == 0:
         trainer.monitor.plot()
-    if args.on_reward_hacking != "stop":
+    if not stopping or not all_reduce_flag(bool(alarms), trainer.device, "max"):
         return
-    message = f"reward hacking suspected (--on_reward_hacking stop): {alarms[0].describe()}."
+    what = (alarms[0].describe() if alarms
+            else "another rank's held-out evaluation (it timed out on some ranks) raised an alarm")
+    message = f"reward hacking suspected (--on_reward_hacking stop): {what}."
     if run_checkpoints.save_strategy(args) != "no":
         message += f" {trainer.save()} holds step {trainer.state.global_step}."
     best = trainer.monitor.best

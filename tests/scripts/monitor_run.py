@@ -4,8 +4,8 @@ evaluation is a held-out synthetic_match score instead of UniGenBench (which nee
     python tests/scripts/monitor_run.py --heldout_prompts FILE [--heldout_samples K] <grpo_deepgen flags>
 
 The hook samples each held-out prompt K times (default 4) with ONE fixed generator (the same noise at every
-evaluation, so the score moves only with the weights; noise the rollouts never draw) and logs their mean synthetic_match as
-``eval/synthetic/overall``, the metric the monitor's default --monitor_eval_metric ("overall") reads.
+evaluation, so the score moves only with the weights; noise the rollouts never draw) and logs their mean
+synthetic_match as ``eval/synthetic/overall``, the metric the monitor's default --monitor_eval_metric ("overall") reads.
 Without --heldout_prompts it is grpo_deepgen's main, unchanged.
 """
 
