@@ -195,6 +195,9 @@ def test_monitor_png_is_written(tmp_path):
     from PIL import Image
 
     assert Image.open(path).format == "PNG"
+    (tmp_path / "blocker").write_text("a file where the output folder should be")
+    broken = _monitor(tmp_path / "blocker" / "run")
+    assert broken.plot() is None  # logged, not raised
 
 
 def _fake_trainer(tmp_path, on_reward_hacking: str, save_strategy: str = "steps"):

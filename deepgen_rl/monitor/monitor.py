@@ -166,15 +166,20 @@ class RewardHackingMonitor:
                 write_best(self.output_dir, self.best["checkpoint"], step, self.settings.eval_metric, score)
 
     def plot(self) -> Optional[Path]:
-        """Refresh <output_dir>/monitor.png (rank 0)."""
+        """Refresh <output_dir>/monitor.png (rank 0); a failure is logged, never raised (a picture must not end
+        a run, nor fail the checkpoint it is drawn after)."""
         if not self.is_main:
             return None
         from .plot import plot_monitor
 
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        return plot_monitor(self.output_dir / MONITOR_PNG, self.drift.z_history, self.settings.z,
-                            self.divergence.rewards, sorted(self.evals.items()), self.settings.eval_metric,
-                            [alarm.as_dict() for alarm in self.alarms])
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            return plot_monitor(self.output_dir / MONITOR_PNG, self.drift.z_history, self.settings.z,
+                                self.divergence.rewards, sorted(self.evals.items()), self.settings.eval_metric,
+                                [alarm.as_dict() for alarm in self.alarms])
+        except Exception as err:
+            logger.warning("could not draw %s: %s: %s", self.output_dir / MONITOR_PNG, type(err).__name__, err)
+            return None
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

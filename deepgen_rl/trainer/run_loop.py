@@ -75,7 +75,7 @@ def run(trainer: "DeepGenGRPOTrainer", resume_from_checkpoint: Optional[str]) ->
         # Closing the logs must never replace the error that ended the run (a full disk fails these writes too).
         _best_effort(metrics_logger.close, "close metrics.jsonl and the trackers")
         if trainer.rank == 0:
-            _best_effort(trainer.monitor.plot, "draw monitor.png")
+            trainer.monitor.plot()  # never raises
             logger.info("%s", trainer.summary.text())
             _best_effort(lambda: trainer.summary.write(args.output_dir), "write run_summary.json")
     return trainer.state
