@@ -163,6 +163,27 @@ def test_statistics_run_on_the_background_thread_and_a_failure_skips_the_step(tm
     monitor.close()
 
 
+def test_monitor_metrics_are_means_over_every_ranks_images(tmp_path, monkeypatch):
+    """The trainer adds every rank's (sum, count) pairs up before the means: here rank 0 has 2 black images in one
+    group and a stand-in second rank 6 white ones in three groups (sums added in the all-reduce)."""
+    import torch
+
+    from deepgen_rl.trainer import hacking
+
+    other = {name: (0.0, 0) for name in STATS}
+    other.update(brightness=(6.0, 6), diversity=(0.0, 3))  # white: luma 1; identical images: distance 0
+    flat_other = torch.tensor([v for name in STATS for v in other[name]], dtype=torch.float64)
+    monkeypatch.setattr(hacking, "all_reduce_sum", lambda tensor, device: tensor + flat_other)
+    trainer = SimpleNamespace(monitor=_monitor(tmp_path), device="cpu", rank=0)
+    batch = SimpleNamespace(images=torch.zeros(2, 3, 16, 16), trajectory=SimpleNamespace(group_ids=[0, 0]))
+    hacking.submit_images(trainer.monitor, batch)
+    metrics = hacking.monitor_metrics(trainer, 1, {"reward/mean": 0.5})
+    assert metrics["monitor/brightness"] == pytest.approx(6.0 / 8)  # (0 + 0 + 6 x 1) / 8 images
+    assert metrics["monitor/diversity"] == 0.0  # 4 groups, each of identical images
+    assert metrics["monitor/saturation"] == 0.0  # 2 black images (rank 0 only: the other sent (0, 0))
+    assert metrics["monitor/alarms"] == 0.0
+
+
 def test_best_checkpoint_follows_the_held_out_score_and_survives_rotation_and_resume(tmp_path):
     from deepgen_rl.trainer.checkpointing import rotate_checkpoints
 
