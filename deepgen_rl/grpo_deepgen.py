@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # imported lazily at run time: the launcher must start fast
 EXIT_REWARD_FAILURE = 3
 # Exit status of a run stopped by the divergence guard (--max_skipped_steps, NaN/inf weights at a save).
 EXIT_DIVERGED = 4
+# Exit status of a run stopped by a reward-hacking alarm under --on_reward_hacking stop (trainer/hacking.py).
+EXIT_REWARD_HACKING = 5
 # Exit status of a fresh start refused because --output_dir holds another run (argparse's usage-error status).
 EXIT_OUTPUT_DIR_IN_USE = 2
 # Exit status of flags or files that cannot run (launch_checks.LaunchCheckError), found before any model loads.
@@ -153,6 +155,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     _setup_logging(int(os.environ.get("RANK", "0")), args)
     from deepgen_rl.trainer.divergence import TrainingDiverged
     from deepgen_rl.trainer.failure_budget import RewardFailureBudgetExceeded
+    from deepgen_rl.trainer.hacking import RewardHackingStopped
     from deepgen_rl.preflight.launch_checks import LaunchCheckError
     from deepgen_rl.trainer.run_folder import OutputDirInUseError, claim_output_dir, resume_requested
 
@@ -171,6 +174,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except TrainingDiverged as err:
         log.error("training stopped: %s", err)
         return EXIT_DIVERGED
+    except RewardHackingStopped as err:
+        log.error("training stopped: %s", err)
+        return EXIT_REWARD_HACKING
     except OutputDirInUseError as err:
         log.error("%s", err)
         return EXIT_OUTPUT_DIR_IN_USE

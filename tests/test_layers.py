@@ -19,6 +19,7 @@ ROOT = "deepgen_rl"  # the root modules: the entry points a user names (grpo_dee
 LAYERS: dict[str, tuple[str, ...]] = {
     "core": (),                                                      # distributed, SDE checks, env names, grids
     "rewards.servers.scorers": (),                                   # model scorers (run inside the servers)
+    "monitor": (),                                                   # reward-hacking statistics and alarms
     "rewards": ("core",),                                            # reward functions and clients; names.py
     "rewards.servers": ("rewards", "rewards.servers.scorers"),       # the OCR / model scorer HTTP servers
     "data": ("core", "rewards"),                                     # dataset YAMLs, prompts (reward names)
@@ -28,7 +29,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "model": ("core", "rewards", "rl"),                              # DeepGen, loading, the tiny model
     "config": ("core", "rewards", "rl", "sampling"),                 # every flag and its checks
     "eval": ("core", "config", "data", "model", "rewards", "sampling"),         # UniGenBench, synthetic report
-    "trainer": ("core", "config", "data", "eval", "model", "rewards", "rl", "sampling"),  # steps, run loop
+    "trainer": ("core", "config", "data", "eval", "model", "monitor", "rewards", "rl", "sampling"),  # steps, run loop
     "preflight": ("core", "config", "data", "eval", "model", "rewards", "sft", "trainer"),  # launch checks
     ROOT: ("core", "config", "data", "eval", "model", "preflight", "rewards", "sft", "trainer"),
 }

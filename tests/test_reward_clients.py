@@ -167,7 +167,7 @@ def settings_for(ocr_url: str = "http://127.0.0.1:1", clip: str = "") -> tuple[R
 def test_registry_names_and_unknown_reward():
     assert set(REWARD_NAMES) == {"ocr", "unifiedreward_think", "clip_sim", "jpeg_compressibility", "pickscore",
                                  "hpsv2", "image_reward", "aesthetic", "edit_vlm_judge", "image_similarity",
-                                 "vlm_judge", "synthetic_match"}
+                                 "vlm_judge", "synthetic_match", "redness", "brightness"}
     with pytest.raises(ValueError, match="unknown reward 'laion_aesthetic'.*jpeg_compressibility"):
         build_rewards(["laion_aesthetic"], *settings_for())
 

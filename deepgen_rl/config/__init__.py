@@ -144,6 +144,14 @@ class GRPOConfig(RunFlags, ObjectiveFlags, RolloutFlags, TrainingArguments, Algo
             if getattr(self, flag) < 0:
                 raise ValueError(f"--{flag} must be >= 0; got {getattr(self, flag)}.")
         _check_range("max_reward_failure_rate", self.max_reward_failure_rate, 0.0, 1.0, low_open=True)
+        for flag in ("monitor_baseline_steps", "monitor_patience"):
+            _check_positive(flag, getattr(self, flag))
+        for flag in ("monitor_z", "monitor_eval_window"):
+            if getattr(self, flag) < 0:
+                raise ValueError(f"--{flag} must be >= 0 (0 turns that alarm off); got {getattr(self, flag)}.")
+        if self.monitor_eval_window == 1:
+            raise ValueError("--monitor_eval_window must be 0 (off) or >= 2: a trend needs two evaluations; got 1.")
+        _check_choice("on_reward_hacking", self.on_reward_hacking, ("warn", "stop"))
         _check_positive("reward_failure_window", self.reward_failure_window)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema_decay must be in [0, 1) (0 = no EMA); got {self.ema_decay}.")

@@ -69,6 +69,36 @@ class RunFlags:
                   "--ddp_timeout is used. 0: no watchdog."},
     )
     # --- end divergence guard ---
+    # --- reward-hacking monitor (deepgen_rl/monitor/, trainer/hacking.py, docs/monitoring.md) ---
+    monitor_baseline_steps: int = field(
+        default=10,
+        metadata={"help": "Steps whose rollout image statistics (brightness, saturation, contrast, high frequency, "
+                  "colourfulness, JPEG bits per pixel, within-group diversity) form the drift baseline."},
+    )
+    monitor_z: float = field(
+        default=5.0,
+        metadata={"help": "Drift alarm: a statistic's trailing 3-step mean beyond this robust z-score (median / MAD "
+                  "of the baseline) for --monitor_patience steps in a row. 0: no drift alarm."},
+    )
+    monitor_patience: int = field(
+        default=3, metadata={"help": "Consecutive steps beyond --monitor_z before the drift alarm fires."}
+    )
+    monitor_eval_window: int = field(
+        default=3,
+        metadata={"help": "Divergence alarm: over the last N held-out evaluations the held-out score falls (least-"
+                  "squares slope < 0) while the training reward rises. 0: no divergence alarm."},
+    )
+    monitor_eval_metric: str = field(
+        default="overall",
+        metadata={"help": "The held-out score of the divergence alarm and best_checkpoint.json: 'overall' (the mean "
+                  "of every eval/<dataset>/overall) or an eval metric's name, e.g. eval/unigenbench/Attribute."},
+    )
+    on_reward_hacking: str = field(
+        default="warn",
+        metadata={"help": "What an alarm does: 'warn' (console, metrics monitor/alarms, run_summary.json) or 'stop' "
+                  "(also checkpoint, then exit 5 naming the alarm and best_checkpoint.json's checkpoint)."},
+    )
+    # --- end reward-hacking monitor ---
     # --- EMA of the trained modules (issue 13, trainer/ema.py) ---
     ema_decay: float = field(
         default=0.0,

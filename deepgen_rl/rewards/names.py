@@ -12,7 +12,7 @@ from typing import Literal, get_args
 # The names a dataset YAML may list under ``rewards`` (plus vlm_judge_<name> of --vlm_judge_config).
 REWARD_NAMES: tuple[str, ...] = ("ocr", "unifiedreward_think", "clip_sim", "jpeg_compressibility", "pickscore",
                                  "hpsv2", "image_reward", "aesthetic", "edit_vlm_judge", "image_similarity",
-                                 "vlm_judge", "synthetic_match")
+                                 "vlm_judge", "synthetic_match", "redness", "brightness")
 # Rewards that compare the result with the sample's source images: only edit datasets (JSONL) can use them.
 EDIT_ONLY_REWARDS: tuple[str, ...] = ("edit_vlm_judge", "image_similarity")
 

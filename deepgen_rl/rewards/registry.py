@@ -11,6 +11,7 @@
     vlm_judge, vlm_judge_<name>   a pointwise VLM judge on vLLM  vlm_judge.VlmJudgeReward  (the named ones come from
                           --vlm_judge_config: ``known_reward_names(args)`` lists them for the dataset YAML check)
     synthetic_match       synthetic scene match, in-process      synthetic.SyntheticMatchReward
+    redness, brightness   built to be hacked (monitor tests)     hackable.RednessReward / BrightnessReward
 
 Everything a reward needs comes from the parsed flags (``RewardArguments``, plus the CLIP folder and the device of
 in-process models); nothing here reads the environment. Heavy modules are imported only when their reward is built.
@@ -103,6 +104,18 @@ def _build_synthetic_match(args: RewardArguments, clip_model_path: str, device: 
     return SyntheticMatchReward()
 
 
+def _build_redness(args: RewardArguments, clip_model_path: str, device: str) -> RewardFunction:
+    from deepgen_rl.rewards.hackable import RednessReward
+
+    return RednessReward()
+
+
+def _build_brightness(args: RewardArguments, clip_model_path: str, device: str) -> RewardFunction:
+    from deepgen_rl.rewards.hackable import BrightnessReward
+
+    return BrightnessReward()
+
+
 REWARD_BUILDERS: dict[str, Builder] = {
     "ocr": _build_ocr,
     "unifiedreward_think": _build_unifiedreward_think,
@@ -113,6 +126,8 @@ REWARD_BUILDERS: dict[str, Builder] = {
     "image_similarity": _build_image_similarity,
     "vlm_judge": _build_vlm_judge,
     "synthetic_match": _build_synthetic_match,
+    "redness": _build_redness,
+    "brightness": _build_brightness,
 }
 
 

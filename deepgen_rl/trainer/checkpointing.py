@@ -45,6 +45,7 @@ import torch
 
 from deepgen_rl.core.distributed import all_reduce, barrier, rank_and_world
 from deepgen_rl.model.safe_load import UnsafeCheckpointError, load_weights_only, weights_only_loads
+from deepgen_rl.monitor.best import protected_checkpoint
 
 from .weights_resume import load_weights_reset_optimizer
 
@@ -349,14 +350,16 @@ def _save_failure(final: Path, tmp: Path, error: Optional[BaseException], failed
 
 
 def rotate_checkpoints(output_dir: Path, limit: int, keep: Optional[Path] = None) -> list[Path]:
-    """Delete the oldest complete checkpoints so that at most ``limit`` remain (never ``keep``)."""
+    """Delete the oldest complete checkpoints so that at most ``limit`` remain (never ``keep``, nor the checkpoint
+    best_checkpoint.json names: the way back from a hacked reward, monitor/best.py)."""
     checkpoints = list_checkpoints(output_dir)
     excess = max(0, len(checkpoints) - limit)
+    kept = {p.resolve() for p in (keep, protected_checkpoint(output_dir)) if p is not None}
     removed = []
     for path in checkpoints:
         if len(removed) >= excess:
             break
-        if keep is not None and path.resolve() == keep.resolve():
+        if path.resolve() in kept:
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)

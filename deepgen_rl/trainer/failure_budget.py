@@ -101,6 +101,7 @@ class RunSummary:
     samples: dict[str, int] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)
     stopped_because: str = ""
+    reward_hacking_alarms: list[dict] = field(default_factory=list)  # the monitor's alarms (trainer/hacking.py)
 
     def add(self, applied: bool, counts: Counts) -> None:
         if applied:
@@ -115,6 +116,9 @@ class RunSummary:
         rewards = ", ".join(f"{name} {self.failed.get(name, 0)}/{used}" for name, used in self.samples.items())
         line = (f"run summary: {self.steps_trained} step(s) trained, {self.steps_skipped} skipped; failed samples "
                 f"per reward: {rewards or 'none scored'}")
+        if self.reward_hacking_alarms:
+            line += f"; {len(self.reward_hacking_alarms)} reward-hacking alarm(s): " + "; ".join(
+                alarm["message"] for alarm in self.reward_hacking_alarms)
         return line + (f"; stopped: {self.stopped_because}" if self.stopped_because else "")
 
     def write(self, output_dir: str) -> None:
@@ -122,7 +126,8 @@ class RunSummary:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"steps_trained": self.steps_trained, "steps_skipped": self.steps_skipped,
                                     "samples": self.samples, "failed_samples": self.failed,
-                                    "stopped_because": self.stopped_because}, indent=1))
+                                    "stopped_because": self.stopped_because,
+                                    "reward_hacking_alarms": self.reward_hacking_alarms}, indent=1))
 
 
 def step_counts(names, metrics: Mapping[str, float]) -> dict[str, tuple[int, int]]:

@@ -50,6 +50,7 @@ from .ema_shards import ema_from_args
 from .divergence import SkipBudget, TrainingDiverged, check_trained_weights, stop_message
 from .eval_hook import EvalHook
 from .failure_budget import FailureBudget, RunSummary
+from .hacking import build_monitor, monitor_metrics, submit_images
 from .logging_utils import MetricsLogger, TrackerSettings
 from .nft import NftOldPolicy
 from .objective import ObjectiveSettings, policy_chunk_objective, sftaux_objective
@@ -121,6 +122,7 @@ class DeepGenGRPOTrainer:
                                             args.reward_failure_window)
         self.summary = RunSummary()
         self.skip_budget = SkipBudget(args.max_skipped_steps)  # the divergence guard (divergence.py)
+        self.monitor = build_monitor(args, self.rank)  # reward-hacking alarms (trainer/hacking.py)
         self._stop: Optional[GracefulStop] = None  # set while train() runs: its safe points may stop a step
         self._last_saved_step: Optional[int] = None
         self.step_records: list[OptimizerStepRecord] = []  # the current GRPO step's optimizer steps (updater.py)
@@ -279,6 +281,7 @@ class DeepGenGRPOTrainer:
         # Serial: the whole reward phase; streamed: time/reward_wait, the scoring the rollout did not hide.
         with self.timer("rewards" if batch.rewards_in_flight is None else "reward_wait"):
             rewards = self.reward_phase(batch)
+        submit_images(self.monitor, batch)  # image statistics on the monitor's thread while the step trains
         self._safe_point("rewards")
         with self.timer("advantages"):
             advantages, metrics = self.advantage_phase(rewards)
@@ -303,6 +306,7 @@ class DeepGenGRPOTrainer:
             return
         with self.timer("eval"):
             metrics = self.eval_phase(0)
+        self.monitor.observe_eval(0, metrics)
         metrics.update(self.timer.pop())
         metrics_logger.log(0, metrics)
         self.state.log_history.append({"step": 0, **metrics})
@@ -318,6 +322,7 @@ class DeepGenGRPOTrainer:
         if args.eval_freq and step % args.eval_freq == 0:
             with self.timer("eval"):
                 metrics.update(self.eval_phase(step))
+        metrics.update(monitor_metrics(self, step, metrics))  # collective
         with self.timer("log"):
             if args.sample_image_freq and step % args.sample_image_freq == 0:
                 log_sample_grid(self, metrics_logger, batch, rewards, step)
@@ -355,6 +360,8 @@ class DeepGenGRPOTrainer:
             self.summary.stopped_because = str(err)
             raise
         self._last_saved_step = self.state.global_step
+        self.monitor.on_save(self.state.global_step, path)  # best_checkpoint.json
+        self.monitor.plot()
         return path
 
     def load(self, path: str | Path) -> None:
@@ -363,9 +370,13 @@ class DeepGenGRPOTrainer:
                                               prompt_sampler=self.prompt_sampler,
                                               sftaux_sampler=self.sftaux_sampler, ema=self.ema, nft=self.nft)
         self._last_saved_step = self.state.global_step
+        root = Path(self.args.output_dir)
+        self.monitor.replay(self.state.log_history, [checkpointing.checkpoint_step(p)
+                                                     for p in checkpointing.list_checkpoints(root)], root)
 
     def close(self) -> None:
         """Release the reward clients' threads/connections and the eval hook's own clients."""
+        self.monitor.close()
         close = getattr(self.reward_step, "close", None)
         if close is not None:
             close()

@@ -20,6 +20,7 @@ from ..core.distributed import barrier
 from .divergence import TrainingDiverged, stop_message
 from .failure_budget import enforce_budget, step_counts
 from .grpo_trainer import DeepGenGRPOTrainer
+from .hacking import act_on_alarms
 from .heartbeat import Heartbeat, watchdog_threshold
 from .logging_utils import MetricsLogger
 from .signals import GracefulStop, StepInterrupted
@@ -69,6 +70,7 @@ def run(trainer: "DeepGenGRPOTrainer", resume_from_checkpoint: Optional[str]) ->
         # Closing the logs must never replace the error that ended the run (a full disk fails these writes too).
         _best_effort(metrics_logger.close, "close metrics.jsonl and the trackers")
         if trainer.rank == 0:
+            trainer.monitor.plot()  # never raises
             logger.info("%s", trainer.summary.text())
             _best_effort(lambda: trainer.summary.write(args.output_dir), "write run_summary.json")
     return trainer.state
@@ -85,6 +87,7 @@ def _steps(trainer: "DeepGenGRPOTrainer", metrics_logger: MetricsLogger, bar, he
     """GRPO steps until --max_steps; True when a SIGTERM stopped the run first."""
     with GracefulStop() as stop:
         trainer._stop = stop
+        act_on_alarms(trainer)  # alarms a resumed run had raised (the monitor replayed its metrics)
         while trainer.state.global_step < trainer.max_steps:
             heartbeat.beat("step start", trainer.state.global_step + 1)
             start = checkpointing.StepStart.capture(trainer.prompt_sampler, trainer.sftaux_sampler)
@@ -96,6 +99,7 @@ def _steps(trainer: "DeepGenGRPOTrainer", metrics_logger: MetricsLogger, bar, he
             trainer.state.global_step += 1
             trainer._after_step(metrics, batch, rewards, metrics_logger, bar)
             check_divergence(trainer, metrics)
+            act_on_alarms(trainer)  # --on_reward_hacking: warn, or checkpoint and stop
             save = trainer.save if run_checkpoints.save_strategy(trainer.args) != "no" else None
             enforce_budget(trainer.failure_budget, trainer.summary, trainer.reward_step, trainer.state.global_step,
                            metrics, rewards.failures, trainer.device, save)

@@ -1,0 +1,185 @@
+"""The reward-hacking monitor of a training run: image statistics of every rollout (computed on a background
+thread while the step trains), the drift and divergence alarms (alarms.py), best_checkpoint.json (best.py) and
+monitor.png (plot.py). The trainer drives it (it knows nothing of the trainer):
+
+    monitor.submit(images, group_ids)          after the rewards: [N, H, W, 3] uint8 images of this rank
+    sums = monitor.step_sums()                 waits for the thread: {stat: (sum, count)} (the trainer adds the
+                                               ranks' sums up so every rank decides alike)
+    metrics |= monitor.end_step(step, metrics, sums)   monitor/<stat>, monitor/z/<stat>, the alarms
+    monitor.on_save(step, checkpoint)          best_checkpoint.json
+    monitor.replay(log_history, saved_steps)   on resume: the same state as the run had (from its logged metrics)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .alarms import Alarm, DivergenceAlarm, DriftAlarm
+from .best import best_saved, read_best, write_best
+from .stats import STATS, batch_stats, means
+
+logger = logging.getLogger(__name__)
+
+MONITOR_PNG = "monitor.png"
+REWARD_KEY = "reward/mean"
+OVERALL = "overall"  # --monitor_eval_metric's default: the mean of every eval/<dataset>/overall
+ON_REWARD_HACKING = ("warn", "stop")
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    """--monitor_baseline_steps, --monitor_z, --monitor_patience, --monitor_eval_window, --monitor_eval_metric,
+    --on_reward_hacking (run_flags.py says what each does)."""
+
+    baseline_steps: int = 10
+    z: float = 5.0
+    patience: int = 3
+    eval_window: int = 3
+    eval_metric: str = OVERALL
+    on_reward_hacking: str = "warn"
+
+    @classmethod
+    def from_args(cls, args) -> "MonitorSettings":
+        return cls(args.monitor_baseline_steps, args.monitor_z, args.monitor_patience, args.monitor_eval_window,
+                   args.monitor_eval_metric, args.on_reward_hacking)
+
+
+def held_out_score(metrics: Mapping[str, float], metric: str) -> Optional[float]:
+    """The held-out score in one step's metrics: ``overall`` -> the mean of the eval/<dataset>/overall values;
+    otherwise the metric named (with or without its "eval/" prefix); None when the step has none."""
+    if metric == OVERALL:
+        values = [float(v) for k, v in metrics.items()
+                  if k.startswith("eval/") and k.endswith("/overall") and isinstance(v, (int, float))]
+        values = [v for v in values if math.isfinite(v)]
+        return float(np.mean(values)) if values else None
+    for key in (metric, f"eval/{metric}"):
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return float(value)
+    return None
+
+
+class RewardHackingMonitor:
+    def __init__(self, settings: MonitorSettings, output_dir: str | Path, is_main: bool) -> None:
+        self.settings, self.output_dir, self.is_main = settings, Path(output_dir), is_main
+        self.drift = DriftAlarm(settings.baseline_steps, settings.z, settings.patience)
+        self.divergence = DivergenceAlarm(settings.eval_window, settings.eval_metric)
+        self.alarms: list[Alarm] = []  # every alarm of the run, in order
+        self.unreported: list[Alarm] = []  # fired (or replayed on resume) and not yet acted upon
+        self.evals: dict[int, float] = {}
+        self.best: Optional[dict] = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-hacking-monitor")
+        self._pending: Optional[Future] = None
+
+    # ----- per step ------------------------------------------------------------------------------------------
+
+    def submit(self, images: np.ndarray, group_ids: Sequence[int]) -> None:
+        """Start this step's statistics of ``images`` [N, H, W, 3] uint8 on the background thread."""
+        self._pending = self._executor.submit(batch_stats, list(images), [int(g) for g in group_ids])
+
+    def step_sums(self) -> dict[str, tuple[float, int]]:
+        """This rank's (sum, count) per statistic of the submitted step ({stat: (0, 0)} when none was)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return {name: (0.0, 0) for name in STATS}
+        try:
+            return pending.result()
+        except Exception as err:  # the monitor must never end a training run: this step goes unmeasured
+            logger.warning("reward-hacking monitor: the image statistics of this step failed (%s: %s); the step "
+                           "is left out.", type(err).__name__, err)
+            return {name: (0.0, 0) for name in STATS}
+
+    def end_step(self, step: int, metrics: Mapping[str, float], sums: Mapping[str, tuple[float, int]]
+                 ) -> dict[str, float]:
+        """The step's monitor metrics from the all-rank ``sums``; alarms that fire join ``unreported``."""
+        values = means(sums)
+        out = {f"monitor/{name}": value for name, value in values.items()}
+        out.update(self._observe(step, values, metrics))
+        out["monitor/alarms"] = float(len(self.alarms))
+        return out
+
+    def _observe(self, step: int, values: Mapping[str, float], metrics: Mapping[str, float]) -> dict[str, float]:
+        zs, fired = self.drift.update(step, values) if values else ({}, [])
+        reward = metrics.get(REWARD_KEY)
+        if isinstance(reward, (int, float)):
+            self.divergence.reward(step, float(reward))
+        self.observe_eval(step, metrics, fired)
+        self._fire(fired)
+        return {f"monitor/z/{name}": z for name, z in zs.items()}
+
+    def observe_eval(self, step: int, metrics: Mapping[str, float], fired: Optional[list[Alarm]] = None) -> None:
+        """Record the step's held-out score (if it has one) and the divergence alarm it may fire."""
+        score = held_out_score(metrics, self.settings.eval_metric)
+        if score is None:
+            return
+        self.evals[step] = score
+        alarm = self.divergence.evaluation(step, score)
+        if alarm is not None:
+            if fired is None:
+                self._fire([alarm])
+            else:
+                fired.append(alarm)
+
+    def _fire(self, alarms: Iterable[Alarm]) -> None:
+        for alarm in alarms:
+            self.alarms.append(alarm)
+            self.unreported.append(alarm)
+
+    def take_unreported(self) -> list[Alarm]:
+        alarms, self.unreported = self.unreported, []
+        return alarms
+
+    # ----- checkpoints, resume, picture ----------------------------------------------------------------------
+
+    def on_save(self, step: int, checkpoint: str | Path) -> Optional[dict]:
+        """After checkpoint-``step`` was saved: point best_checkpoint.json at it when its held-out score beats
+        the best so far (rank 0 writes). Returns the current best record."""
+        score = self.evals.get(step)
+        if score is not None and (self.best is None or score > self.best["score"]):
+            self.best = {"checkpoint": str(checkpoint), "step": step, "metric": self.settings.eval_metric,
+                         "score": score}
+            if self.is_main:
+                write_best(self.output_dir, checkpoint, step, self.settings.eval_metric, score)
+        return self.best
+
+    def replay(self, log_history: Sequence[Mapping], saved_steps: Sequence[int], checkpoint_dir: Path) -> None:
+        """Rebuild the state of a resumed run from its logged metrics (the all-rank means the alarms saw), so
+        the baseline, streaks and alarms continue; alarms raised before the resume are reported again once.
+        best_checkpoint.json is re-derived from the checkpoints still on disk."""
+        for record in sorted(log_history, key=lambda r: r.get("step", 0)):
+            step = int(record.get("step", 0))
+            values = {name: record[f"monitor/{name}"] for name in STATS if f"monitor/{name}" in record}
+            self._observe(step, values, record)
+        best = best_saved(sorted(self.evals.items()), saved_steps)
+        if best is not None:
+            step, score = best
+            self.best = {"checkpoint": str(checkpoint_dir / f"checkpoint-{step}"), "step": step,
+                         "metric": self.settings.eval_metric, "score": score}
+            if self.is_main and read_best(self.output_dir) != self.best:
+                write_best(self.output_dir, self.best["checkpoint"], step, self.settings.eval_metric, score)
+
+    def plot(self) -> Optional[Path]:
+        """Refresh <output_dir>/monitor.png (rank 0); a failure is logged, never raised (a picture must not end
+        a run, nor fail the checkpoint it is drawn after)."""
+        if not self.is_main:
+            return None
+        from .plot import plot_monitor
+
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            return plot_monitor(self.output_dir / MONITOR_PNG, self.drift.z_history, self.settings.z,
+                                self.divergence.rewards, sorted(self.evals.items()), self.settings.eval_metric,
+                                [alarm.as_dict() for alarm in self.alarms])
+        except Exception as err:
+            logger.warning("could not draw %s: %s: %s", self.output_dir / MONITOR_PNG, type(err).__name__, err)
+            return None
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
