@@ -20,7 +20,9 @@ How each figure is obtained (B = bytes per weight: 2 in bf16):
   to the memory-efficient kernel's own meta implementation, as a GPU runs it. The whole train chunk is then
   composed in closed form: with gradient checkpointing the DiT keeps each other block's inputs
   ((L - 1) x n x S x D x B, S = image + text tokens, D = DiT width) plus the largest block working set (measured),
-  plus the chunk's fp32 loss tensors; without it, every block's measured peak is summed (an upper bound). A
+  plus the chunk's fp32 loss tensors; without it, every block's measured peak is summed (an upper bound); under
+  ``--kl_forward shared`` (reference schedule, beta > 0, not ZeRO-3) plus the beta*KL gradient it keeps for the KL
+  step, B x trainable parameters. A
   whole 24-block meta run agrees (7.66 vs 7.59 GiB at the guide's defaults) but takes minutes on a CPU.
   (Measurements: deepgen_rl/model/meta_memory.py.)
 
@@ -250,6 +252,9 @@ def estimate_memory(model_args: ModelArguments, args: GRPOConfig, num_gpus: int,
     components[f"train chunk activations, n={train_n}"] = dit_train_activation_bytes(
         train_peaks, train_n * tokens * width * weight_bytes, config.num_layers, latent_elems, train_n,
         args.gradient_checkpointing)
+    if (args.beta > 0 and args.optimizer_step_schedule == "reference" and zero_stage < 3
+            and getattr(args, "kl_forward", "separate") == "shared"):  # the beta*KL gradient kept for its step
+        components[f"train chunk activations, n={train_n}"] += weight_bytes * trainable
     components[f"rollout forward, n={rollout_n}"] = max(
         block_peak_bytes(b, rollout_n, image_tokens, text_tokens, False) for b in blocks
     ) + LOSS_TENSORS * rollout_n * latent_elems * 4
