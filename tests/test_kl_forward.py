@@ -11,12 +11,14 @@ AdamW's update rule (docs/algorithms.md, "The KL step's forward"):
 The reference policy is perturbed first, so the KL (and its gradient) is not 0 at theta_0 (policy == reference
 at the start of a run), and beta is large enough that the KL step's gradient moves AdamW's second update.
 
-Tolerance (|trained - expected| per element): 4 ulp(|theta|) + 1e-4 x lr. The trainer's weights are fp32 and written
-twice by AdamW (and once more by the decay): a few fp32 roundings of the weight, i.e. <= 4 ulp. The update
-m_hat / (sqrt(v_hat) + eps) is O(1) per element; its fp32 arithmetic and the fp32 gradients (same graph, same
-weights; separate's second forward runs at the trainer's fp32 theta_1, the hand's is the float64 one rounded)
-perturb it by a relative ~1e-6, amplified where |g| is near eps; 1e-4 x lr bounds that with room. The two
-semantics differ by orders of magnitude more than this (asserted), so each test fails on the other's code.
+Tolerance (|trained - expected| per element): 4 ulp(|theta|) + 1e-3 x lr. The trainer's weights are fp32 and written
+twice by AdamW (and scaled by the decay): a few fp32 roundings of the weight, <= 4 ulp. The AdamW update
+m_hat / (sqrt(v_hat) + eps) is O(1) per element; the fp32 arithmetic and fp32 gradients perturb it by a relative
+~1e-6, more where |g| is near eps or, for separate, where its second forward runs at the trainer's fp32 theta_1
+(the hand's is the float64 one rounded): 1e-3 x lr bounds that. Measured (torch 2.13 CPU, one thread): max
+|trained - expected| 5.5e-8 (shared) and 1.0e-7 (separate) at lr 7.5e-4, i.e. <= 0.2 of the tolerance; the two
+semantics' expectations differ by up to 1.3e-3, ~1,700x the tolerance (asserted > 100x), so each mode's test
+fails on the other mode's code (the old code is `separate`).
 """
 
 from __future__ import annotations
@@ -97,10 +99,37 @@ def _train_once(tiny_paths, out, mode: str) -> dict:
                            ("separate", lambda: _grads(objective_at(theta1).kl_term, params))):
             expected[kind] = _adamw(theta1, g_kl(), {n: s for n, s in state.items()}, lr=records[1].lr, t=2,
                                     args=trainer.args)
+        emulated = _reference_emulation(trainer.model, params, objective_at, theta0, records[0].lr) \
+            if mode == "shared" else None
         return {"trained": trained, "expected": expected, "theta0": theta0, "records": records, "calls": len(calls),
-                "lr": records[1].lr}
+                "lr": records[1].lr, "reference_emulation": emulated}
     finally:
         trainer.close()
+
+
+def _reference_emulation(model, params: dict, objective_at, theta0: dict, lr: float) -> dict:
+    """The reference's KL gradient, emulated on the tiny model with gradient checkpointing on: one forward at
+    theta_0, the policy backward with retain_graph, an AdamW first step (lr x g / (|g| + eps)) written through
+    ``.data`` as DeepSpeed writes it (no version bump, so the retained graph reads the new weights), then the KL
+    backward on the retained graph (checkpointed blocks recomputed at theta_1). Returns each mode's KL gradient's
+    relative distance ||g - g_ref|| / ||g_ref||."""
+    model.enable_gradient_checkpointing()
+    out = objective_at(theta0)
+    g_policy = torch.autograd.grad(out.policy_term, list(params.values()), retain_graph=True, allow_unused=True)
+    theta1 = {}
+    for (name, p), g in zip(params.items(), g_policy):
+        step = torch.zeros_like(p) if g is None else g / (g.abs() + 1e-8)
+        theta1[name] = theta0[name] - lr * step
+        p.data.copy_(theta1[name])
+    g_ref = _grads(out.kl_term, params)
+    g_shared = _grads(objective_at(theta0).kl_term, params)
+    g_separate = _grads(objective_at(theta1).kl_term, params)
+
+    def distance(g):
+        return float(sum((g[n] - g_ref[n]).square().sum() for n in g_ref).sqrt()
+                     / sum(g_ref[n].square().sum() for n in g_ref).sqrt())
+
+    return {"shared": distance(g_shared), "separate": distance(g_separate)}
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +146,7 @@ def _excess(run: dict, kind: str) -> float:
     """max over elements of |trained - expected| / tolerance (<= 1 passes)."""
     worst = 0.0
     for name, trained in run["trained"].items():
-        tolerance = 4 * FLOAT32_ULP * run["theta0"][name].double().abs() + 1e-4 * run["lr"]
+        tolerance = 4 * FLOAT32_ULP * run["theta0"][name].double().abs() + 1e-3 * run["lr"]
         worst = max(worst, float(((trained - run["expected"][kind][name]).abs() / tolerance).max()))
     return worst
 
@@ -188,3 +217,11 @@ def test_zero3_runs_separate_and_other_stages_keep_the_flag(caplog):
         assert effective_kl_forward("shared", 3, steps_on_kl=False) == "separate"
     assert caplog.text == ""
 
+
+
+def test_shared_is_closer_to_the_reference_kl_gradient_than_separate(kl_runs):
+    # docs/algorithms.md's argument, measured: the reference's KL gradient (stale graph, blocks recomputed at
+    # theta_1) is an order of magnitude nearer to shared's (all theta_0) than to separate's (all theta_1).
+    # Measured: relative distance 0.053 (shared) vs 3.47 (separate).
+    distances = kl_runs["shared"]["reference_emulation"]
+    assert 10 * distances["shared"] < distances["separate"], distances
