@@ -131,7 +131,7 @@ class StepUpdate:
                 self.rollout_chunks.extend(seen)
             return
         self.record_step("policy" if split_kl else "policy+kl", seen)
-        if stash is not None:  # the reference's beta*KL step, its gradient taken at the policy step's weights
+        if stash is not None:  # the reference's beta*KL step, its gradient taken where the policy step started
             self.backward(stash.loss(), boundary=True)
             self.record_step("kl", [])  # no forward of its own: no ratio statistics
         elif split_kl:  # --kl_forward separate: a fresh forward per chunk under the weights the policy step left
