@@ -23,7 +23,9 @@ How each figure is obtained (B = bytes per weight: 2 in bf16):
   to the memory-efficient kernel's own meta implementation, as a GPU runs it. The whole train chunk is then
   composed in closed form: with gradient checkpointing the DiT keeps each other block's inputs
   ((L - 1) x n x S x D x B, S = image + text tokens, D = DiT width) plus the largest block working set (measured),
-  plus the chunk's fp32 loss tensors; without it, every block's measured peak is summed (an upper bound). A
+  plus the chunk's fp32 loss tensors; without it, every block's measured peak is summed (an upper bound); under
+  ``--kl_forward shared`` (reference schedule, beta > 0, not ZeRO-3) plus the beta*KL gradient it keeps for the KL
+  step, B x trainable parameters (twice with several chunks: a later chunk's gradient while it is added). A
   whole 24-block meta run agrees (7.66 vs 7.59 GiB at the guide's defaults) but takes minutes on a CPU.
   (Measurements: deepgen_rl/model/meta_memory.py.)
 
@@ -269,6 +271,10 @@ def estimate_memory(model_args: ModelArguments, args: GRPOConfig, num_gpus: int,
     components[f"train chunk activations, n={train_n}"] = dit_train_activation_bytes(
         train_peaks, train_n * tokens * width * weight_bytes, config.num_layers, latent_elems, train_n,
         args.gradient_checkpointing)
+    if (args.beta > 0 and args.optimizer_step_schedule == "reference" and zero_stage < 3
+            and getattr(args, "kl_forward", "separate") == "shared"):  # the beta*KL gradient kept for its step,
+        copies = 1 if train_n >= n else 2  # and a later chunk's while it is added to the kept one
+        components[f"train chunk activations, n={train_n}"] += copies * weight_bytes * trainable
     components[f"rollout forward, n={rollout_n}"] = max(
         block_peak_bytes(b, rollout_n, image_tokens, text_tokens, False) for b in blocks
     ) + LOSS_TENSORS * rollout_n * latent_elems * 4
@@ -331,6 +337,10 @@ def candidate_changes(shape: RunShape) -> list[tuple[str, RunShape]]:
     changes = []
     if args.vae_decode_micro_batch_size > 4:
         changes.append(("--vae_decode_micro_batch_size 4", _with_arg(shape, vae_decode_micro_batch_size=4)))
+    if (getattr(args, "kl_forward", "separate") == "shared" and args.beta > 0
+            and args.optimizer_step_schedule == "reference" and shape.zero_stage < 3):
+        changes.append(("--kl_forward separate (drops the kept KL gradient; one more DiT forward per chunk)",
+                        _with_arg(shape, kl_forward="separate")))
     micro = args.atrain_micro_batch_size
     while micro > 1:
         micro //= 2

@@ -118,6 +118,7 @@ def test_every_own_field_has_help():
         (GRPOConfig, {"clip_range_low": -1e-4}, "--clip_range_low and --clip_range_high"),
         (GRPOConfig, {"clip_range_low": 1e-4, "clip_range_high": 2e-4}, "--clip_range_low"),
         (GRPOConfig, {"optimizer_step_schedule": "per_chunk"}, "--optimizer_step_schedule"),
+        (GRPOConfig, {"kl_forward": "twice"}, "--kl_forward"),
         (GRPOConfig, {"atrain_num_actor_update_steps": 0}, "--atrain_num_actor_update_steps"),
         (GRPOConfig, {"atrain_kl_type": "k3"}, "--atrain_kl_type"),
         (GRPOConfig, {"atrain_sde_sampler": "ode"}, "--atrain_sde_sampler"),

@@ -12,7 +12,8 @@ from diffusers import SD3Transformer2DModel
 
 import deepgen_rl.estimate_memory as estimate_module
 from deepgen_rl.config import GRPOConfig, ModelArguments
-from deepgen_rl.estimate_memory import GIB, dit_train_activation_bytes, estimate_memory, main
+from deepgen_rl.estimate_memory import (GIB, RunShape, candidate_changes, dit_train_activation_bytes,
+                                        estimate_memory, main)
 from deepgen_rl.model.meta_memory import block_peak_bytes, distinct_blocks, measured_activation_peak
 from deepgen_rl.model.published_configs import SD35M_KONTEXT_TRANSFORMER_CONFIG
 
@@ -45,6 +46,9 @@ def _trainable_dit(model) -> int:
 
 def test_zero2_weights_and_optimizer_equal_closed_forms(real, guide_args):
     model_args, model = real
+    # The 30 GiB story below predates --kl_forward shared, whose kept KL gradient adds 4.2 GiB to the train phase
+    # (test_kl_forward_shared_adds_the_kept_kl_gradient_to_the_train_phase): told here on 'separate'.
+    guide_args = dataclasses.replace(guide_args, kl_forward="separate")
     estimate = estimate_memory(model_args, guide_args, num_gpus=8, zero_stage=2, model=model)
     c = estimate.components
     trainable = _trainable_dit(model)
@@ -131,7 +135,8 @@ def test_command_line_names_flags_that_make_it_fit(real, capsys, monkeypatch):
                  "--vae_decode_micro_batch_size", "32",
                  "--sd3_model_name_or_path", model_args.sd3_model_name_or_path,
                  "--qwen2_5_vl_model_name_or_path", model_args.qwen2_5_vl_model_name_or_path,
-                 "--deepspeed", "scripts/deepspeed/zero2.json"])
+                 "--deepspeed", "scripts/deepspeed/zero2.json",
+                 "--kl_forward", "separate"])  # the decode story (shared's kept gradient: the test below)
     out = capsys.readouterr().out
     assert code == 1 and "DOES NOT FIT in 30 GiB" in out and "weights: vision tower" in out
     suggestions = [line for line in out.splitlines() if line.strip().startswith("--") and "->" in line]
@@ -217,3 +222,30 @@ def test_ema_is_counted_sharded_on_the_gpu_or_whole_on_the_host(real, guide_args
     assert host.total_bytes == off.total_bytes and host.host == {"EMA (fp32, whole copy, --ema_device cpu)":
                                                                  4 * trainable}
     assert "host, not GPU: EMA (fp32, whole copy" in host.describe()
+
+
+def test_kl_forward_shared_adds_the_kept_kl_gradient_to_the_train_phase(real, guide_args):
+    # --kl_forward shared keeps d(beta KL)/dtheta (bf16, one value per trained parameter) from the chunk's backward
+    # to the KL step; separate keeps nothing; ZeRO-3 runs separate.
+    model_args, model = real
+    trainable = _trainable_dit(model)
+
+    def train_phase(kl_forward: str, zero_stage: int) -> int:
+        components = estimate_memory(model_args, dataclasses.replace(guide_args, kl_forward=kl_forward), num_gpus=8,
+                                     zero_stage=zero_stage, model=model).components
+        return next(v for k, v in components.items() if k.startswith("train chunk activations"))
+
+    assert train_phase("shared", 2) - train_phase("separate", 2) == 2 * trainable
+    assert train_phase("shared", 3) == train_phase("separate", 3)
+    # Two chunks of 16: the second chunk's gradient exists beside the kept one while it is added.
+    halves = dataclasses.replace(guide_args, atrain_micro_batch_size=16)
+    shared, separate = (estimate_memory(model_args, dataclasses.replace(halves, kl_forward=mode), num_gpus=8,
+                                        zero_stage=2, model=model).components["train chunk activations, n=16"]
+                        for mode in ("shared", "separate"))
+    assert shared - separate == 2 * 2 * trainable
+    # The estimator suggests dropping it where it applies.
+    named = [flags.split()[:2] for flags, _ in candidate_changes(RunShape(guide_args, model_args, zero_stage=2))]
+    assert ["--kl_forward", "separate"] in named
+    for other in (dataclasses.replace(guide_args, kl_forward="separate"), dataclasses.replace(guide_args, beta=0.0)):
+        assert ["--kl_forward", "separate"] not in [f.split()[:2] for f, _ in candidate_changes(
+            RunShape(other, model_args, zero_stage=2))]

@@ -35,7 +35,7 @@ from ..sampling.steps import LOGPROB_VARIANTS
 from .algorithm_config import AlgorithmFlags, validate_algorithm_flags
 from .deepspeed_json import read_deepspeed_json
 from .flag_checks import _check_choice, _check_positive, _check_range
-from .grpo_flags import (DEFAULT_SDE_ETA, OPTIMIZER_STEP_SCHEDULES, SDE_SAMPLERS, ObjectiveFlags,
+from .grpo_flags import (DEFAULT_SDE_ETA, KL_FORWARDS, OPTIMIZER_STEP_SCHEDULES, SDE_SAMPLERS, ObjectiveFlags,
                          OptimizerStepSchedule, RolloutFlags, SdeSampler)
 from .model_flags import (CHECKPOINT_ENV, CLIP_ENV, MODEL_DTYPES, QWEN_ENV, SD3_ENV, TRAINABLE_MODULE_SETS,
                           DataArguments, ModelArguments, ModelDtype, TrainableModuleSet)
@@ -112,6 +112,7 @@ class GRPOConfig(RunFlags, ObjectiveFlags, RolloutFlags, TrainingArguments, Algo
         _check_choice("atrain_kl_type", self.atrain_kl_type, KL_TYPES)
         _check_choice("logprob_variant", self.logprob_variant, LOGPROB_VARIANTS)
         _check_choice("optimizer_step_schedule", self.optimizer_step_schedule, OPTIMIZER_STEP_SCHEDULES)
+        _check_choice("kl_forward", self.kl_forward, KL_FORWARDS)
         _check_positive("atrain_num_actor_update_steps", self.atrain_num_actor_update_steps)
         validate_algorithm_flags(self)  # --atrain_algorithm and its flags (algorithm_config.py)
         clip_band(self.clip_range, self.clip_range_low, self.clip_range_high)

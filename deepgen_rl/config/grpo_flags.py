@@ -16,6 +16,8 @@ SdeSampler = Literal["cps_sde", "flow_sde", "dance_sde"]
 OptimizerStepSchedule = Literal["reference", "per_timestep", "per_rollout"]
 SDE_SAMPLERS: tuple[str, ...] = get_args(SdeSampler)
 OPTIMIZER_STEP_SCHEDULES: tuple[str, ...] = get_args(OptimizerStepSchedule)
+KlForward = Literal["shared", "separate"]
+KL_FORWARDS: tuple[str, ...] = get_args(KlForward)
 
 # Reference defaults for the sampler noise level (docs/algorithms.md#samplers): CPS re-noises x0_hat fully,
 # Flow-GRPO uses 0.7, Dance-SDE 1.0 (the reference's shared default; DanceGRPO's own scripts use 0.3).
@@ -94,6 +96,15 @@ class ObjectiveFlags:
                   "beta*KL backward when beta > 0, and one on the SFT-aux backward (61 per rollout at the guide's "
                   "defaults). 'per_timestep': one step per trained timestep (policy + beta*KL together) + SFT-aux. "
                   "'per_rollout': one step per rollout. The LR schedule and warm-up count optimizer steps."},
+    )
+    kl_forward: KlForward = field(
+        default="shared",
+        metadata={"help": "Where the beta*KL optimizer step of --optimizer_step_schedule reference (beta > 0) gets its "
+                  "gradient. 'shared': from the policy step's own chunk forward, at the weights before the policy "
+                  "step (the reference computes both gradients from one forward; one forward per chunk fewer, but "
+                  "one gradient-sized buffer more per rank). 'separate': a fresh forward per chunk under the "
+                  "weights the policy step left. ZeRO-3 always runs 'separate' (docs/algorithms.md, \"The KL step's "
+                  "forward\")."},
     )
     atrain_num_actor_update_steps: int = field(
         default=1,

@@ -42,7 +42,7 @@ import deepgen_rl.trainer.run_checkpoints as run_checkpoints
 
 from .advantage_step import global_advantages
 from .batching import BatchPlan, plan_batches, total_training_steps
-from .deepspeed_setup import initialize_engine
+from .deepspeed_setup import initialize_engine, zero_stage
 from ..core.distributed import (SEED_ROLLOUT, SEED_SFTAUX, all_reduce, all_reduce_sum, derive_seed, rank_and_world,
                            seeded_generator)
 from .ema import EmaCounters
@@ -51,6 +51,7 @@ from .divergence import SkipBudget, TrainingDiverged, check_trained_weights, sto
 from .eval_hook import EvalHook
 from .failure_budget import FailureBudget, RunSummary
 from .hacking import build_monitor, monitor_metrics, submit_images
+from .kl_forward import effective_kl_forward
 from .logging_utils import MetricsLogger, TrackerSettings
 from .nft import NftOldPolicy
 from .objective import ObjectiveSettings, policy_chunk_objective, sftaux_objective
@@ -108,6 +109,10 @@ class DeepGenGRPOTrainer:
         self.engine, self.ds_config = parts.engine, parts.config
         self.model = self.engine.module
         self.device = torch.device(self.engine.device)
+        # --kl_forward as run (ZeRO-3 runs 'separate'); it matters only where the schedule steps on beta*KL alone.
+        self.kl_forward = effective_kl_forward(args.kl_forward, zero_stage(self.ds_config),
+                                               steps_on_kl=self.plan.optimizer_step_schedule == "reference"
+                                               and self.plan.kl_step)
         if self.reference is not None:
             self.reference.to(self.device, dtype=next(self.model.transformer.parameters()).dtype)
         if self.nft is not None:
@@ -196,7 +201,7 @@ class DeepGenGRPOTrainer:
                          objective=self._chunk_objective, safe_point=self._safe_point, batch=batch,
                          adv=advantages.advantages.to(self.device), valid=advantages.valid.to(self.device),
                          policy_share=1.0 - args.sftaux_coef if self.sftaux_sampler is not None else 1.0,
-                         global_step=self.state.global_step)
+                         global_step=self.state.global_step, kl_forward=self.kl_forward)
         if self.nft is not None:  # DiffusionNFT: "timestep" i is column i of per-sample random sigmas (nft.py)
             ctx.nft_draw = self.nft.draw(trajectory, len(steps), seed=args.seed, step=step, rank=self.rank)
             steps = list(range(len(steps)))

@@ -66,7 +66,8 @@ class OptimizerStepRecord:
     """One optimizer step of a GRPO step (rank-local), for the logs and tests.
 
     kind: 'policy' | 'kl' | 'policy+kl' (per_timestep) | 'sft' | 'rollout' (per_rollout); lr: the learning rate the
-    step used; ratio_mean / ratio_max_dev / clip_fraction over the policy chunks it saw (NaN for 'sft').
+    step used; ratio_mean / ratio_max_dev / clip_fraction over the policy chunks it saw (NaN for 'sft' and for
+    'kl' under --kl_forward shared, which runs no forward of its own).
     """
 
     kind: str

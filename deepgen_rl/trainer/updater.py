@@ -20,6 +20,7 @@ import torch
 
 from ..core.distributed import SEED_ACTOR_UPDATES, all_reduce_sum, derive_seed, seeded_generator
 from .batching import BatchPlan
+from .kl_forward import KLGradientStash
 from .sde_window import draw_train_steps
 from .update_plan import ChunkStats, OptimizerStepRecord, Part, actor_update_parts, part_chunks
 
@@ -83,6 +84,7 @@ class StepUpdate:
     steps_applied: int = 0
     last_grad_norm: Optional[float] = None
     step_lr: float = float("nan")
+    kl_forward: str = "separate"  # --kl_forward as run: where reference's beta*KL step gets its gradient
 
     def schedule(self, parts: list[Part], steps: list[int], valid_cpu: torch.Tensor,
                  sftaux: bool) -> Iterator[tuple[int, list[Part], int, bool]]:
@@ -104,6 +106,8 @@ class StepUpdate:
         optimizer step(s). ``last_backward``: per_rollout's final backward (the rollout's one boundary)."""
         schedule = self.plan.optimizer_step_schedule
         split_kl = schedule == "reference" and self.plan.kl_step
+        # --kl_forward shared: the KL step's gradient comes from these forwards, before the policy step moves them.
+        stash = KLGradientStash(self.trained_params()) if split_kl and self.kl_forward == "shared" else None
         seen = []
         for j, rows in enumerate(chunks):
             if not self.steps_taken:  # nothing of this GRPO step applied yet: a stop here loses nothing
@@ -112,9 +116,13 @@ class StepUpdate:
             seen.append(out)
             # Each chunk's share of the masked mean over the step's valid samples; the convex SFT-aux mix
             # L = (1 - lambda) L_grpo + lambda L_sft is applied as per-backward weights.
+            weight = self.policy_share * out.num_valid / denominator
+            if stash is not None:
+                stash.add(out.kl_term * weight)
+                self.stats.nonfinite_losses += 0.0 if math.isfinite(float(out.kl_term.detach())) else 1.0
             term = out.policy_term if split_kl else out.loss
             boundary = j == len(chunks) - 1 and (last_backward or schedule != "per_rollout")
-            self.backward(term * (self.policy_share * out.num_valid / denominator), boundary=boundary)
+            self.backward(term * weight, boundary=boundary)
             self.stats.add(out, math.isfinite(float(term.detach())))
         if schedule == "per_rollout":
             if last_backward:
@@ -123,8 +131,14 @@ class StepUpdate:
                 self.rollout_chunks.extend(seen)
             return
         self.record_step("policy" if split_kl else "policy+kl", seen)
-        if split_kl:  # the reference's separate beta*KL backward, on a fresh forward under the updated weights
+        if stash is not None:  # the reference's beta*KL step, its gradient taken where the policy step started
+            self.backward(stash.loss(), boundary=True)
+            self.record_step("kl", [])  # no forward of its own: no ratio statistics
+        elif split_kl:  # --kl_forward separate: a fresh forward per chunk under the weights the policy step left
             self._kl_backward(step_index, chunks, denominator)
+
+    def trained_params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def _kl_backward(self, step_index: int, chunks: list[Part], denominator: int) -> None:
         kl_seen = []
