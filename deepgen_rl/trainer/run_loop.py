@@ -12,14 +12,16 @@ from typing import TYPE_CHECKING, Optional
 
 from tqdm.auto import tqdm
 
+from deepgen_rl.model.prompt_padding import padded_to_at_least
 from deepgen_rl.rewards.reward_step import RewardBatch
 from deepgen_rl.trainer.edit_rollout import group_sources
 
-from ..distributed import SEED_ROLLOUT, barrier, derive_seed, seeded_generator
-from . import checkpointing, run_checkpoints, run_folder
+from ..distributed import barrier
+from . import checkpointing, replay, run_checkpoints, run_folder
 from .divergence import TrainingDiverged, stop_message
 from .ema import ema_sample_images
 from .failure_budget import enforce_budget, step_counts
+from .global_draws import rollout_noise
 from .heartbeat import Heartbeat, watchdog_threshold
 from .logging_utils import MetricsLogger
 from .rollout_batch import RolloutBatch
@@ -38,9 +40,16 @@ def run(trainer: "DeepGenGRPOTrainer", resume_from_checkpoint: Optional[str]) ->
     requested = resume_from_checkpoint or args.resume_from_checkpoint
     resume = run_checkpoints.resume_path(args, requested, trainer.device)
     mover = run_checkpoints.is_renamer(args, trainer.engine, trainer.rank)
+    replay_step = replay.replay_step_of(args)
+    replay.check_replay_flags(replay_step, requested, args.output_dir)
     if resume is not None:
+        saved_max_steps = checkpointing.read_trainer_state(resume).max_steps
         trainer.load(resume)
-        run_folder.abandon_newer(args.output_dir, trainer.state.global_step, mover=mover)
+        replay.check_resumed_state(replay_step, trainer.state.global_step, saved_max_steps, trainer.max_steps)
+        if replay_step:  # a new folder: the replayed run's own is only read
+            run_folder.claim_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, mover=mover)
+        else:
+            run_folder.abandon_newer(args.output_dir, trainer.state.global_step, mover=mover)
     elif not checkpointing.is_latest_request(requested):  # 'latest' finding none is the same run starting over
         run_folder.claim_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, mover=mover)
     barrier()  # every rank sees the folder as the mover left it
@@ -90,7 +99,7 @@ def _steps(trainer: "DeepGenGRPOTrainer", metrics_logger: MetricsLogger, bar, he
     """GRPO steps until --max_steps; True when a SIGTERM stopped the run first."""
     with GracefulStop() as stop:
         trainer._stop = stop
-        while trainer.state.global_step < trainer.max_steps:
+        while trainer.state.global_step < replay.last_step(replay.replay_step_of(trainer.args), trainer.max_steps):
             heartbeat.beat("step start", trainer.state.global_step + 1)
             start = checkpointing.StepStart.capture(trainer.prompt_sampler, trainer.sftaux_sampler)
             try:
@@ -150,7 +159,8 @@ def log_sample_grid(trainer: "DeepGenGRPOTrainer", metrics_logger: MetricsLogger
         scores = weighted_reward(rewards.scores, rewards.weights).tolist()
         metrics_logger.log_samples(step, batch.images, batch.trajectory.prompts, scores, args.rollout_n, sources)
     elif trainer.rank == 0:  # from step ``step``'s rollout seed (its draws were made at global_step step - 1)
-        generator = seeded_generator(trainer.device, derive_seed(args.seed, SEED_ROLLOUT, step - 1, trainer.rank))
-        images = ema_sample_images(trainer.ema, trainer.model, batch.unique_prompts, args, generator,
-                                   batch.trajectory.edit)
+        generator = rollout_noise(args.seed, step - 1, trainer.rank, trainer.plan.samples_per_rank, trainer.device)
+        with padded_to_at_least(batch.prompt_length):  # the rollout's conditioning (model/prompt_padding.py)
+            images = ema_sample_images(trainer.ema, trainer.model, batch.unique_prompts, args, generator,
+                                       batch.trajectory.edit)
         metrics_logger.log_samples(step, images, batch.trajectory.prompts, None, args.rollout_n, sources)
