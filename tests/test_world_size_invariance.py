@@ -33,6 +33,9 @@ from tests.trainer_utils import REPO_ROOT, ZERO2, run_env, tiny_run_flags, torch
 
 SCRIPT = str(REPO_ROOT / "tests" / "invariance_run.py")
 TIMEOUT_S = 500
+# Four torchrun launches in the module fixture (each mostly process start and DeepSpeed set-up; ~1 min on a free
+# 2-core machine, several on a loaded one): beyond the suite's 600 s default for the first test's setup.
+pytestmark = pytest.mark.timeout(1800)
 FLAGS = {"max_steps": 2, "atrain_num_actor_update_steps": 2, "model_dtype": "float32", "sftaux_coef": 0.0,
          "learning_rate": 1e-4, "lr_scheduler_type": "constant", "beta": 0.0}
 
