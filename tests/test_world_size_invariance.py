@@ -12,14 +12,18 @@ parts so the part draw is exercised), shared by every test of the module:
 
 Tolerances, from where the runs' arithmetic differs:
 * draws (prompts, initial noise): identical, bit for bit (keyed integers and seeded generators).
-* images, rewards, advantages of step 1: the same weights and noise; the DiT and VAE forwards see 4 rows (2 ranks)
-  or 4-row micro-batches (1 rank), so only kernel blocking may differ: fp32 rounding, |dx| <= 1e-5 (about 100 ulp
-  of the O(1) latents after 6 steps). JPEG compressibility quantises the image, so rewards are compared with 1e-4.
+* images, rewards, advantages: the same weights and noise; the DiT and VAE forwards see 4 rows (2 ranks) or
+  4-row micro-batches (1 rank), so only kernel blocking may differ: fp32 rounding, |dx| <= 1e-5 (about 100 ulp
+  of the O(1) latents after 6 steps). The reward (synthetic_match, smooth in the pixels) within 1e-4; an
+  advantage is (r - group mean) / group std, so it moves by at most 2 |dr| / std: compared within
+  1e-5 + 4 max|dr| / (the smallest group std).
 * weights: the gradient is a sum over 8 samples taken in another order (one rank sums 8, two ranks sum 4 each
   and DeepSpeed averages the two partial sums), i.e. a relative difference of a few fp32 ulp per element. AdamW
   divides it by its own root mean square, so an update element moves by lr x (that relative difference) except
-  where the gradient element is ~0 and its sign may flip: then by at most 2 lr. Per element:
-  |w_1 - w_2| <= 2 x lr x steps (the worst case) and, for all but 1 in 1000 elements, <= 1e-3 x lr + 4 ulp(w).
+  where the gradient element is ~0 and its sign may flip: then by at most 2 lr. The advantages' own rounding
+  (above, relative <= 1e-3) moves the gradient, hence an update element, by up to that relative amount. Per
+  element: |w_1 - w_2| <= 2 x lr x steps (the worst case) and, for all but 1 in 1000 elements,
+  <= 1e-2 x lr + 4 ulp(w) (4 ulp: each run rounds w + update once per step).
 """
 
 from __future__ import annotations
@@ -31,13 +35,19 @@ import torch
 
 from tests.trainer_utils import REPO_ROOT, ZERO2, run_env, tiny_run_flags, torchrun
 
+# The synthetic task's reward (rewards/synthetic.py) is a soft IoU of colour memberships: smooth in the pixels,
+# so an 8-bit pixel that rounds the other way moves it by ~1e-6. JPEG compressibility (the quick start's) counts
+# bytes: one such pixel can move it by several 1/(H*W*3) = 8e-5 steps, which GDPO's per-group normalisation
+# (group std ~3e-3) would turn into advantage differences of ~0.1 between two correct runs.
+SYNTHETIC_YAML = REPO_ROOT / "assets" / "rl_datasets" / "synthetic" / "synthetic.yaml"
+
 SCRIPT = str(REPO_ROOT / "tests" / "invariance_run.py")
 TIMEOUT_S = 500
 # Four torchrun launches in the module fixture (each mostly process start and DeepSpeed set-up; ~1 min on a free
 # 2-core machine, several on a loaded one): beyond the suite's 600 s default for the first test's setup.
 pytestmark = pytest.mark.timeout(1800)
 FLAGS = {"max_steps": 2, "atrain_num_actor_update_steps": 2, "model_dtype": "float32", "sftaux_coef": 0.0,
-         "learning_rate": 1e-4, "lr_scheduler_type": "constant", "beta": 0.0}
+         "learning_rate": 1e-4, "lr_scheduler_type": "constant", "beta": 0.0, "dataset_config": str(SYNTHETIC_YAML)}
 
 
 def _run(tiny_paths, folder, nproc: int, **overrides):
@@ -72,6 +82,16 @@ def runs(tiny_paths, tmp_path_factory):
     return {"two": two, "one": one, "replay": replay, "resumed": resumed}
 
 
+def _same_step(got: dict, want: dict, group_size: int = 4) -> None:
+    assert got["prompts"] == want["prompts"] and torch.equal(got["x0"], want["x0"])
+    assert (got["images"] - want["images"]).abs().max() <= 1e-5
+    reward_gap = float((got["scores"] - want["scores"]).abs().max())
+    assert reward_gap <= 1e-4
+    group_std = float(want["scores"].sum(dim=1).reshape(-1, group_size).std(dim=1).min())
+    advantage_gap = float((got["advantages"] - want["advantages"]).abs().max())
+    assert advantage_gap <= 1e-5 + 4 * reward_gap / group_std, (advantage_gap, reward_gap, group_std)
+
+
 def test_same_prompts_and_noise_on_any_world_size(runs):
     for step in (1, 2):
         one, two = runs["one"]["steps"][step], runs["two"]["steps"][step]
@@ -84,9 +104,7 @@ def test_same_prompts_and_noise_on_any_world_size(runs):
 def test_same_images_rewards_and_advantages_of_the_first_step(runs):
     one, two = runs["one"]["steps"][1], runs["two"]["steps"][1]
     assert one["images"].shape == two["images"].shape == (8, 3, 64, 64)
-    assert (one["images"] - two["images"]).abs().max() <= 1e-5
-    assert torch.allclose(one["scores"], two["scores"], atol=1e-4, rtol=0)
-    assert torch.allclose(one["advantages"], two["advantages"], atol=1e-4, rtol=0)
+    _same_step(one, two)
     assert one["advantages"].abs().max() > 0.1  # groups with a reward spread: the comparison is not of zeros
 
 
@@ -97,7 +115,7 @@ def _weight_gaps(a: dict, b: dict, before: dict, lr: float, steps: int):
         gap = (tensor - b[name]).abs()
         worst = max(worst, float(gap.max()) / (2 * lr * steps))
         ulp = torch.finfo(torch.float32).eps * tensor.abs()
-        over += int((gap > 1e-3 * lr + 4 * ulp).sum())
+        over += int((gap > 1e-2 * lr + 4 * ulp).sum())
         total += gap.numel()
         assert not torch.equal(tensor, before[name]) or name.endswith(("add_q_proj.weight", "add_q_proj.bias"))
     return worst, over / total
@@ -112,13 +130,6 @@ def test_weights_after_two_steps_match_within_reduction_order(runs):
         m1, m2 = runs["one"]["metrics"][step], runs["two"]["metrics"][step]
         for key in ("reward/mean", "reward/std", "loss/policy", "train/grad_norm"):
             assert m1[key] == pytest.approx(m2[key], rel=1e-3, abs=1e-6), key
-
-
-def _same_step(got: dict, want: dict) -> None:
-    assert got["prompts"] == want["prompts"] and torch.equal(got["x0"], want["x0"])
-    assert (got["images"] - want["images"]).abs().max() <= 1e-5
-    assert torch.allclose(got["scores"], want["scores"], atol=1e-4, rtol=0)
-    assert torch.allclose(got["advantages"], want["advantages"], atol=1e-4, rtol=0)
 
 
 def test_replay_of_step_two_on_one_rank_reproduces_the_two_rank_step(runs):
