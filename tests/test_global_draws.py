@@ -153,3 +153,28 @@ def test_a_prompt_padded_to_the_steps_length_is_conditioned_as_in_the_whole_batc
     assert torch.allclose(floored[0], both[0], atol=1e-6) and torch.allclose(floored_pooled[0], both_pooled[0],
                                                                              atol=1e-6)
     assert pad_floor() == 0  # scoped to the block
+
+
+def test_preflight_checks_the_replay_flags_before_any_server(tiny_paths, tmp_path, capsys):
+    # train.sh's preflight: a replay into the replayed run's own folder, or into another run's, is named at once;
+    # into a new folder it may launch. Nothing is moved.
+    from deepgen_rl import preflight
+    from tests.test_run_folder import fake_checkpoint
+    from tests.trainer_utils import QUICKSTART_YAML
+
+    run, used = tmp_path / "run", tmp_path / "used"
+    fake_checkpoint(run, 1)
+    fake_checkpoint(used, 5)
+
+    def flags(out):
+        return ["--output_dir", str(out), "--eval_freq", "0", "--sftaux_coef", "0",
+                "--dataset_config", str(QUICKSTART_YAML), "--sd3_model_name_or_path", str(tiny_paths.sd3_dir),
+                "--qwen2_5_vl_model_name_or_path", str(tiny_paths.qwen_dir),
+                "--resume_from_checkpoint", str(run / "checkpoint-1"), "--replay_step", "2"]
+
+    assert preflight.main(flags(run)) == 1
+    assert "the folder of the run it replays" in capsys.readouterr().err
+    assert preflight.main(flags(used)) == 1
+    assert f"--output_dir {used} already holds another run" in capsys.readouterr().err
+    assert preflight.main(flags(tmp_path / "replay")) == 0
+    assert (run / "checkpoint-1").is_dir() and (used / "checkpoint-5").is_dir()
