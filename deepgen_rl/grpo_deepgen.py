@@ -157,11 +157,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     from deepgen_rl.trainer.failure_budget import RewardFailureBudgetExceeded
     from deepgen_rl.trainer.hacking import RewardHackingStopped
     from deepgen_rl.preflight.launch_checks import LaunchCheckError
+    from deepgen_rl.trainer.replay import ReplayError, check_replay_flags
     from deepgen_rl.trainer.run_folder import OutputDirInUseError, claim_output_dir, resume_requested
 
     log = logging.getLogger("deepgen_rl")
     try:
-        if not resume_requested(args.resume_from_checkpoint):
+        check_replay_flags(args.replay_step, args.resume_from_checkpoint, args.output_dir)
+        if not resume_requested(args.resume_from_checkpoint) or args.replay_step:  # a replay's folder is new
             claim_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, mover=False)  # before the model
         trainer = build_trainer(args, *groups, device)
         try:
@@ -180,7 +182,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except OutputDirInUseError as err:
         log.error("%s", err)
         return EXIT_OUTPUT_DIR_IN_USE
-    except LaunchCheckError as err:  # flags or files that cannot run: the reason, not a traceback per rank
+    except (LaunchCheckError, ReplayError) as err:  # flags or files that cannot run: the reason, not a traceback
         if int(os.environ.get("RANK", "0")) == 0:
             log.error("cannot launch: %s", err)
         return EXIT_USAGE

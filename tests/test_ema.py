@@ -15,9 +15,9 @@ from torch import nn
 from deepgen_rl.config import parse_args
 from deepgen_rl.model.convert import convert_rl_checkpoint
 from deepgen_rl.model.safe_load import load_weights_only
-from deepgen_rl.core.distributed import SEED_ROLLOUT, derive_seed, seeded_generator
 from deepgen_rl.trainer.ema import EMA, warmup_decay
 from deepgen_rl.trainer.ema_shards import GroupLayout, ShardEntry, partition_of, place_piece
+from deepgen_rl.trainer.global_draws import rollout_noise
 from deepgen_rl.trainer.logging_utils import MetricsLogger
 from tests.conftest import REPO_ROOT
 from tests.test_trainer_inprocess import build
@@ -225,7 +225,8 @@ def test_sample_grid_shows_the_ema_weights_on_the_rollouts_noise(ema_run, tiny_p
     unique = prompts[::args.rollout_n]
 
     def generate():
-        generator = seeded_generator(trainer.device, derive_seed(args.seed, SEED_ROLLOUT, step - 1, 0))
+        # the rollout's per-sample streams of step ``step`` (keyed by global sample index: global_draws.py)
+        generator = rollout_noise(args.seed, step - 1, 0, len(prompts), trainer.device)
         traj = rollout(model, unique, group_size=args.rollout_n, sampler=args.atrain_sde_sampler, eta=args.sde_eta,
                        logprob_variant=args.logprob_variant, num_inference_steps=args.num_inference_steps,
                        height=args.image_height, width=args.image_width, cfg_scale=args.rollout_cfg_scale,

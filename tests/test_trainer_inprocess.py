@@ -50,20 +50,22 @@ GOLDEN_REL_TOLERANCE = 2e-4
 # GDPO, beta 5e-7 v-based KL, SFT-aux 1e-4 on the shipped config), recorded on torch 2.13.0 CPU. After an INTENDED
 # change of the training semantics, rerun `pytest tests/test_trainer_inprocess.py -k golden`: the failure message
 # prints each step's new values (`got`); paste them here. The first step's loss/kl is 0 by construction
-# (policy == reference before the first update).
+# (policy == reference before the first update). Re-derived when every draw became keyed by global position
+# (issue 29, docs/reproducibility.md): the prompts and noise changed, so every value did; step 1's reward mean is
+# recomputed independently from those keyed streams in `test_golden_first_step_is_the_global_streams`.
 GOLDEN = {
-    1: {"reward/mean": 0.50282883644104, "reward/std": 0.0023913937620818615, "loss/kl": 0.0,
-        "loss/sft": 6.248884201049805, "train/grad_norm": 0.02360309474170208, "adv/std": 0.9353095889091492,
-        "loss/policy": 1.862645149230957e-09, "policy/clip_fraction": 0.0},
-    2: {"reward/mean": 0.5055078864097595, "reward/std": 0.003031776286661625, "loss/kl": 61.32632461066047,
-        "loss/sft": 6.289281845092773, "train/grad_norm": 0.027662064880132675, "adv/std": 0.9353100061416626,
+    1: {"reward/mean": 0.5015631318092346, "reward/std": 0.0017418250208720565, "loss/kl": 0.0,
+        "loss/sft": 6.29267692565918, "train/grad_norm": 0.02271311543881893, "adv/std": 0.9353082776069641,
+        "loss/policy": -7.450580596923828e-09, "policy/clip_fraction": 0.0},
+    2: {"reward/mean": 0.5035175681114197, "reward/std": 0.0031353163067251444, "loss/kl": 51.64785863955816,
+        "loss/sft": 6.269577503204346, "train/grad_norm": 0.027176475152373314, "adv/std": 0.9353095889091492,
         "loss/policy": 0.0, "policy/clip_fraction": 0.0},
-    3: {"reward/mean": 0.5024680495262146, "reward/std": 0.002169992309063673, "loss/kl": 155.60462827980518,
-        "loss/sft": 6.735738754272461, "train/grad_norm": 0.03667977452278137, "adv/std": 0.935308575630188,
+    3: {"reward/mean": 0.5035275816917419, "reward/std": 0.002958707744255662, "loss/kl": 71.49243791525562,
+        "loss/sft": 6.162633895874023, "train/grad_norm": 0.03772202134132385, "adv/std": 0.9353095293045044,
         "loss/policy": 0.0, "policy/clip_fraction": 0.0},
-    4: {"reward/mean": 0.5021675825119019, "reward/std": 0.003661609021946788, "loss/kl": 199.0497013280789,
-        "loss/sft": 6.7842302322387695, "train/grad_norm": 0.03148011118173599, "adv/std": 0.935308575630188,
-        "loss/policy": -1.6298145055770874e-09, "policy/clip_fraction": 0.0},
+    4: {"reward/mean": 0.5033991932868958, "reward/std": 0.0019589525181800127, "loss/kl": 88.34207382674019,
+        "loss/sft": 6.253734588623047, "train/grad_norm": 0.029894068837165833, "adv/std": 0.9353083372116089,
+        "loss/policy": 0.0, "policy/clip_fraction": 0.0},
 }
 
 
@@ -130,6 +132,39 @@ def test_golden_values(straight_run):
         for key in GOLDEN_KEYS:
             tolerance = pytest.approx(expected[key], rel=GOLDEN_REL_TOLERANCE, abs=GOLDEN_ABS_TOLERANCE.get(key, 1e-9))
             assert got[key] == tolerance, f"step {step} {key}: got {got[key]!r}; all of step {step}: {got}"
+
+
+def test_golden_first_step_is_the_global_streams(process_group, tiny_paths, tmp_path):
+    # Step 1 of the golden run recomputed outside the trainer loop: its prompts are the first 2 of the run's
+    # GLOBAL prompt list drawn as two ranks would draw them (rank 0 and rank 1, one prompt each), its noise the
+    # per-sample streams keyed by global sample index, rolled out with the initial weights and scored by the
+    # golden run's Brightness reward. Its mean is the golden step-1 reward: the golden values are those of the
+    # world-size-invariant draws (docs/reproducibility.md), not whatever the loop happened to produce.
+    from deepgen_rl.data import PromptSampler
+    from deepgen_rl.rewards.reward_step import images_to_pil
+    from deepgen_rl.sampling import decode_images, rollout
+    from deepgen_rl.trainer.global_draws import rollout_noise
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the golden run
+    trainer = build(tiny_paths, tmp_path / "run", max_steps=4, optimizer_step_schedule="per_rollout")
+    try:
+        args, sampler = trainer.args, trainer.prompt_sampler
+        assert trainer.plan.prompts_per_rank == 2
+        prompts = [PromptSampler(sampler.config, seed=args.seed, rank=r).sample(1)[0].prompt for r in range(2)]
+        trainer.model.eval()
+        trajectory = rollout(trainer.model, prompts, group_size=args.rollout_n, sampler=args.atrain_sde_sampler,
+                             eta=args.sde_eta, logprob_variant=args.logprob_variant,
+                             num_inference_steps=args.num_inference_steps, height=args.image_height,
+                             width=args.image_width, cfg_scale=args.rollout_cfg_scale,
+                             init_same_noise=args.init_same_noise, micro_batch_size=args.rollout_micro_batch_size,
+                             generator=rollout_noise(args.seed, 0, 0, 2 * args.rollout_n, trainer.device))
+        images = decode_images(trainer.model, trajectory.latents[:, -1], args.vae_decode_micro_batch_size)
+        scores = Brightness().score(images_to_pil(images), trajectory.prompts, list(range(len(images)))).values
+    finally:
+        trainer.close()
+        torch.set_num_threads(threads)
+    assert float(np.mean(scores)) == pytest.approx(GOLDEN[1]["reward/mean"], abs=GOLDEN_ABS_TOLERANCE["reward/mean"])
 
 
 def test_full_sde_window_and_serial_rewards_reproduce_the_golden_values(process_group, tiny_paths, tmp_path):

@@ -87,9 +87,9 @@ def test_backward_weights_give_the_convex_mix_of_gradients(monkeypatch, coef):
     trainer.__dict__.update(
         args=args, plan=plan, device=torch.device("cpu"), reference=None, text_trains=False, objective=None,
         engine=StandInEngine(), model=torch.nn.Module(), _stop=None,
-        sftaux_sampler=SimpleNamespace(sample=lambda n: sft_batch), rank=0, state=SimpleNamespace(global_step=0),
-        ema=None, nft=None, optimizer_steps_taken=0, optimizer_steps_applied=0, _last_grad_norm=None,
-        kl_forward="separate")
+        sftaux_sampler=SimpleNamespace(sample=lambda n: sft_batch), rank=0, world_size=1,
+        state=SimpleNamespace(global_step=0), ema=None, nft=None, optimizer_steps_taken=0,
+        optimizer_steps_applied=0, _last_grad_norm=None, kl_forward="separate")
     batch = grpo_trainer.RolloutBatch(samples=[], trajectory=SimpleNamespace(num_samples=N))
     advantages = AdvantageResult(advantages=torch.zeros(N), valid=VALID, zero_variance_group_fraction=0.0,
                                  clip_fraction=0.0, num_valid=int(VALID.sum()), num_groups=2)

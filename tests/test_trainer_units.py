@@ -79,12 +79,16 @@ def test_actor_updates_split_the_rank_samples_and_count_steps():
 def test_actor_update_parts_are_disjoint_and_chunked():
     from deepgen_rl.trainer.update_plan import actor_update_parts, part_chunks
 
-    parts = actor_update_parts(11, 3, torch.Generator().manual_seed(0))
+    parts = actor_update_parts(11, 3, [torch.Generator().manual_seed(j) for j in range(3)])
     rows = torch.cat(parts).tolist()
-    assert [len(p) for p in parts] == [3, 3, 3] and len(set(rows)) == 9 and set(rows) <= set(range(11))
+    # 3 blocks of 3 rows (rows 9 and 10 are the dropped remainder): each part holds one row of every block.
+    assert [len(p) for p in parts] == [3, 3, 3] and sorted(rows) == list(range(9))
+    assert all([r // 3 for r in p.tolist()] == [0, 1, 2] for p in parts)
     assert [c.tolist() for c in part_chunks(parts[0], 11, 2)] == [parts[0][:2].tolist(), parts[0][2:].tolist()]
+    with pytest.raises(ValueError, match="2 block generators for 3 blocks"):
+        actor_update_parts(11, 3, [torch.Generator(), torch.Generator()])
     # One update keeps every row in order: the contiguous chunks of a per-rollout run.
-    assert actor_update_parts(11, 1, torch.Generator().manual_seed(0)) == [slice(None)]
+    assert actor_update_parts(11, 1, []) == [slice(None)]
     assert part_chunks(slice(None), 5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
 
 

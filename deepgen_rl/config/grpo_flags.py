@@ -108,9 +108,10 @@ class ObjectiveFlags:
     )
     atrain_num_actor_update_steps: int = field(
         default=1,
-        metadata={"help": "Split the rollout's samples (one random permutation per rank) into N disjoint parts trained "
-                  "one after another over the same drawn timesteps (the remainder is dropped and logged); old "
-                  "log-probs are always the rollout's."},
+        metadata={"help": "Split the rollout's samples into N disjoint parts (each block of N consecutive samples "
+                  "dealt at random, one to each part, keyed by global sample index) trained one after another over "
+                  "the same drawn timesteps (the remainder is dropped and logged); old log-probs are always the "
+                  "rollout's."},
     )
     atrain_adv_type: AdvantageType = field(
         default="gdpo",

@@ -53,6 +53,13 @@ class RunFlags:
                   "its files are MOVED into <output_dir>/archived-<UTC time>/ (never deleted). Without it such a "
                   "start stops with a message (continue that run with --resume_from_checkpoint latest)."},
     )
+    replay_step: int = field(
+        default=0,
+        metadata={"help": "Run exactly GRPO step N of a run and stop (0: off), on any world size, to debug it: pass "
+                  "the run's own flags, --resume_from_checkpoint <run>/checkpoint-<N-1> (none for N = 1) and a NEW "
+                  "--output_dir (the original run is only read). Every draw of a step is keyed by global position, "
+                  "so the replay sees the same prompts, noise and rewards (docs/reproducibility.md)."},
+    )
     # --- end resume ---
     # --- divergence guard (issue 30, trainer/divergence.py) ---
     max_skipped_steps: int = field(

@@ -7,9 +7,12 @@ Sampling (docs/upstream_compatibility.md#dataset-yaml): a dataset is drawn with 
 
     sample_proportional:  p_d = w_d n_d / sum_e w_e n_e       weight_only:  p_d = w_d / sum_e w_e
 
-(w = sample_weight, n = number of prompts), then a prompt uniformly within it, with replacement. Batch b of
-rank r uses its own generator seeded by (seed, rank, b): the sampler's whole state is the number of batches
-drawn, so resuming from a checkpoint continues the exact sequence, and ranks draw different prompts.
+(w = sample_weight, n = number of prompts), then a prompt uniformly within it, with replacement. Batch b is one
+list of prompts for the WHOLE run: its prompt i (global index) comes from its own generator seeded by
+(seed, b, i), and rank r of a run drawing n prompts per rank takes the prompts r*n .. r*n + n - 1. So any number
+of ranks sharing the same global batch draws the same prompts (docs/reproducibility.md), a rank draws only its own
+(the cost does not grow with the world size), and the sampler's whole state is the number of batches drawn:
+resuming from a checkpoint continues the exact sequence, on any world size.
 """
 
 from __future__ import annotations
@@ -109,13 +112,19 @@ class PromptSampler:
         self.batches_drawn = 0
 
     def sample(self, batch_size: int) -> list[PromptSample]:
-        """The next ``batch_size`` prompts (with replacement)."""
+        """This rank's next ``batch_size`` prompts (with replacement): the global prompts rank*batch_size ..
+        rank*batch_size + batch_size - 1 of the next batch."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive; got {batch_size}")
-        rng = numpy_rng(self.seed, self.rank, self.batches_drawn)
+        batch, first = self.batches_drawn, self.rank * batch_size
         self.batches_drawn += 1
-        chosen = rng.choice(len(self.datasets), size=batch_size, p=self.probabilities)
-        return [self.datasets[d][int(rng.integers(self.sizes[d]))] for d in chosen]
+        return [self._draw(batch, first + i) for i in range(batch_size)]
+
+    def _draw(self, batch: int, index: int) -> PromptSample:
+        """Prompt ``index`` of batch ``batch``: a dataset by ``probabilities``, then a prompt uniformly within it."""
+        rng = numpy_rng(self.seed, batch, index)
+        dataset = int(rng.choice(len(self.datasets), p=self.probabilities))
+        return self.datasets[dataset][int(rng.integers(self.sizes[dataset]))]
 
     def state_dict(self) -> dict:
         """What a checkpoint needs to resume the exact prompt sequence."""

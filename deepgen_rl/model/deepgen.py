@@ -33,6 +33,7 @@ from transformers import PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGenera
 from ..core.model_names import TrainableModuleSet
 from .connector import ConnectorConfig, ConnectorEncoder
 from .kontext import ReferenceLatents
+from .prompt_padding import pad_floor
 # The templates live in prompt_format.py; tiny.py and model/__init__.py import them from here too.
 from .prompt_format import (CHAT_TEMPLATE, GENERATION_TEMPLATE, NEGATIVE_PROMPT, FormattedPrompts,  # noqa: F401
                             chat_text, format_edit_prompts, format_prompts, template_tokens)
@@ -230,6 +231,10 @@ class DeepGenModel(nn.Module):
         tokens = self.tokenizer(
             texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=True,
         )
+        floor = pad_floor() if vision is None else 0  # a GRPO step's global padded length (prompt_padding.py)
+        if floor > tokens.input_ids.shape[1]:
+            tokens = self.tokenizer(texts, return_tensors="pt", padding="max_length", max_length=floor,
+                                    padding_side="left", add_special_tokens=True)
         batch = tokens.input_ids.shape[0]
         # Query positions carry token id 0; positions come from the LLM's own (m)RoPE index function, run on the
         # CPU token ids: its per-row masking and .tolist() would be host syncs on a GPU and cannot run on the

@@ -163,9 +163,13 @@ def local_checks(training_args: GRPOConfig, model_args: ModelArguments, data_arg
     problems = check_model_paths(model_args)
     batch = batch_problem(training_args, world_size, training_args.sftaux_coef > 0)
     problems += [p for p in [untrained_connector_problem(model_args), batch] if p]
+    from ..trainer.replay import replay_problem
     from ..trainer.run_folder import OutputDirInUseError, claim_output_dir, resume_requested
 
-    if not resume_requested(training_args.resume_from_checkpoint):  # the workers would refuse it after the wait
+    replay = replay_problem(training_args.replay_step, training_args.resume_from_checkpoint, training_args.output_dir)
+    problems += [replay] if replay else []
+    # the workers would refuse a used folder after the wait (a replay writes into a new one)
+    if not resume_requested(training_args.resume_from_checkpoint) or training_args.replay_step:
         try:
             claim_output_dir(training_args.output_dir, overwrite=training_args.overwrite_output_dir, mover=False)
         except OutputDirInUseError as err:

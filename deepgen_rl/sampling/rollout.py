@@ -25,6 +25,7 @@ from torch import Tensor
 from deepgen_rl.core.sde_checks import check_sde_eta, check_sde_steps
 from deepgen_rl.sampling.edit_conditioning import EditConditioning
 from deepgen_rl.sampling.mixed_conditioning import MixedConditioning, encode_edit_aware, encode_kind
+from deepgen_rl.sampling.noise import NoiseSource, SampleNoise
 from deepgen_rl.sampling.steps import (
     LOGPROB_VARIANTS,
     SAMPLERS,
@@ -100,8 +101,15 @@ def encode_conditioning(model, prompts: Sequence[str], group_size: int, cfg_scal
 
 
 def initial_noise(num_prompts: int, group_size: int, latent_shape: tuple[int, int, int], *, same_in_group: bool,
-                  generator: torch.Generator, device: torch.device) -> Tensor:
-    """x_0 ~ N(0, I): [N, C, h, w] fp32; with ``same_in_group`` one draw per prompt shared by its G samples."""
+                  generator: NoiseSource, device: torch.device) -> Tensor:
+    """x_0 ~ N(0, I): [N, C, h, w] fp32; with ``same_in_group`` one draw per prompt shared by its G samples.
+    A ``SampleNoise`` (N streams): every row draws its first number block from its own stream (so the later SDE
+    draws of a row do not depend on the flag), and with ``same_in_group`` a group shares its first row's draw."""
+    if isinstance(generator, SampleNoise):
+        if len(generator) != num_prompts * group_size:
+            raise ValueError(f"SampleNoise has {len(generator)} streams for {num_prompts * group_size} samples.")
+        noise = generator.randn(latent_shape).to(device)
+        return repeat_groups(noise[::group_size], group_size) if same_in_group else noise
     rows = num_prompts if same_in_group else num_prompts * group_size
     noise = torch.randn((rows, *latent_shape), generator=generator, device=generator.device, dtype=torch.float32)
     noise = noise.to(device)
@@ -109,7 +117,7 @@ def initial_noise(num_prompts: int, group_size: int, latent_shape: tuple[int, in
 
 
 def denoise_loop(model, x: Tensor, cond: Conditioning, sigmas: Tensor, settings: SamplerSettings,
-                 generator: Optional[torch.Generator], latents_out: Optional[Tensor] = None,
+                 generator: Optional[NoiseSource], latents_out: Optional[Tensor] = None,
                  log_probs_out: Optional[Tensor] = None, window: Optional[tuple[int, int]] = None,
                  means_out: Optional[Tensor] = None) -> Tensor:
     """Run all T steps on one micro-batch of n samples and return x_T [n, C, h, w] fp32.
@@ -119,7 +127,8 @@ def denoise_loop(model, x: Tensor, cond: Conditioning, sigmas: Tensor, settings:
     None = (0, T). When given, x_start..x_end are written into the STEP-MAJOR ``latents_out`` [end - start + 1,
     n, C, h, w] (each slot contiguous, so the sampler writes x' in place: no copy per step) and the window's
     log-probs into ``log_probs_out`` [T, n] at their step rows; ``means_out`` [end - start, n, C, h, w] receives each
-    window step's Gaussian mean (GRPO-Guard's mean_old).
+    window step's Gaussian mean (GRPO-Guard's mean_old). ``generator``: a shared generator, or the n rows' own
+    streams (``SampleNoise``, sampling/noise.py: a row's noise then does not depend on the micro-batch).
     """
     sigma_list = sigmas.tolist()  # one host read for the whole loop; the step math uses these floats
     num_steps = len(sigma_list) - 1
@@ -142,7 +151,9 @@ def denoise_loop(model, x: Tensor, cond: Conditioning, sigmas: Tensor, settings:
             if slot is not None:
                 x = slot.copy_(x)
         else:
-            result = sample_with_coefficients(x, v, coefs[i], variant, generator, None, out=slot)
+            own = generator.randn(x.shape[1:]) if isinstance(generator, SampleNoise) else None
+            result = sample_with_coefficients(x, v, coefs[i], variant, None if own is not None else generator, own,
+                                              out=slot)
             x = result.next_latents
             if log_probs_out is not None:
                 log_probs_out[i] = result.log_prob
@@ -191,7 +202,7 @@ def decode_images(model, latents: Tensor, micro_batch_size: Optional[int]) -> Te
 
 def rollout(model, prompts: Sequence[str], *, group_size: int, sampler: Sampler, eta: float,
             logprob_variant: LogProbVariant, num_inference_steps: int, height: int, width: int, cfg_scale: float,
-            init_same_noise: bool, generator: torch.Generator, micro_batch_size: Optional[int] = None,
+            init_same_noise: bool, generator: NoiseSource, micro_batch_size: Optional[int] = None,
             sde_window: Optional[tuple[int, int]] = None,
             on_micro_batch: Optional[Callable[[slice, Tensor], None]] = None,
             record_means: bool = False, edit: Optional[EditConditioning] = None,
@@ -200,7 +211,9 @@ def rollout(model, prompts: Sequence[str], *, group_size: int, sampler: Sampler,
 
     Returns a :class:`Trajectory` with N = B * G rows (prompt b's samples at rows b*G .. b*G + G - 1).
     ``micro_batch_size`` bounds the rows per model forward (None: all at once). ``generator`` drives the
-    initial and per-step noise (put it on the model's device to avoid host-to-device copies per step).
+    initial and per-step noise (put it on the model's device to avoid host-to-device copies per step); a
+    ``SampleNoise`` of N streams gives each sample its own (the trainer keys them by global sample index, so
+    neither the micro-batch size nor the number of ranks changes a sample's noise).
     ``sde_window`` (start, end): SDE only on steps start..end-1, ODE elsewhere, and only x_start..x_end kept
     (None: every step SDE, all T + 1 latents kept). ``on_micro_batch(rows, x_T)`` is called after each
     micro-batch with its rows and final latents [n, C, h, w] (the trainer streams them to the rewards).
@@ -236,7 +249,8 @@ def rollout(model, prompts: Sequence[str], *, group_size: int, sampler: Sampler,
         means = (torch.empty((end - start, num, *latent_shape), dtype=torch.float32, device=device)
                  if record_means and sampler != "ode" else None)
         for rows in split_rows(num, micro_batch_size):
-            x_final = denoise_loop(model, x0[rows], cond.select(rows), sigmas, settings, generator, latents[:, rows],
+            noise = generator.select(rows) if isinstance(generator, SampleNoise) else generator
+            x_final = denoise_loop(model, x0[rows], cond.select(rows), sigmas, settings, noise, latents[:, rows],
                                    None if log_probs is None else log_probs[:, rows], (start, end),
                                    None if means is None else means[:, rows])
             if final is not None:

@@ -3,7 +3,9 @@ t2i_grpo_moretextdata.py).
 
 The config defines ``sftaux_datasets``: a list of dicts, each an ``image_caption_jsonl`` or ``image_folder``
 dataset (see the shipped config for the fields). :class:`SftAuxSampler` draws seeded, resumable batches: batch b
-of rank r uses a generator seeded by (seed, rank, b), so its only state is the number of batches drawn.
+item i (global index: rank r of n items per rank takes r*n .. r*n + n - 1) uses a generator seeded by
+(seed, b, i), so its only state is the number of batches drawn and any world size with the same global SFT-aux
+batch (--sftaux_batch_size x ranks) draws the same items.
 Images are resized (shorter side) and centre-cropped to the training resolution, as floats in [0, 1].
 
 Legend: n images per batch, H/W the training image size.
@@ -149,12 +151,16 @@ class SftAuxSampler:
     def sample(self, batch_size: int) -> SftAuxBatch:
         if batch_size <= 0:
             raise ValueError(f"--sftaux_batch_size must be positive; got {batch_size}.")
-        rng = numpy_rng(self.seed, self.rank, self.batches_drawn, 7)
+        batch, first = self.batches_drawn, self.rank * batch_size
         self.batches_drawn += 1
-        chosen = rng.choice(len(self.datasets), size=batch_size, p=self.probabilities)
-        items = [self.datasets[d].items[int(rng.integers(len(self.datasets[d])))] for d in chosen]
+        items = [self._draw(batch, first + i) for i in range(batch_size)]
         images = torch.stack([load_image(path, self.height, self.width) for path, _ in items])
         return SftAuxBatch(images=images, captions=[caption for _, caption in items])
+
+    def _draw(self, batch: int, index: int) -> tuple[Path, str]:
+        rng = numpy_rng(self.seed, batch, index, 7)  # 7: apart from the prompt sampler's (seed, batch, index)
+        dataset = self.datasets[int(rng.choice(len(self.datasets), p=self.probabilities))]
+        return dataset.items[int(rng.integers(len(dataset)))]
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "batches_drawn": self.batches_drawn,

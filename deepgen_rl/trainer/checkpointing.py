@@ -47,6 +47,7 @@ from deepgen_rl.core.distributed import all_reduce, barrier, rank_and_world
 from deepgen_rl.model.safe_load import UnsafeCheckpointError, load_weights_only, weights_only_loads
 from deepgen_rl.monitor.best import protected_checkpoint
 
+from .optimizer_reshard import ReshardUnsupported, load_resharded_optimizer
 from .weights_resume import load_weights_reset_optimizer
 
 logger = logging.getLogger(__name__)
@@ -389,25 +390,36 @@ def read_ema_state(checkpoint_dir: str | Path, source: str = RESUME_FLAG) -> Opt
 
 
 def load_checkpoint(engine, checkpoint_dir: str | Path, *, rank: int, world_size: int = 1,
-                    reset_optimizer: bool = False) -> TrainerState:
+                    reset_optimizer: bool = False, reshard_optimizer: bool = False) -> TrainerState:
     """Restore weights, optimizer and scheduler (DeepSpeed), this rank's RNG and the trainer state.
 
     A checkpoint saved under another world size loads weights + schedule with a fresh optimizer when
-    ``reset_optimizer`` (--resume_reset_optimizer), else raises naming both sizes."""
+    ``reset_optimizer`` (--resume_reset_optimizer), with AdamW's moments re-split for this world size when
+    ``reshard_optimizer`` (--replay_step; ZeRO-1/2: optimizer_reshard.py), else raises naming both sizes."""
     path = Path(checkpoint_dir)
     state = read_trainer_state(path)
     try:
         if state.world_size != world_size:
-            if not reset_optimizer:
+            if not reset_optimizer and not reshard_optimizer:
                 raise CheckpointLoadError(
                     f"{path} was saved by {state.world_size} processes (world size {state.world_size}); this run "
                     f"has world size {world_size}. DeepSpeed's ZeRO optimizer state is partitioned per process, so it "
                     f"cannot be split anew. Either relaunch on {state.world_size} processes (NNODES x NGPUS), or add "
                     "--resume_reset_optimizer true to load the weights and LR schedule and restart AdamW's moments.")
-            logger.warning("%s was saved with world size %d; this run has %d: --resume_reset_optimizer loads the "
-                           "weights and the LR schedule, and AdamW's moments restart from zero.", path,
-                           state.world_size, world_size)
-            load_weights_reset_optimizer(engine, path, (path / "latest").read_text().strip())
+            tag = (path / "latest").read_text().strip()
+            load_weights_reset_optimizer(engine, path, tag)
+            if reshard_optimizer and not reset_optimizer:
+                try:
+                    load_resharded_optimizer(engine, path, tag)
+                except ReshardUnsupported as err:
+                    raise CheckpointLoadError(
+                        f"{path} was saved by {state.world_size} processes and this run has {world_size}: {err}. "
+                        f"Replay on {state.world_size} processes, or add --resume_reset_optimizer true (AdamW's "
+                        "moments then restart, so the replayed update differs).") from err
+            else:
+                logger.warning("%s was saved with world size %d; this run has %d: --resume_reset_optimizer loads "
+                               "the weights and the LR schedule, and AdamW's moments restart from zero.", path,
+                               state.world_size, world_size)
         else:
             with weights_only_loads(path, source=RESUME_FLAG):
                 load_path, _ = engine.load_checkpoint(str(path), load_module_strict=False,

@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from deepgen_rl.model.prompt_padding import longest_chat_text, padded_to_at_least
 from deepgen_rl.model.vision_tower import drop_vision_tower
 from deepgen_rl.trainer.edit_rollout import has_edit_datasets, row_sources, row_targets, step_edit_conditioning
 from deepgen_rl.rewards.reward_step import RewardBatch
@@ -43,8 +44,7 @@ import deepgen_rl.trainer.run_checkpoints as run_checkpoints
 from .advantage_step import global_advantages
 from .batching import BatchPlan, plan_batches, total_training_steps
 from .deepspeed_setup import initialize_engine, zero_stage
-from ..core.distributed import (SEED_ROLLOUT, SEED_SFTAUX, all_reduce, all_reduce_sum, derive_seed, rank_and_world,
-                           seeded_generator)
+from ..core.distributed import all_reduce, all_reduce_sum, rank_and_world
 from .ema import EmaCounters
 from .ema_shards import ema_from_args
 from .divergence import SkipBudget, TrainingDiverged, check_trained_weights, stop_message
@@ -52,6 +52,7 @@ from .eval_hook import EvalHook
 from .failure_budget import FailureBudget, RunSummary
 from .hacking import build_monitor, monitor_metrics, submit_images
 from .kl_forward import effective_kl_forward
+from .global_draws import rollout_noise, sftaux_noise
 from .logging_utils import MetricsLogger, TrackerSettings
 from .nft import NftOldPolicy
 from .objective import ObjectiveSettings, policy_chunk_objective, sftaux_objective
@@ -143,14 +144,35 @@ class DeepGenGRPOTrainer:
         finished micro-batch is decoded and its scoring started at once (trainer/streaming.py)."""
         args = self.args
         samples = self.prompt_sampler.sample(self.plan.prompts_per_rank)
-        generator = seeded_generator(self.device, derive_seed(args.seed, SEED_ROLLOUT, step, self.rank))
+        # One noise stream per sample, keyed by its global index: any world size draws the same (global_draws.py)
+        generator = rollout_noise(args.seed, step, self.rank, self.plan.samples_per_rank, self.device)
         window = draw_sde_window(args, step)  # the same on every rank (seeded by the step)
+        prompt_length = self._global_prompt_length(samples)
         edit = step_edit_conditioning(self.model, samples, args.rollout_n, args.image_height, args.image_width)
         stream = (RewardStream(self.model, self.reward_step, samples, args.rollout_n, args.rollout_micro_batch_size,
                                args.vae_decode_micro_batch_size, edit) if args.stream_rewards else None)
         self.model.eval()
         # DiffusionNFT: the old policy rolls out with the deterministic ODE (trainer/nft.py).
-        trajectory = rollout(
+        with padded_to_at_least(prompt_length):
+            trajectory = self._rollout(samples, generator, window, stream, edit)
+        truncated = sum(self.model.format_prompts([s.prompt for s in samples]).truncated)
+        batch = RolloutBatch(samples=samples, trajectory=trajectory, truncated_prompts=truncated, sde_window=window,
+                             rewards_in_flight=stream, prompt_length=prompt_length)
+        if stream is not None:
+            batch.images = stream.images
+            trajectory.release_final()
+        return batch
+
+    def _global_prompt_length(self, samples) -> int:
+        """The longest chat text of the step's prompts on ALL ranks (a collective): every rank pads its prompt
+        batch to it, as one rank encoding the whole batch would (model/prompt_padding.py)."""
+        prompts = [s.prompt for s in samples if not s.is_edit]  # edit prompts keep their own batch's length
+        local = longest_chat_text(self.model, prompts, self.args.rollout_cfg_scale > 0) if prompts else 0
+        return int(all_reduce(torch.tensor([float(local)]), self.device, op="max").item())
+
+    def _rollout(self, samples, generator, window, stream, edit):
+        args = self.args
+        return rollout(
             self.model if self.nft is None else self.nft.rollout_model, [s.prompt for s in samples],
             group_size=args.rollout_n, sampler=args.atrain_sde_sampler if self.nft is None else "ode",
             eta=args.sde_eta, logprob_variant=args.logprob_variant, num_inference_steps=args.num_inference_steps,
@@ -160,13 +182,6 @@ class DeepGenGRPOTrainer:
             on_micro_batch=None if stream is None else stream.on_micro_batch,
             record_means=args.atrain_algorithm == "grpoguard", edit=edit,
             forward_rows=None if self.nft is not None else self.plan.forward_rows(args.rollout_micro_batch_size))
-        truncated = sum(self.model.format_prompts([s.prompt for s in samples]).truncated)
-        batch = RolloutBatch(samples=samples, trajectory=trajectory, truncated_prompts=truncated, sde_window=window,
-                             rewards_in_flight=stream)
-        if stream is not None:
-            batch.images = stream.images
-            trajectory.release_final()
-        return batch
 
     def decode_phase(self, batch: RolloutBatch) -> None:
         """Serial path: x_T decoded in the streamed path's group-aligned chunks (identical images)."""
@@ -201,13 +216,16 @@ class DeepGenGRPOTrainer:
                          objective=self._chunk_objective, safe_point=self._safe_point, batch=batch,
                          adv=advantages.advantages.to(self.device), valid=advantages.valid.to(self.device),
                          policy_share=1.0 - args.sftaux_coef if self.sftaux_sampler is not None else 1.0,
-                         global_step=self.state.global_step, kl_forward=self.kl_forward)
+                         global_step=self.state.global_step, kl_forward=self.kl_forward,
+                         world_size=self.world_size)
         if self.nft is not None:  # DiffusionNFT: "timestep" i is column i of per-sample random sigmas (nft.py)
-            ctx.nft_draw = self.nft.draw(trajectory, len(steps), seed=args.seed, step=step, rank=self.rank)
+            ctx.nft_draw = self.nft.draw(trajectory, len(steps), seed=args.seed, step=step,
+                                         first_sample=self.rank * plan.samples_per_rank)
             steps = list(range(len(steps)))
         if self.reference is not None and self.text_trains:
-            ctx.reference_conditioning = self.reference.conditioning(batch.unique_prompts, args.rollout_n,
-                                                                     args.rollout_cfg_scale, trajectory.edit)
+            with padded_to_at_least(batch.prompt_length):
+                ctx.reference_conditioning = self.reference.conditioning(batch.unique_prompts, args.rollout_n,
+                                                                         args.rollout_cfg_scale, trajectory.edit)
         self.step_records = ctx.records
         lr = float(self.engine.get_lr()[0])
         self.model.train()
@@ -230,7 +248,7 @@ class DeepGenGRPOTrainer:
             metrics.update(self.nft.metrics(self.device))
         return metrics
 
-    def _train_timestep(self, ctx: StepUpdate, step_index: int, chunks, denominator: int, *,
+    def _train_timestep(self, ctx: StepUpdate, step_index: int, chunks, denominator: float, *,
                         last_backward: bool) -> None:
         """One drawn timestep of one actor update (StepUpdate.train_timestep): the unit the update loop runs."""
         ctx.train_timestep(step_index, chunks, denominator, last_backward=last_backward)
@@ -238,9 +256,11 @@ class DeepGenGRPOTrainer:
     def _chunk_objective(self, ctx: StepUpdate, step_index: int, rows):
         """One chunk's objective under the current weights: DiffusionNFT's, or GRPO / GRPO-Guard's."""
         args = self.args
-        conditioning = (encode_conditioning(self.model, ctx.batch.unique_prompts, args.rollout_n,
-                                            args.rollout_cfg_scale, ctx.batch.trajectory.edit)
-                        if self.text_trains else None)
+        conditioning = None
+        if self.text_trains:  # re-encoded under the current weights, padded as the rollout was
+            with padded_to_at_least(ctx.batch.prompt_length):
+                conditioning = encode_conditioning(self.model, ctx.batch.unique_prompts, args.rollout_n,
+                                                   args.rollout_cfg_scale, ctx.batch.trajectory.edit)
         if self.nft is not None:
             return self.nft.chunk_objective(self.model, ctx.batch.trajectory, ctx.nft_draw, step_index, rows,
                                             advantages=ctx.adv, valid=ctx.valid, beta=args.beta,
@@ -252,9 +272,9 @@ class DeepGenGRPOTrainer:
                                       reference_conditioning=ctx.reference_conditioning, conditioning=conditioning)
 
     def _sftaux_loss(self, step: int) -> torch.Tensor:
-        """The flow-matching loss of this step's SFT-aux batch (seeded per step and rank)."""
+        """The flow-matching loss of this step's SFT-aux batch (each item's draws keyed by its global index)."""
         sft = self.sftaux_sampler.sample(self.args.sftaux_batch_size)
-        generator = seeded_generator(self.device, derive_seed(self.args.seed, SEED_SFTAUX, step, self.rank))
+        generator = sftaux_noise(self.args.seed, step, self.rank, self.args.sftaux_batch_size, self.device)
         return sftaux_objective(self.model, sft.images.to(self.device), sft.captions, generator,
                                 text_trains=self.text_trains)
 

@@ -13,8 +13,8 @@ wrong):
 * training draws, per sample, a random permutation of the rollout's T non-zero sigmas and trains the first
   K = int(T x timestep_fraction) of them (column j of the draw is the j-th "timestep" of the optimizer-step
   schedule), each on a FRESH forward noising x_t = (1 - t) x0 + t eps of the final clean latent x0; eps is drawn
-  per (GRPO step, rank, column) from a seeded stream, so a re-forward (the reference schedule's KL step) and a
-  resumed run see the same x_t.
+  per (GRPO step, global sample index, column) from a seeded stream, so any world size draws the same eps, and a
+  re-forward (the reference schedule's KL step) and a resumed run see the same x_t.
 * loss: ``rl.nft.nft_loss`` (masked mean over the chunk's valid samples) + --beta x mean (v - v_ref)^2.
 
 Legend: N samples of the rank, K trained columns, T steps, n samples in a chunk, C/h/w latent.
@@ -50,19 +50,21 @@ _STAT_NAMES = ("positive_loss", "negative_loss", "optimality", "old_deviation", 
 @dataclass
 class NftDraw:
     """One GRPO step's training draw on this rank. steps: [N, K] sigma indices in 0..T-1 (a random permutation's
-    first K per sample); the noise of column j comes from the stream (run seed, step, rank, 1 + j) (the last
-    column's is cached)."""
+    first K per sample); row i's noise of column j comes from the stream (run seed, step, global sample
+    first + i, 1 + j) (the last column's is cached): no draw depends on the rank or the world size."""
 
     steps: Tensor
-    keys: tuple[int, int, int]  # (--seed, GRPO step, rank)
+    keys: tuple[int, int, int]  # (--seed, GRPO step, global index of row 0)
     _cached: dict = field(default_factory=dict)
 
     def noise(self, column: int, like: Tensor) -> Tensor:
         """[N, C, h, w] fp32 standard normal noise of column ``column`` (the same on every call)."""
         if column not in self._cached:
-            seed, step, rank = self.keys
-            generator = seeded_generator(torch.device("cpu"), derive_seed(seed, SEED_NFT_TRAIN, step, rank, 1 + column))
-            self._cached = {column: torch.randn(like.shape, generator=generator, dtype=torch.float32).to(like.device)}
+            seed, step, first = self.keys
+            rows = [torch.randn(like.shape[1:], dtype=torch.float32, generator=seeded_generator(
+                torch.device("cpu"), derive_seed(seed, SEED_NFT_TRAIN, step, first + i, 1 + column)))
+                for i in range(like.shape[0])]
+            self._cached = {column: torch.stack(rows).to(like.device)}
         return self._cached[column]
 
 
@@ -124,12 +126,13 @@ class NftOldPolicy:
 
     # ----- training ---------------------------------------------------------------------------------------
 
-    def draw(self, trajectory: Trajectory, num_columns: int, *, seed: int, step: int, rank: int) -> NftDraw:
-        """Per-sample random sigma indices [N, K] (K = ``num_columns`` <= T) for GRPO step ``step`` of ``rank``."""
-        generator = seeded_generator(torch.device("cpu"), derive_seed(seed, SEED_NFT_TRAIN, step, rank, 0))
-        steps = torch.stack([torch.randperm(trajectory.num_steps, generator=generator)[:num_columns]
-                             for _ in range(trajectory.num_samples)])
-        return NftDraw(steps=steps, keys=(seed, step, rank))
+    def draw(self, trajectory: Trajectory, num_columns: int, *, seed: int, step: int, first_sample: int) -> NftDraw:
+        """Per-sample random sigma indices [N, K] (K = ``num_columns`` <= T) for GRPO step ``step``; row i is the
+        global sample ``first_sample + i`` and draws from its own stream (trainer/global_draws.py)."""
+        steps = torch.stack([torch.randperm(trajectory.num_steps, generator=seeded_generator(
+            torch.device("cpu"), derive_seed(seed, SEED_NFT_TRAIN, step, first_sample + i, 0)))[:num_columns]
+            for i in range(trajectory.num_samples)])
+        return NftDraw(steps=steps, keys=(seed, step, first_sample))
 
     def chunk_objective(self, model: torch.nn.Module, trajectory: Trajectory, draw: NftDraw, column: int, rows: Rows,
                         *, advantages: Tensor, valid: Tensor, beta: float, reference: Optional[ReferencePolicy],

@@ -22,6 +22,7 @@ from deepgen_rl.rl.flow_matching import flow_matching_objective
 from deepgen_rl.rl.grpo_guard import dt_reweight, guard_log_ratio
 from deepgen_rl.rl.losses import KLType
 from deepgen_rl.sampling import Conditioning, Trajectory, recompute_step, step_coefficients, transition_mean
+from deepgen_rl.sampling.noise import NoiseSource, SampleNoise
 from deepgen_rl.sampling.trajectory import Rows
 
 from .reference_policy import ReferencePolicy
@@ -135,11 +136,25 @@ def _reference_kl(trajectory: Trajectory, step: int, rows: Rows, current, refere
     return reference_kl("x-based", sampler_std=current.sampler_std, mean=current.mean, ref_mean=ref_mean)
 
 
-def sftaux_objective(model: torch.nn.Module, images: Tensor, captions: list[str], generator: torch.Generator, *,
+def sftaux_objective(model: torch.nn.Module, images: Tensor, captions: list[str], generator: NoiseSource, *,
                      text_trains: bool) -> Tensor:
     """Flow-matching loss L_sft = mean ||v_theta(x_t, t, c) - (eps - x0)||^2, x_t = (1 - t) x0 + t eps,
-    t ~ U(0, 1) (docs/algorithms.md#sft-aux). images: [n, 3, H, W] in [0, 1] on the model's device."""
-    x0 = model.encode_images(images, generator=generator).float()  # the VAE is frozen: no graph needed
+    t ~ U(0, 1) (docs/algorithms.md#sft-aux). images: [n, 3, H, W] in [0, 1] on the model's device.
+    ``generator``: one shared generator, or n per-item streams (``SampleNoise``; the trainer's, keyed by global
+    item index): item i's VAE sample, eps and t then come from stream i alone, in that order."""
+    if isinstance(generator, SampleNoise):
+        # the VAE is frozen: no graph needed
+        x0 = torch.cat([model.encode_images(images[i:i + 1], generator=g).float()
+                        for i, g in enumerate(generator.generators)])
+        noise = generator.randn(x0.shape[1:]).to(x0.device)
+        t = generator.rand().to(x0.device)
+    else:
+        x0 = model.encode_images(images, generator=generator).float()  # the VAE is frozen: no graph needed
+        noise = t = None
     with torch.set_grad_enabled(text_trains):
         prompt_embeds, pooled = model.encode_prompt(captions)
-    return flow_matching_objective(model, x0, prompt_embeds, pooled, generator)
+    if noise is None:
+        return flow_matching_objective(model, x0, prompt_embeds, pooled, generator)
+    velocity = model.predict_velocity(noised_latents(x0, noise, t), t, prompt_embeds, pooled).float()
+    return flow_matching_loss(velocity, x0, noise)
+

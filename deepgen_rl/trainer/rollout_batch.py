@@ -23,6 +23,7 @@ class RolloutBatch:
     truncated_prompts: int = 0  # of the B prompts, cut to --max_prompt_length (their user text only)
     sde_window: Optional[tuple[int, int]] = None  # (start, end) of the SDE window; None: every step SDE
     rewards_in_flight: Optional[RewardStream] = None  # --stream_rewards: the chunks scored during the rollout
+    prompt_length: int = 0  # the step's global padded prompt length (model/prompt_padding.py)
 
     @property
     def unique_prompts(self) -> list[str]:

@@ -66,11 +66,12 @@ def load_run(engine, args, path: str | Path, *, rank: int, world_size: int, max_
     """Restore a checkpoint into the engine, samplers, EMA and old policy; the returned state describes this run
     (its max_steps, world size and global batch)."""
     state = checkpointing.load_checkpoint(engine, path, rank=rank, world_size=world_size,
-                                          reset_optimizer=args.resume_reset_optimizer)
-    if state.world_size != world_size or state.global_batch_size != args.global_batch_size:
-        logger.warning("%s was saved with world size %d and global batch %d; now %d and %d: the prompt sequence "
-                       "will differ from an uninterrupted run.", path, state.world_size, state.global_batch_size,
-                       world_size, args.global_batch_size)
+                                          reset_optimizer=args.resume_reset_optimizer,
+                                          reshard_optimizer=bool(getattr(args, "replay_step", 0)))
+    # Every draw is keyed by global position (global_draws.py): only the global batch changes the sequences.
+    if state.global_batch_size != args.global_batch_size:
+        logger.warning("%s was saved with global batch %d; now %d: the prompt and noise sequences will differ from "
+                       "an uninterrupted run.", path, state.global_batch_size, args.global_batch_size)
     prompt_sampler.load_state_dict(state.prompt_sampler)
     if sftaux_sampler is not None and state.sftaux_sampler:
         sftaux_sampler.load_state_dict(state.sftaux_sampler)

@@ -13,6 +13,7 @@ from typing import Optional
 from tqdm.auto import tqdm
 
 import deepgen_rl.trainer.checkpointing as checkpointing
+import deepgen_rl.trainer.replay as replay
 import deepgen_rl.trainer.run_checkpoints as run_checkpoints
 import deepgen_rl.trainer.run_folder as run_folder
 
@@ -34,9 +35,16 @@ def run(trainer: "DeepGenGRPOTrainer", resume_from_checkpoint: Optional[str]) ->
     requested = resume_from_checkpoint or args.resume_from_checkpoint
     resume = run_checkpoints.resume_path(args, requested, trainer.device)
     mover = run_checkpoints.is_renamer(args, trainer.engine, trainer.rank)
+    replay_step = replay.replay_step_of(args)
+    replay.check_replay_flags(replay_step, requested, args.output_dir)
     if resume is not None:
+        saved_max_steps = checkpointing.read_trainer_state(resume).max_steps
         trainer.load(resume)
-        run_folder.abandon_newer(args.output_dir, trainer.state.global_step, mover=mover)
+        replay.check_resumed_state(replay_step, trainer.state.global_step, saved_max_steps, trainer.max_steps)
+        if replay_step:  # a new folder: the replayed run's own is only read
+            run_folder.claim_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, mover=mover)
+        else:
+            run_folder.abandon_newer(args.output_dir, trainer.state.global_step, mover=mover)
     elif not checkpointing.is_latest_request(requested):  # 'latest' finding none is the same run starting over
         run_folder.claim_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, mover=mover)
     barrier()  # every rank sees the folder as the mover left it
@@ -88,7 +96,7 @@ def _steps(trainer: "DeepGenGRPOTrainer", metrics_logger: MetricsLogger, bar, he
     with GracefulStop() as stop:
         trainer._stop = stop
         act_on_alarms(trainer)  # alarms a resumed run had raised (the monitor replayed its metrics)
-        while trainer.state.global_step < trainer.max_steps:
+        while trainer.state.global_step < replay.last_step(replay.replay_step_of(trainer.args), trainer.max_steps):
             heartbeat.beat("step start", trainer.state.global_step + 1)
             start = checkpointing.StepStart.capture(trainer.prompt_sampler, trainer.sftaux_sampler)
             try:

@@ -5,10 +5,11 @@ Legend: N = B*G samples of the rank (B prompts, G = --rollout_n).
 
 from __future__ import annotations
 
-from deepgen_rl.core.distributed import SEED_ROLLOUT, derive_seed, seeded_generator
+from deepgen_rl.model.prompt_padding import padded_to_at_least
 from deepgen_rl.rewards.reward_step import RewardBatch
 from deepgen_rl.trainer.edit_rollout import group_sources
 from deepgen_rl.trainer.ema import ema_sample_images
+from deepgen_rl.trainer.global_draws import rollout_noise
 from deepgen_rl.trainer.logging_utils import MetricsLogger
 from deepgen_rl.trainer.rollout_batch import RolloutBatch
 from deepgen_rl.trainer.step_metrics import weighted_reward
@@ -26,8 +27,9 @@ def log_sample_grid(trainer, metrics_logger: MetricsLogger, batch: RolloutBatch,
         metrics_logger.log_samples(step, batch.images, batch.trajectory.prompts, scores, args.rollout_n, sources)
     elif trainer.rank == 0 or trainer.ema.collective:  # from step ``step``'s rollout seed (drawn at step - 1)
         # The sharded EMA is swapped in through collectives (and ZeRO-3's forwards gather): every rank generates.
-        generator = seeded_generator(trainer.device, derive_seed(args.seed, SEED_ROLLOUT, step - 1, trainer.rank))
-        images = ema_sample_images(trainer.ema, trainer.model, batch.unique_prompts, args, generator,
-                                   batch.trajectory.edit)
+        generator = rollout_noise(args.seed, step - 1, trainer.rank, trainer.plan.samples_per_rank, trainer.device)
+        with padded_to_at_least(batch.prompt_length):  # the rollout's conditioning (model/prompt_padding.py)
+            images = ema_sample_images(trainer.ema, trainer.model, batch.unique_prompts, args, generator,
+                                       batch.trajectory.edit)
         if trainer.rank == 0:
             metrics_logger.log_samples(step, images, batch.trajectory.prompts, None, args.rollout_n, sources)

@@ -6,7 +6,7 @@ Legend: N samples of the rank, U actor updates, S = N // U samples per update, n
 from __future__ import annotations
 
 from dataclasses import astuple, dataclass, fields
-from typing import Union
+from typing import Sequence, Union
 
 import torch
 
@@ -15,15 +15,25 @@ from deepgen_rl.sampling.trajectory import split_rows
 Part = Union[slice, torch.Tensor]  # all rows in order (U == 1), or an index tensor [S]
 
 
-def actor_update_parts(num_samples: int, num_updates: int, generator: torch.Generator) -> list[Part]:
-    """U disjoint parts of S = N // U rows taken from ONE random permutation (PPO mini-batches, as the reference's
-    --atrain_num_actor_update_steps); the last N - U*S rows of the permutation are not trained. U == 1 keeps all
-    rows in their order (nothing to split, and the chunks stay the contiguous ones of a per-rollout run)."""
+def actor_update_parts(num_samples: int, num_updates: int, block_generators: Sequence[torch.Generator]) -> list[Part]:
+    """U disjoint parts of S = N // U rows (PPO mini-batches, as the reference's --atrain_num_actor_update_steps):
+    the rows are cut into S blocks of U consecutive rows and block j's rows are dealt at random, one to each part
+    (``block_generators[j]`` draws its permutation; the trainer keys it by the block's GLOBAL first sample, so the
+    parts do not depend on the number of ranks: trainer/global_draws.py). The last N - U*S rows are not trained.
+    A part holds one row of every block, so it samples every prompt's group about evenly. Each part's rows are in
+    ascending order. U == 1 keeps all rows in their order (nothing to split, and the chunks stay the contiguous
+    ones of a per-rollout run)."""
     if num_updates == 1:
         return [slice(None)]
     size = num_samples // num_updates
-    perm = torch.randperm(num_samples, generator=generator, device=generator.device).cpu()
-    return [perm[k * size:(k + 1) * size] for k in range(num_updates)]
+    if len(block_generators) != size:
+        raise ValueError(f"{len(block_generators)} block generators for {size} blocks of {num_updates} samples.")
+    deals = [torch.randperm(num_updates, generator=g, device=g.device).cpu() for g in block_generators]  # S x [U]
+    table = torch.stack(deals) if deals else torch.empty((0, num_updates), dtype=torch.long)  # [S, U]: part of row
+    rows = torch.arange(size).unsqueeze(1) * num_updates  # [S, 1]: first row of each block
+    # Row j*U + deal_j[k] goes to part k: invert each block's deal.
+    members = rows + torch.argsort(table, dim=1)  # [S, U]: column k holds part k's row of each block
+    return [members[:, k].contiguous() for k in range(num_updates)]
 
 
 def part_chunks(part: Part, num_samples: int, micro_batch_size: int) -> list[Part]:

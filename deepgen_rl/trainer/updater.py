@@ -18,8 +18,9 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from ..core.distributed import SEED_ACTOR_UPDATES, all_reduce_sum, derive_seed, seeded_generator
+from ..core.distributed import all_reduce_sum
 from .batching import BatchPlan
+from .global_draws import actor_update_generators
 from .kl_forward import KLGradientStash
 from .sde_window import draw_train_steps
 from .update_plan import ChunkStats, OptimizerStepRecord, Part, actor_update_parts, part_chunks
@@ -49,10 +50,12 @@ def first_chunk_warning(deviation: float, clip_range: float) -> Optional[str]:
 def draw_update(args, plan: BatchPlan, sde_window: Optional[tuple[int, int]], step: int, rank: int,
                 num_samples: int) -> tuple[list[int], list[Part]]:
     """GRPO step ``step``'s drawn timesteps (one draw shared by every rank: seeded by the step only; inside the SDE
-    window when on) and this rank's actor-update parts of its N samples (seeded per rank)."""
+    window when on) and this rank's actor-update parts of its N samples (keyed by global sample index:
+    global_draws.py)."""
     steps = draw_train_steps(args, sde_window, step)
-    parts_generator = seeded_generator(torch.device("cpu"), derive_seed(args.seed, SEED_ACTOR_UPDATES, step, rank))
-    parts = actor_update_parts(num_samples, plan.actor_update_steps, parts_generator)
+    blocks = ([] if plan.actor_update_steps == 1 else
+              actor_update_generators(args.seed, step, rank, num_samples, plan.actor_update_steps))
+    parts = actor_update_parts(num_samples, plan.actor_update_steps, blocks)
     assert len(steps) == plan.num_train_timesteps, "batch plan and drawn steps disagree"
     return steps, parts
 
@@ -73,6 +76,7 @@ class StepUpdate:
     valid: torch.Tensor
     policy_share: float  # 1 - sftaux_coef with SFT-aux, else 1
     global_step: int  # for the log line of a non-finite loss
+    world_size: int = 1  # ranks whose gradients DeepSpeed averages (the loss denominators' scale)
     reference_conditioning: Optional[Any] = None
     nft_draw: Optional[object] = None  # --atrain_algorithm diffusionnft: the step's per-sample timesteps (nft.py)
     first_deviation: float = float("nan")  # max |ratio - 1| of the step's first chunk (exactly 0 up to fp32 noise)
@@ -87,21 +91,26 @@ class StepUpdate:
     kl_forward: str = "separate"  # --kl_forward as run: where reference's beta*KL step gets its gradient
 
     def schedule(self, parts: list[Part], steps: list[int], valid_cpu: torch.Tensor,
-                 sftaux: bool) -> Iterator[tuple[int, list[Part], int, bool]]:
+                 sftaux: bool) -> Iterator[tuple[int, list[Part], float, bool]]:
         """(step_index, chunks, denominator, last_backward) per (actor-update part, drawn timestep), in order.
         per_rollout: the masked mean over (drawn steps x valid samples of every part); else per (part, timestep).
-        ``last_backward``: per_rollout's final policy backward when no SFT-aux batch follows it."""
+        ``last_backward``: per_rollout's final policy backward when no SFT-aux batch follows it.
+        The valid counts are those of ALL ranks (a collective) divided by the world size W: DeepSpeed averages
+        the ranks' gradients, so sum_r (rank r's valid losses) / (W x denominator) is the mean over every valid
+        sample of the step, however the failed samples are spread over the ranks (world-size invariant)."""
         plan = self.plan
         per_rollout = plan.optimizer_step_schedule == "per_rollout"
-        rollout_denominator = sum(max(int(valid_cpu[p].sum()), 1) for p in parts) * len(steps)
+        local = torch.tensor([float(valid_cpu[p].sum()) for p in parts], dtype=torch.float64)
+        counts = [max(float(c), 1.0) / self.world_size for c in all_reduce_sum(local, self.device).tolist()]
+        rollout_denominator = sum(counts) * len(steps)
         for k, part in enumerate(parts):
             chunks = part_chunks(part, self.batch.trajectory.num_samples, plan.train_micro_batch_size)
-            denominator = rollout_denominator if per_rollout else max(int(valid_cpu[part].sum()), 1)
+            denominator = rollout_denominator if per_rollout else counts[k]
             for i, step_index in enumerate(steps):
                 rollout_ends = per_rollout and not sftaux and (k, i) == (len(parts) - 1, len(steps) - 1)
                 yield step_index, chunks, denominator, rollout_ends
 
-    def train_timestep(self, step_index: int, chunks: list[Part], denominator: int, *, last_backward: bool) -> None:
+    def train_timestep(self, step_index: int, chunks: list[Part], denominator: float, *, last_backward: bool) -> None:
         """One drawn timestep of one actor update: its chunks' backward passes and, unless per_rollout, its
         optimizer step(s). ``last_backward``: per_rollout's final backward (the rollout's one boundary)."""
         schedule = self.plan.optimizer_step_schedule
@@ -140,7 +149,7 @@ class StepUpdate:
     def trained_params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def _kl_backward(self, step_index: int, chunks: list[Part], denominator: int) -> None:
+    def _kl_backward(self, step_index: int, chunks: list[Part], denominator: float) -> None:
         kl_seen = []
         for j, rows in enumerate(chunks):
             out = self.chunk(step_index, rows)
