@@ -146,7 +146,8 @@ class GRPOConfig(RunFlags, ObjectiveFlags, RolloutFlags, TrainingArguments, Algo
         _check_range("max_reward_failure_rate", self.max_reward_failure_rate, 0.0, 1.0, low_open=True)
         _check_positive("reward_failure_window", self.reward_failure_window)
         if self.gpu_peak_tflops is not None and not self.gpu_peak_tflops > 0:
-            raise ValueError(f"--gpu_peak_tflops must be > 0 (or unset: from the GPU's name); got {self.gpu_peak_tflops}.")
+            raise ValueError(f"--gpu_peak_tflops must be > 0 (or unset: from the GPU's name); got "
+                             f"{self.gpu_peak_tflops}.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema_decay must be in [0, 1) (0 = no EMA); got {self.ema_decay}.")
         _check_positive("ema_update_every", self.ema_update_every)

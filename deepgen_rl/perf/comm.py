@@ -5,9 +5,10 @@ Ring volumes (W ranks, f = (W - 1) / W): a reduce-scatter or an all-gather of a 
 from each rank; an all-reduce (reduce-scatter + all-gather) 2 f x S; an all-gather of s bytes from every rank
 (the trainer's all_gather_cat) (W - 1) x s. Weights and gradients travel in the model dtype (bf16: 2 bytes).
 
-* ZeRO-2 (DeepSpeed stage 2 reduces on EVERY backward pass, not only at the accumulation boundary): per backward
-  pass a gradient reduce-scatter of the trained parameters; per optimizer step an all-gather of the updated
-  parameters (each rank stepped its own partition).
+* ZeRO-2 (DeepSpeed stage 2 reduces on EVERY backward pass, not only at the accumulation boundary: its engine's
+  ``allreduce_gradients``): per backward pass a gradient reduce-scatter of the trained parameters; per optimizer
+  step an all-gather of the updated parameters (each rank stepped its own partition). Stage 1 reduces only at the
+  boundary (per optimizer step, then the same all-gather), stage 0 all-reduces per optimizer step.
 * ZeRO-3: every DiT / LLM / VAE forward call gathers its parameters (the engine partitions frozen modules too);
   each backward pass gathers the DiT again (the checkpointed recompute uses that gather) and reduce-scatters the
   gradients; no all-gather after the optimizer step. The reference / NFT copies are the trainer's own whole
@@ -57,13 +58,18 @@ def ring_share(world_size: int) -> float:
 def bytes_per_rank(counts: CommCounts, params: ParamBytes, world_size: int, zero_stage: int) -> dict[str, float]:
     """Bytes one rank sends per GRPO step, by collective (zero when a single rank)."""
     f = ring_share(world_size)
-    out = {"gradient reduce-scatter": counts.backward_passes * f * params.trained}
+    if zero_stage <= 1:  # stage 1 / 0 reduce only at the accumulation boundary: once per optimizer step
+        out = ({"gradient reduce-scatter": counts.optimizer_steps * f * params.trained,
+                "updated-parameter all-gather": counts.optimizer_steps * f * params.trained} if zero_stage == 1
+               else {"gradient all-reduce": counts.optimizer_steps * 2 * f * params.trained})
+    else:
+        out = {"gradient reduce-scatter": counts.backward_passes * f * params.trained}
     if zero_stage >= 3:
         out["ZeRO-3 parameter all-gathers (forward)"] = f * (counts.dit_forward_calls * params.dit
                                                              + counts.text_calls * params.text
                                                              + counts.vae_calls * params.vae)
         out["ZeRO-3 parameter all-gathers (backward)"] = f * counts.dit_backward_calls * params.dit
-    else:
+    elif zero_stage == 2:
         out["updated-parameter all-gather"] = counts.optimizer_steps * f * params.trained
     gathered = counts.samples * (2 * ASSUMED_REWARDS * 4 + 1 + 1 + 4)  # scores, weights fp32; failed, valid; adv
     out["advantage / metric collectives"] = (world_size - 1) * gathered + 2 * f * 16 * 8  # + ~16 float64 reduces

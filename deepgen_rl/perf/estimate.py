@@ -121,8 +121,10 @@ def compute_report(model, args, model_args, *, num_gpus: int, zero_stage: int, p
     from deepgen_rl.trainer.batching import plan_batches
 
     if model_args.use_lora:
+        from deepgen_rl.perf.flop_units import meta_copy
         from deepgen_rl.trainer.trainable import LoraSettings, add_dit_lora
 
+        model = meta_copy(model)  # the adapters go on a copy: the caller's model stays as it was
         model.set_trainable(model_args.trainable_modules)
         add_dit_lora(model, LoraSettings(rank=model_args.lora_rank, alpha=model_args.lora_alpha))
     else:
