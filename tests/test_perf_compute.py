@@ -242,3 +242,30 @@ def test_perf_metrics_are_flops_over_the_phase_seconds():
     assert "perf/train_tflops" not in skipped and skipped["perf/step_tflops"] == pytest.approx(6 / 7.5)
     unknown = StepPerf(flops=perf.flops, images_per_rank=32, peak_tflops=None).metrics(timings)
     assert "perf/train_tflops" in unknown and not any(key.endswith("_mfu") for key in unknown)
+
+
+def test_zero3_gathers_each_forward_and_backward(guide):
+    from deepgen_rl.perf.comm import ParamBytes, bytes_per_rank, comm_counts
+
+    args = guide[0]
+    plan = plan_batches(global_batch_size=256, rollout_n=8, world_size=8, atrain_micro_batch_size=32,
+                        num_train_timesteps=30, sftaux_enabled=True, optimizer_step_schedule="reference",
+                        actor_update_steps=1, kl_step=True)
+    counts = comm_counts(_counts(args), plan, rollout_micro_batch_size=32, decode_micro_batch_size=8, forward_rows=32)
+    params = ParamBytes(trained=1000, dit=1200, text=3000, vae=80)
+    sent = bytes_per_rank(counts, params, world_size=4, zero_stage=3)
+    ring = 3 / 4
+    # forwards: 50 rollout steps + 30 policy + 30 KL-step chunks + 1 SFT-aux; texts: the rollout's encoding + the
+    # SFT-aux captions; VAE: 32 / 8 decodes + 1 SFT-aux encode. Backward: 30 + 30 chunks + 1 SFT-aux.
+    assert sent["ZeRO-3 parameter all-gathers (forward)"] == pytest.approx(
+        ring * ((50 + 61) * 1200 + 2 * 3000 + 5 * 80), rel=1e-12)
+    assert sent["ZeRO-3 parameter all-gathers (backward)"] == pytest.approx(ring * 61 * 1200, rel=1e-12)
+    assert sent["gradient reduce-scatter"] == pytest.approx(ring * 61 * 1000, rel=1e-12)
+    assert "updated-parameter all-gather" not in sent  # each rank steps its own partition, nothing to gather
+    assert bytes_per_rank(counts, params, world_size=4, zero_stage=0)["gradient all-reduce"] == pytest.approx(
+        2 * ring * 61 * 1000, rel=1e-12)  # stage 0: one all-reduce per optimizer step
+
+
+def test_a_nonpositive_peak_is_refused_naming_the_flag(tmp_path):
+    with pytest.raises(ValueError, match="--gpu_peak_tflops must be > 0"):
+        GRPOConfig(output_dir=str(tmp_path), report_to="none", gpu_peak_tflops=0.0)
