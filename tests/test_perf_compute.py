@@ -127,6 +127,7 @@ def test_real_size_dit_forward_equals_the_closed_form(guide):
     assert 1.99 * units.dit_forward < units.dit_train.backward <= 2 * units.dit_forward
     assert 0.99 * units.dit_forward < units.dit_train.recompute < units.dit_forward
     assert units.dit_train.forward == units.dit_forward
+    assert units.dit_reference_forward == units.dit_forward  # no LoRA: the reference is the same DiT
 
 
 def test_guide_step_flops_equal_the_flag_counts(guide):

@@ -309,9 +309,12 @@ def test_perf_metrics_follow_the_phase_timers(straight_run):
         assert max(values) == pytest.approx(min(values), rel=1e-9), phase
 
 
-def test_counted_step_flops_match_what_a_step_runs(process_group, tiny_paths, tmp_path):
+@pytest.mark.parametrize("flags", [{}, {"use_lora": True, "gradient_checkpointing": True, "rollout_cfg_scale": 3.0}],
+                         ids=["defaults", "lora-checkpointing-cfg"])
+def test_counted_step_flops_match_what_a_step_runs(process_group, tiny_paths, tmp_path, flags):
     """The perf/ count (a meta copy, at the first rollout's text length) against FlopCounterMode around one real
-    CPU step of the tiny model (reference schedule: its KL step re-runs every chunk). Attention runs the math path
+    CPU step of the tiny model (reference schedule: its KL step re-runs every chunk; under LoRA the reference runs
+    with the adapters off; CFG doubles the DiT rows; checkpointing recomputes in backward). Attention runs the math path
     here, whose matmuls the counter sees (the CPU's fused kernel it does not count). The rollout (prompt encoding,
     DiT, decode) is exact; the train phase differs only by the SFT-aux captions' length (the count assumes the
     prompts')."""
@@ -320,7 +323,7 @@ def test_counted_step_flops_match_what_a_step_runs(process_group, tiny_paths, tm
 
     from deepgen_rl.perf.mfu import conditioning_tokens
 
-    trainer = build(tiny_paths, tmp_path, max_steps=1, optimizer_step_schedule="reference")
+    trainer = build(tiny_paths, tmp_path, max_steps=1, optimizer_step_schedule="reference", **flags)
     measured = {}
     try:
         with sdpa_kernel(SDPBackend.MATH):

@@ -57,10 +57,12 @@ class FlopUnits:
     dit_forward: a no-grad DiT forward of one image (rollout, reference, old policy); dit_train: one image with
     gradients (a training chunk's row); text_forward: one chat text (``prompt_tokens`` + meta queries) through the
     LLM, connector and projectors without gradients; text_train: the same with gradients (zeros unless the text
-    side trains); vae_decode / vae_encode: one image; trained_params: parameters with ``requires_grad``."""
+    side trains); vae_decode / vae_encode: one image; trained_params: parameters with ``requires_grad``.
+    dit_reference_forward: the reference policy's forward (under LoRA the live model with its adapters off)."""
 
     dit_forward: int
     dit_train: TrainFlops
+    dit_reference_forward: int  # the KL reference's forward: dit_forward, or under LoRA with the adapters off
     text_forward: int
     text_train: TrainFlops
     vae_decode: int
@@ -116,6 +118,19 @@ def _checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
             lmm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         elif not before[2] and _llm_checkpointing(lmm):
             lmm.gradient_checkpointing_disable()
+
+
+@contextlib.contextmanager
+def _adapters_off(transformer: nn.Module) -> Iterator[None]:
+    """Within: the DiT's LoRA adapters disabled, as the LoRA reference runs it (nothing to do without adapters)."""
+    if not getattr(transformer, "_hf_peft_config_loaded", False):
+        yield
+        return
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()
 
 
 def _llm_checkpointing(lmm: nn.Module) -> bool:
@@ -188,6 +203,8 @@ def measure_units(model: nn.Module, *, height: int, width: int, prompt_tokens: i
         model.eval()
         with torch.no_grad():
             dit_forward = count_flops(lambda: guided_velocity(model, latents, sigma, cond, 0.0))
+            with _adapters_off(model.transformer):
+                dit_reference_forward = count_flops(lambda: guided_velocity(model, latents, sigma, cond, 0.0))
             with _prompt_length(model, prompt_tokens):
                 text_forward = count_flops(lambda: model(["text"]))
             vae_decode = count_flops(lambda: model.decode_latents(latents))
@@ -206,7 +223,8 @@ def measure_units(model: nn.Module, *, height: int, width: int, prompt_tokens: i
     finally:
         model.train(was_training)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return FlopUnits(dit_forward=dit_forward, dit_train=dit_train, text_forward=text_forward, text_train=text_train,
+    return FlopUnits(dit_forward=dit_forward, dit_train=dit_train, dit_reference_forward=dit_reference_forward,
+                     text_forward=text_forward, text_train=text_train,
                      vae_decode=vae_decode, vae_encode=vae_encode, trained_params=trained, text_tokens=text_tokens)
 
 

@@ -89,7 +89,7 @@ def phase_flops(units: FlopUnits, counts: StepCounts) -> dict[str, int]:
     c, rows = counts.cfg_branches, counts.trained_rows
     dit, text = units.dit_train, units.text_train
     chunk_text = counts.train_chunks * counts.texts if counts.text_trains else 0  # texts re-encoded per chunk
-    side_forwards = (units.dit_forward if counts.reference else 0) + (units.dit_forward if counts.nft else 0)
+    side_forwards = (units.dit_reference_forward if counts.reference else 0) + (units.dit_forward if counts.nft else 0)
     flops = dict.fromkeys(PHASES, 0)
     flops["prompt_encoding"] = counts.texts * units.text_forward
     flops["rollout"] = counts.inference_steps * counts.samples * c * units.dit_forward
@@ -98,7 +98,7 @@ def phase_flops(units: FlopUnits, counts: StepCounts) -> dict[str, int]:
     flops["policy_recompute"] = rows * c * dit.recompute + chunk_text * text.recompute
     flops["policy_backward"] = rows * c * dit.backward + chunk_text * text.backward
     # The reference re-encodes the prompts once per step when the text side trains (its own frozen copy).
-    flops["reference_forward"] = (rows * c * units.dit_forward
+    flops["reference_forward"] = (rows * c * units.dit_reference_forward
                                   + (counts.texts * units.text_forward if counts.text_trains else 0)
                                   if counts.reference else 0)
     flops["nft_old_forward"] = rows * c * units.dit_forward if counts.nft else 0
