@@ -237,7 +237,8 @@ def meta_copy(model: nn.Module) -> nn.Module:
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         if id(tensor) in memo:
             continue
-        empty = torch.empty_like(tensor, device=META)
+        # A parameter already partitioned by ZeRO-3 (built under zero.Init) holds an empty tensor; ds_shape is its own.
+        empty = torch.empty(getattr(tensor, "ds_shape", tensor.shape), dtype=tensor.dtype, device=META)
         memo[id(tensor)] = (nn.Parameter(empty, requires_grad=tensor.requires_grad)
                             if isinstance(tensor, nn.Parameter) else empty)
     tokenizer = getattr(model, "tokenizer", None)
