@@ -1,6 +1,7 @@
 """Per-rank GPU memory of a GRPO run, by component, before renting the GPUs.
 
     python -m deepgen_rl.estimate_memory --num_gpus 8 --deepspeed scripts/deepspeed/zero2.json [training flags]
+    python -m deepgen_rl.estimate_memory --compute [...]   # + FLOPs by phase, bytes per rank, s/step on 1-16 nodes
 
 Takes the training flags (same parser as deepgen_rl/grpo_deepgen.py) plus ``--num_gpus`` (ranks in total) and
 ``--gpu_memory_gib``; builds the model at real size on the ``meta`` device from the config files of the model
@@ -34,6 +35,10 @@ fragmentation (typically 1-3 GiB), DeepSpeed's communication buckets. The decode
 ``--vae_decode_micro_batch_size`` when that flag exists (else the rollout micro-batch, which decode uses today).
 
 Peak per rank = static (weights, reference, model states, rollout storage) + the largest phase transient.
+
+``--compute`` adds the compute model after the memory estimate (deepgen_rl/perf/, docs/compute.md): FLOPs of one
+GRPO step by phase counted with FlopCounterMode on the same meta model, the bytes each rank sends, and the
+predicted seconds per step and images/s/GPU on 1, 2, 4, 8 and 16 nodes (a table and a PNG, --compute_plot).
 """
 
 from __future__ import annotations
@@ -409,12 +414,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     from deepgen_rl.config.trainer_flags import GroupedArgumentParser
 
     # The estimator's own flags first, then the training flags grouped as the trainer's --help shows them.
-    parser = GroupedArgumentParser((EstimatorArguments, GRPOConfig, ModelArguments, DataArguments),
+    from deepgen_rl.perf.estimate import ComputeArguments
+
+    parser = GroupedArgumentParser((EstimatorArguments, ComputeArguments, GRPOConfig, ModelArguments, DataArguments),
                                    prog="python -m deepgen_rl.estimate_memory",
                                    usage="%(prog)s --num_gpus N --deepspeed JSON [training flags]  (all: --help)",
                                    description=__doc__.split("\n\n")[0])
     try:
-        estimator, args, model_args, data_args = parser.parse_args_into_dataclasses(args=argv)
+        estimator, compute_args, args, model_args, data_args = parser.parse_args_into_dataclasses(args=argv)
     except (ValueError, FileNotFoundError) as err:  # a bad value or path: its message, not a traceback
         parser.error(str(err))
     shape = run_shape_from_args(args, model_args, data_args.dataset_config)
@@ -427,15 +434,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     budget = estimator.gpu_memory_gib
     if estimate.fits(budget):
         print(f"FITS in {budget:g} GiB per GPU ({budget - estimate.total_bytes / GIB:.1f} GiB to spare).")
-        return 0
-    print(f"DOES NOT FIT in {budget:g} GiB per GPU (peak phase: {estimate.peak_phase}).")
-    fitting = flags_that_fit(shape, model, estimator.num_gpus, budget, estimator.prompt_tokens)
-    if fitting:
-        print("Any one of these would make it fit:")
-        print("\n".join(f"  {flags}  -> {peak:.2f} GiB" for flags, peak in fitting))
     else:
-        print("No single flag change fits; combine them, or use more GPUs (--num_gpus).")
-    return 1
+        print(f"DOES NOT FIT in {budget:g} GiB per GPU (peak phase: {estimate.peak_phase}).")
+        fitting = flags_that_fit(shape, model, estimator.num_gpus, budget, estimator.prompt_tokens)
+        if fitting:
+            print("Any one of these would make it fit:")
+            print("\n".join(f"  {flags}  -> {peak:.2f} GiB" for flags, peak in fitting))
+        else:
+            print("No single flag change fits; combine them, or use more GPUs (--num_gpus).")
+    if compute_args.compute:
+        _print_compute(model, shape, estimator, compute_args)
+    return 0 if estimate.fits(budget) else 1
+
+
+def _print_compute(model, shape: RunShape, estimator: EstimatorArguments, compute_args) -> None:
+    """The compute half (--compute): deepgen_rl/perf/estimate.py."""
+    from deepgen_rl.perf.estimate import compute_report, write_plot
+
+    report = compute_report(model, shape.args, shape.model_args, num_gpus=estimator.num_gpus,
+                            zero_stage=shape.zero_stage, prompt_tokens=estimator.prompt_tokens,
+                            compute_args=compute_args, weight_bytes=DTYPE_BYTES[shape.model_args.model_dtype],
+                            edit=shape.edit)
+    print(report.describe())
+    plot = write_plot(report, compute_args.compute_plot)
+    if plot:
+        print(f"plot: {plot}")
 
 
 if __name__ == "__main__":

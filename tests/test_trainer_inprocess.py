@@ -40,6 +40,7 @@ GOLDEN_KEYS = METRIC_KEYS + ("loss/policy", "policy/clip_fraction")
 #   zero-mean sum (measured +-2e-9, sign and size vary with the summation order). Absolute 1e-6: 500x that noise,
 #   1e-6 of the unit advantage scale, so an advantage mean or a ratio off by 1e-6 fails it. policy/clip_fraction
 #   is a fraction of samples (one flipped sample moves it by >= 1/32): golden 0, absolute 1e-9, i.e. exact.
+PEAK_TFLOPS = 0.5  # --gpu_peak_tflops of the straight run: a CPU has no default, so MFU is logged only when given
 PIXEL_QUANTUM = 1.0 / (255 * 64 * 64 * 3)
 GOLDEN_ABS_TOLERANCE = {"reward/mean": 8 * PIXEL_QUANTUM, "reward/std": 8 * PIXEL_QUANTUM, "loss/policy": 1e-6,
                         "policy/clip_fraction": 1e-9}
@@ -117,7 +118,8 @@ def straight_run(process_group, tiny_paths, tmp_path_factory):
     # One thread: the golden values then do not depend on how many cores the machine has (see the tolerances).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    trainer = build(tiny_paths, tmp_path_factory.mktemp("straight"), max_steps=4, optimizer_step_schedule="per_rollout")
+    trainer = build(tiny_paths, tmp_path_factory.mktemp("straight"), max_steps=4, optimizer_step_schedule="per_rollout",
+                    gpu_peak_tflops=PEAK_TFLOPS)
     try:
         trainer.train()
     finally:
@@ -324,3 +326,55 @@ def test_eval_hook_every_eval_freq_steps_and_a_failing_eval_does_not_stop_traini
     assert records[0]["eval/unigenbench/overall"] == 0.25 and "reward/mean" not in records[0]
     assert records[1]["eval/unigenbench/overall"] == 0.25 and "time/eval" in records[1]
     assert records[2]["eval/failed"] == 1.0 and records[2]["train/step_applied"] == 1.0
+
+
+def test_perf_metrics_follow_the_phase_timers(straight_run):
+    """--gpu_peak_tflops PEAK_TFLOPS (the straight run): perf/<phase>_tflops = the phase's FLOPs (counted once at
+    start-up) / its seconds, its MFU against the peak, images/s/GPU = N / time/step."""
+    implied = {}
+    for step, record in straight_run.items():
+        for phase in ("rollout", "train", "step"):
+            tflops = record[f"perf/{phase}_tflops"]
+            assert tflops > 0 and record[f"perf/{phase}_mfu"] == pytest.approx(tflops / PEAK_TFLOPS, rel=1e-12)
+            seconds = record["time/step" if phase == "step" else f"time/{phase}"]
+            implied.setdefault(phase, []).append(tflops * seconds)
+        assert "perf/decode_tflops" not in record  # --stream_rewards: the decode runs in the rollout's timer
+        assert record["perf/images_per_s_per_gpu"] == pytest.approx(8 / record["time/step"], rel=1e-12)
+    for phase, values in implied.items():  # the same shapes every step: the same FLOPs
+        assert max(values) == pytest.approx(min(values), rel=1e-9), phase
+
+
+@pytest.mark.parametrize("flags", [{}, {"use_lora": True, "gradient_checkpointing": True, "rollout_cfg_scale": 3.0}],
+                         ids=["defaults", "lora-checkpointing-cfg"])
+def test_counted_step_flops_match_what_a_step_runs(process_group, tiny_paths, tmp_path, flags):
+    """The perf/ count (a meta copy, at the first rollout's text length) against FlopCounterMode around one real
+    CPU step of the tiny model (reference schedule: its KL step re-runs every chunk; under LoRA the reference runs
+    with the adapters off; CFG doubles the DiT rows; checkpointing recomputes in backward). Attention runs the math path
+    here, whose matmuls the counter sees (the CPU's fused kernel it does not count). The rollout (prompt encoding,
+    DiT, decode) is exact; the train phase differs only by the SFT-aux captions' length (the count assumes the
+    prompts')."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from deepgen_rl.perf.mfu import conditioning_tokens
+
+    trainer = build(tiny_paths, tmp_path, max_steps=1, optimizer_step_schedule="reference", **flags)
+    measured = {}
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            counter = FlopCounterMode(display=False)
+            with counter:
+                batch = trainer.rollout_phase(0)
+            measured["rollout"] = counter.get_total_flops()
+            advantages, _ = trainer.advantage_phase(trainer.reward_phase(batch))
+            counter = FlopCounterMode(display=False)
+            with counter:
+                trainer.train_phase(batch, advantages, 0)
+            measured["train"] = counter.get_total_flops()
+    finally:
+        trainer.close()
+    assert trainer.perf.metrics({}, conditioning_tokens(batch)) == {}  # no timings given: no rates
+    counted = trainer.perf.perf.flops
+    assert set(counted) == {"rollout", "train"}  # --stream_rewards: the decode runs in the rollout's timer
+    assert counted["rollout"] == measured["rollout"]
+    assert counted["train"] == pytest.approx(measured["train"], rel=0.02)

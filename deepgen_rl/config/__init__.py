@@ -154,6 +154,9 @@ class GRPOConfig(RunFlags, ObjectiveFlags, RolloutFlags, TrainingArguments, Algo
             raise ValueError("--monitor_eval_window must be 0 (off) or >= 2: a trend needs two evaluations; got 1.")
         _check_choice("on_reward_hacking", self.on_reward_hacking, ("warn", "stop"))
         _check_positive("reward_failure_window", self.reward_failure_window)
+        if self.gpu_peak_tflops is not None and not self.gpu_peak_tflops > 0:
+            raise ValueError(f"--gpu_peak_tflops must be > 0 (or unset: from the GPU's name); got "
+                             f"{self.gpu_peak_tflops}.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema_decay must be in [0, 1) (0 = no EMA); got {self.ema_decay}.")
         _check_positive("ema_update_every", self.ema_update_every)

@@ -19,6 +19,11 @@ class RunFlags:
     # --- evaluation and logging ---
     eval_freq: int = field(default=10, metadata={"help": "Run UniGenBench evaluation every N optimizer steps (0: never)."})
     sample_image_freq: int = field(default=10, metadata={"help": "Log a grid of rollout images every N steps (0: never)."})
+    gpu_peak_tflops: Optional[float] = field(
+        default=None,
+        metadata={"help": "Dense bf16 peak TFLOP/s of one GPU, for the perf/<phase>_mfu metrics (docs/compute.md). "
+                  "Default: from the CUDA device name (H100, H200, A100, H20, L40S), else no MFU is logged."},
+    )
     # --- reward failure budget (issue 11, deepgen_rl/trainer/failure_budget.py) ---
     max_failed_reward_steps: int = field(
         default=3,

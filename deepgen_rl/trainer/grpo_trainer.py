@@ -33,6 +33,7 @@ import torch
 
 from deepgen_rl.model.prompt_padding import longest_chat_text, padded_to_at_least
 from deepgen_rl.model.vision_tower import drop_vision_tower
+from deepgen_rl.perf.mfu import StepPerfCounter, conditioning_tokens
 from deepgen_rl.trainer.edit_rollout import has_edit_datasets, row_sources, row_targets, step_edit_conditioning
 from deepgen_rl.rewards.reward_step import RewardBatch
 from deepgen_rl.rl import AdvantageResult
@@ -105,6 +106,9 @@ class DeepGenGRPOTrainer:
             actor_update_steps=args.atrain_num_actor_update_steps, kl_step=self.reference is not None)
         self.max_steps = total_training_steps(max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,
                                               num_prompts=num_prompts, prompts_per_step=self.plan.prompts_per_step)
+        # perf/ metrics (docs/compute.md): the step's FLOPs counted on a meta copy taken before ZeRO-3 partitions.
+        self.perf = StepPerfCounter.prepare(model, args, self.plan, text_trains=self.text_trains,
+                                            sftaux=self.sftaux_sampler is not None, rank=self.rank)
         # The LR schedule and its warm-up count optimizer steps (several per rollout unless per_rollout).
         parts = initialize_engine(model, args, self.plan, self.max_steps * self.plan.optimizer_steps_per_rollout)
         self.engine, self.ds_config = parts.engine, parts.config
@@ -353,6 +357,8 @@ class DeepGenGRPOTrainer:
                 log_sample_grid(self, metrics_logger, batch, rewards, step)
         metrics.update(self.timer.pop())
         metrics["time/step"] = sum(v for k, v in metrics.items() if k.startswith("time/") and k != "time/step")
+        if self.perf is not None:
+            metrics.update(self.perf.metrics(metrics, conditioning_tokens(batch)))
         metrics_logger.log(step, metrics)
         self.state.log_history.append({"step": step, **metrics})
         bar.update(1)
