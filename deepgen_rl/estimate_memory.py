@@ -414,7 +414,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from deepgen_rl.config.trainer_flags import GroupedArgumentParser
 
     # The estimator's own flags first, then the training flags grouped as the trainer's --help shows them.
-    from deepgen_rl.perf.estimate import ComputeArguments
+    from deepgen_rl.estimate.compute import ComputeArguments
 
     parser = GroupedArgumentParser((EstimatorArguments, ComputeArguments, GRPOConfig, ModelArguments, DataArguments),
                                    prog="python -m deepgen_rl.estimate_memory",
@@ -448,8 +448,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _print_compute(model, shape: RunShape, estimator: EstimatorArguments, compute_args) -> None:
-    """The compute half (--compute): deepgen_rl/perf/estimate.py."""
-    from deepgen_rl.perf.estimate import compute_report, write_plot
+    """The compute half (--compute): deepgen_rl/estimate/compute.py."""
+    from deepgen_rl.estimate.compute import compute_report, write_plot
 
     report = compute_report(model, shape.args, shape.model_args, num_gpus=estimator.num_gpus,
                             zero_stage=shape.zero_stage, prompt_tokens=estimator.prompt_tokens,

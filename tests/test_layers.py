@@ -28,10 +28,12 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "sampling": ("core", "data"),                                    # rollouts, SDE/ODE steps
     "model": ("core", "rewards", "rl"),                              # DeepGen, loading, the tiny model
     "config": ("core", "rewards", "rl", "sampling"),                 # every flag and its checks
+    "perf": ("core", "sampling"),                                    # FLOPs by phase (meta model), bytes, MFU
     "eval": ("core", "config", "data", "model", "rewards", "sampling"),         # UniGenBench, synthetic report
-    "trainer": ("core", "config", "data", "eval", "model", "monitor", "rewards", "rl", "sampling"),  # steps, run loop
+    "trainer": ("core", "config", "data", "eval", "model", "monitor", "perf", "rewards", "rl", "sampling"),
+    "estimate": ("core", "config", "perf", "trainer"),               # the estimator's compute half (--compute)  # steps, run loop
     "preflight": ("core", "config", "data", "eval", "model", "rewards", "sft", "trainer"),  # launch checks
-    ROOT: ("core", "config", "data", "eval", "model", "preflight", "rewards", "sft", "trainer"),
+    ROOT: ("core", "config", "data", "estimate", "eval", "model", "preflight", "rewards", "sft", "trainer"),
 }
 MAX_ROOT_MODULES = 6  # __init__.py included
 LEAF_MODULES = ("deepgen_rl.rewards.names",)  # read by the layers above the rewards: import nothing of ours

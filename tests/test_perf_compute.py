@@ -5,6 +5,7 @@ FLOPs / seconds."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -14,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from deepgen_rl.config import GRPOConfig
-from deepgen_rl.perf.estimate import ComputeArguments, compute_report
+from deepgen_rl.estimate.compute import ComputeArguments, compute_report
 from deepgen_rl.perf.flop_units import count_flops, train_flops
 from deepgen_rl.perf.mfu import StepPerf
 from deepgen_rl.perf.peak import peak_tflops_of
@@ -140,12 +141,15 @@ def test_guide_step_flops_equal_the_flag_counts(guide):
     assert f["vae_decode"] == n * u.vae_decode
     assert f["policy_forward"] + f["policy_recompute"] + f["policy_backward"] == trained * n * train
     assert f["reference_forward"] == trained * n * u.dit_forward
-    assert f["kl_step"] == trained * n * (train + u.dit_forward)  # --kl_forward separate: the chunk again
+    # --kl_forward shared (the default): the KL step's own recompute + backward on the policy step's forward
+    assert f["kl_step"] == trained * n * (u.dit_train.recompute + u.dit_train.backward)
     assert f["sftaux"] == 4 * (u.vae_encode + u.text_forward + train)
-    expected = (steps * n + trained * n * 2) * u.dit_forward + 2 * trained * n * train + prompts * u.text_forward \
-        + n * u.vae_decode + 4 * (u.vae_encode + u.text_forward + train)
+    expected = (steps * n + trained * n) * u.dit_forward + trained * n * train + prompts * u.text_forward \
+        + trained * n * (u.dit_train.recompute + u.dit_train.backward) + n * u.vae_decode \
+        + 4 * (u.vae_encode + u.text_forward + train)
     assert report.total_flops == expected
-    assert report.shared_kl_flops == expected - trained * n * (u.dit_train.forward + u.dit_forward)
+    # --kl_forward separate runs the chunk again: its forward, recompute, backward and the reference forward
+    assert report.other_kl == ("separate", expected + trained * n * (u.dit_train.forward + u.dit_forward))
 
 
 def _counts(args, world=8, sftaux=True):
@@ -194,7 +198,9 @@ def test_bytes_per_rank_and_the_tables_seconds(guide):
     # TFLOP/s, 0.4, 50 GB/s per GPU).
     row = next(r for r in report.rows["reference"] if r.nodes == 2)
     sent = 2 * 61 * (15 / 16) * 2 * trained
-    seconds = report.total_flops / (989.4e12 * 0.4) + sent / 50e9
+    # the "reference" rows are --kl_forward separate's (the shared variant has rows of its own)
+    assert report.other_kl[0] == "separate"
+    seconds = report.other_kl[1] / (989.4e12 * 0.4) + sent / 50e9
     assert row.world_size == 16 and row.seconds == pytest.approx(seconds, rel=1e-6)
     assert row.images_per_s_per_gpu == pytest.approx(32 / seconds, rel=1e-6)
     one = report.rows["reference"][0]
@@ -213,7 +219,7 @@ def test_command_line_prints_the_compute_table_and_writes_the_plot(tiny_paths, t
     out = capsys.readouterr().out
     assert code == 0 and "PEAK per rank" in out  # the memory half first, unchanged
     assert out.index("PEAK per rank") < out.index("FLOPs of one GRPO step per rank")
-    assert "with --kl_forward shared" in out and "gradient reduce-scatter" in out
+    assert "with --kl_forward separate" in out and "gradient reduce-scatter" in out
     for schedule in ("reference", "per_timestep", "per_rollout"):
         rows = [line.split() for line in out.splitlines() if line.strip().startswith(schedule + " ")]
         assert [int(cells[1]) for cells in rows if cells[1].isdigit()] == [1, 2, 4, 8, 16], schedule
@@ -252,7 +258,10 @@ def test_zero3_gathers_each_forward_and_backward(guide):
     plan = plan_batches(global_batch_size=256, rollout_n=8, world_size=8, atrain_micro_batch_size=32,
                         num_train_timesteps=30, sftaux_enabled=True, optimizer_step_schedule="reference",
                         actor_update_steps=1, kl_step=True)
-    counts = comm_counts(_counts(args), plan, rollout_micro_batch_size=32, decode_micro_batch_size=8, forward_rows=32)
+    separate = copy.copy(args)
+    separate.kl_forward = "separate"  # what ZeRO-3 runs (trainer/kl_forward.py), whatever --kl_forward says
+    counts = comm_counts(_counts(separate), plan, rollout_micro_batch_size=32, decode_micro_batch_size=8,
+                         forward_rows=32)
     params = ParamBytes(trained=1000, dit=1200, text=3000, vae=80)
     sent = bytes_per_rank(counts, params, world_size=4, zero_stage=3)
     ring = 3 / 4

@@ -38,11 +38,11 @@ class StepPerf:
 
     @classmethod
     def count(cls, meta_model, args, plan, *, text_trains: bool, sftaux: bool, prompt_tokens: int,
-              peak_tflops: Optional[float]) -> "StepPerf":
+              peak_tflops: Optional[float], zero_stage: int = 0) -> "StepPerf":
         """Count on ``meta_model`` (a meta copy made before DeepSpeed partitions the live one)."""
         units = measure_units(meta_model, height=args.image_height, width=args.image_width,
                               prompt_tokens=prompt_tokens, gradient_checkpointing=args.gradient_checkpointing)
-        counts = step_counts(args, plan, text_trains=text_trains, sftaux=sftaux)
+        counts = step_counts(args, plan, text_trains=text_trains, sftaux=sftaux, zero_stage=zero_stage)
         by_timer = flops_by_timer(phase_flops(units, counts), counts.stream_rewards)
         return cls(flops={k: v for k, v in by_timer.items() if v}, images_per_rank=plan.samples_per_rank,
                    peak_tflops=peak_tflops)
@@ -79,6 +79,7 @@ class StepPerfCounter:
         self._meta_model, self._args, self._plan = meta_model, args, plan
         self._text_trains, self._sftaux, self._rank = text_trains, sftaux, rank
         self.perf: Optional[StepPerf] = None
+        self.zero_stage = 0  # set by the trainer once its engine exists (ZeRO-3 runs --kl_forward separate)
 
     @classmethod
     def prepare(cls, model, args, plan, *, text_trains: bool, sftaux: bool, rank: int) -> Optional["StepPerfCounter"]:
@@ -100,6 +101,7 @@ class StepPerfCounter:
             try:
                 self.perf = StepPerf.count(model, self._args, self._plan, text_trains=self._text_trains,
                                            sftaux=self._sftaux, prompt_tokens=prompt_tokens,
+                                           zero_stage=self.zero_stage,
                                            peak_tflops=default_peak_tflops(getattr(self._args, "gpu_peak_tflops",
                                                                                    None)))
             except Exception as err:  # noqa: BLE001

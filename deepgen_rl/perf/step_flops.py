@@ -60,17 +60,17 @@ class StepCounts:
         return self.prompts + (1 if self.cfg_branches == 2 else 0)
 
 
-def kl_forward_mode(args) -> str:
-    """How the reference schedule's beta x KL step gets its gradient: 'separate' (a fresh chunk forward, today's
-    updater) or 'shared' (the policy step's forward); 'none' when no KL step exists. Read with getattr: the
-    --kl_forward flag may not exist in this version (then 'separate')."""
+def kl_forward_mode(args, zero_stage: int = 0) -> str:
+    """How the reference schedule's beta x KL step gets its gradient: 'separate' (a fresh chunk forward) or
+    'shared' (the policy step's forward, --kl_forward's default); 'none' when no KL step exists. ZeRO-3 runs
+    'separate' whatever --kl_forward says (trainer/kl_forward.py ``effective_kl_forward``)."""
     if not (args.optimizer_step_schedule == "reference" and args.beta > 0):
         return "none"
-    return getattr(args, "kl_forward", "separate")
+    return "separate" if zero_stage >= 3 else args.kl_forward
 
 
-def step_counts(args, plan, *, text_trains: bool, sftaux: bool) -> StepCounts:
-    """The counts of ``args`` (GRPOConfig) and ``plan`` (BatchPlan) on one rank."""
+def step_counts(args, plan, *, text_trains: bool, sftaux: bool, zero_stage: int = 0) -> StepCounts:
+    """The counts of ``args`` (GRPOConfig) and ``plan`` (BatchPlan) on one rank under ZeRO stage ``zero_stage``."""
     trained_rows = plan.actor_update_steps * plan.samples_per_update * plan.num_train_timesteps
     optimizer_steps = plan.optimizer_steps_per_rollout
     every = max(int(getattr(args, "ema_update_every", 1)), 1)
@@ -79,7 +79,7 @@ def step_counts(args, plan, *, text_trains: bool, sftaux: bool) -> StepCounts:
                       inference_steps=args.num_inference_steps, trained_rows=trained_rows,
                       train_chunks=plan.actor_update_steps * plan.chunks_per_timestep * plan.num_train_timesteps,
                       cfg_branches=2 if args.rollout_cfg_scale > 0 else 1, reference=args.beta > 0,
-                      kl_forward=kl_forward_mode(args), nft=args.atrain_algorithm == "diffusionnft",
+                      kl_forward=kl_forward_mode(args, zero_stage), nft=args.atrain_algorithm == "diffusionnft",
                       sftaux_rows=args.sftaux_batch_size if sftaux else 0, text_trains=text_trains,
                       ema_updates=ema_updates, stream_rewards=bool(getattr(args, "stream_rewards", False)))
 

@@ -115,6 +115,8 @@ class DeepGenGRPOTrainer:
         self.model = self.engine.module
         self.device = torch.device(self.engine.device)
         # --kl_forward as run (ZeRO-3 runs 'separate'); it matters only where the schedule steps on beta*KL alone.
+        if self.perf is not None:
+            self.perf.zero_stage = zero_stage(self.ds_config)
         self.kl_forward = effective_kl_forward(args.kl_forward, zero_stage(self.ds_config),
                                                steps_on_kl=self.plan.optimizer_step_schedule == "reference"
                                                and self.plan.kl_step)

@@ -7,10 +7,10 @@ import copy
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .comm import ParamBytes, bytes_per_rank, comm_counts
-from .flop_units import FlopUnits, measure_units
-from .step_flops import PHASES, flops_by_timer, kl_forward_mode, phase_flops, step_counts
-from .table import NODES, Hardware, ScalingRow, format_table, plot_rows, scaling_rows
+from deepgen_rl.perf.comm import ParamBytes, bytes_per_rank, comm_counts
+from deepgen_rl.perf.flop_units import FlopUnits, measure_units
+from deepgen_rl.perf.step_flops import PHASES, flops_by_timer, kl_forward_mode, phase_flops, step_counts
+from deepgen_rl.perf.table import NODES, Hardware, ScalingRow, format_table, plot_rows, scaling_rows
 
 H100_BF16_DENSE_TFLOPS = 989.4
 SCHEDULES = ("reference", "per_timestep", "per_rollout")
@@ -65,7 +65,8 @@ class ComputeReport:
     hardware: Hardware
     images_per_rank: int
     world_size: int
-    shared_kl_flops: Optional[int] = None  # the step's total with --kl_forward shared (reference + beta > 0)
+    # (the other --kl_forward value, the step's total with it): reference schedule, beta > 0, ZeRO-1/2 only
+    other_kl: Optional[tuple[str, int]] = None
 
     @property
     def total_flops(self) -> int:
@@ -82,9 +83,9 @@ class ComputeReport:
                 lines.append(f"  {PHASE_LABELS[phase]:<55} {value / 1e15:9.3f} PFLOP {value / unit:9.0f} F "
                              f"{value / total:6.1%}")
         lines.append(f"  {'TOTAL':<55} {total / 1e15:9.3f} PFLOP {total / unit:9.0f} F")
-        if self.shared_kl_flops is not None:
-            lines.append(f"  with --kl_forward shared: {self.shared_kl_flops / 1e15:.3f} PFLOP "
-                         f"({self.shared_kl_flops / total - 1:+.1%})")
+        if self.other_kl is not None:
+            mode, flops = self.other_kl
+            lines.append(f"  with --kl_forward {mode}: {flops / 1e15:.3f} PFLOP ({flops / total - 1:+.1%})")
         lines.append(f"bytes each rank sends per GRPO step (world size {self.world_size}):")
         lines += [f"  {name:<55} {value / 1e9:9.2f} GB" for name, value in self.comm.items()]
         lines.append(format_table(self.rows, self.hardware))
@@ -148,7 +149,7 @@ def compute_report(model, args, model_args, *, num_gpus: int, zero_stage: int, p
                             num_train_timesteps=run_args.num_train_timesteps, sftaux_enabled=sftaux,
                             optimizer_step_schedule=run_args.optimizer_step_schedule,
                             actor_update_steps=run_args.atrain_num_actor_update_steps, kl_step=run_args.beta > 0)
-        counts = step_counts(run_args, plan, text_trains=text_trains, sftaux=sftaux)
+        counts = step_counts(run_args, plan, text_trains=text_trains, sftaux=sftaux, zero_stage=zero_stage)
         comm = comm_counts(counts, plan, rollout_micro_batch_size=run_args.rollout_micro_batch_size,
                            decode_micro_batch_size=run_args.vae_decode_micro_batch_size,
                            forward_rows=plan.forward_rows(run_args.rollout_micro_batch_size))
@@ -162,9 +163,10 @@ def compute_report(model, args, model_args, *, num_gpus: int, zero_stage: int, p
         if schedule == "reference" and args.beta > 0:
             variants[schedule] = _with(variants[schedule], kl_forward="separate")
             variants["reference, shared KL"] = _with(variants[schedule], kl_forward="shared")
-    shared_total = None
-    if kl_forward_mode(args) != "none":
-        shared_total = sum(model_of(_with(args, kl_forward="shared"), num_gpus)[1].values())
+    other_kl, mode = None, kl_forward_mode(args, zero_stage)
+    if mode != "none" and zero_stage < 3:
+        other = "separate" if mode == "shared" else "shared"
+        other_kl = (other, sum(model_of(_with(args, kl_forward=other), num_gpus)[1].values()))
     rows = {}
     for name, run_args in variants.items():
         run_flops = sum(model_of(run_args, num_gpus)[1].values())
@@ -172,7 +174,7 @@ def compute_report(model, args, model_args, *, num_gpus: int, zero_stage: int, p
                                   plan.samples_per_rank, hw, NODES)
     return ComputeReport(units=units, flops=flops, comm=comm, rows=rows, hardware=hw,
                          images_per_rank=plan.samples_per_rank, world_size=num_gpus,
-                         shared_kl_flops=shared_total)
+                         other_kl=other_kl)
 
 
 def write_plot(report: ComputeReport, path: str) -> Optional[str]:
