@@ -21,8 +21,10 @@ RECORD = json.loads((SHIPPED_PRETRAINED / PRETRAIN_RECORD).read_text())
 # order shows in the first points already.
 SHORT_STEPS = 100
 # Largest relative deviation allowed per curve point (a mean over CURVE_EVERY steps). Measured between the shipped
-# record (1 thread) and re-runs with 1 and 2 threads: see the report of test_short_repretraining_follows_...
-CURVE_RTOL = 0.05
+# record (made with 1 thread) and a re-run with 2 threads (the whole VAE phase, 30 flow-matching steps): 9.1e-4 on
+# the VAE curve, 8.4e-5 on the flow-matching one; a rerun with another seed or lr moves the first points by far
+# more (the loss falls 2.63 -> 1.44 over the first 30 steps).
+CURVE_RTOL = 0.02
 
 
 def curve_deviation(recorded: list[float], rerun: list[float]) -> float:
@@ -45,7 +47,7 @@ def test_shipped_record_holds_the_default_recipe_and_its_curves():
     assert curves["flow_matching"][-1] < 0.1 * curves["flow_matching"][0]  # it learnt
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)  # ~45 s on an idle 2-core machine; >15 min measured under heavy load
 def test_short_repretraining_follows_the_recorded_loss_curve():
     settings = replace(PretrainSettings(**RECORD["settings"]), steps=SHORT_STEPS)
     model = build_tiny_deepgen(RECORD["model_seed"], TinyDiTSize(settings.dit_layers, settings.dit_heads,
