@@ -22,8 +22,8 @@ RECORD = json.loads((SHIPPED_PRETRAINED / PRETRAIN_RECORD).read_text())
 SHORT_STEPS = 100
 # Largest relative deviation allowed per curve point (a mean over CURVE_EVERY steps). Measured between the shipped
 # record (made with 1 thread) and a re-run of this test with 2 threads: 9.1e-4 on the VAE curve, 2.7e-4 on the
-# flow-matching one (with 1 thread: 0, the same sums in the same order); a rerun with another seed or lr moves the first points by far
-# more (the loss falls 2.63 -> 1.44 over the first 30 steps).
+# flow-matching one (with 1 thread: 0, the same sums in the same order); a rerun with another seed or lr moves
+# the first points by far more (the loss falls 2.63 -> 1.44 over the first 30 steps).
 CURVE_RTOL = 0.02
 
 
