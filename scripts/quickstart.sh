@@ -5,12 +5,15 @@
 #   bash scripts/quickstart.sh                     # a few minutes on a laptop CPU
 #   QUICKSTART_STEPS=10 bash scripts/quickstart.sh # shorter
 #   QUICKSTART_OCR=0 bash scripts/quickstart.sh    # without the local OCR server
+#   QUICKSTART_PRETRAIN=1 bash scripts/quickstart.sh  # pretrain the tiny model again instead of the shipped one
 #   QUICKSTART_PRETRAIN_STEPS / QUICKSTART_PRETRAIN_VAE_STEPS  # pretraining length (default: PretrainSettings'
 #                                                              # in deepgen_rl/model/tiny_pretrain.py)
 #
-# It goes through the real run's code: the tiny model is pretrained with the SFT-aux flow-matching loss
-# (python -m deepgen_rl.model.tiny --pretrain_steps N; cached in $QUICKSTART_DIR/tiny_pretrained, so later runs
-# skip it), written in the real on-disk layouts and loaded from SD3_5_MODEL_NAME_OR_PATH /
+# It goes through the real run's code: the tiny model pretrained with the SFT-aux flow-matching loss ships in
+# assets/tiny_pretrained (made by python -m deepgen_rl.model.tiny --pretrain_steps N with PretrainSettings'
+# defaults; its pretrain.json holds the recipe and loss curve). QUICKSTART_PRETRAIN=1, or other pretraining
+# settings, pretrain it again into $QUICKSTART_DIR/tiny_pretrained (cached there, so later runs skip it). The
+# model is written in the real on-disk layouts and loaded from SD3_5_MODEL_NAME_OR_PATH /
 # QWEN2_5_VL_MODEL_NAME_OR_PATH / CHECKPOINT; training is `scripts/train.sh` (preflight + torchrun +
 # deepgen_rl/grpo_deepgen.py + DeepSpeed ZeRO-2 on CPU) with the exact local reward synthetic_match, and the last
 # checkpoint is converted with scripts/utils/rlckpt_to_sftckpt.py. Output, under $QUICKSTART_DIR (default
@@ -51,6 +54,8 @@ read -r default_steps default_vae_steps <<< "$defaults"
 pretrain_steps="${QUICKSTART_PRETRAIN_STEPS:-$default_steps}"
 pretrain_vae_steps="${QUICKSTART_PRETRAIN_VAE_STEPS:-$default_vae_steps}"
 lr="${QUICKSTART_LR:-5e-5}"
+pretrain="${QUICKSTART_PRETRAIN:-0}"
+[[ "$pretrain" =~ ^[01]$ ]] || { echo "error: QUICKSTART_PRETRAIN must be 0 or 1, got '$pretrain'" >&2; exit 2; }
 # Every setting is checked before anything of an earlier run is replaced.
 for name in pretrain_steps pretrain_vae_steps; do
     [[ "${!name}" =~ ^[0-9]+$ ]] || {
@@ -61,20 +66,34 @@ done
 
 rm -rf "$out/run" "$out/before.png" "$out/after.png"
 mkdir -p "$out"
-echo "[quickstart 1/5] tiny model pretrained on the synthetic task ($pretrain_steps steps) in $out/tiny_pretrained"
+# The shipped model, unless asked to pretrain again or with other settings (then cached under $out).
+model_dir="$out/tiny_pretrained"
+if [ "$pretrain" = 0 ] && [ "$pretrain_steps" = "$default_steps" ] \
+        && [ "$pretrain_vae_steps" = "$default_vae_steps" ]; then
+    model_dir=assets/tiny_pretrained
+    # Checked first: the CLI would pretrain into a folder whose record does not match, i.e. over the shipped files.
+    "$PYTHON" -c 'import sys; from pathlib import Path
+from deepgen_rl.model.tiny_pretrain import PretrainSettings, cached_record
+sys.exit(cached_record(Path(sys.argv[1]), PretrainSettings(), seed=0) is None)' "$model_dir" || {
+        echo "error: the shipped $model_dir/pretrain.json does not match PretrainSettings' defaults; restore it" \
+             "with git, or run with QUICKSTART_PRETRAIN=1 to pretrain into $out/tiny_pretrained" >&2; exit 1; }
+fi
+echo "[quickstart 1/5] tiny model pretrained on the synthetic task ($pretrain_steps steps) in $model_dir"
 start=$SECONDS
-"$PYTHON" -m deepgen_rl.model.tiny --output_dir "$out/tiny_pretrained" --pretrain_steps "$pretrain_steps" \
+"$PYTHON" -m deepgen_rl.model.tiny --output_dir "$model_dir" --pretrain_steps "$pretrain_steps" \
     --pretrain_vae_steps "$pretrain_vae_steps" \
     > "$out/tiny_models.log" 2> "$out/pretrain.log" \
     || { echo "error: pretraining failed, see $out/pretrain.log" >&2; tail -20 "$out/pretrain.log" >&2; exit 1; }
-if grep -q "reusing the pretrained tiny model" "$out/pretrain.log"; then
+if [ "$model_dir" = assets/tiny_pretrained ]; then
+    echo "  the shipped model (its recipe and loss curve: $model_dir/pretrain.json; QUICKSTART_PRETRAIN=1 remakes it)"
+elif grep -q "reusing the pretrained tiny model" "$out/pretrain.log"; then
     echo "  reused: it was pretrained with these settings by an earlier run (delete the folder to pretrain again)"
 else
     echo "  pretrained in $(( SECONDS - start )) s (log: $out/pretrain.log); later runs reuse it"
 fi
-grep "^export " "$out/tiny_models.log" > "$out/tiny_pretrained/env.sh"
+grep "^export " "$out/tiny_models.log" > "$out/tiny_model_env.sh"
 # shellcheck disable=SC1091
-source "$out/tiny_pretrained/env.sh"
+source "$out/tiny_model_env.sh"
 read -r -a model_flags <<< "$("$PYTHON" -c 'from deepgen_rl.model.tiny import TinyModelPaths; print(*TinyModelPaths.model_flags())')"
 
 dataset=assets/rl_datasets/synthetic/synthetic.yaml

@@ -26,20 +26,20 @@ def tiny_paths(tmp_path_factory):
 
 
 class _BackgroundPretraining:
-    """The tiny model pretrained on the synthetic prompt -> image task, made once per session by the command users
-    run (``python -m deepgen_rl.model.tiny --pretrain_steps N``, PretrainSettings' defaults: the quick start's
-    artifact) in a background process with one thread.
+    """The tiny model pretrained on the synthetic prompt -> image task, made by the command users run (``python -m
+    deepgen_rl.model.tiny --pretrain_steps N``, PretrainSettings' defaults) in a background process with one thread,
+    only when DEEPGEN_RL_TEST_PRETRAINED names a folder to use instead of the shipped model.
 
     WHY in the background: pretraining takes ~4-5 min of one core; started as soon as collection shows a test
     needs it, it runs on the second core while the other tests run, instead of adding its time to the suite."""
 
-    def __init__(self, root: Path, temporary: bool) -> None:
+    def __init__(self, root: Path) -> None:
         import subprocess
         import sys
 
         from deepgen_rl.model.tiny_pretrain import PretrainSettings
 
-        self.root, self.temporary = root, temporary
+        self.root = root
         self.log = root.parent / f"{root.name}.log"
         command = [sys.executable, "-m", "deepgen_rl.model.tiny", "--output_dir", str(root),
                    "--pretrain_steps", str(PretrainSettings.steps), "--pretrain_vae_steps",
@@ -64,26 +64,27 @@ class _BackgroundPretraining:
 _PRETRAINING: list[_BackgroundPretraining] = []
 
 
+# The pretrained tiny model ships in the repository (made by the command in its pretrain.json's recipe;
+# tests/test_tiny_pretrain_curve.py checks that a short re-pretraining follows its recorded loss curve), so the
+# suite does not spend ~4.5 min of a core recreating it.
+SHIPPED_PRETRAINED = REPO_ROOT / "assets" / "tiny_pretrained"
+
+
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection: start only when a selected test needs it
 def pytest_collection_modifyitems(session, config, items):
-    if any("pretrained_tiny_paths" in getattr(item, "fixturenames", ()) for item in items):
-        import tempfile
-
-        # DEEPGEN_RL_TEST_PRETRAINED=<folder>: keep the pretrained model there between sessions (the CLI reuses it
-        # only when it was made with the same settings); by default a temporary folder, removed at the end.
-        kept = os.environ.get("DEEPGEN_RL_TEST_PRETRAINED")
-        root = Path(kept) if kept else Path(tempfile.mkdtemp(prefix="tiny_pretrained_")) / "model"
+    # DEEPGEN_RL_TEST_PRETRAINED=<folder>: use a pretrained model kept there instead of the shipped one, made in the
+    # background by the CLI when the folder does not hold one with PretrainSettings' defaults (it is reused only
+    # when it was made with the same settings).
+    kept = os.environ.get("DEEPGEN_RL_TEST_PRETRAINED")
+    if kept and any("pretrained_tiny_paths" in getattr(item, "fixturenames", ()) for item in items):
+        root = Path(kept)
         root.parent.mkdir(parents=True, exist_ok=True)
-        _PRETRAINING.append(_BackgroundPretraining(root, temporary=not kept))
+        _PRETRAINING.append(_BackgroundPretraining(root))
 
 
 def pytest_unconfigure(config):
-    import shutil
-
     for job in _PRETRAINING:
         job.stop()
-        if job.temporary:
-            shutil.rmtree(job.root.parent, ignore_errors=True)
 
 
 # Processes the interpreter itself keeps for its lifetime and ends at exit (not started by a test).
@@ -164,9 +165,19 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def pretrained_tiny_paths():
-    """Paths of the session's pretrained tiny model (``_BackgroundPretraining``); waits for it."""
-    assert _PRETRAINING, "pretraining was not started at collection"
-    return _PRETRAINING[0].wait()
+    """Paths of the pretrained tiny model: the shipped one (``SHIPPED_PRETRAINED``), or the session's
+    ``_BackgroundPretraining`` under DEEPGEN_RL_TEST_PRETRAINED (waits for it). Read-only: a test that writes
+    copies it first."""
+    from deepgen_rl.model.tiny import TinyModelPaths
+    from deepgen_rl.model.tiny_pretrain import PretrainSettings, cached_record
+
+    if _PRETRAINING:
+        return _PRETRAINING[0].wait()
+    assert cached_record(SHIPPED_PRETRAINED, PretrainSettings(), seed=0) is not None, (
+        f"{SHIPPED_PRETRAINED} was not made with PretrainSettings' defaults: remake it with python -m "
+        f"deepgen_rl.model.tiny --output_dir {SHIPPED_PRETRAINED.relative_to(REPO_ROOT)} --pretrain_steps "
+        f"{PretrainSettings.steps} --pretrain_vae_steps {PretrainSettings.vae_steps}")
+    return TinyModelPaths.under(SHIPPED_PRETRAINED)
 
 
 @pytest.fixture()

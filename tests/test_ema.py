@@ -133,7 +133,7 @@ def _trained(model) -> dict[str, torch.Tensor]:
 
 # The EMA run is the suite's bf16 run (issue 23 item 3): what users train in, through the real DeepSpeed ZeRO-2
 # path, with training chunks of 1 sample against a rollout micro-batch of 4 rows (1 prompt x 4; the chunking whose
-# bf16 forwards used to move the first chunk's ratio, README "bf16 and the first chunk's ratio").
+# bf16 forwards used to move the first chunk's ratio, docs/memory.md#bf16-and-the-first-chunks-ratio).
 BF16_RUN = {"model_dtype": "bfloat16", "atrain_micro_batch_size": 1, "global_batch_size": 4}
 # The bound on the first chunk's max |ratio - 1| = |exp(log_prob - old_log_prob) - 1| ~ |log_prob - old_log_prob|:
 # the first chunk recomputes its recorded log-probs on bit-identical bf16 velocities (forwards of the same rows and

@@ -1,7 +1,7 @@
 """A --use_lora run exported by scripts/utils/rlckpt_to_sftckpt.py reproduces the trained model (issue 30 item 5).
 
 One real LoRA run of the trainer (tiny model, one GRPO step, rank 4, alpha 12: scale 3, far from the LLM LoRA's
-default 128 / r) writes checkpoint-1; its export, loaded the README's way (``load_state_dict(strict=False)`` on
+default 128 / r) writes checkpoint-1; its export, loaded the documented way (``load_state_dict(strict=False)`` on
 top of the base model), through our CHECKPOINT loader, or (``--keep_lora``) through peft's own
 ``PeftModel.from_pretrained``, gives the trained model's velocity to float32 rounding; the base model does not.
 The expected merged weights are computed here from the trained model's own factors: W + (alpha / r) B A.
@@ -95,7 +95,7 @@ def test_merged_export_loads_the_readme_way_and_through_our_loader_as_the_traine
 
     base = load_deepgen_model(model_args_for(tiny_paths))
     base_velocity = _velocity(base)
-    base.load_state_dict(converted, strict=False)  # the README's recipe, on top of the pretraining checkpoint
+    base.load_state_dict(converted, strict=False)  # the documented recipe (docs/cluster_training.md), on top of the pretraining checkpoint
     assert_close_up_to_reordering(_velocity(base), trained, **DIT_REDUCTIONS)
     # The base model is far from the trained one: the comparison above is not vacuous.
     assert (base_velocity - trained).abs().max() > 100 * reordering_tolerance(**DIT_REDUCTIONS) * trained.abs().max()

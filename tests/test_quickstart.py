@@ -1,4 +1,4 @@
-"""scripts/quickstart.sh end to end (shortened): the pretrained tiny model (reused from the session's cache),
+"""scripts/quickstart.sh end to end (shortened): the pretrained tiny model (the shipped one, or the session's),
 OCR server, before/after sample grids, GRPO through train.sh with synthetic_match, conversion."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from deepgen_rl.model import load_checkpoint_into, load_deepgen_model
-from tests.conftest import REPO_ROOT, model_args_for
+from tests.conftest import REPO_ROOT, SHIPPED_PRETRAINED, model_args_for
 
 # The session's pretraining (tests/conftest.py, in the background) may still be running: ~4-5 min of one core.
 pytestmark = pytest.mark.timeout(1200)
@@ -22,14 +22,18 @@ pytestmark = pytest.mark.timeout(1200)
 
 def test_quickstart_writes_curve_grids_and_pth(tmp_path, pretrained_tiny_paths):
     out = tmp_path / "quickstart"
-    # The session's pretrained model, where the quick start caches its own: the script must reuse it.
-    shutil.copytree(pretrained_tiny_paths.checkpoint.parent, out / "tiny_pretrained")
     env = dict(os.environ, PYTHON=sys.executable, QUICKSTART_DIR=str(out), QUICKSTART_STEPS="4")
+    shipped = pretrained_tiny_paths.checkpoint.parent == SHIPPED_PRETRAINED
+    if not shipped:  # DEEPGEN_RL_TEST_PRETRAINED: the session's model, where the quick start caches one it
+        # pretrains (QUICKSTART_PRETRAIN=1): the script must reuse it.
+        shutil.copytree(pretrained_tiny_paths.checkpoint.parent, out / "tiny_pretrained")
+        env["QUICKSTART_PRETRAIN"] = "1"
     result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "quickstart.sh")], env=env, cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "starting the OCR reward server" in result.stdout  # RapidOCR is a dependency: the server path runs
     assert "reusing the pretrained tiny model" in (out / "pretrain.log").read_text()
+    assert ("the shipped model" in result.stdout) == shipped
 
     curve = out / "run" / "synthetic_reward_curve.png"
     grids = sorted((out / "run" / "samples").glob("step_*.png"))
@@ -55,7 +59,7 @@ def test_quickstart_writes_curve_grids_and_pth(tmp_path, pretrained_tiny_paths):
 
 
 @pytest.mark.parametrize("setting", ["QUICKSTART_LR=abc", "QUICKSTART_PRETRAIN_STEPS=-5",
-                                     "QUICKSTART_PRETRAIN_VAE_STEPS=x"])
+                                     "QUICKSTART_PRETRAIN_VAE_STEPS=x", "QUICKSTART_PRETRAIN=yes"])
 def test_bad_setting_is_named_and_replaces_nothing(tmp_path, setting):
     out = tmp_path / "quickstart"
     (out / "run").mkdir(parents=True)

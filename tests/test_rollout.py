@@ -256,7 +256,7 @@ def test_tiny_model_dynamic_shift_follows_the_image_size(tiny_model):
 def test_bf16_training_chunks_recompute_the_recorded_log_probs_whatever_their_size(tiny_model, chunk, cfg):
     """In bf16 a DiT forward's result depends on how many rows it runs, so a log-prob recorded in a forward of the
     rollout micro-batch (6 rows here) and recomputed in a training chunk of another size moved the first chunk's
-    ratio off 1 by 3e-5 (no CFG) to 2e-4 (CFG 4) on the tiny model, i.e. 30-230% of --clip_range 1e-4 (README).
+    ratio off 1 by 3e-5 (no CFG) to 2e-4 (CFG 4) on the tiny model, i.e. 30-230% of --clip_range 1e-4 (docs/memory.md).
     Recorded with the chunk's forward size (``forward_rows``, the trainer's BatchPlan.forward_rows), every chunk
     of the training chunking recomputes its recorded log-probs to fp32 rounding: the same fp32 formula on the same
     bf16 velocity, so at most a few ulps of |log_prob| (bound: 16 ulps, eps_fp32 = 2^-23)."""

@@ -69,7 +69,7 @@ REFUSED_TRAINING_FLAGS: dict[str, str] = {
     "batch_eval_metrics": _EVAL, "do_eval": _EVAL, "do_predict": _EVAL,
     "save_only_model": "checkpoints always hold what resume needs; for weights only, convert with "
                        "scripts/utils/rlckpt_to_sftckpt.py",
-    "enable_jit_checkpoint": "SIGTERM already makes the run checkpoint its last completed step (see the README)",
+    "enable_jit_checkpoint": "SIGTERM already makes the run checkpoint its last completed step (docs/cluster_training.md#a-real-run, step 6)",
     "push_to_hub": _HUB, "hub_token": _HUB, "hub_private_repo": _HUB, "hub_model_id": _HUB, "hub_strategy": _HUB,
     "hub_always_push": _HUB, "hub_revision": _HUB,
     "load_best_model_at_end": "--save_total_limit keeps the newest checkpoints; pick one by its metrics.jsonl",

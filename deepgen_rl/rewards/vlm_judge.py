@@ -41,8 +41,8 @@ from deepgen_rl.rewards.vllm_chat import VllmChatClient, VllmServer
 JudgeRewardFlags = Any
 
 VLM_JUDGE = "vlm_judge"
-VLM_JUDGE_START_HINT = ("serve the model with vLLM (`vllm serve MODEL --served-model-name NAME`; see README, "
-                        "'vlm_judge'), or point VLM_JUDGE_URL / --vlm_judge_url (or the judge's 'url' in "
+VLM_JUDGE_START_HINT = ("serve the model with vLLM (`vllm serve MODEL --served-model-name NAME`; see "
+                        "docs/datasets_and_editing.md#datasets), or point VLM_JUDGE_URL / --vlm_judge_url (or the judge's 'url' in "
                         "--vlm_judge_config) at it")
 _NUMBER = re.compile(r"(\d+(?:\.\d+)?)\s*(?:/\s*10(?!\d))?")
 

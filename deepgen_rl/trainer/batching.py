@@ -75,8 +75,7 @@ class BatchPlan:
         """Rows per DiT forward, the same in the rollout and in training: min(training chunk, rollout micro-batch).
 
         In bf16 a forward's result depends on its row count, so a log-prob recorded in a forward of another size
-        than the training chunk's moves the first chunk's ratio off 1 by far more than fp32 rounding (README,
-        "bf16 and the first chunk's ratio"). A smaller chunk therefore splits the rollout's forwards to its size,
+        than the training chunk's moves the first chunk's ratio off 1 by far more than fp32 rounding (docs/memory.md#bf16-and-the-first-chunks-ratio). A smaller chunk therefore splits the rollout's forwards to its size,
         and a larger one runs its forward in pieces of the rollout's size; the FLOPs are the same, the kernels
         smaller."""
         return min(self.train_micro_batch_size, rollout_micro_batch_size)

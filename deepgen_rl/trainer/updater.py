@@ -43,7 +43,7 @@ def first_chunk_warning(deviation: float, clip_range: float) -> Optional[str]:
         return None
     return (f"the first training chunk's ratio deviates from 1 by {deviation:.3g} ({deviation / clip_range:.0%} of "
             f"--clip_range {clip_range:g}) before any update: the recorded log-probs do not match the training "
-            "forward, so the clip acts on numerical noise (README, \"bf16 and the first chunk's ratio\"); a run "
+            "forward, so the clip acts on numerical noise (docs/memory.md#bf16-and-the-first-chunks-ratio); a run "
             "with --model_dtype float32 shows whether bf16 kernels cause it.")
 
 
