@@ -168,6 +168,7 @@ def run_flags(settings: CheckSettings, paths, model_flags: dict, data: dict[str,
         "timestep_fraction": 0.6, "atrain_sde_sampler": "cps_sde", "rollout_n": group, "global_batch_size": images,
         "rollout_micro_batch_size": images, "atrain_micro_batch_size": images, "optimizer_step_schedule": "reference",
         "beta": 5e-7, "sftaux_coef": 1e-4, "stream_rewards": True, "ema_decay": 0.99, "ema_device": "cpu",
+        "sftaux_global_batch_size": 4,  # one GPU: the reference's 4 per GPU (the 8-GPU default is 32)
         "ema_update_every": settings.ema_update_every, "ocr_url": reward_url, "reward_health_timeout": 60,
         "eval_freq": 2 if evaluate else 0, "eval_before_train": False, "eval_dataset_config": data["eval"],
         "unigenbench_api_url": judge_url, "unigenbench_model_name": JUDGE_MODEL, "judge_health_timeout": 30,

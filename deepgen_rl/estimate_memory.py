@@ -26,7 +26,9 @@ How each figure is obtained (B = bytes per weight: 2 in bf16):
   ((L - 1) x n x S x D x B, S = image + text tokens, D = DiT width) plus the largest block working set (measured),
   plus the chunk's fp32 loss tensors; without it, every block's measured peak is summed (an upper bound); under
   ``--kl_forward shared`` (reference schedule, beta > 0, not ZeRO-3) plus the beta*KL gradient it keeps for the KL
-  step, B x trainable parameters (twice with several chunks: a later chunk's gradient while it is added). A
+  step, B x trainable parameters (twice with several chunks: a later chunk's gradient while it is added). The
+  SFT-aux batch (--sftaux_coef > 0) is composed the same way at the busiest rank's ceil(K / num_gpus) of the
+  --sftaux_global_batch_size K items (its captions as long as a prompt; its VAE encode not counted). A
   whole 24-block meta run agrees (7.66 vs 7.59 GiB at the guide's defaults) but takes minutes on a CPU.
   (Measurements: deepgen_rl/model/meta_memory.py.)
 
@@ -52,6 +54,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from deepgen_rl.core.sftaux_batch import max_items_per_rank
 from deepgen_rl.model.meta_memory import block_peak_bytes, decode_peak_bytes, distinct_blocks
 
 if TYPE_CHECKING:
@@ -280,6 +283,13 @@ def estimate_memory(model_args: ModelArguments, args: GRPOConfig, num_gpus: int,
             and getattr(args, "kl_forward", "separate") == "shared"):  # the beta*KL gradient kept for its step,
         copies = 1 if train_n >= n else 2  # and a later chunk's while it is added to the kept one
         components[f"train chunk activations, n={train_n}"] += copies * weight_bytes * trainable
+    if args.sftaux_coef > 0:  # the SFT-aux batch: the busiest rank's ceil(K / W) items, one forward + backward
+        sft_n = max_items_per_rank(args.sftaux_global_batch_size, num_gpus)
+        sft_peaks = train_peaks if sft_n == train_n else [
+            block_peak_bytes(b, sft_n, image_tokens, text_tokens, True) for b in blocks]
+        components[f"SFT-aux batch activations, n={sft_n}"] = dit_train_activation_bytes(
+            sft_peaks, sft_n * tokens * width * weight_bytes, config.num_layers, latent_elems, sft_n,
+            args.gradient_checkpointing)
     components[f"rollout forward, n={rollout_n}"] = max(
         block_peak_bytes(b, rollout_n, image_tokens, text_tokens, False) for b in blocks
     ) + LOSS_TENSORS * rollout_n * latent_elems * 4
@@ -410,7 +420,7 @@ def _has_edit_dataset(dataset_config: str) -> bool:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from deepgen_rl.config import DataArguments, GRPOConfig, ModelArguments
+    from deepgen_rl.config import DataArguments, GRPOConfig, ModelArguments, removed_flag_errors
     from deepgen_rl.config.trainer_flags import GroupedArgumentParser
 
     # The estimator's own flags first, then the training flags grouped as the trainer's --help shows them.
@@ -420,6 +430,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                                    prog="python -m deepgen_rl.estimate_memory",
                                    usage="%(prog)s --num_gpus N --deepspeed JSON [training flags]  (all: --help)",
                                    description=__doc__.split("\n\n")[0])
+    removed = removed_flag_errors(list(sys.argv[1:] if argv is None else argv))
+    if removed:
+        parser.error("\n".join(removed))
     try:
         estimator, compute_args, args, model_args, data_args = parser.parse_args_into_dataclasses(args=argv)
     except (ValueError, FileNotFoundError) as err:  # a bad value or path: its message, not a traceback

@@ -114,7 +114,7 @@ def build_trainer(args: GRPOConfig, model_args: ModelArguments, data_args: DataA
         from deepgen_rl.sft import SftAuxSampler, load_sftaux_config
 
         sftaux_sampler = SftAuxSampler(load_sftaux_config(data_args.sftaux_dataset_config), seed=args.seed,
-                                       rank=rank, height=args.image_height, width=args.image_width)
+                                       height=args.image_height, width=args.image_width)
     # Flags and files first: before any reward server is awaited or a scorer / the model is loaded.
     notes = require_launchable(args, model_args, data_args, dataset_config, world_size,
                                None if sftaux_sampler is None else sftaux_sampler.datasets)

@@ -129,6 +129,7 @@ OUTPUT_DIR="$out/run" DATASET_CONFIG="$dataset" \
     bash scripts/train.sh "${model_flags[@]}" \
         --image_height 64 --image_width 64 --num_inference_steps 4 --timestep_fraction 1.0 \
         --rollout_n 8 --global_batch_size 32 --rollout_micro_batch_size 32 --atrain_micro_batch_size 32 \
+        --sftaux_global_batch_size 4 \
         --learning_rate "$lr" --clip_range 1e-2 --lr_scheduler_type constant --max_steps "$steps" \
         --eval_freq 0 --sample_image_freq "$(( steps / 4 > 0 ? steps / 4 : 1 ))" --save_steps "$steps" \
         --reward_health_timeout 60 --report_to none --seed 0

@@ -27,6 +27,7 @@ GUIDE_DEFAULTS = {
     "optimizer_step_schedule": "reference",
     "atrain_num_actor_update_steps": 1,
     "sftaux_coef": 1e-4,
+    "sftaux_global_batch_size": 32,  # the reference's 4 per GPU x the guide's 8 GPUs
     "eval_freq": 10,
     "gradient_checkpointing": True,
 }
@@ -112,6 +113,7 @@ def test_every_own_field_has_help():
         (GRPOConfig, {"global_batch_size": 12}, "--global_batch_size"),
         (GRPOConfig, {"image_height": 500}, "--image_height"),
         (GRPOConfig, {"sftaux_coef": 2.0}, "--sftaux_coef"),
+        (GRPOConfig, {"sftaux_global_batch_size": 0}, "--sftaux_global_batch_size"),
         (GRPOConfig, {"sde_eta": 0.0}, "--sde_eta"),
         (GRPOConfig, {"clip_range": -1.0}, "--clip_range"),
         (GRPOConfig, {"atrain_adv_type": "ppo"}, "--atrain_adv_type"),
@@ -148,6 +150,13 @@ def test_bad_value_names_the_flag(cls, kwargs, flag, tmp_path):
     extra = {"output_dir": str(tmp_path)} if cls is GRPOConfig else {}
     with pytest.raises(ValueError, match=flag):
         cls(**extra, **kwargs)
+
+
+@pytest.mark.parametrize("flag", [["--sftaux_batch_size", "4"], ["--sftaux_batch_size=4"]])
+def test_removed_sftaux_batch_size_says_how_to_convert(clean_env, tmp_path, flag):
+    with pytest.raises(ValueError, match=r"--sftaux_batch_size was removed.*--sftaux_global_batch_size.*"
+                                         r"x NNODES x NGPUS"):
+        parse_args(["--output_dir", str(tmp_path), *flag])
 
 
 def test_parser_rejects_unknown_choice_naming_flag(capsys, tmp_path):

@@ -249,3 +249,22 @@ def test_kl_forward_shared_adds_the_kept_kl_gradient_to_the_train_phase(real, gu
     for other in (dataclasses.replace(guide_args, kl_forward="separate"), dataclasses.replace(guide_args, beta=0.0)):
         assert ["--kl_forward", "separate"] not in [f.split()[:2] for f, _ in candidate_changes(
             RunShape(other, model_args, zero_stage=2))]
+
+
+def test_sftaux_batch_is_the_busiest_ranks_share_of_the_global_batch(real, guide_args):
+    # --sftaux_global_batch_size K over num_gpus W: the busiest rank runs ceil(K / W) items, forward + backward,
+    # composed as a train chunk of that many rows (the guide's 32 over 8 ranks: 4, the reference's per-GPU batch).
+    model_args, model = real
+    guide = estimate_memory(model_args, guide_args, num_gpus=8, zero_stage=2, model=model)
+    row = "SFT-aux batch activations, n=4"
+    assert row in guide.transients
+    blocks = distinct_blocks(model.transformer)
+    peaks = [block_peak_bytes(block, 4, 64 * 64 // 4, 64 + 128, True) for block in blocks]  # 1024 + 192 tokens
+    assert guide.components[row] == dit_train_activation_bytes(peaks, 4 * (1024 + 192) * 1536 * 2, 24, 16 * 64 * 64,
+                                                               4, gradient_checkpointing=True)
+    uneven = estimate_memory(model_args, dataclasses.replace(guide_args, sftaux_global_batch_size=33), num_gpus=8,
+                             zero_stage=2, model=model)
+    assert "SFT-aux batch activations, n=5" in uneven.transients
+    off = estimate_memory(model_args, dataclasses.replace(guide_args, sftaux_coef=0.0), num_gpus=8, zero_stage=2,
+                          model=model)
+    assert not any(name.startswith("SFT-aux") for name in off.components)

@@ -81,6 +81,7 @@ def test_sftaux_items_of_two_ranks_are_the_single_rank_batch_split(tmp_path):
     from PIL import Image
 
     from deepgen_rl.sft.aux_data import SftAuxDataset, SftAuxSampler
+    from deepgen_rl.core.sftaux_batch import rank_items
 
     items = []
     for i in range(6):
@@ -88,8 +89,10 @@ def test_sftaux_items_of_two_ranks_are_the_single_rank_batch_split(tmp_path):
         Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(path)
         items.append((path, f"caption {i}"))
     datasets = [SftAuxDataset("a", tuple(items[:4]), 1.0), SftAuxDataset("b", tuple(items[4:]), 2.0)]
-    single = SftAuxSampler(datasets, seed=1, rank=0, height=8, width=8).sample(6)
-    split = [SftAuxSampler(datasets, seed=1, rank=r, height=8, width=8).sample(3) for r in range(2)]
+    # 5 items over 2 ranks: rank 0 takes global items 0-2, rank 1 items 3-4 (core/sftaux_batch.py)
+    single = SftAuxSampler(datasets, seed=1, height=8, width=8).sample(0, 5)
+    split = [SftAuxSampler(datasets, seed=1, height=8, width=8).sample(*rank_items(5, 2, r).drawn) for r in range(2)]
+    assert [len(s.captions) for s in split] == [3, 2]
     assert single.captions == split[0].captions + split[1].captions
     assert torch.equal(single.images, torch.cat([s.images for s in split]))
 

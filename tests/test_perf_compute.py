@@ -170,7 +170,12 @@ def test_phase_flops_scale_as_the_flags_say(guide):
     double = phase_flops(report.units, _counts(dataclasses.replace(args, global_batch_size=512)))
     for phase in ("rollout", "vae_decode", *TRAIN_PHASES):
         assert double[phase] == 2 * base[phase], phase
-    assert double["sftaux"] == base["sftaux"]  # --sftaux_batch_size, not the rollout's images
+    assert double["sftaux"] == base["sftaux"]  # --sftaux_global_batch_size, not the rollout's images
+    # K SFT-aux items over 8 ranks: the busiest rank runs ceil(K / 8); a rank with none still runs one (weight 0)
+    per_item = base["sftaux"] // 4  # the guide's 32 items / 8 ranks
+    for items, busiest in ((32, 4), (10, 2), (33, 5), (3, 1)):
+        sft = phase_flops(report.units, _counts(dataclasses.replace(args, sftaux_global_batch_size=items)))
+        assert sft["sftaux"] == busiest * per_item, items
     window = dataclasses.replace(args, sde_window_size=10)  # T' = int(10 x 0.6) = 6 of the 30
     windowed = phase_flops(report.units, _counts(window))
     assert window.num_train_timesteps == 6

@@ -77,7 +77,8 @@ def test_backward_weights_give_the_convex_mix_of_gradients(monkeypatch, coef):
 
     # The convex mix is the per_rollout schedule's one accumulated gradient (the other schedules step in between).
     args = SimpleNamespace(seed=0, num_inference_steps=T, timestep_fraction=0.3, rollout_n=4, rollout_cfg_scale=0.0,
-                           sftaux_coef=coef, sftaux_batch_size=2, beta=0.0, optimizer_step_schedule="per_rollout",
+                           sftaux_coef=coef, sftaux_global_batch_size=2, beta=0.0,
+                           optimizer_step_schedule="per_rollout",
                            clip_range=1e-4)
     trainer = grpo_trainer.DeepGenGRPOTrainer.__new__(grpo_trainer.DeepGenGRPOTrainer)
     plan = plan_batches(global_batch_size=N, rollout_n=4, world_size=1, atrain_micro_batch_size=MICRO,
@@ -87,7 +88,7 @@ def test_backward_weights_give_the_convex_mix_of_gradients(monkeypatch, coef):
     trainer.__dict__.update(
         args=args, plan=plan, device=torch.device("cpu"), reference=None, text_trains=False, objective=None,
         engine=StandInEngine(), model=torch.nn.Module(), _stop=None,
-        sftaux_sampler=SimpleNamespace(sample=lambda n: sft_batch), rank=0, world_size=1,
+        sftaux_sampler=SimpleNamespace(sample=lambda first, count: sft_batch), rank=0, world_size=1,
         state=SimpleNamespace(global_step=0), ema=None, nft=None, optimizer_steps_taken=0,
         optimizer_steps_applied=0, _last_grad_norm=None, kl_forward="separate")
     batch = grpo_trainer.RolloutBatch(samples=[], trajectory=SimpleNamespace(num_samples=N))

@@ -279,14 +279,14 @@ def test_reward_metrics_hand_worked():
 def test_shipped_sftaux_config_and_resumable_sampler():
     datasets = load_sftaux_config(SFTAUX_CONFIG)
     assert len(datasets) == 1 and len(datasets[0]) == 6
-    first = SftAuxSampler(datasets, seed=3, rank=1, height=32, width=48)
-    batches = [first.sample(4) for _ in range(3)]
+    first = SftAuxSampler(datasets, seed=3, height=32, width=48)
+    batches = [first.sample(4, 4) for _ in range(3)]
     assert batches[0].images.shape == (4, 3, 32, 48)
     assert 0.0 <= float(batches[0].images.min()) and float(batches[0].images.max()) <= 1.0
-    resumed = SftAuxSampler(datasets, seed=0, rank=1, height=32, width=48)
+    resumed = SftAuxSampler(datasets, seed=0, height=32, width=48)
     state = dict(first.state_dict(), batches_drawn=2)
     resumed.load_state_dict(state)
-    again = resumed.sample(4)
+    again = resumed.sample(4, 4)
     assert again.captions == batches[2].captions and torch.equal(again.images, batches[2].images)
 
 

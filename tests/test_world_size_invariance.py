@@ -4,7 +4,9 @@ rewards, advantages and (to reduction-order rounding) weights; --replay_step N r
 its checkpoint-(N-1) on 1 rank.
 
 Four real runs (torchrun, gloo, DS_ACCELERATOR=cpu, ZeRO-2, the tiny model in fp32, 2 GRPO steps, 2 actor-update
-parts so the part draw is exercised), shared by every test of the module:
+parts so the part draw is exercised, SFT-aux on at --sftaux_coef 0.3 with a global batch of ONE item: on 2 ranks
+rank 0 takes it at loss scale 2 and rank 1 runs a zero-weight item, so the uneven split, its normalisation and
+the empty rank's part in ZeRO's gradient reduction are all exercised), shared by every test of the module:
     two      2 ranks, checkpoints 1 and 2
     one      1 rank, the same flags (its rollout micro-batch is 4, the 2-rank run's 8 is 4 rows per rank)
     replay   1 rank, --replay_step 2 from two/checkpoint-1 (AdamW's moments re-split: optimizer_reshard.py)
@@ -46,7 +48,8 @@ TIMEOUT_S = 500
 # Four torchrun launches in the module fixture (each mostly process start and DeepSpeed set-up; ~1 min on a free
 # 2-core machine, several on a loaded one): beyond the suite's 600 s default for the first test's setup.
 pytestmark = pytest.mark.timeout(1800)
-FLAGS = {"max_steps": 2, "atrain_num_actor_update_steps": 2, "model_dtype": "float32", "sftaux_coef": 0.0,
+FLAGS = {"max_steps": 2, "atrain_num_actor_update_steps": 2, "model_dtype": "float32", "sftaux_coef": 0.3,
+         "sftaux_global_batch_size": 1,
          "learning_rate": 1e-4, "lr_scheduler_type": "constant", "beta": 0.0, "dataset_config": str(SYNTHETIC_YAML)}
 
 
@@ -128,7 +131,7 @@ def test_weights_after_two_steps_match_within_reduction_order(runs):
     assert worst <= 1.0 and share <= 1e-3, (worst, share)
     for step in (1, 2):
         m1, m2 = runs["one"]["metrics"][step], runs["two"]["metrics"][step]
-        for key in ("reward/mean", "reward/std", "loss/policy", "train/grad_norm"):
+        for key in ("reward/mean", "reward/std", "loss/policy", "loss/sft", "train/grad_norm"):
             assert m1[key] == pytest.approx(m2[key], rel=1e-3, abs=1e-6), key
 
 
@@ -136,7 +139,7 @@ def test_replay_of_step_two_on_one_rank_reproduces_the_two_rank_step(runs):
     replay, two = runs["replay"], runs["two"]
     assert sorted(replay["steps"]) == [2] and sorted(replay["metrics"]) == [2]  # exactly step 2, then stop
     _same_step(replay["steps"][2], two["steps"][2])
-    for key in ("reward/mean", "loss/policy", "train/grad_norm"):
+    for key in ("reward/mean", "loss/policy", "loss/sft", "train/grad_norm"):
         assert replay["metrics"][2][key] == pytest.approx(two["metrics"][2][key], rel=1e-3, abs=1e-6), key
     # The same update: AdamW's moments of the 2-rank checkpoint were re-split for 1 rank.
     lr = replay["params"]["learning_rate"]

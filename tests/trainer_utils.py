@@ -27,6 +27,7 @@ TINY_RUN = {
     "rollout_micro_batch_size": 8, "atrain_micro_batch_size": 8, "eval_freq": 0, "sample_image_freq": 0,
     "report_to": "none", "save_strategy": "no", "gradient_checkpointing": False, "seed": 0,
     "dataset_config": str(QUICKSTART_YAML),
+    "sftaux_global_batch_size": 4,  # SFT-aux is on by default; its default 32 items per step would slow every run
 }
 
 

@@ -36,7 +36,7 @@ from .algorithm_config import AlgorithmFlags, validate_algorithm_flags
 from .deepspeed_json import read_deepspeed_json
 from .flag_checks import _check_choice, _check_positive, _check_range
 from .grpo_flags import (DEFAULT_SDE_ETA, KL_FORWARDS, OPTIMIZER_STEP_SCHEDULES, SDE_SAMPLERS, ObjectiveFlags,
-                         OptimizerStepSchedule, RolloutFlags, SdeSampler)
+                         OptimizerStepSchedule, RolloutFlags, SdeSampler, removed_flag_errors)
 from .model_flags import (CHECKPOINT_ENV, CLIP_ENV, MODEL_DTYPES, QWEN_ENV, SD3_ENV, TRAINABLE_MODULE_SETS,
                           DataArguments, ModelArguments, ModelDtype, TrainableModuleSet)
 from .run_flags import EMA_DEVICES, RunFlags
@@ -50,7 +50,7 @@ __all__ = [
     "MODEL_DTYPES", "OPTIMIZER_STEP_SCHEDULES", "QWEN_ENV", "SD3_ENV", "SDE_SAMPLERS", "TRAINABLE_MODULE_SETS",
     "DataArguments", "EvalArguments", "GRPOConfig", "JudgeArguments", "ModelArguments", "ModelDtype",
     "OptimizerStepSchedule", "RewardArguments", "SdeSampler", "TrainableModuleSet", "build_parser", "parse_args",
-    "parse_args_or_exit",
+    "parse_args_or_exit", "removed_flag_errors",
 ]
 
 
@@ -117,7 +117,7 @@ class GRPOConfig(RunFlags, ObjectiveFlags, RolloutFlags, TrainingArguments, Algo
         validate_algorithm_flags(self)  # --atrain_algorithm and its flags (algorithm_config.py)
         clip_band(self.clip_range, self.clip_range_low, self.clip_range_high)
         for flag in ("rollout_n", "rollout_micro_batch_size", "atrain_micro_batch_size", "global_batch_size",
-                     "num_inference_steps", "image_height", "image_width", "sftaux_batch_size"):
+                     "num_inference_steps", "image_height", "image_width", "sftaux_global_batch_size"):
             _check_positive(flag, getattr(self, flag))
         _check_positive("vae_decode_micro_batch_size", self.vae_decode_micro_batch_size)
         if self.rollout_n < 2:
@@ -187,6 +187,9 @@ def build_parser() -> HfArgumentParser:
 def parse_args(argv: Optional[list[str]] = None
                ) -> tuple[GRPOConfig, ModelArguments, DataArguments, RewardArguments, JudgeArguments, EvalArguments]:
     """Parse command-line flags (``argv`` or ``sys.argv``) into the argument groups of ``ARGUMENT_GROUPS``."""
+    removed = removed_flag_errors(list(sys.argv[1:] if argv is None else argv))
+    if removed:
+        raise ValueError("\n".join(removed))
     parser = build_parser()
     # Inherited Trainer flags our loop does not read stop the run instead of being ignored (trainer_flags.py);
     # checked on the raw parsed values, before TrainingArguments normalises some of them.

@@ -23,6 +23,20 @@ KL_FORWARDS: tuple[str, ...] = get_args(KlForward)
 # Flow-GRPO uses 0.7, Dance-SDE 1.0 (the reference's shared default; DanceGRPO's own scripts use 0.3).
 DEFAULT_SDE_ETA = {"cps_sde": 1.0, "flow_sde": 0.7, "dance_sde": 1.0}
 
+# Flags that no longer exist -> how to convert (config.parse_args stops on them with this, instead of argparse's
+# bare "unrecognized arguments").
+REMOVED_FLAGS = {
+    "sftaux_batch_size": "it counted SFT-aux items per GPU; use --sftaux_global_batch_size, the items per GRPO step "
+                         "over all ranks = the old value x NNODES x NGPUS (e.g. 4 per GPU on 8 GPUs = 32, the "
+                         "default), so the SFT-aux loss is the same on any world size",
+}
+
+
+def removed_flag_errors(argv: list[str]) -> list[str]:
+    """One message per flag of ``argv`` (``--name`` or ``--name=value``) that ``REMOVED_FLAGS`` lists."""
+    given = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    return [f"--{name} was removed: {fix}." for name, fix in REMOVED_FLAGS.items() if name in given]
+
 
 @dataclass
 class RolloutFlags:
@@ -138,5 +152,7 @@ class ObjectiveFlags:
     sftaux_coef: float = field(
         default=1e-4, metadata={"help": "lambda of the convex mix (1 - lambda) L_grpo + lambda L_sft; 0 disables SFT-aux."}
     )
-    sftaux_batch_size: int = field(default=4, metadata={
-        "help": "SFT-aux samples per GPU per GRPO step (one SFT-aux batch per rollout)."})
+    sftaux_global_batch_size: int = field(default=32, metadata={
+        "help": "SFT-aux image-caption items per GRPO step over ALL ranks (one SFT-aux batch per rollout), split "
+                "over the ranks; the loss is their mean on any world size. 32 = the reference's 4 per GPU x 8 GPUs "
+                "(the guide's run). Replaces --sftaux_batch_size (per GPU): multiply that by NNODES x NGPUS."})

@@ -16,7 +16,9 @@ else 1, R = U x S x T' trained rows):
     KL step           --optimizer_step_schedule reference with --beta > 0: the beta x KL backward of its own
                       optimizer step. --kl_forward separate (today): the whole chunk again (forward, reference
                       forward, recompute, backward); shared: only the second backward (recompute + backward)
-    SFT-aux           n images: VAE encode, caption encode, DiT forward + recompute + backward (no CFG)
+    SFT-aux           n = ceil(K / W) images (the busiest rank's share of --sftaux_global_batch_size K; a rank
+                      with none runs one at weight 0): VAE encode, caption encode, DiT forward + recompute +
+                      backward (no CFG)
     EMA / NFT update  elementwise: 3 FLOPs per trained parameter per update (not counted by FlopCounterMode;
                       listed so that it is seen to be negligible)
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..core.sftaux_batch import max_items_per_rank
 from .flop_units import FlopUnits
 
 # Phase -> the trainer's phase timer (trainer/step_metrics.PhaseTimer) whose seconds it runs in; the decode moves
@@ -49,7 +52,7 @@ class StepCounts:
     reference: bool  # --beta > 0
     kl_forward: str  # "separate" | "shared" (a KL step exists) | "none"
     nft: bool  # --atrain_algorithm diffusionnft
-    sftaux_rows: int
+    sftaux_rows: int  # ceil(K / W) SFT-aux items (the busiest rank), 0 without SFT-aux
     text_trains: bool
     ema_updates: int
     stream_rewards: bool
@@ -80,7 +83,8 @@ def step_counts(args, plan, *, text_trains: bool, sftaux: bool, zero_stage: int 
                       train_chunks=plan.actor_update_steps * plan.chunks_per_timestep * plan.num_train_timesteps,
                       cfg_branches=2 if args.rollout_cfg_scale > 0 else 1, reference=args.beta > 0,
                       kl_forward=kl_forward_mode(args, zero_stage), nft=args.atrain_algorithm == "diffusionnft",
-                      sftaux_rows=args.sftaux_batch_size if sftaux else 0, text_trains=text_trains,
+                      sftaux_rows=max_items_per_rank(args.sftaux_global_batch_size, plan.world_size) if sftaux else 0,
+                      text_trains=text_trains,
                       ema_updates=ema_updates, stream_rewards=bool(getattr(args, "stream_rewards", False)))
 
 

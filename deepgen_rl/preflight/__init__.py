@@ -28,7 +28,8 @@ from ..config import (CLIP_ENV, DataArguments, GRPOConfig, JudgeArguments, Model
                      parse_args_or_exit)
 from ..data.dataset_yaml import DatasetConfigError, load_dataset_config
 from .launch_checks import (RunLength, batch_problem, deepspeed_problem, is_real_size_model, run_length,
-                            shipped_data_lines, shipped_data_warning, untrained_connector_problem)
+                            sftaux_idle_ranks_warning, shipped_data_lines, shipped_data_warning,
+                            untrained_connector_problem)
 from ..model.loading import ModelPathError, check_checkpoint_path, check_qwen_path, check_sd3_path
 from .content import check_checkpoint_loads, check_eval_contents, check_prompt_contents
 from ..rewards.http_utils import RewardServerUnavailable
@@ -192,7 +193,7 @@ def local_checks(training_args: GRPOConfig, model_args: ModelArguments, data_arg
     if training_args.eval_freq > 0:
         servers.append(judge_check(judge_args))
     sftaux_sets = _sftaux_datasets(training_args, data_args, problems)
-    warnings = []
+    warnings = [w for w in [sftaux_idle_ranks_warning(training_args, world_size)] if w]
     if dataset is not None and not content:
         from ..data.prompts import PromptDataset
 

@@ -111,6 +111,17 @@ def batch_problem(args, world_size: int, sftaux_enabled: bool) -> Optional[str]:
     return None
 
 
+def sftaux_idle_ranks_warning(args, world_size: int) -> Optional[str]:
+    """A warning when the global SFT-aux batch leaves ranks without an item (they run one at weight 0, so every rank
+    runs the same backward: core/sftaux_batch.py), None otherwise."""
+    items = args.sftaux_global_batch_size
+    if args.sftaux_coef <= 0 or items >= world_size:
+        return None
+    return (f"--sftaux_global_batch_size {items} < world size {world_size}: {world_size - items} rank(s) get no "
+            "SFT-aux item and run one at weight 0 each step (their time, no effect on the loss); a multiple of "
+            f"{world_size} uses them.")
+
+
 def _plan(args, world_size: int, sftaux_enabled: bool):
     from ..trainer.batching import plan_batches
 

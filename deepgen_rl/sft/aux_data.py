@@ -3,9 +3,9 @@ t2i_grpo_moretextdata.py).
 
 The config defines ``sftaux_datasets``: a list of dicts, each an ``image_caption_jsonl`` or ``image_folder``
 dataset (see the shipped config for the fields). :class:`SftAuxSampler` draws seeded, resumable batches: batch b
-item i (global index: rank r of n items per rank takes r*n .. r*n + n - 1) uses a generator seeded by
-(seed, b, i), so its only state is the number of batches drawn and any world size with the same global SFT-aux
-batch (--sftaux_batch_size x ranks) draws the same items.
+item i (its global index in the step's --sftaux_global_batch_size items; each rank draws its slice,
+core/sftaux_batch.py) uses a generator seeded by (seed, b, i), so its only state is the number of batches drawn
+and any world size draws the same items.
 Images are resized (shorter side) and centre-cropped to the training resolution, as floats in [0, 1].
 
 Legend: n images per batch, H/W the training image size.
@@ -139,21 +139,23 @@ def load_image(path: Path, height: int, width: int) -> torch.Tensor:
 class SftAuxSampler:
     """Seeded, resumable batches of (image, caption) from several datasets (with replacement)."""
 
-    def __init__(self, datasets: Sequence[SftAuxDataset], *, seed: int, rank: int, height: int, width: int) -> None:
+    def __init__(self, datasets: Sequence[SftAuxDataset], *, seed: int, height: int, width: int) -> None:
         if not datasets:
             raise ValueError("SftAuxSampler needs at least one dataset.")
         self.datasets = list(datasets)
-        self.seed, self.rank, self.height, self.width = int(seed), int(rank), int(height), int(width)
+        self.seed, self.height, self.width = int(seed), int(height), int(width)
         weights = np.array([d.sample_weight * len(d) for d in self.datasets], dtype=np.float64)
         self.probabilities = weights / weights.sum()
         self.batches_drawn = 0
 
-    def sample(self, batch_size: int) -> SftAuxBatch:
-        if batch_size <= 0:
-            raise ValueError(f"--sftaux_batch_size must be positive; got {batch_size}.")
-        batch, first = self.batches_drawn, self.rank * batch_size
+    def sample(self, first: int, count: int) -> SftAuxBatch:
+        """The next batch's items of global indices ``first`` .. ``first + count - 1`` (this rank's slice of the
+        step's global SFT-aux batch, core/sftaux_batch.py ``rank_items``)."""
+        if count <= 0 or first < 0:
+            raise ValueError(f"an SFT-aux batch needs count > 0 items from index >= 0; got {count} from {first}.")
+        batch = self.batches_drawn
         self.batches_drawn += 1
-        items = [self._draw(batch, first + i) for i in range(batch_size)]
+        items = [self._draw(batch, first + i) for i in range(count)]
         images = torch.stack([load_image(path, self.height, self.width) for path, _ in items])
         return SftAuxBatch(images=images, captions=[caption for _, caption in items])
 

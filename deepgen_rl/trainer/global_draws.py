@@ -8,8 +8,9 @@ per step for all ranks (sde_window.py).
 
     prompts         data/prompts.py: prompt i of the step from (seed, step's batch, global prompt index i)
     rollout noise   one stream per sample (sampling/noise.py): its initial noise, then one draw per SDE step
-    SFT-aux         sft/aux_data.py: item i from (seed, batch, global item index i); its VAE sample, noise and
-                    t from its own stream
+    SFT-aux         sft/aux_data.py: item i of the step's --sftaux_global_batch_size from (seed, batch, global
+                    item index i); its VAE sample, noise and t from its own stream; rank r takes a contiguous
+                    slice (core/sftaux_batch.py)
     actor updates   blocks of U consecutive global samples dealt at random, one sample of a block per part
     DiffusionNFT    each sample's timesteps and its noise per column from its own streams (nft.py)
 """
@@ -33,9 +34,10 @@ def rollout_noise(seed: int, step: int, rank: int, samples_per_rank: int, device
     return SampleNoise(sample_seeds(seed, SEED_ROLLOUT, step, rank * samples_per_rank, samples_per_rank), device)
 
 
-def sftaux_noise(seed: int, step: int, rank: int, batch_size: int, device: torch.device) -> SampleNoise:
-    """The SFT-aux batch's streams (its items are the global items rank*n .. rank*n + n - 1 of the step)."""
-    return SampleNoise(sample_seeds(seed, SEED_SFTAUX, step, rank * batch_size, batch_size), device)
+def sftaux_noise(seed: int, step: int, first: int, count: int, device: torch.device) -> SampleNoise:
+    """The streams of the step's SFT-aux items first .. first + count - 1 (the rank's slice of the global SFT-aux
+    batch: core/sftaux_batch.py)."""
+    return SampleNoise(sample_seeds(seed, SEED_SFTAUX, step, first, count), device)
 
 
 def actor_update_generators(seed: int, step: int, rank: int, samples_per_rank: int,

@@ -46,6 +46,7 @@ from .advantage_step import global_advantages
 from .batching import BatchPlan, plan_batches, total_training_steps
 from .deepspeed_setup import initialize_engine, zero_stage
 from ..core.distributed import all_reduce, all_reduce_sum, rank_and_world
+from ..core.sftaux_batch import rank_items
 from .ema import EmaCounters
 from .ema_shards import ema_from_args
 from .divergence import SkipBudget, TrainingDiverged, check_trained_weights, stop_message
@@ -247,7 +248,11 @@ class DeepGenGRPOTrainer:
             if warning is not None and self.rank == 0:
                 logger.warning("step %d: %s", step, warning)
         if self.sftaux_sampler is not None:
-            metrics["loss/sft"] = ctx.sftaux_backward(self._sftaux_loss(step), args.sftaux_coef)
+            share, item_loss_sum = self._sftaux_loss(step)
+            ctx.sftaux_backward(share, args.sftaux_coef)
+            # the mean over every item of the step (all ranks): the same metric on any world size
+            metrics["loss/sft"] = float(all_reduce_sum(torch.tensor([item_loss_sum], dtype=torch.float64),
+                                                       self.device)) / args.sftaux_global_batch_size
         metrics.update(ctx.finish(args.beta))
         if self.nft is not None:  # old <- d old + (1 - d) theta, after the step's optimizer steps
             self.nft.update(self.model, int(metrics["train/optimizer_steps"]))
@@ -277,12 +282,18 @@ class DeepGenGRPOTrainer:
                                       valid=ctx.valid, settings=self.objective, reference=self.reference,
                                       reference_conditioning=ctx.reference_conditioning, conditioning=conditioning)
 
-    def _sftaux_loss(self, step: int) -> torch.Tensor:
-        """The flow-matching loss of this step's SFT-aux batch (each item's draws keyed by its global index)."""
-        sft = self.sftaux_sampler.sample(self.args.sftaux_batch_size)
-        generator = sftaux_noise(self.args.seed, step, self.rank, self.args.sftaux_batch_size, self.device)
-        return sftaux_objective(self.model, sft.images.to(self.device), sft.captions, generator,
+    def _sftaux_loss(self, step: int) -> tuple[torch.Tensor, float]:
+        """(L_r, sum of its items' losses): this rank's share of the flow-matching loss of the step's
+        --sftaux_global_batch_size items, normalised so that DeepSpeed's average over ranks is their mean on any
+        world size (core/sftaux_batch.py; each item's draws keyed by its global index). A rank with no item runs
+        one at weight 0, so that every rank runs the same backward (ZeRO's gradient buckets stay in step)."""
+        items = rank_items(self.args.sftaux_global_batch_size, self.world_size, self.rank)
+        first, count = items.drawn
+        sft = self.sftaux_sampler.sample(first, count)
+        generator = sftaux_noise(self.args.seed, step, first, count, self.device)
+        mean = sftaux_objective(self.model, sft.images.to(self.device), sft.captions, generator,
                                 text_trains=self.text_trains)
+        return mean * items.loss_scale, float(mean.detach()) * items.count if items.count else 0.0
 
     def eval_phase(self, step: int) -> dict[str, float]:
         """The periodic UniGenBench evaluation (every rank takes part). Without a hook there is none: the entry

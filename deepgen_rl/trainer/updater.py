@@ -201,7 +201,8 @@ class StepUpdate:
             clip_fraction=sum(c.clip_fraction for c in chunks) / len(chunks) if chunks else nan))
 
     def sftaux_backward(self, loss: torch.Tensor, coef: float) -> float:
-        """The SFT-aux batch's backward, weighted by --sftaux_coef: the last backward of any schedule's rollout."""
+        """The SFT-aux batch's backward (``loss``: the rank's share L_r, core/sftaux_batch.py), weighted by
+        --sftaux_coef: the last backward of any schedule's rollout."""
         self.backward(loss * coef, boundary=True)
         self.record_step("rollout" if self.plan.optimizer_step_schedule == "per_rollout" else "sft", [])
         value = float(loss.detach())

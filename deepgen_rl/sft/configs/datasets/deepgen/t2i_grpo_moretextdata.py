@@ -1,7 +1,8 @@
 # SFT-aux dataset of GRPO training (read with mmengine.Config.fromfile by deepgen_rl/sft/aux_data.py).
 #
 # The loss (1 - sftaux_coef) L_grpo + sftaux_coef L_sft keeps the policy close to real image-text pairs;
-# L_sft is the flow-matching loss on a batch drawn from the datasets below (--sftaux_batch_size per GPU).
+# L_sft is the flow-matching loss on a batch drawn from the datasets below (--sftaux_global_batch_size items per
+# GRPO step over all ranks).
 # Override the whole file with SFTAUX_DATASET_CONFIG=/path/to/your_config.py (or --sftaux_dataset_config).
 #
 # Each entry of `sftaux_datasets` is one image-caption dataset:
