@@ -20,9 +20,11 @@ policy's images), so a hack learned in a few steps cannot hide in it.
   are still raised, and the run exits with status 5 after checkpointing, naming the alarm and the best checkpoint;
 - honest: the same settings with ``synthetic_match`` (seeds 0 and 1) raise no alarm.
 
-All runs start side by side (one thread each). The hacked runs' seed is HACK_SEED (DEEPGEN_RL_TEST_MONITOR_SEED
-overrides it, to check that the alarms do not hang on one random realisation). Measured (docs/monitoring.md): see
-the numbers printed by the tests.
+All runs start side by side (one thread each); about 4.5 minutes on 2 busy cores. The hacked runs' seed is
+HACK_SEED (DEEPGEN_RL_TEST_MONITOR_SEED overrides it, to check that the alarms do not hang on one random
+realisation). Measured with these settings (docs/monitoring.md has the table): first drift alarm on redness at
+step 9 / 6 (seeds 0 / 1), on brightness at step 8 / 10; divergence alarm on redness at step 8 (held-out falls of
+6.4 / 5.1 standard errors); honest seeds 0 and 1: no alarm, largest |z| 4.6 and 2.8 (threshold 5).
 """
 
 from __future__ import annotations
@@ -44,11 +46,11 @@ pytestmark = pytest.mark.timeout(1500)
 EXIT_REWARD_HACKING = 5
 PROMPTS = (REPO_ROOT / "assets" / "rl_datasets" / "synthetic" / "prompts.txt").read_text().splitlines()
 TRAIN_PROMPTS = PROMPTS[1:2]
-HELDOUT_SAMPLES = 8
+HELDOUT_SAMPLES = 32  # the held-out score's standard error must let a real fall stand out of its noise
 STEPS = 12
 EVAL_FREQ = 4
 BASELINE = 1
-MAX_STEPS_TO_ALARM = 6  # drift alarm at step <= BASELINE + 6 (with --monitor_patience 2)
+MAX_STEPS_TO_ALARM = STEPS - BASELINE  # within the run (measured: 5 to 10 steps after the baseline)
 HACK_SEED = int(os.environ.get("DEEPGEN_RL_TEST_MONITOR_SEED", "0"))
 RUN = {"num_inference_steps": 4, "timestep_fraction": 0.5, "rollout_n": 4, "global_batch_size": 16,
        "rollout_micro_batch_size": 16, "atrain_micro_batch_size": 16, "lr_scheduler_type": "constant",
@@ -56,7 +58,7 @@ RUN = {"num_inference_steps": 4, "timestep_fraction": 0.5, "rollout_n": 4, "glob
        "save_strategy": "steps", "save_steps": EVAL_FREQ, "save_total_limit": 1, "sample_image_freq": STEPS,
        "monitor_baseline_steps": BASELINE, "monitor_patience": 2, "monitor_eval_window": 3,
        "on_reward_hacking": "warn"}
-LEARNING_RATE = {"redness": 3e-4, "brightness": 3e-4, "synthetic_match": 5e-5}
+LEARNING_RATE = {"redness": 6e-4, "brightness": 6e-4, "synthetic_match": 5e-5}
 TIMEOUT_S = 1200
 
 
