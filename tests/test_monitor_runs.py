@@ -23,8 +23,8 @@ policy's images), so a hack learned in a few steps cannot hide in it.
 All runs start side by side (one thread each); about 4.5 minutes on 2 busy cores. The hacked runs' seed is
 HACK_SEED (DEEPGEN_RL_TEST_MONITOR_SEED overrides it, to check that the alarms do not hang on one random
 realisation). Measured with these settings (docs/monitoring.md has the table): first drift alarm on redness at
-step 9 / 6 (seeds 0 / 1), on brightness at step 8 / 10; divergence alarm on redness at step 8 (held-out falls of
-6.4 / 5.1 standard errors); honest seeds 0 and 1: no alarm, largest |z| 4.6 and 2.8 (threshold 5).
+step 9 / 6 / 11 (seeds 0 / 1 / 2), on brightness at step 8 / 10 / 8; divergence alarm on redness at step 8 (held-out
+falls of 6.4 / 5.1 / 4.3 standard errors); honest seeds 0 and 1: no alarm, largest |z| 4.6 and 2.8 (threshold 5).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ HELDOUT_SAMPLES = 32  # the held-out score's standard error must let a real fall
 STEPS = 12
 EVAL_FREQ = 4
 BASELINE = 1
-MAX_STEPS_TO_ALARM = STEPS - BASELINE  # within the run (measured: 5 to 10 steps after the baseline)
+MAX_STEPS_TO_ALARM = STEPS - BASELINE  # within the run (measured: 5 to 10 steps after the baseline, seeds 0-2)
 HACK_SEED = int(os.environ.get("DEEPGEN_RL_TEST_MONITOR_SEED", "0"))
 RUN = {"num_inference_steps": 4, "timestep_fraction": 0.5, "rollout_n": 4, "global_batch_size": 16,
        "rollout_micro_batch_size": 16, "atrain_micro_batch_size": 16, "lr_scheduler_type": "constant",
