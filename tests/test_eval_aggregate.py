@@ -102,6 +102,7 @@ def test_metrics_for_logging_keys_and_values(tmp_path):
                         world_size=1, complete=True)
     metrics = metrics_for_logging(report)
     assert metrics["eval/unigenbench_en/overall"] == pytest.approx(7 / 11)
+    assert metrics["eval/unigenbench_en/overall_se"] == pytest.approx((7 / 11 * 4 / 11 / 11) ** 0.5)  # binomial
     assert metrics["eval/unigenbench_en/Attribute"] == pytest.approx(4 / 6)
     assert metrics["eval/unigenbench_en/Style"] == pytest.approx(2 / 3)
     assert metrics["eval/unigenbench_en/Action"] == 0.0

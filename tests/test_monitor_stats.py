@@ -80,15 +80,17 @@ def test_low_res_box_filters_blocks_exactly():
     np.testing.assert_allclose(stats.low_res(big), blocks / 255.0, atol=1e-12)
 
 
-def test_batch_stats_sums_per_image_and_per_group():
+def test_batch_stats_moments_per_group():
     black = np.zeros((16, 16, 3), np.uint8)
     white = np.full((16, 16, 3), 255, np.uint8)
     sums = stats.batch_stats([black, white, white, white, black], group_ids=[0, 0, 1, 1, 2])
-    assert sums["brightness"] == (pytest.approx(3.0), 5)  # three white (Y 1), two black (Y 0)
-    assert sums["diversity"] == (pytest.approx(1.0), 2)  # group 0: distance 1; group 1: 0; group 2 has one image
-    assert stats.means(sums)["brightness"] == pytest.approx(0.6)
+    # group values of the luma: group 0 (black, white) 0.5, group 1 (white, white) 1, group 2 (black) 0
+    assert sums["brightness"] == (pytest.approx(1.5), pytest.approx(0.25 + 1.0), 3)
+    # group 0: distance 1; group 1: 0; group 2 has one image (no pair)
+    assert sums["diversity"] == (pytest.approx(1.0), pytest.approx(1.0), 2)
+    assert stats.means(sums)["brightness"] == pytest.approx(0.5)
     assert set(sums) == set(stats.STATS)
-    assert math.isnan(stats.means({"x": (0.0, 0)})["x"])
+    assert math.isnan(stats.means({"x": (0.0, 0.0, 0)})["x"])
 
 
 def test_hackable_rewards_by_hand():

@@ -83,22 +83,27 @@ class RunFlags:
     # --- end divergence guard ---
     # --- reward-hacking monitor (deepgen_rl/monitor/, trainer/hacking.py, docs/monitoring.md) ---
     monitor_baseline_steps: int = field(
-        default=10,
-        metadata={"help": "Steps whose rollout image statistics (brightness, saturation, contrast, high frequency, "
-                  "colourfulness, JPEG bits per pixel, within-group diversity) form the drift baseline."},
+        default=1,
+        metadata={"help": "The first N steps whose rollout image statistics (brightness, saturation, contrast, high "
+                  "frequency, colourfulness, JPEG bits per pixel, within-group diversity; one value per group) form "
+                  "the drift baseline. 1 (default): the first step's rollout only, made by the initial policy "
+                  "before any update; raise it only when one step has too few groups (< 8), knowing that a hack "
+                  "learned within those steps then hides in the baseline."},
     )
     monitor_z: float = field(
         default=5.0,
-        metadata={"help": "Drift alarm: a statistic's trailing 3-step mean beyond this robust z-score (median / MAD "
-                  "of the baseline) for --monitor_patience steps in a row. 0: no drift alarm."},
+        metadata={"help": "Drift alarm: a statistic's trailing 3-step mean beyond this z-score (two-sample t-test of "
+                  "the groups' values against the baseline's, on the normal scale) and by over half a baseline "
+                  "standard deviation, for --monitor_patience steps in a row. 0: no drift alarm."},
     )
     monitor_patience: int = field(
         default=3, metadata={"help": "Consecutive steps beyond --monitor_z before the drift alarm fires."}
     )
     monitor_eval_window: int = field(
         default=3,
-        metadata={"help": "Divergence alarm: over the last N held-out evaluations the held-out score falls (least-"
-                  "squares slope < 0) while the training reward rises. 0: no divergence alarm."},
+        metadata={"help": "Divergence alarm: over the last N held-out evaluations the held-out score falls beyond "
+                  "its standard errors (least-squares slope) while the training reward's slope is significantly "
+                  "positive. 0: no divergence alarm."},
     )
     monitor_eval_metric: str = field(
         default="overall",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -114,7 +115,8 @@ def write_report(report: EvalReport, output_dir: str | Path) -> Path:
 
 
 def metrics_for_logging(report: EvalReport) -> dict[str, float]:
-    """Flat scalars: ``eval/<dataset>/overall``, ``eval/<dataset>/<primary dimension>`` (e.g.
+    """Flat scalars: ``eval/<dataset>/overall`` (and its standard error ``overall_se``),
+    ``eval/<dataset>/<primary dimension>`` (e.g.
     ``eval/unigenbench_en/Attribute``), failure counts and the evaluation time. An accuracy over zero judged
     test points is left out (never logged as 0)."""
     metrics: dict[str, float] = {}
@@ -123,6 +125,10 @@ def metrics_for_logging(report: EvalReport) -> dict[str, float]:
         scores = entry.scores
         if scores.overall.value is not None:
             metrics[f"{prefix}/overall"] = scores.overall.value
+            # its binomial standard error over the test points (the reward-hacking monitor's measure of eval
+            # noise, docs/monitoring.md; test points of one image are not independent, so it is a lower bound)
+            p, total = scores.overall.value, scores.overall.total
+            metrics[f"{prefix}/overall_se"] = math.sqrt(p * (1.0 - p) / total)
         for dimension, accuracy in scores.per_dimension.items():
             if accuracy.value is not None:
                 metrics[f"{prefix}/{dimension}"] = accuracy.value

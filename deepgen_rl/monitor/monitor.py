@@ -3,9 +3,11 @@ thread while the step trains), the drift and divergence alarms (alarms.py), best
 monitor.png (plot.py). The trainer drives it (it knows nothing of the trainer):
 
     monitor.submit(images, group_ids)          after the rewards: [N, H, W, 3] uint8 images of this rank
-    sums = monitor.step_sums()                 waits for the thread: {stat: (sum, count)} (the trainer adds the
-                                               ranks' sums up so every rank decides alike)
-    metrics |= monitor.end_step(step, metrics, sums)   monitor/<stat>, monitor/z/<stat>, the alarms
+    sums = monitor.step_sums()                 waits for the thread: {stat: (sum, sum of squares, count)} of
+                                               its group values (the trainer adds the ranks' moments up so
+                                               every rank decides alike)
+    metrics |= monitor.end_step(step, metrics, sums)   monitor/<stat> (mean), monitor/sd/<stat>, monitor/n/<stat>
+                                               (the moments again, for replay), monitor/z/<stat>, the alarms
     monitor.on_save(step, checkpoint)          best_checkpoint.json
     monitor.replay(log_history, saved_steps)   on resume: the same state as the run had (from its logged metrics)
 """
@@ -21,7 +23,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .alarms import Alarm, DivergenceAlarm, DriftAlarm
+from .alarms import Alarm, DivergenceAlarm, DriftAlarm, mean_sd
 from .best import best_saved, read_best, write_best
 from .stats import STATS, batch_stats, means
 
@@ -38,7 +40,7 @@ class MonitorSettings:
     """--monitor_baseline_steps, --monitor_z, --monitor_patience, --monitor_eval_window, --monitor_eval_metric,
     --on_reward_hacking (run_flags.py says what each does)."""
 
-    baseline_steps: int = 10
+    baseline_steps: int = 1
     z: float = 5.0
     patience: int = 3
     eval_window: int = 3
@@ -51,18 +53,33 @@ class MonitorSettings:
                    args.monitor_eval_metric, args.on_reward_hacking)
 
 
+def _finite(value) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 def held_out_score(metrics: Mapping[str, float], metric: str) -> Optional[float]:
     """The held-out score in one step's metrics: ``overall`` -> the mean of the eval/<dataset>/overall values;
     otherwise the metric named (with or without its "eval/" prefix); None when the step has none."""
+    found = held_out_score_se(metrics, metric)
+    return None if found is None else found[0]
+
+
+def held_out_score_se(metrics: Mapping[str, float], metric: str) -> Optional[tuple[float, Optional[float]]]:
+    """(score, its standard error or None) - held_out_score's score; the standard error is the metric's
+    ``<key>_se`` (e.g. eval/unigenbench/overall_se) where the evaluation reports one; for ``overall`` (a mean of
+    k datasets' scores, independent samples) sqrt(sum se_d^2) / k, None unless every dataset reports one."""
     if metric == OVERALL:
-        values = [float(v) for k, v in metrics.items()
-                  if k.startswith("eval/") and k.endswith("/overall") and isinstance(v, (int, float))]
-        values = [v for v in values if math.isfinite(v)]
-        return float(np.mean(values)) if values else None
+        keys = [k for k, v in metrics.items()
+                if k.startswith("eval/") and k.endswith("/overall") and _finite(v) is not None]
+        if not keys:
+            return None
+        errors = [_finite(metrics.get(f"{k}_se")) for k in keys]
+        se = (math.sqrt(sum(e * e for e in errors)) / len(keys)) if all(e is not None for e in errors) else None
+        return float(np.mean([float(metrics[k]) for k in keys])), se
     for key in (metric, f"eval/{metric}"):
-        value = metrics.get(key)
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            return float(value)
+        value = _finite(metrics.get(key))
+        if value is not None:
+            return value, _finite(metrics.get(f"{key}_se"))
     return None
 
 
@@ -88,24 +105,29 @@ class RewardHackingMonitor:
         """This rank's (sum, count) per statistic of the submitted step ({stat: (0, 0)} when none was)."""
         pending, self._pending = self._pending, None
         if pending is None:
-            return {name: (0.0, 0) for name in STATS}
+            return {name: (0.0, 0.0, 0) for name in STATS}
         try:
             return pending.result()
         except Exception as err:  # the monitor must never end a training run: this step goes unmeasured
             logger.warning("reward-hacking monitor: the image statistics of this step failed (%s: %s); the step "
                            "is left out.", type(err).__name__, err)
-            return {name: (0.0, 0) for name in STATS}
+            return {name: (0.0, 0.0, 0) for name in STATS}
 
-    def end_step(self, step: int, metrics: Mapping[str, float], sums: Mapping[str, tuple[float, int]]
+    def end_step(self, step: int, metrics: Mapping[str, float], sums: Mapping[str, tuple[float, float, int]]
                  ) -> dict[str, float]:
-        """The step's monitor metrics from the all-rank ``sums``; alarms that fire join ``unreported``."""
-        values = means(sums)
-        out = {f"monitor/{name}": value for name, value in values.items()}
-        out.update(self._observe(step, values, metrics))
+        """The step's monitor metrics from the all-rank moments ``sums``; alarms that fire join ``unreported``.
+        monitor/<stat> is the mean of the group values, monitor/sd/<stat> their standard deviation (ddof 1) and
+        monitor/n/<stat> their count: the moments a resumed run replays."""
+        out = {f"monitor/{name}": value for name, value in means(sums).items()}
+        for name, moments in sums.items():
+            out[f"monitor/sd/{name}"] = mean_sd(moments)[1]
+            out[f"monitor/n/{name}"] = float(moments[2])
+        out.update(self._observe(step, sums, metrics))
         out["monitor/alarms"] = float(len(self.alarms))
         return out
 
-    def _observe(self, step: int, values: Mapping[str, float], metrics: Mapping[str, float]) -> dict[str, float]:
+    def _observe(self, step: int, values: Mapping[str, tuple[float, float, int]], metrics: Mapping[str, float]
+                 ) -> dict[str, float]:
         zs, fired = self.drift.update(step, values) if values else ({}, [])
         reward = metrics.get(REWARD_KEY)
         if isinstance(reward, (int, float)):
@@ -116,11 +138,12 @@ class RewardHackingMonitor:
 
     def observe_eval(self, step: int, metrics: Mapping[str, float], fired: Optional[list[Alarm]] = None) -> None:
         """Record the step's held-out score (if it has one) and the divergence alarm it may fire."""
-        score = held_out_score(metrics, self.settings.eval_metric)
-        if score is None:
+        found = held_out_score_se(metrics, self.settings.eval_metric)
+        if found is None:
             return
+        score, se = found
         self.evals[step] = score
-        alarm = self.divergence.evaluation(step, score)
+        alarm = self.divergence.evaluation(step, score, se)
         if alarm is not None:
             if fired is None:
                 self._fire([alarm])
@@ -155,8 +178,7 @@ class RewardHackingMonitor:
         best_checkpoint.json is re-derived from the checkpoints still on disk."""
         for record in sorted(log_history, key=lambda r: r.get("step", 0)):
             step = int(record.get("step", 0))
-            values = {name: record[f"monitor/{name}"] for name in STATS if f"monitor/{name}" in record}
-            self._observe(step, values, record)
+            self._observe(step, _logged_moments(record), record)
         best = best_saved(sorted(self.evals.items()), saved_steps)
         if best is not None:
             step, score = best
@@ -183,3 +205,17 @@ class RewardHackingMonitor:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+def _logged_moments(record: Mapping) -> dict[str, tuple[float, float, int]]:
+    """The (sum, sum of squares, count) end_step logged as monitor/<stat>, monitor/sd/<stat>, monitor/n/<stat>
+    (sum = n mean, sum of squares = (n - 1) sd^2 + n mean^2); a statistic logged without them is left out."""
+    out = {}
+    for name in STATS:
+        mean, sd, count = (record.get(f"monitor/{key}{name}") for key in ("", "sd/", "n/"))
+        if not all(isinstance(v, (int, float)) for v in (mean, sd, count)) or not count or not math.isfinite(mean):
+            continue
+        n = int(count)
+        squares = n * mean * mean + ((n - 1) * sd * sd if n > 1 and math.isfinite(sd) else 0.0)
+        out[name] = (n * mean, squares, n)
+    return out

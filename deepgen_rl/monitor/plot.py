@@ -26,7 +26,7 @@ def plot_monitor(path: str | Path, z_history: Sequence[tuple[int, Mapping[str, f
             top.axhline(sign * z_threshold, color="red", linestyle="--", linewidth=1)
     for alarm in alarms:
         top.axvline(alarm["step"], color="black", linestyle=":", linewidth=1)
-    top.set_ylabel("robust z vs baseline")
+    top.set_ylabel("z vs baseline (t-test, normal scale)")
     top.set_title("image statistics (dashed: --monitor_z; dotted: alarms)", fontsize=9)
     if names:
         top.legend(fontsize=7, ncol=4, loc="upper left")

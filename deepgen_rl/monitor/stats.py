@@ -121,25 +121,36 @@ def group_diversity(images: Sequence[np.ndarray]) -> float:
     return float(np.mean(distances))
 
 
-def batch_stats(images: Sequence[ImageLike], group_ids: Sequence[int]) -> dict[str, tuple[float, int]]:
-    """(sum, count) of each statistic (STATS) over one rank's step: per image, and diversity per group of two or
-    more images (sums, so ranks add up before the mean). Non-finite values (a broken image) are left out."""
-    totals = {name: [0.0, 0] for name in STATS}
-    groups: dict[int, list[np.ndarray]] = {}
+def batch_stats(images: Sequence[ImageLike], group_ids: Sequence[int]) -> dict[str, tuple[float, float, int]]:
+    """(sum, sum of squares, count) of each statistic (STATS) over one rank's step, over its GROUPS: a group's
+    value of a per-image statistic is the mean over its images, diversity is one value per group of two or more
+    images (the drift alarm's unit is the group, alarms.py says why). Moments, so ranks add up before the mean.
+    Non-finite values (a broken image) are left out."""
+    per_group: dict[int, dict[str, list[float]]] = {}
+    lows: dict[int, list[np.ndarray]] = {}
     for image, group in zip(images, group_ids):
+        values = per_group.setdefault(int(group), {name: [] for name in IMAGE_STATS})
         for name, value in image_stats(image).items():
             if np.isfinite(value):
-                totals[name][0] += value
-                totals[name][1] += 1
-        groups.setdefault(int(group), []).append(low_res(image))
-    for members in groups.values():
-        value = group_diversity(members)
-        if np.isfinite(value):
-            totals["diversity"][0] += value
-            totals["diversity"][1] += 1
-    return {name: (total, count) for name, (total, count) in totals.items()}
+                values[name].append(value)
+        lows.setdefault(int(group), []).append(low_res(image))
+    totals = {name: [0.0, 0.0, 0] for name in STATS}
+
+    def add(name: str, value: float) -> None:
+        totals[name][0] += value
+        totals[name][1] += value * value
+        totals[name][2] += 1
+
+    for group, values in per_group.items():
+        for name, items in values.items():
+            if items:
+                add(name, float(np.mean(items)))
+        diversity = group_diversity(lows[group])
+        if np.isfinite(diversity):
+            add("diversity", diversity)
+    return {name: (total, squares, count) for name, (total, squares, count) in totals.items()}
 
 
-def means(sums: Mapping[str, tuple[float, int]]) -> dict[str, float]:
-    """{stat: sum / count} (NaN where nothing was counted)."""
-    return {name: (total / count if count else float("nan")) for name, (total, count) in sums.items()}
+def means(sums: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """{stat: sum / count} from (sum, [sum of squares,] count) (NaN where nothing was counted)."""
+    return {name: (moments[0] / moments[-1] if moments[-1] else float("nan")) for name, moments in sums.items()}

@@ -42,12 +42,13 @@ def submit_images(monitor: RewardHackingMonitor, batch: "RolloutBatch") -> None:
 
 
 def monitor_metrics(trainer, step: int, metrics: dict) -> dict[str, float]:
-    """The step's monitor metrics from every rank's statistics (collective: each rank sees the same means and
+    """The step's monitor metrics from every rank's statistics, (sum, sum of squares, count) of the group values
+    added up over the ranks (collective: each rank sees the same means and
     so takes the same decisions)."""
     sums = trainer.monitor.step_sums()
     flat = torch.tensor([v for name in STATS for v in sums[name]], dtype=torch.float64)
     total = all_reduce_sum(flat, trainer.device).cpu().tolist()
-    reduced = {name: (total[2 * i], int(total[2 * i + 1])) for i, name in enumerate(STATS)}
+    reduced = {name: (total[3 * i], total[3 * i + 1], int(total[3 * i + 2])) for i, name in enumerate(STATS)}
     out = trainer.monitor.end_step(step, metrics, reduced)
     if step in trainer.monitor.evals and trainer.rank == 0:  # monitor.png refreshed at each evaluation
         trainer.monitor.plot()

@@ -5,7 +5,8 @@ evaluation is a held-out synthetic_match score instead of UniGenBench (which nee
 
 The hook samples each held-out prompt K times (default 4) with ONE fixed generator (the same noise at every
 evaluation, so the score moves only with the weights; noise the rollouts never draw) and logs their mean
-synthetic_match as ``eval/synthetic/overall``, the metric the monitor's default --monitor_eval_metric ("overall") reads.
+synthetic_match as ``eval/synthetic/overall`` (its standard error over the samples as
+``eval/synthetic/overall_se``), the metric the monitor's default --monitor_eval_metric ("overall") reads.
 Without --heldout_prompts it is grpo_deepgen's main, unchanged.
 """
 
@@ -25,7 +26,8 @@ def _pop_flag(argv: list[str], flag: str) -> tuple[list[str], str | None]:
 
 
 def heldout_hook(args, prompts: list[str], samples: int = 4):
-    """hook(model, step) -> {"eval/synthetic/overall": mean synthetic_match of the fixed-noise samples}."""
+    """hook(model, step) -> {"eval/synthetic/overall": mean synthetic_match of the fixed-noise samples,
+    "eval/synthetic/overall_se": its standard error}."""
     import numpy as np
     import torch
 
@@ -42,8 +44,10 @@ def heldout_hook(args, prompts: list[str], samples: int = 4):
                             micro_batch_size=len(prompts) * samples)
             images = images_to_pil(decode_images(model, batch.latents[:, -1], args.vae_decode_micro_batch_size))
         owners = [prompts[i // samples] for i in range(len(images))]
-        return {"eval/synthetic/overall": float(np.mean([match_score(image, parse_prompt(owner))
-                                                         for image, owner in zip(images, owners)]))}
+        scores = [match_score(image, parse_prompt(owner)) for image, owner in zip(images, owners)]
+        # the score's standard error over its samples: the divergence alarm's measure of evaluation noise
+        return {"eval/synthetic/overall": float(np.mean(scores)),
+                "eval/synthetic/overall_se": float(np.std(scores, ddof=1) / np.sqrt(len(scores)))}
 
     return hook
 
