@@ -208,7 +208,8 @@ def test_eval_only_edit_judge_is_built_only_when_evaluation_runs_and_closed_with
         (eval_only,) = built
         assert eval_only.owned and hook.owned_clients == [eval_only.client]
         assert not eval_only.client.chat._client.is_closed
-        DeepGenGRPOTrainer.close(SimpleNamespace(reward_step=None, eval_hook=hook))
+        DeepGenGRPOTrainer.close(SimpleNamespace(reward_step=None, eval_hook=hook,
+                                                 monitor=SimpleNamespace(close=lambda: None)))
         assert eval_only.client.chat._client.is_closed
         training_reward = build_rewards(["edit_vlm_judge"], reward_args(judge.url))["edit_vlm_judge"]
         try:
