@@ -70,8 +70,25 @@ _PRETRAINING: list[_BackgroundPretraining] = []
 SHIPPED_PRETRAINED = REPO_ROOT / "assets" / "tiny_pretrained"
 
 
+# The files whose module fixtures run whole trainings (seconds of one core, measured serially on 2 cores): run
+# first, so that under pytest-xdist (scripts/test.sh: 2 workers, one file each) no long file starts last while the
+# other worker idles. Order only: every test still runs.
+SLOW_FILES_FIRST = ("test_quickstart.py", "test_trainer_learning.py", "test_monitor_runs.py",  # 81, 78, 60+
+                    "test_world_size_invariance.py", "test_tiny_pretrain_curve.py",  # 45+, 38
+                    "test_trainer_distributed.py", "test_algorithms_inprocess.py", "test_checkpoint_safety.py",
+                    "test_doc_commands.py", "test_ema.py", "test_convert.py", "test_eval_runner.py")
+
+
+def slow_files_first(items: list) -> None:
+    """Slow files first (SLOW_FILES_FIRST order), every file's tests kept together and in their own order."""
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    order = {id(item): k for k, item in enumerate(items)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), order[id(item)]))
+
+
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection: start only when a selected test needs it
 def pytest_collection_modifyitems(session, config, items):
+    slow_files_first(items)
     # DEEPGEN_RL_TEST_PRETRAINED=<folder>: use a pretrained model kept there instead of the shipped one, made in the
     # background by the CLI when the folder does not hold one with PretrainSettings' defaults (it is reused only
     # when it was made with the same settings).
