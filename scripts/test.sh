@@ -23,4 +23,6 @@ workers="${PYTEST_WORKERS:-2}"
 if [ "$workers" = "0" ]; then
     exec "$repo_root/.venv/bin/python" -m pytest "$@"
 fi
-exec "$repo_root/.venv/bin/python" -m pytest -n "$workers" --dist loadfile "$@"
+# --no-loadscope-reorder: hand the files out in collection order (xdist would otherwise start the files with the
+# most tests first, leaving the one-test whole-training files for last).
+exec "$repo_root/.venv/bin/python" -m pytest -n "$workers" --dist loadfile --no-loadscope-reorder "$@"

@@ -104,8 +104,11 @@ def pytest_unconfigure(config):
         job.stop()
 
 
-# Processes the interpreter itself keeps for its lifetime and ends at exit (not started by a test).
-_INTERPRETER_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver", "compile_worker")
+# Processes the interpreter itself keeps for its lifetime and ends at exit (not started by a test), and the
+# pytest-xdist workers (execnet's bootstrap command line), which the controller shuts down after its own session
+# end; each worker checks the processes its tests started at its own session end.
+_INTERPRETER_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver", "compile_worker",
+                        "import sys;exec(eval(sys.stdin.readline()))")
 
 
 # Inherited by every process the suite starts (unless a test builds an environment from nothing): finds the ones
