@@ -11,15 +11,10 @@ after training.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-
-
-def _pop_flag(argv: list[str], flag: str) -> tuple[list[str], str]:
-    index = argv.index(flag)
-    return argv[:index] + argv[index + 2:], argv[index + 1]
+from trainer_utils import _pop_flag, build_trainer_from_argv  # run as a script: tests/ is on sys.path
 
 
 def _record(trainer, records: dict) -> None:
@@ -58,14 +53,7 @@ def main(argv: list[str]) -> int:
     argv, record_dir = _pop_flag(argv, "--record_dir")
     import torch
 
-    from deepgen_rl import grpo_deepgen
-    from deepgen_rl.config import parse_args
-
-    grpo_deepgen.ensure_single_process_env(os.environ)
-    args, *groups = parse_args(argv)
-    device = grpo_deepgen._init_distributed()
-    grpo_deepgen._setup_logging(int(os.environ.get("RANK", "0")))
-    trainer = grpo_deepgen.build_trainer(args, *groups, device)
+    args, trainer = build_trainer_from_argv(argv)
     records: dict = {}
     _record(trainer, records)
     try:

@@ -122,11 +122,9 @@ def fixed_noise_reward(trainer, seed: int = 1234, samples_per_prompt: int = 16) 
     return {"reward": float(np.mean(scores)), "mismatched": float(np.mean(mismatched)), "scores": scores}
 
 
-def main(argv: list[str]) -> int:
-    """grpo_deepgen's run, plus (rank 0) parameter digests before / after training to --param_dump and the
-    fixed-noise reward before / after training with the per-step reward curve to --reward_dump."""
-    argv, dump = _pop_flag(argv, "--param_dump")
-    argv, reward_dump = _pop_flag(argv, "--reward_dump")
+def build_trainer_from_argv(argv: list[str]):
+    """The trainer grpo_deepgen's entry point builds from these flags (this process's rank from the environment):
+    (parsed GRPOConfig, trainer)."""
     from deepgen_rl import grpo_deepgen
     from deepgen_rl.config import parse_args
 
@@ -134,7 +132,15 @@ def main(argv: list[str]) -> int:
     args, *groups = parse_args(argv)
     device = grpo_deepgen._init_distributed()
     grpo_deepgen._setup_logging(int(os.environ.get("RANK", "0")))
-    trainer = grpo_deepgen.build_trainer(args, *groups, device)
+    return args, grpo_deepgen.build_trainer(args, *groups, device)
+
+
+def main(argv: list[str]) -> int:
+    """grpo_deepgen's run, plus (rank 0) parameter digests before / after training to --param_dump and the
+    fixed-noise reward before / after training with the per-step reward curve to --reward_dump."""
+    argv, dump = _pop_flag(argv, "--param_dump")
+    argv, reward_dump = _pop_flag(argv, "--reward_dump")
+    _, trainer = build_trainer_from_argv(argv)
     try:
         before = param_digests(trainer.model) if dump else None
         reward_before = fixed_noise_reward(trainer) if reward_dump else None
